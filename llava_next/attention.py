@@ -1,0 +1,73 @@
+"""Attention kernels behind one call: `attend(q, k, v, mask, scale, backend)`.
+
+Backends: "sdpa" (PyTorch scaled_dot_product_attention, which runs FlashAttention-2 / memory-efficient
+kernels on GPU), "eager" (matmul + fp32 softmax, as transformers' eager path), and "flash_attention_2"
+(the flash-attn package, when installed). Grouped-query attention is handled here, so callers pass
+k/v with Hkv heads.
+
+Leaves out: attention dropout and returning attention weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_backend(name: str | None) -> str:
+    """Validate an `attn_implementation` value; None means sdpa."""
+    name = name or "sdpa"
+    if name not in BACKENDS:
+        raise ValueError(f"attn_implementation must be one of {BACKENDS}, got {name!r}")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package (pip install flash-attn) "
+            "and a CUDA GPU; 'sdpa' already uses FlashAttention kernels through PyTorch."
+        )
+    return name
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, S, Hd) -> (B, Hkv*groups, S, Hd)."""
+    if groups == 1:
+        return x
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           backend: str = "sdpa") -> torch.Tensor:
+    """q (B, H, T, Hd), k/v (B, Hkv, S, Hd), mask (B, 1, T, S) bool (True = attend) or None -> (B, H, T, Hd)."""
+    groups = q.shape[1] // k.shape[1]
+    if backend == "sdpa":
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if backend == "eager":
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+    if backend == "flash_attention_2":
+        return _flash(q, k, v, mask, scale)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def _flash(q, k, v, mask, scale):
+    """flash-attn path: exact for unpadded causal or full attention; padded batches fall back to SDPA."""
+    from flash_attn import flash_attn_func
+
+    T, S = q.shape[2], k.shape[2]
+    causal = mask is not None
+    if mask is not None:
+        # flash-attn takes no arbitrary mask: use it only when the mask is plain causal (bottom-right aligned).
+        expected = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if not bool((mask == expected).all()):
+            return attend(q, k, v, mask, scale, "sdpa")
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
+    return out.transpose(1, 2)

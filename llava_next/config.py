@@ -1,0 +1,265 @@
+"""Configuration: frozen dataclasses with Hugging Face field names, read from a (sparse) hub config.json.
+
+The hub's config.json files leave out most fields (llava-v1.6-mistral-7b-hf has no hidden size or head
+counts; CLIP's `quick_gelu` is implied), so a field that is absent takes the default of transformers' config
+class for that `model_type`. `DEFAULTS` below holds those defaults; tests check them against transformers.
+Both the legacy (`rope_theta`, `rope_scaling`, `torch_dtype`) and the newer (`rope_parameters`, `dtype`)
+forms are read. Unknown fields are kept in `extra` and never used.
+
+Leaves out: runtime knobs (dtype to load in, device, attention backend): those are arguments, not config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .anyres import DEFAULT_PINPOINTS, AnyresGeometry
+
+# transformers' config-class defaults per model_type (LlamaConfig, MistralConfig, Qwen2Config, CLIPVisionConfig).
+_DECODER_COMMON = dict(
+    hidden_act="silu", initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_theta=10000.0, attention_dropout=0.0, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(_DECODER_COMMON, vocab_size=32000, intermediate_size=11008, num_key_value_heads=None,
+                  max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                  attention_bias=False, mlp_bias=False, sliding_window=None),
+    "mistral": dict(_DECODER_COMMON, vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
+                    max_position_embeddings=131072, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                    attention_bias=False, mlp_bias=False, sliding_window=4096),
+    "qwen2": dict(_DECODER_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=None,
+                  max_position_embeddings=32768, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                  use_sliding_window=False, sliding_window=None, max_window_layers=28,
+                  attention_bias=True, mlp_bias=False),
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, projection_dim=512, num_hidden_layers=12,
+                              num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5, attention_dropout=0.0,
+                              initializer_range=0.02, initializer_factor=1.0),
+}
+# LlavaNextConfig builds this CLIP-L/14-336 tower when the config has no vision_config at all.
+LLAVA_NEXT_VISION_DEFAULTS = dict(intermediate_size=4096, hidden_size=1024, patch_size=14, image_size=336,
+                                  num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+# Fields transformers writes into every config that carry no model facts.
+_BOOKKEEPING = {"architectures", "transformers_version", "_name_or_path", "output_hidden_states", "return_dict",
+                "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+                "output_attentions", "use_cache", "torch_dtype", "dtype", "model_type", "vocab_size_text"}
+
+
+def _split(cls, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Known dataclass fields of `cls` in `raw`, and everything else (kept as `extra`)."""
+    names = {f.name for f in fields(cls)}
+    known = {k: v for k, v in raw.items() if k in names and k != "extra"}
+    extra = {k: v for k, v in raw.items() if k not in names and k not in _BOOKKEEPING}
+    return known, extra
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Decoder (Llama, Mistral or Qwen2) hyper-parameters, HF names."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    attention_bias: bool = False  # llama: bias on q/k/v/o; qwen2: always bias on q/k/v only
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TextConfig":
+        raw = dict(raw)
+        model_type = raw.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported text model_type {model_type!r}: expected llama, mistral or qwen2")
+        merged = {**DEFAULTS[model_type], **raw, "model_type": model_type}
+        # RoPE: the newer `rope_parameters`, else legacy `rope_scaling` + `rope_theta` (as transformers merges them).
+        rope = dict(merged.pop("rope_parameters", None) or merged.pop("rope_scaling", None) or {})
+        merged.pop("rope_scaling", None)
+        rope.setdefault("rope_theta", merged.pop("rope_theta"))
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        if rope["rope_type"] in ("llama3", "yarn", "longrope") and "original_max_position_embeddings" not in rope:
+            rope["original_max_position_embeddings"] = merged.get("original_max_position_embeddings")
+        merged["rope_parameters"] = rope
+        if merged.get("num_key_value_heads") is None:
+            merged["num_key_value_heads"] = merged["num_attention_heads"]
+        if merged.get("head_dim") is None:
+            merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
+        n_layers = merged["num_hidden_layers"]
+        if model_type == "qwen2":
+            if not merged.pop("use_sliding_window", False):
+                merged["sliding_window"] = None
+            window_from = merged.pop("max_window_layers", 28)
+            if not merged.get("layer_types"):
+                merged["layer_types"] = [
+                    "sliding_attention" if merged["sliding_window"] is not None and i >= window_from
+                    else "full_attention" for i in range(n_layers)
+                ]
+        if not merged.get("layer_types"):
+            kind = "sliding_attention" if merged.get("sliding_window") is not None else "full_attention"
+            merged["layer_types"] = [kind] * n_layers
+        merged["layer_types"] = tuple(merged["layer_types"])
+        known, extra = _split(cls, merged)
+        return cls(**known, extra=extra)
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters["rope_theta"])
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type != "qwen2" and self.attention_bias
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding-window size of one layer, None for full attention."""
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """CLIP vision tower hyper-parameters, HF names (`clip_vision_model`)."""
+
+    model_type: str = "clip_vision_model"
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "VisionConfig":
+        if raw is None:
+            raw = dict(LLAVA_NEXT_VISION_DEFAULTS)
+        model_type = raw.get("model_type", "clip_vision_model")
+        if model_type != "clip_vision_model":
+            raise ValueError(f"unsupported vision model_type {model_type!r}: expected clip_vision_model")
+        known, extra = _split(cls, {**DEFAULTS["clip_vision_model"], **raw, "model_type": model_type})
+        return cls(**known, extra=extra)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_positions(self) -> int:
+        """Patches per tile plus the CLS token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass(frozen=True)
+class LlavaNextConfig:
+    """The whole model: text and vision configs plus the LLaVA-NeXT glue (projector, anyres, image token)."""
+
+    text_config: TextConfig = field(default_factory=TextConfig)
+    vision_config: VisionConfig = field(default_factory=lambda: VisionConfig.from_dict(None))
+    image_token_index: int = 32000
+    projector_hidden_act: str = "gelu"
+    vision_feature_select_strategy: str = "default"
+    vision_feature_layer: int | tuple[int, ...] = -2
+    multimodal_projector_bias: bool = True
+    tie_word_embeddings: bool = False
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
+    image_seq_length: int = 576
+    dtype: str | None = None  # the checkpoint's dtype ("float16", ...), used by dtype="auto"
+    model_type: str = "llava_next"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
+            )
+        layers = self.vision_feature_layers
+        n = self.vision_config.num_hidden_layers
+        for layer in layers:
+            if not -(n + 1) <= layer <= n:
+                raise ValueError(f"vision_feature_layer {layer} is outside the tower's {n} layers (hidden states 0..{n})")
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "LlavaNextConfig":
+        raw = dict(raw)
+        if raw.get("model_type", "llava_next") != "llava_next":
+            raise ValueError(f"not a LLaVA-NeXT config: model_type is {raw.get('model_type')!r}")
+        text = TextConfig.from_dict(raw.pop("text_config", None) or {})
+        vision = VisionConfig.from_dict(raw.pop("vision_config", None))
+        dtype = raw.pop("dtype", None) or raw.pop("torch_dtype", None)
+        raw.pop("torch_dtype", None)
+        if "image_token_id" in raw and "image_token_index" not in raw:
+            raw["image_token_index"] = raw.pop("image_token_id")
+        if isinstance(raw.get("vision_feature_layer"), list):
+            raw["vision_feature_layer"] = tuple(raw["vision_feature_layer"])
+        if raw.get("image_grid_pinpoints") is not None:
+            raw["image_grid_pinpoints"] = tuple(tuple(int(x) for x in p) for p in raw["image_grid_pinpoints"])
+        else:
+            raw.pop("image_grid_pinpoints", None)
+        known, extra = _split(cls, raw)
+        known.pop("text_config", None), known.pop("vision_config", None), known.pop("dtype", None)
+        return cls(text_config=text, vision_config=vision, dtype=dtype, **known, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> "LlavaNextConfig":
+        """Read config.json from a local folder or a hub id."""
+        from .hub import resolve_file
+
+        path = resolve_file(name_or_path, "config.json", **hub_kwargs)
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for sub in ("text_config", "vision_config"):
+            out[sub].update(out[sub].pop("extra"))
+        out.update(out.pop("extra"))
+        return out
+
+    def replace(self, **changes) -> "LlavaNextConfig":
+        return replace(self, **changes)
+
+    # -- derived facts ------------------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return self.image_token_index
+
+    @property
+    def vision_feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return (layer,) if isinstance(layer, int) else tuple(layer)
+
+    @property
+    def geometry(self) -> AnyresGeometry:
+        return AnyresGeometry(self.image_grid_pinpoints, self.vision_config.image_size, self.vision_config.patch_size)
+
+    def get_text_config(self) -> TextConfig:
+        return self.text_config

@@ -1,0 +1,188 @@
+"""One decoder for Llama, Mistral and Qwen2: flags, not copies.
+
+Differences are config flags: GQA (`num_key_value_heads`), q/k/v bias (Qwen2) or all-projection bias
+(Llama `attention_bias`), sliding-window layers (Mistral, Qwen2 when enabled), RoPE with llama3-style
+frequency scaling. Numerics follow transformers: rotate-half RoPE with cos/sin computed in fp32 and cast to
+the activation dtype, RMSNorm in fp32 then `weight * x` in the activation dtype. Parameter names are HF's
+so checkpoint keys map 1:1 (`layers.N.self_attn.q_proj.weight`, ...).
+
+Leaves out: rope types other than default/linear/llama3 (no published LLaVA-NeXT checkpoint uses them),
+dropout, training-only paths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend
+from .config import TextConfig
+from .kv_cache import StaticKVCache
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "relu": F.relu}
+
+
+def rope_inverse_frequencies(cfg: TextConfig) -> torch.Tensor:
+    """(Hd/2,) fp32 inverse frequencies, with the rope type's scaling."""
+    rope = cfg.rope_parameters
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # matches HF: normalise in fp32
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)  # matches HF: cast back, then scale in the activation dtype
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer, self.heads, self.kv_heads, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.layer_window(layer)
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=cfg.o_bias)
+        self.scale = self.head_dim ** -0.5
+        self.backend = "sdpa"
+
+    def forward(self, x, cos, sin, mask, cache: StaticKVCache | None, slots):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Hd)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.write(self.layer, slots, k, v)  # (B, Hkv, S, Hd)
+        out = attend(q, k, v, mask, self.scale, self.backend)  # (B, H, T, Hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, m, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, m, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(m, d, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, masks, cache, slots):
+        mask = masks[self.self_attn.window]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings, layers and final norm (HF's `LlamaModel` / `MistralModel` / `Qwen2Model`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+        self.windows = sorted({layer.self_attn.window for layer in self.layers}, key=lambda w: w or 0)
+
+    def reset_buffers(self):
+        self.inv_freq = rope_inverse_frequencies(self.config).to(self.embed_tokens.weight.device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if not self.embed_tokens.weight.is_meta:
+            self.reset_buffers()  # NOTE: RoPE frequencies stay fp32 whatever .to(dtype) asks (as HF loads them)
+        return self
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin (B, 1, T, Hd) for positions (B, T), computed in fp32 then cast (matches HF)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, Hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def build_masks(self, query_slots: torch.Tensor, key_valid: torch.Tensor) -> dict:
+        """Boolean masks (B, 1, T, S), True = attend, one per distinct sliding window.
+
+        query_slots (T,) are the sequence indices of the queries; key_valid (B, S) marks real keys.
+        Every query also sees itself, so a padding query never has an empty row (no NaN from softmax).
+        """
+        S = key_valid.shape[1]
+        key_idx = torch.arange(S, device=key_valid.device)
+        diff = query_slots[:, None] - key_idx[None, :]  # (T, S)
+        masks = {}
+        for window in self.windows:
+            allowed = diff >= 0
+            if window is not None:
+                allowed = allowed & (diff < window)
+            mask = allowed[None] & key_valid[:, None, :]  # (B, T, S)
+            mask = mask | (diff == 0)[None]
+            masks[window] = mask[:, None]
+        return masks
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
+                cache: StaticKVCache | None = None) -> torch.Tensor:
+        """inputs_embeds (B, T, D), positions (B, T) -> hidden states (B, T, D) after the final norm.
+
+        Without a cache, key_valid (B, T) is the attention mask. With one, the T tokens are written at the
+        cache's next slots and key_valid (B, T) marks which of them are real.
+        """
+        B, T, _ = inputs_embeds.shape
+        if cache is not None:
+            slots = cache.reserve(T, key_valid)
+            all_valid = cache.key_valid[:, : cache.length]
+        else:
+            slots = torch.arange(T, device=inputs_embeds.device)
+            all_valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool,
+                                                                           device=inputs_embeds.device)
+        masks = self.build_masks(slots, all_valid.bool())
+        cos, sin = self.rope(positions, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, masks, cache, slots)
+        return self.norm(x)

@@ -1,0 +1,33 @@
+"""Typed errors for bad input. Every one is a ValueError (or OSError for files) so callers can catch broadly."""
+
+
+class LlavaNextError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidImageError(LlavaNextError, ValueError):
+    """An image could not be used: unreadable, truncated, too large, unsupported format or source."""
+
+
+class ContextLengthError(LlavaNextError, ValueError):
+    """A prompt (image tokens included) plus the tokens to generate does not fit the model's context."""
+
+
+class ImageTokenMismatchError(LlavaNextError, ValueError):
+    """The number of `<image>` placeholders does not match the images or their features."""
+
+
+class GenerationArgumentError(LlavaNextError, ValueError):
+    """A generation argument is out of range (max_new_tokens, temperature, top_p, top_k, ...)."""
+
+
+class CheckpointError(LlavaNextError, ValueError):
+    """A checkpoint's tensors or config do not fit the model: names every missing, extra or misshaped tensor."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle checkpoint was found and the caller did not opt in with allow_pickle=True."""
+
+
+class ChatTemplateError(LlavaNextError, ValueError):
+    """A chat template is missing, failed to render, or tried to escape its sandbox."""

@@ -1,0 +1,47 @@
+"""Preallocated static KV cache: one (B, Hkv, S_max, Hd) key and value tensor per decoder layer.
+
+Rows of a batch share slot indices (a left-padded batch is aligned on its last token), so writing T new
+tokens is one `index_copy_` per layer and the decode step never allocates. `key_valid` marks which slots
+hold real tokens (padding slots stay False), which is all the attention mask needs.
+
+Leaves out: paged/block caches and per-row offsets (a padded batch decodes together instead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, S, Hd)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, S, Hd)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.length = 0  # slots filled so far (host-side int: shapes depend on it, values never do)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def reserve(self, num_new: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Claim the next `num_new` slots; `valid` (B, num_new) marks real tokens. Returns the slots (T,)."""
+        if self.length + num_new > self.max_len:
+            raise RuntimeError(f"KV cache full: {self.length} + {num_new} > {self.max_len} slots")
+        slots = torch.arange(self.length, self.length + num_new, device=self.keys.device)
+        self.key_valid[:, self.length:self.length + num_new] = True if valid is None else valid
+        self.length += num_new
+        return slots
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, Hkv, T, Hd) at `slots` (T,); return this layer's (B, Hkv, length, Hd) views."""
+        self.keys[layer].index_copy_(2, slots, k)
+        self.values[layer].index_copy_(2, slots, v)
+        return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
+
+    def truncate(self, length: int):
+        """Forget every slot from `length` on (prefix reuse keeps the shared part)."""
+        self.key_valid[:, length:] = False
+        self.length = length

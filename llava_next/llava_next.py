@@ -1,0 +1,234 @@
+"""LLaVA-NeXT: vision tower -> projector -> anyres packing -> masked merge into the decoder's embeddings.
+
+`embed()` is where images stop: it turns input_ids + pixel_values into inputs_embeds, so the decoder (and
+the decode loop) only ever sees embeddings. Packing follows transformers' `pack_image_features`: base tile
+first, then the tile grid laid out as one (rows*24, cols*24) feature map, unpadded with anyres.py's extent,
+with `image_newline` appended to every row. The packed length is checked against anyres.py's token count,
+the number the processor wrote placeholders for.
+
+Public classes mirror transformers: `LlavaNextModel` (-> last_hidden_state) and
+`LlavaNextForConditionalGeneration` (-> logits, loss; `generate`). Parameter names follow the newer
+transformers layout (`model.language_model.*`, `model.vision_tower.*`, `lm_head.*`); weights.py maps the
+hub layouts onto it.
+
+Leaves out: vision_feature_select_strategy "full" on a CLIP tower (577 features per tile cannot form the
+24x24 grid unpadding needs; transformers fails there with a reshape error, we refuse at build time).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .anyres import AnyresGeometry
+from .config import LlavaNextConfig
+from .decoder import ACTIVATIONS, Decoder
+from .errors import ImageTokenMismatchError
+from .outputs import ModelOutput
+from .vision import VisionTower
+
+PROJECTOR_ACTIVATIONS = dict(ACTIVATIONS, gelu=F.gelu)
+
+
+class MultiModalProjector(nn.Module):
+    """linear -> activation -> linear, from vision width (x feature layers) to decoder width."""
+
+    def __init__(self, cfg: LlavaNextConfig):
+        super().__init__()
+        vision_dim = cfg.vision_config.hidden_size * len(cfg.vision_feature_layers)
+        text_dim = cfg.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision_dim, text_dim, bias=cfg.multimodal_projector_bias)
+        self.linear_2 = nn.Linear(text_dim, text_dim, bias=cfg.multimodal_projector_bias)
+        self.act = PROJECTOR_ACTIVATIONS[cfg.projector_hidden_act]
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def image_sizes_as_ints(image_sizes) -> list[tuple[int, int]]:
+    """(N, 2) tensor/array/list of (H, W) -> python ints (one host sync; sizes never go through a float cast)."""
+    if isinstance(image_sizes, torch.Tensor):
+        if image_sizes.is_floating_point():
+            raise ValueError("image_sizes must be an integer tensor; a float cast can round sizes above 2048")
+        image_sizes = image_sizes.tolist()
+    return [(int(h), int(w)) for h, w in image_sizes]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B, T) positions counting only real tokens (left padding gets position 1, as HF)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+class LlavaNextModel(nn.Module):
+    """Vision tower + projector + image_newline + decoder; forward returns `last_hidden_state`."""
+
+    def __init__(self, config: LlavaNextConfig):
+        super().__init__()
+        if config.vision_feature_select_strategy == "full":
+            raise ValueError(
+                "vision_feature_select_strategy='full' keeps CLIP's CLS token, giving "
+                f"{config.vision_config.num_positions} features per tile, which cannot be laid out as the "
+                "square grid anyres unpadding needs. Use 'default' (what every published checkpoint uses)."
+            )
+        self.config = config
+        self.geometry: AnyresGeometry = config.geometry
+        self.vision_tower = VisionTower(config.vision_config, config.vision_feature_layers)
+        self.multi_modal_projector = MultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+        self.language_model = Decoder(config.text_config)
+
+    # -- images -------------------------------------------------------------------------------------------
+    def _check_overrides(self, vision_feature_layer, vision_feature_select_strategy):
+        if vision_feature_layer is not None and vision_feature_layer != self.config.vision_feature_layer and \
+                tuple([vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer) \
+                != self.config.vision_feature_layers:
+            raise ValueError("vision_feature_layer differs from the config the tower was built for; set it in the config")
+        if vision_feature_select_strategy not in (None, self.config.vision_feature_select_strategy):
+            raise ValueError("vision_feature_select_strategy differs from the config; set it in the config")
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, vision_feature_layer=None,
+                           vision_feature_select_strategy=None, **_) -> list[torch.Tensor]:
+        """Packed features per image: a list of (tokens_i, D) tensors, tokens_i from anyres.num_image_tokens."""
+        self._check_overrides(vision_feature_layer, vision_feature_select_strategy)
+        sizes = image_sizes_as_ints(image_sizes)
+        tiles = [self.geometry.num_tiles(h, w) for h, w in sizes]
+        if pixel_values.dim() == 5:  # (B, max_tiles, 3, S, S), zero tiles padded on axis 1
+            if pixel_values.shape[0] != len(sizes):
+                raise ValueError(f"pixel_values has {pixel_values.shape[0]} images but image_sizes has {len(sizes)}")
+            for n, available in zip(tiles, [pixel_values.shape[1]] * len(tiles)):
+                if n > available:
+                    raise ValueError(f"an image needs {n} tiles but pixel_values holds {available} per image")
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)], dim=0)
+        elif pixel_values.dim() == 4:  # (sum of tiles, 3, S, S)
+            if pixel_values.shape[0] != sum(tiles):
+                raise ValueError(f"pixel_values has {pixel_values.shape[0]} tiles, image_sizes imply {sum(tiles)}")
+        else:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+        feats = self.vision_tower(pixel_values)  # (N, 1 + P, Dv * layers)
+        feats = self.multi_modal_projector(feats[:, 1:])  # strategy "default": drop CLS -> (N, P, D)
+        return [self.pack(f, h, w) for f, (h, w) in zip(feats.split(tiles, dim=0), sizes)]
+
+    def pack(self, tiles: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(n_tiles, side*side, D) of one image -> (num_image_tokens, D): base tile, then unpadded rows + newline."""
+        side, D = self.geometry.side, tiles.shape[-1]
+        newline = self.image_newline.to(tiles.dtype)
+        base = tiles[0]  # (side*side, D)
+        if tiles.shape[0] == 1:
+            packed = torch.cat([base, newline[None]], dim=0)
+        else:
+            best_h, best_w = self.geometry.best_resolution(height, width)
+            rows, cols = best_h // self.geometry.tile_size, best_w // self.geometry.tile_size
+            grid = tiles[1:].view(rows, cols, side, side, D).permute(0, 2, 1, 3, 4)
+            grid = grid.reshape(rows * side, cols * side, D)  # (H', W', D) feature map
+            top, bottom, left, right = self.geometry.unpadded_grid(height, width)
+            grid = grid[top:bottom, left:right]
+            grid = torch.cat([grid, newline.expand(grid.shape[0], 1, D)], dim=1)  # newline ends each row
+            packed = torch.cat([base, grid.reshape(-1, D)], dim=0)
+            expected = self.geometry.num_image_tokens(height, width)
+            assert packed.shape[0] == expected, f"packed {packed.shape[0]} features, anyres says {expected}"
+        return packed
+
+    def embed(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None,
+              image_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Token embeddings with every image placeholder replaced by its image feature: (B, T, D)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        embeds = self.language_model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
+        if image_features is None and has_pixels:
+            if image_sizes is None:
+                raise ValueError("pixel_values were given without image_sizes")
+            image_features = self.get_image_features(pixel_values, image_sizes)
+        if input_ids is not None:
+            placeholders = input_ids == self.config.image_token_index  # (B, T)
+        else:
+            token = self.language_model.embed_tokens.weight[self.config.image_token_index]
+            placeholders = (embeds == token).all(-1)
+        n_placeholders = int(placeholders.sum())
+        n_features = sum(f.shape[0] for f in image_features) if image_features else 0
+        if n_placeholders != n_features:
+            raise ImageTokenMismatchError(
+                f"Image features and image tokens do not match: {n_placeholders} image tokens in the prompt, "
+                f"{n_features} image features from {len(image_features or [])} image(s)"
+            )
+        if n_features:
+            feats = torch.cat(image_features, dim=0).to(embeds.device, embeds.dtype)
+            embeds = embeds.masked_scatter(placeholders[..., None].to(embeds.device), feats)
+        return embeds
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, vision_feature_layer=None,
+                vision_feature_select_strategy=None, use_cache=None, **kwargs) -> ModelOutput:
+        self._check_overrides(vision_feature_layer, vision_feature_select_strategy)
+        embeds = self.embed(input_ids, pixel_values, image_sizes, inputs_embeds)
+        B, T, _ = embeds.shape
+        if position_ids is None:
+            # NOTE: transformers' forward uses arange here and only its generate() derives positions from the
+            # mask; we always derive them, so a left-padded row gets the same positions as when run alone.
+            position_ids = positions_from_mask(attention_mask) if attention_mask is not None else \
+                torch.arange(T, device=embeds.device).expand(B, T)
+        key_valid = attention_mask.bool() if attention_mask is not None else None
+        hidden = self.language_model(embeds, position_ids, key_valid, cache=past_key_values)
+        return ModelOutput(last_hidden_state=hidden)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in fp32, -100 ignored, mean over counted tokens (transformers' ForCausalLMLoss)."""
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+
+
+class LlavaNextForConditionalGeneration(nn.Module):
+    """LlavaNextModel + lm_head; forward returns logits (and loss with labels); `generate` decodes."""
+
+    def __init__(self, config: LlavaNextConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlavaNextModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.generation_config: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextForConditionalGeneration":
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, name_or_path, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def get_image_features(self, pixel_values, image_sizes, **kwargs) -> list[torch.Tensor]:
+        return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, vision_feature_layer=None,
+                vision_feature_select_strategy=None, labels=None, use_cache=None, logits_to_keep=0,
+                **kwargs) -> ModelOutput:
+        hidden = self.model(input_ids, pixel_values, image_sizes, attention_mask, position_ids, past_key_values,
+                            inputs_embeds, vision_feature_layer, vision_feature_select_strategy).last_hidden_state
+        if isinstance(logits_to_keep, int):
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            kept = hidden[:, logits_to_keep]
+        logits = self.lm_head(kept)  # (B, T_kept, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits)
+
+    def generate(self, input_ids=None, **kwargs):
+        from .generate import generate
+
+        return generate(self, input_ids=input_ids, **kwargs)

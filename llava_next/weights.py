@@ -1,0 +1,233 @@
+"""Checkpoint loading: safetensors shards -> a model built on the meta device, strictly, cast once.
+
+Keys keep transformers' leaf names; only top-level prefixes are renamed (`RENAMES`) so the hub layout
+(`language_model.model.*`, `vision_tower.vision_model.*`), what transformers 5 writes
+(`language_model.model.*`, `vision_tower.*`) and the newer layout (`model.language_model.*`) all land on
+one set of names. Every missing, unexpected or misshaped tensor is reported in one CheckpointError;
+tensors the truncated vision tower never uses are skipped by an explicit rule with a reason.
+
+The model is built on the meta device and each tensor is streamed from disk, cast to the target dtype and
+moved to its device as it is assigned, so a 7B model never exists in fp32 and loads at disk speed.
+Pickle checkpoints (*.bin, *.pt) are refused unless the caller passes allow_pickle=True.
+
+Leaves out: writing checkpoints (tests write them with transformers itself).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LlavaNextConfig
+from .errors import CheckpointError, UnsafeCheckpointError
+from .hub import MODEL_PATTERNS, resolve_folder
+
+# (pattern, replacement) applied in order, first match wins; result is the newer transformers layout.
+RENAMES = [
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^vision_tower\.vision_model\."), "model.vision_tower."),
+    (re.compile(r"^model\.vision_tower\.vision_model\."), "model.vision_tower."),
+    (re.compile(r"^(vision_tower|multi_modal_projector|image_newline|language_model)\b"), r"model.\1"),
+]
+_VISION_LAYER = re.compile(r"^model\.vision_tower\.encoder\.layers\.(\d+)\.")
+
+
+def canonical_name(key: str) -> str:
+    for pattern, replacement in RENAMES:
+        new, n = pattern.subn(replacement, key, count=1)
+        if n:
+            return new
+    return key
+
+
+def skip_reason(name: str, model: nn.Module) -> str | None:
+    """Why a checkpoint tensor is not loaded, or None if it must be."""
+    if name.startswith("model.vision_tower.post_layernorm."):
+        return "post_layernorm: LLaVA-NeXT reads hidden states before it"
+    match = _VISION_LAYER.match(name)
+    if match and int(match.group(1)) >= len(model.model.vision_tower.encoder.layers):
+        return "CLIP layer above the deepest vision_feature_layer: never computed"
+    if name.endswith("rotary_emb.inv_freq") or name.endswith("position_ids"):
+        return "buffer recomputed at build time"
+    return None
+
+
+def _tensor_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards listed in model.safetensors.index.json are missing: {missing}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth"))
+    if pickles and not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{folder} holds only pickle checkpoints ({', '.join(p.name for p in pickles)}); loading pickle can run "
+            "arbitrary code. Convert it to safetensors, or pass allow_pickle=True if you trust it."
+        )
+    if pickles:
+        return pickles
+    raise CheckpointError(f"no weights found in {folder} (expected *.safetensors)")
+
+
+def iter_checkpoint(files: list[Path]):
+    """Yield (name, tensor) from safetensors (memory-mapped) or, when allowed, pickle files (weights_only)."""
+    from safetensors import safe_open
+
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key)
+            except Exception as exc:
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise CheckpointError(f"cannot read {path.name}: it is truncated or not a safetensors file ({exc})") from exc
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CheckpointError(f"cannot read {path.name} ({exc})") from exc
+            yield from state.items()
+
+
+def resolve_dtype(dtype, config: LlavaNextConfig) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        name = config.dtype or "float32"
+        return getattr(torch, name) if isinstance(name, str) else name
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return getattr(torch, dtype)
+    return dtype
+
+
+def device_for(name: str, device_map) -> torch.device:
+    """Device of one parameter under a device_map: a single device, or a dict of module prefix -> device."""
+    if not isinstance(device_map, dict):
+        return torch.device(device_map)
+    best = None
+    for prefix, dev in device_map.items():
+        if prefix == "" or name == prefix or name.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, dev)
+    if best is None:
+        raise ValueError(f"device_map does not place {name!r}; add its module (or '') to the map")
+    dev = best[1]
+    return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+
+
+def normalise_device_map(device_map, device=None):
+    if device_map is None:
+        return device or "cpu"
+    if device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_map
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_state(model: nn.Module, tensors, dtype: torch.dtype, device_map, source: str = "checkpoint"):
+    """Assign tensors by name to a meta-built model; raise one CheckpointError listing every problem."""
+    expected = dict(model.named_parameters())
+    expected.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
+    loaded, unexpected, misshaped = set(), [], []
+    for key, tensor in tensors:
+        name = canonical_name(key)
+        if name not in expected:
+            if skip_reason(name, model) is None:
+                unexpected.append(key)
+            continue
+        target = expected[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
+            continue
+        cast = dtype if tensor.is_floating_point() else tensor.dtype
+        _set_tensor(model, name, tensor.to(device=device_for(name, device_map), dtype=cast))
+        loaded.add(name)
+    missing = [n for n in expected if n not in loaded]
+    tied = _tie_if_allowed(model, missing)
+    missing = [n for n in missing if n not in tied]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+        if misshaped:
+            parts.append(f"misshaped tensors ({len(misshaped)}): {'; '.join(misshaped)}")
+        raise CheckpointError(f"{source} does not fit the model: " + " | ".join(parts))
+
+
+def _tie_if_allowed(model: nn.Module, missing: list[str]) -> set[str]:
+    """Share embed_tokens with lm_head when the config ties them and the checkpoint has no lm_head."""
+    cfg = getattr(model, "config", None)
+    if "lm_head.weight" in missing and cfg is not None and (cfg.tie_word_embeddings or cfg.text_config.tie_word_embeddings):
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+        return {"lm_head.weight"}
+    return set()
+
+
+def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_map=None, device=None,
+                    quantization_config=None, attn_implementation=None, allow_pickle: bool = False,
+                    config: LlavaNextConfig | None = None, **hub_kwargs):
+    """Build `cls` from a folder or hub id: config, meta-device build, streamed strict load, one cast."""
+    from .attention import check_backend
+
+    patterns = MODEL_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
+    folder = resolve_folder(name_or_path, allow_patterns=patterns, **hub_kwargs)
+    if config is None:
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"config.json not found in {str(name_or_path)!r}")
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        if "auto_map" in raw:
+            raw.pop("auto_map")  # NOTE: remote code is never imported
+        config = LlavaNextConfig.from_dict(raw)
+    target_dtype = resolve_dtype(torch_dtype if dtype is None else dtype, config)
+    backend = check_backend(attn_implementation)
+    device_map = normalise_device_map(device_map, device)
+    with torch.device("meta"):
+        model = cls(config)
+    files = _tensor_files(folder, allow_pickle)
+    if quantization_config is not None:
+        from .quantization import load_quantized
+
+        load_quantized(model, iter_checkpoint(files), target_dtype, device_map, quantization_config)
+    else:
+        load_state(model, iter_checkpoint(files), target_dtype, device_map, source=str(name_or_path))
+    finish_build(model, backend)
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        with open(gen_path, encoding="utf-8") as f:
+            model.generation_config = json.load(f)
+    model.name_or_path = str(name_or_path)
+    return model.eval()
+
+
+def finish_build(model: nn.Module, backend: str = "sdpa"):
+    """Recompute non-persistent buffers (RoPE frequencies) on the weights' device; set the attention backend."""
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+        if hasattr(module, "backend"):
+            module.backend = backend
