@@ -1,0 +1,52 @@
+"""llava_next: LLaVA-NeXT (LLaVA-1.6) in pure PyTorch, loading the llava-hf checkpoints as published.
+
+The public names mirror transformers, so `from transformers import X` becomes `from llava_next import X`.
+They are imported lazily: `import llava_next` stays fast (the CLI starts quickly) and only what is used loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LlavaNextConfig": "config",
+    "AutoConfig": "auto",
+    "LlavaNextModel": "llava_next",
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "AutoModelForImageTextToText": "auto",
+    "AutoModelForVision2Seq": "auto",
+    "LlavaNextImageProcessor": "image_processor",
+    "LlavaNextImageProcessorFast": "image_processor_fast",
+    "LlavaNextProcessor": "processor",
+    "AutoProcessor": "processor",
+    "BitsAndBytesConfig": "quantization",
+    "pipeline": "pipeline",
+    "TextStreamer": "streaming",
+    "TextIteratorStreamer": "streaming",
+    "BatchFeature": "batch_feature",
+    "load_image": "images",
+    "InvalidImageError": "errors",
+    "ContextLengthError": "errors",
+    "ImageTokenMismatchError": "errors",
+    "GenerationArgumentError": "errors",
+    "CheckpointError": "errors",
+    "UnsafeCheckpointError": "errors",
+    "ChatTemplateError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llava_next' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

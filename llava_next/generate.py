@@ -1,0 +1,201 @@
+"""generate(): prefill with images once, then a decode loop over a preallocated KV cache.
+
+Semantics are transformers' `generate` for decoder-only models: output is prompt + new tokens, rows that
+finished are padded with `pad_token_id`, the loop stops when every row has hit EOS (or a stop string) or
+`max_new_tokens` is reached; the length defaults come from the checkpoint's generation_config.json.
+Images are encoded once, in the prefill (`LlavaNextModel.embed`); the decode step only embeds tokens.
+Positions come from the attention mask, so a left-padded row decodes exactly as it would alone.
+
+Everything is validated before the first forward pass: generation arguments (sampling.py), and the
+prompt (image tokens included) plus `max_new_tokens` against the context (ContextLengthError).
+
+Leaves out: num_return_sequences > 1, assisted/contrastive decoding. Beam search lives in beam_search.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ContextLengthError, GenerationArgumentError
+from .kv_cache import StaticKVCache
+from .llava_next import positions_from_mask
+from .outputs import ModelOutput
+from .sampling import LogitsPipeline, SamplingParams, validate_max_new_tokens
+from .stopping import StopStrings, eos_reached, eos_token_tensor
+
+# generate() keyword arguments that are about the loop, not about picking tokens.
+_LOOP_ARGS = ("max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "stop_strings",
+              "streamer", "tokenizer", "generator", "return_dict_in_generate", "output_scores", "output_logits",
+              "use_cache", "num_beams", "length_penalty", "early_stopping", "output_attentions",
+              "output_hidden_states", "generation_config", "cache_implementation", "max_time")
+
+
+@dataclass
+class GenerationPlan:
+    """Everything resolved from arguments + generation_config before any forward pass."""
+
+    max_new_tokens: int
+    eos: torch.Tensor | None
+    pad_token_id: int
+    sampling: SamplingParams
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+
+def _merged_generation_config(model, kwargs) -> dict:
+    config = dict(getattr(model, "generation_config", None) or {})
+    override = kwargs.get("generation_config")
+    if override is not None:
+        items = override.to_dict() if hasattr(override, "to_dict") else dict(override)
+        config.update({k: v for k, v in items.items() if v is not None})
+    return config
+
+
+def plan_generation(model, prompt_len: int, kwargs: dict) -> GenerationPlan:
+    """Resolve and validate lengths, special ids and sampling settings (transformers' priority order)."""
+    gen = _merged_generation_config(model, kwargs)
+
+    def pick(name, default=None):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        return gen.get(name, default) if gen.get(name) is not None else default
+
+    max_new = pick("max_new_tokens")
+    if max_new is None:
+        max_length = pick("max_length", 20)
+        max_new = max_length - prompt_len
+        if max_new <= 0:
+            raise GenerationArgumentError(
+                f"the prompt has {prompt_len} tokens, already at max_length={max_length}; set max_new_tokens instead"
+            )
+    max_new = validate_max_new_tokens(max_new)
+    context = model.config.text_config.max_position_embeddings
+    if prompt_len + max_new > context:
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens (image tokens included) + max_new_tokens={max_new} exceeds the model's "
+            f"context of {context} tokens; shorten the prompt, use fewer or smaller images, or lower max_new_tokens"
+        )
+    text_cfg = model.config.text_config
+    eos_id = pick("eos_token_id", text_cfg.eos_token_id)
+    eos = eos_token_tensor(eos_id, device=model.device)
+    pad = pick("pad_token_id", text_cfg.pad_token_id)
+    if pad is None:
+        pad = int(eos[0]) if eos is not None else 0  # as transformers: pad with the (first) EOS id
+    num_beams = int(pick("num_beams", 1))
+    if num_beams < 1:
+        raise GenerationArgumentError(f"`num_beams` must be >= 1, got {num_beams}")
+    sampling_kwargs = {k: v for k, v in kwargs.items() if k not in _LOOP_ARGS}
+    gen_sampling = {k: v for k, v in gen.items() if k not in _LOOP_ARGS}
+    sampling = SamplingParams.from_generate_kwargs(sampling_kwargs, gen_sampling)
+    return GenerationPlan(max_new, eos, int(pad), sampling, num_beams, float(pick("length_penalty", 1.0)),
+                          pick("early_stopping", False))
+
+
+class Prefill:
+    """Images + prompt -> a filled KV cache and the last position's logits; also the per-row next position."""
+
+    def __init__(self, model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, extra_slots: int,
+                 batch_repeat: int = 1):
+        core = model.model
+        embeds = core.embed(input_ids, pixel_values, image_sizes, inputs_embeds)  # (B, T, D)
+        B, T, _ = embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=embeds.device)
+        attention_mask = attention_mask.to(embeds.device)
+        if batch_repeat > 1:  # beam search: every beam starts from its row's prompt
+            embeds = embeds.repeat_interleave(batch_repeat, 0)
+            attention_mask = attention_mask.repeat_interleave(batch_repeat, 0)
+        positions = positions_from_mask(attention_mask)
+        text = model.config.text_config
+        self.cache = StaticKVCache(text.num_hidden_layers, embeds.shape[0], text.num_key_value_heads, T + extra_slots,
+                                   text.head_dim, embeds.dtype, embeds.device)
+        hidden = core.language_model(embeds, positions, attention_mask.bool(), cache=self.cache)
+        self.logits = model.lm_head(hidden[:, -1])  # (B, V): lm_head only where we sample
+        self.next_position = positions[:, -1] + 1  # (B,)
+
+
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """tokens (B,), positions (B,) -> logits (B, V) for the next token; writes one cache slot."""
+    embeds = model.model.language_model.embed_tokens(tokens[:, None])  # (B, 1, D)
+    hidden = model.model.language_model(embeds, positions[:, None], None, cache=cache)
+    return model.lm_head(hidden[:, -1])
+
+
+def _prompt_ids(input_ids, inputs_embeds):
+    if input_ids is not None:
+        return input_ids
+    # Without input_ids transformers returns only the new tokens; an empty (B, 0) prompt does the same.
+    return torch.empty(inputs_embeds.shape[0], 0, dtype=torch.long, device=inputs_embeds.device)
+
+
+_LOCK = threading.Lock()
+
+
+def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, inputs_embeds=None,
+             **kwargs):
+    """transformers-compatible generate: returns (B, prompt + new) ids, or a ModelOutput with return_dict_in_generate."""
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("generate needs input_ids (or inputs_embeds)")
+    prompt_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    plan = plan_generation(model, prompt_len, kwargs)
+    if plan.num_beams > 1:
+        from .beam_search import beam_search
+
+        return beam_search(model, plan, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, kwargs)
+    streamer = kwargs.get("streamer")
+    stop = None
+    if kwargs.get("stop_strings"):
+        if kwargs.get("tokenizer") is None:
+            raise GenerationArgumentError("stop_strings needs tokenizer= (e.g. processor.tokenizer)")
+        stop = StopStrings(kwargs["tokenizer"], kwargs["stop_strings"])
+    want_scores, want_logits = kwargs.get("output_scores"), kwargs.get("output_logits")
+    generator = kwargs.get("generator")
+    # NOTE: one model object, one generation at a time: concurrent calls would share module state such as the
+    # compiled step, so they are serialised instead of cross-wired.
+    with _LOCK, torch.inference_mode():
+        prompt = _prompt_ids(input_ids, inputs_embeds).to(model.device)
+        B = prompt.shape[0]
+        prefill = Prefill(model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds,
+                          plan.max_new_tokens)
+        cache, logits, position = prefill.cache, prefill.logits, prefill.next_position
+        processors = LogitsPipeline(plan.sampling, plan.eos, prompt_len)
+        sequences = torch.full((B, prompt_len + plan.max_new_tokens), plan.pad_token_id, dtype=torch.long,
+                               device=model.device)
+        sequences[:, :prompt_len] = prompt
+        unfinished = torch.ones(B, dtype=torch.bool, device=model.device)
+        scores, raw_logits = [], []
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+        length = prompt_len
+        try:
+            for step in range(plan.max_new_tokens):
+                processed = processors(sequences[:, :length], logits)
+                if want_scores:
+                    scores.append(processed)
+                if want_logits:
+                    raw_logits.append(logits.float())
+                tokens = processors.sample(processed, generator)  # (B,)
+                tokens = torch.where(unfinished, tokens, plan.pad_token_id)
+                sequences[:, length] = tokens
+                length += 1
+                if streamer is not None:
+                    streamer.put(tokens.cpu())
+                unfinished = unfinished & ~eos_reached(tokens, plan.eos)
+                if stop is not None:
+                    unfinished = unfinished & ~stop(sequences[:, :length])
+                if step + 1 == plan.max_new_tokens or not bool(unfinished.any()):
+                    break
+                logits = decode_step(model, tokens, position, cache)
+                position = position + 1
+        finally:
+            if streamer is not None:
+                streamer.end()
+        out = sequences[:, :length] if input_ids is not None else sequences[:, prompt_len:length]
+    if kwargs.get("return_dict_in_generate"):
+        return ModelOutput(sequences=out, scores=tuple(scores) if want_scores else None,
+                           logits=tuple(raw_logits) if want_logits else None)
+    return out
