@@ -79,6 +79,12 @@ class LlavaNextModel(nn.Module):
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.language_model = Decoder(config.text_config)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextModel":
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, name_or_path, **kwargs)
+
     # -- images -------------------------------------------------------------------------------------------
     def _check_overrides(self, vision_feature_layer, vision_feature_select_strategy):
         if vision_feature_layer is not None and vision_feature_layer != self.config.vision_feature_layer and \

@@ -50,10 +50,13 @@ def skip_reason(name: str, model: nn.Module) -> str | None:
     if name.startswith("model.vision_tower.post_layernorm."):
         return "post_layernorm: LLaVA-NeXT reads hidden states before it"
     match = _VISION_LAYER.match(name)
-    if match and int(match.group(1)) >= len(model.model.vision_tower.encoder.layers):
+    tower = model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_tower
+    if match and int(match.group(1)) >= len(tower.encoder.layers):
         return "CLIP layer above the deepest vision_feature_layer: never computed"
     if name.endswith("rotary_emb.inv_freq") or name.endswith("position_ids"):
         return "buffer recomputed at build time"
+    if name.startswith("lm_head.") and not hasattr(model, "lm_head"):
+        return "the base LlavaNextModel has no lm_head"
     return None
 
 
@@ -150,10 +153,13 @@ def load_state(model: nn.Module, tensors, dtype: torch.dtype, device_map, source
     expected = dict(model.named_parameters())
     expected.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
     loaded, unexpected, misshaped = set(), [], []
+    base_model = not hasattr(model, "lm_head")  # LlavaNextModel: names without the leading "model."
     for key, tensor in tensors:
-        name = canonical_name(key)
+        canonical = name = canonical_name(key)
+        if base_model and name.startswith("model."):
+            name = name[len("model."):]
         if name not in expected:
-            if skip_reason(name, model) is None:
+            if skip_reason(canonical, model) is None:
                 unexpected.append(key)
             continue
         target = expected[name]
