@@ -41,6 +41,12 @@ class StaticKVCache:
         self.values[layer].index_copy_(2, slots, v)
         return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
 
+    def reorder(self, rows: torch.Tensor):
+        """Keep rows (B,) in this order (beam search: each beam continues from its parent's cache)."""
+        self.keys.copy_(self.keys.index_select(1, rows))
+        self.values.copy_(self.values.index_select(1, rows))
+        self.key_valid.copy_(self.key_valid.index_select(0, rows))
+
     def truncate(self, length: int):
         """Forget every slot from `length` on (prefix reuse keeps the shared part)."""
         self.key_valid[:, length:] = False
