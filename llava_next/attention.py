@@ -41,11 +41,19 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            backend: str = "sdpa") -> torch.Tensor:
-    """q (B, H, T, Hd), k/v (B, Hkv, S, Hd), mask (B, 1, T, S) bool (True = attend) or None -> (B, H, T, Hd)."""
+    """q (B, H, T, Hd), k/v (B, Hkv, S, Hd) -> (B, H, T, Hd).
+
+    mask: None (every query sees every key), "causal" (T == S, lower triangle) or a bool (B, 1, T, S)
+    tensor, True = attend.
+    """
     groups = q.shape[1] // k.shape[1]
     if backend == "sdpa":
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        if isinstance(mask, str):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if isinstance(mask, str):
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
     if backend == "eager":
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, T, S)
@@ -62,12 +70,8 @@ def _flash(q, k, v, mask, scale):
     """flash-attn path: exact for unpadded causal or full attention; padded batches fall back to SDPA."""
     from flash_attn import flash_attn_func
 
-    T, S = q.shape[2], k.shape[2]
-    causal = mask is not None
-    if mask is not None:
-        # flash-attn takes no arbitrary mask: use it only when the mask is plain causal (bottom-right aligned).
-        expected = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        if not bool((mask == expected).all()):
-            return attend(q, k, v, mask, scale, "sdpa")
+    if mask is not None and not isinstance(mask, str):
+        return attend(q, k, v, mask, scale, "sdpa")  # flash-attn takes no arbitrary (padding) mask
+    causal = mask == "causal"
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
     return out.transpose(1, 2)

@@ -146,23 +146,27 @@ class Decoder(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def build_masks(self, query_slots: torch.Tensor, key_valid: torch.Tensor) -> dict:
-        """Boolean masks (B, 1, T, S), True = attend, one per distinct sliding window.
+    def build_masks(self, query_slots: torch.Tensor, key_valid: torch.Tensor | None, num_keys: int) -> dict:
+        """Per distinct sliding window: None (attend to all keys), "causal" (T == S, no padding) or a
+        boolean mask (B, 1, T, S), True = attend.
 
-        query_slots (T,) are the sequence indices of the queries; key_valid (B, S) marks real keys.
-        Every query also sees itself, so a padding query never has an empty row (no NaN from softmax).
+        query_slots (T,) are the sequence indices of the queries; key_valid (B, S) marks real keys, None when
+        every key is real. Every query also sees itself, so a padding query never has an empty row (no NaN).
         """
-        S = key_valid.shape[1]
-        key_idx = torch.arange(S, device=key_valid.device)
-        diff = query_slots[:, None] - key_idx[None, :]  # (T, S)
+        T, S = query_slots.shape[0], num_keys
         masks = {}
         for window in self.windows:
+            window_cuts = window is not None and S > window
+            if key_valid is None and not window_cuts and (T == 1 or T == S):
+                masks[window] = None if T == 1 else "causal"  # let the kernel skip the mask entirely
+                continue
+            key_idx = torch.arange(S, device=query_slots.device)
+            diff = query_slots[:, None] - key_idx[None, :]  # (T, S)
             allowed = diff >= 0
-            if window is not None:
+            if window_cuts:
                 allowed = allowed & (diff < window)
-            mask = allowed[None] & key_valid[:, None, :]  # (B, T, S)
-            mask = mask | (diff == 0)[None]
-            masks[window] = mask[:, None]
+            mask = allowed[None] if key_valid is None else allowed[None] & key_valid[:, None, :]  # (B|1, T, S)
+            masks[window] = (mask | (diff == 0)[None])[:, None]
         return masks
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
@@ -170,17 +174,17 @@ class Decoder(nn.Module):
         """inputs_embeds (B, T, D), positions (B, T) -> hidden states (B, T, D) after the final norm.
 
         Without a cache, key_valid (B, T) is the attention mask. With one, the T tokens are written at the
-        cache's next slots and key_valid (B, T) marks which of them are real.
+        cache's next slots and key_valid (B, T) marks which of them are real. key_valid=None: all real.
         """
         B, T, _ = inputs_embeds.shape
         if cache is not None:
             slots = cache.reserve(T, key_valid)
-            all_valid = cache.key_valid[:, : cache.length]
+            all_valid = cache.key_valid[:, : cache.length] if cache.has_padding else None
+            num_keys = cache.length
         else:
             slots = torch.arange(T, device=inputs_embeds.device)
-            all_valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool,
-                                                                           device=inputs_embeds.device)
-        masks = self.build_masks(slots, all_valid.bool())
+            all_valid, num_keys = key_valid, T
+        masks = self.build_masks(slots, all_valid, num_keys)
         cos, sin = self.rope(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:

@@ -19,6 +19,7 @@ class StaticKVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, S, Hd)
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, S, Hd)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.has_padding = False  # any invalid slot so far (host-side, set once at prefill: one sync)
         self.length = 0  # slots filled so far (host-side int: shapes depend on it, values never do)
         self.max_len = max_len
 
@@ -31,7 +32,11 @@ class StaticKVCache:
         if self.length + num_new > self.max_len:
             raise RuntimeError(f"KV cache full: {self.length} + {num_new} > {self.max_len} slots")
         slots = torch.arange(self.length, self.length + num_new, device=self.keys.device)
-        self.key_valid[:, self.length:self.length + num_new] = True if valid is None else valid
+        if valid is None:
+            self.key_valid[:, self.length:self.length + num_new] = True
+        else:
+            self.key_valid[:, self.length:self.length + num_new] = valid
+            self.has_padding = self.has_padding or not bool(valid.all())
         self.length += num_new
         return slots
 
