@@ -190,3 +190,24 @@ class Decoder(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, masks, cache, slots)
         return self.norm(x)
+
+    def decode_static(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                      cache: StaticKVCache) -> torch.Tensor:
+        """One token per row with static shapes and no host syncs (CUDA-graph capturable).
+
+        inputs_embeds (B, 1, D), positions (B, 1), slot (1,) the cache slot to write; the cache must be
+        `static`. Attention reads all max_len slots; key_valid masks the unwritten and padding ones.
+        """
+        cache.key_valid.index_fill_(1, slot, True)
+        key_idx = torch.arange(cache.max_len, device=slot.device)
+        masks = {}
+        for window in self.windows:
+            mask = cache.key_valid  # (B, S)
+            if window is not None:
+                mask = mask & (slot - key_idx < window)
+            masks[window] = mask[:, None, None, :]  # (B, 1, 1, S)
+        cos, sin = self.rope(positions, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, masks, cache, slot)
+        return self.norm(x)

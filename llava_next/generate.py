@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ContextLengthError, GenerationArgumentError
+from .engine import engine_for
 from .kv_cache import StaticKVCache
 from .llava_next import positions_from_mask
 from .outputs import ModelOutput
@@ -110,9 +111,7 @@ class Prefill:
             embeds = embeds.repeat_interleave(batch_repeat, 0)
             attention_mask = attention_mask.repeat_interleave(batch_repeat, 0)
         positions = positions_from_mask(attention_mask)
-        text = model.config.text_config
-        self.cache = StaticKVCache(text.num_hidden_layers, embeds.shape[0], text.num_key_value_heads, T + extra_slots,
-                                   text.head_dim, embeds.dtype, embeds.device)
+        self.cache = engine_for(model).cache_for(embeds.shape[0], T + extra_slots, embeds.dtype)
         hidden = core.language_model(embeds, positions, attention_mask.bool(), cache=self.cache)
         self.logits = model.lm_head(hidden[:, -1])  # (B, V): lm_head only where we sample
         self.next_position = positions[:, -1] + 1  # (B,)
@@ -120,9 +119,7 @@ class Prefill:
 
 def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
     """tokens (B,), positions (B,) -> logits (B, V) for the next token; writes one cache slot."""
-    embeds = model.model.language_model.embed_tokens(tokens[:, None])  # (B, 1, D)
-    hidden = model.model.language_model(embeds, positions[:, None], None, cache=cache)
-    return model.lm_head(hidden[:, -1])
+    return engine_for(model).step(tokens, positions, cache)
 
 
 def _prompt_ids(input_ids, inputs_embeds):
@@ -177,7 +174,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                 if want_scores:
                     scores.append(processed)
                 if want_logits:
-                    raw_logits.append(logits.float())
+                    raw_logits.append(logits.float().clone())  # the graph's output buffer is reused
                 tokens = processors.sample(processed, generator)  # (B,)
                 tokens = torch.where(unfinished, tokens, plan.pad_token_id)
                 sequences[:, length] = tokens

@@ -22,6 +22,9 @@ class StaticKVCache:
         self.has_padding = False  # any invalid slot so far (host-side, set once at prefill: one sync)
         self.length = 0  # slots filled so far (host-side int: shapes depend on it, values never do)
         self.max_len = max_len
+        # static=True: attention reads all max_len slots (masked by key_valid), so shapes never change and a
+        # captured CUDA graph can replay every step; False: it reads only the filled slots (faster eagerly).
+        self.static = False
 
     @property
     def batch_size(self) -> int:
@@ -44,7 +47,15 @@ class StaticKVCache:
         """Store k, v (B, Hkv, T, Hd) at `slots` (T,); return this layer's (B, Hkv, length, Hd) views."""
         self.keys[layer].index_copy_(2, slots, k)
         self.values[layer].index_copy_(2, slots, v)
+        if self.static:
+            return self.keys[layer], self.values[layer]
         return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
+
+    def reset(self):
+        """Empty the cache for reuse (a pooled cache keeps its tensors, so captured graphs stay valid)."""
+        self.key_valid.zero_()
+        self.length = 0
+        self.has_padding = False
 
     def reorder(self, rows: torch.Tensor):
         """Keep rows (B,) in this order (beam search: each beam continues from its parent's cache)."""
