@@ -25,6 +25,7 @@ from .anyres import AnyresGeometry
 from .config import LlavaNextConfig
 from .decoder import ACTIVATIONS, Decoder
 from .errors import ImageTokenMismatchError
+from .feature_cache import ImageFeatureCache
 from .outputs import ModelOutput
 from .vision import VisionTower
 
@@ -78,6 +79,8 @@ class LlavaNextModel(nn.Module):
         self.multi_modal_projector = MultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.language_model = Decoder(config.text_config)
+        # Packed features of recently seen images (exact match on tiles); 0 disables. Never a parameter.
+        self.feature_cache = ImageFeatureCache(capacity=8)
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextModel":
@@ -112,9 +115,19 @@ class LlavaNextModel(nn.Module):
                 raise ValueError(f"pixel_values has {pixel_values.shape[0]} tiles, image_sizes imply {sum(tiles)}")
         else:
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
-        feats = self.vision_tower(pixel_values)  # (N, 1 + P, Dv * layers)
-        feats = self.multi_modal_projector(feats[:, 1:])  # strategy "default": drop CLS -> (N, P, D)
-        return [self.pack(f, h, w) for f, (h, w) in zip(feats.split(tiles, dim=0), sizes)]
+        per_image = pixel_values.split(tiles, dim=0)
+        # The cache serves inference only: under autograd, features must stay connected to the tower.
+        cache = self.feature_cache if not torch.is_grad_enabled() else ImageFeatureCache(capacity=0)
+        packed: list[torch.Tensor | None] = [cache.get(t, size) for t, size in zip(per_image, sizes)]
+        missing = [i for i, p in enumerate(packed) if p is None]
+        if missing:  # one tower pass over every tile of every image not seen before
+            todo = torch.cat([per_image[i] for i in missing]) if len(missing) < len(sizes) else pixel_values
+            feats = self.vision_tower(todo)  # (N, 1 + P, Dv * layers)
+            feats = self.multi_modal_projector(feats[:, 1:])  # strategy "default": drop CLS -> (N, P, D)
+            for i, f in zip(missing, feats.split([tiles[i] for i in missing], dim=0)):
+                packed[i] = self.pack(f, *sizes[i])
+                cache.put(per_image[i], sizes[i], packed[i])
+        return packed
 
     def pack(self, tiles: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(n_tiles, side*side, D) of one image -> (num_image_tokens, D): base tile, then unpadded rows + newline."""

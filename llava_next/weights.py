@@ -131,12 +131,53 @@ def device_for(name: str, device_map) -> torch.device:
     return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
 
 
+def _as_device(dev) -> torch.device:
+    if isinstance(dev, int) and not isinstance(dev, bool):
+        dev = f"cuda:{dev}"
+    if dev == "disk":
+        raise ValueError("device_map: 'disk' offload is not supported; every module must sit on one device")
+    try:
+        device = torch.device(dev)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device_map: {dev!r} is not a device (use 'auto', 'cpu', 'cuda', 'cuda:N', an int, "
+                         "or a dict of module name -> device)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map asks for {dev!r} but CUDA is not available on this machine")
+    return device
+
+
+def map_devices(device_map: dict) -> set[torch.device]:
+    """The distinct devices a dict device_map uses ("cuda" and "cuda:<current>" count as one)."""
+    devices = {_as_device(d) for d in device_map.values()}
+    if any(d.type == "cuda" for d in devices):
+        current = torch.cuda.current_device()
+        devices = {torch.device("cuda", current) if d.type == "cuda" and d.index is None else d for d in devices}
+    return devices
+
+
 def normalise_device_map(device_map, device=None):
+    """None -> `device` or cpu; "auto" -> cuda if available else cpu; a dict keeps its (canonical) module keys.
+
+    A dict must put every module on one device: the KV cache and activations live on one device, so split
+    (pipeline) placement is refused here with a clear error rather than failing mid-forward.
+    """
     if device_map is None:
         return device or "cpu"
     if device_map == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device_map
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ValueError("device_map is an empty dict; use {'': device} to place the whole model")
+        devices = map_devices(device_map)
+        if len(devices) > 1:
+            raise ValueError(
+                f"device_map splits the model over {sorted(map(str, devices))}; llava_next runs a model on one device "
+                "(split/offloaded placement is not supported). Map every module to the same device, e.g. "
+                "device_map='cuda:0' or {'': 'cuda:0'}."
+            )
+        # NOTE: keys may use any checkpoint layout (language_model.model.layers.0, vision_tower.vision_model, ...)
+        return {canonical_name(k + ".")[:-1] if k else "": v for k, v in device_map.items()}
+    return str(_as_device(device_map))
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
@@ -148,8 +189,13 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
         module._buffers[leaf] = tensor
 
 
-def load_state(model: nn.Module, tensors, dtype: torch.dtype, device_map, source: str = "checkpoint"):
-    """Assign tensors by name to a meta-built model; raise one CheckpointError listing every problem."""
+def load_state(model: nn.Module, tensors, dtype: torch.dtype, device_map, source: str = "checkpoint", assign=None):
+    """Assign tensors by name to a meta-built model; raise one CheckpointError listing every problem.
+
+    `assign(model, name, tensor)` stores one cast, placed tensor (default: as a frozen Parameter/buffer);
+    quantization.py passes one that quantizes Linear weights as they stream in.
+    """
+    assign = assign or _set_tensor
     expected = dict(model.named_parameters())
     expected.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
     loaded, unexpected, misshaped = set(), [], []
@@ -167,7 +213,7 @@ def load_state(model: nn.Module, tensors, dtype: torch.dtype, device_map, source
             misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
             continue
         cast = dtype if tensor.is_floating_point() else tensor.dtype
-        _set_tensor(model, name, tensor.to(device=device_for(name, device_map), dtype=cast))
+        assign(model, name, tensor.to(device=device_for(canonical, device_map), dtype=cast))
         loaded.add(name)
     missing = [n for n in expected if n not in loaded]
     tied = _tie_if_allowed(model, missing)
@@ -218,7 +264,8 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
     if quantization_config is not None:
         from .quantization import load_quantized
 
-        load_quantized(model, iter_checkpoint(files), target_dtype, device_map, quantization_config)
+        load_quantized(model, iter_checkpoint(files), target_dtype, device_map, quantization_config,
+                       source=str(name_or_path))
     else:
         load_state(model, iter_checkpoint(files), target_dtype, device_map, source=str(name_or_path))
     finish_build(model, backend)
@@ -233,6 +280,8 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
 def finish_build(model: nn.Module, backend: str = "sdpa"):
     """Recompute non-persistent buffers (RoPE frequencies) on the weights' device; set the attention backend."""
     for module in model.modules():
+        if hasattr(module, "feature_cache"):
+            module.feature_cache.clear()
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
         if hasattr(module, "backend"):

@@ -1,0 +1,45 @@
+"""Image-embedding cache: the same image asked a new question is not encoded again.
+
+Keyed exactly, not by a hash: an entry holds the image's tiles, and a lookup compares tiles with
+`torch.equal` (on the device; one sync per candidate with the same shape and size), so a collision can
+never return another image's features. Least recently used entries are dropped past `capacity`.
+
+Leaves out: sharing across processes or models; the cache belongs to one model object (cleared when its
+weights are reloaded) and holds packed, projected features ready to merge into the prompt.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class ImageFeatureCache:
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._entries: OrderedDict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = OrderedDict()
+        self._next = 0
+        self.hits = self.misses = 0
+
+    def get(self, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
+        """Packed features (tokens, D) of an image whose tiles (n, 3, S, S) and (H, W) were seen, else None."""
+        for key, (stored, stored_size, features) in self._entries.items():
+            if stored_size == size and stored.shape == tiles.shape and stored.dtype == tiles.dtype \
+                    and stored.device == tiles.device and torch.equal(stored, tiles):
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return features
+        self.misses += 1
+        return None
+
+    def put(self, tiles: torch.Tensor, size: tuple[int, int], features: torch.Tensor):
+        if self.capacity <= 0:
+            return
+        self._entries[self._next] = (tiles.detach().clone(), size, features.detach())
+        self._next += 1
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def clear(self):
+        self._entries.clear()

@@ -1,0 +1,85 @@
+"""The decode engine's static (CUDA-graph) step and the image-feature cache, checked on the CPU.
+
+The static step is what the GPU captures into a graph; run eagerly here it must give the same logits as
+the dynamic step, for padded batches and sliding windows too. The feature cache must never change results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava_next.anyres import AnyresGeometry
+from llava_next.generate import Prefill
+from llava_next.llava_next import LlavaNextForConditionalGeneration
+from tiny import IMAGE_TOKEN, save_tiny
+
+
+def _static_step(model, tokens, positions, cache):
+    decoder = model.model.language_model
+    slot = torch.tensor([cache.length])
+    cache.static = True
+    cache.length += 1
+    hidden = decoder.decode_static(decoder.embed_tokens(tokens[:, None]), positions[:, None], slot, cache)
+    cache.static = False
+    return model.lm_head(hidden[:, -1])
+
+
+def _dynamic_step(model, tokens, positions, cache):
+    decoder = model.model.language_model
+    hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], None, cache=cache)
+    return model.lm_head(hidden[:, -1])
+
+
+def _padded_batch():
+    rows = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13], [1, 14, 15, 16, 17]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def test_static_step_equals_dynamic_step(tmp_path):
+    # A sliding window shorter than the sequence exercises the window mask of the static step.
+    folder, _ = save_tiny(tmp_path / "m", "mistral", text_overrides=dict(sliding_window=6))
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = _padded_batch()
+    with torch.inference_mode():
+        runs = []
+        for step_fn in (_dynamic_step, _static_step):
+            prefill = Prefill(model, ids, mask, None, None, None, extra_slots=8)
+            cache, logits, position = prefill.cache, prefill.logits, prefill.next_position
+            out = []
+            for _ in range(6):
+                tokens = logits.argmax(-1)
+                logits = step_fn(model, tokens, position, cache)
+                position = position + 1
+                out.append(logits)
+            runs.append(torch.stack(out))
+    assert torch.allclose(runs[0], runs[1], atol=1e-5, rtol=0), (runs[0] - runs[1]).abs().max()
+
+
+def test_feature_cache_reuses_images_without_changing_results(tmp_path):
+    folder, reference = save_tiny(tmp_path / "m", "mistral")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    geometry = AnyresGeometry()
+    h, w = 300, 500
+    pixels = torch.randn(1, geometry.num_tiles(h, w), 3, 336, 336)
+    image_tokens = [IMAGE_TOKEN] * geometry.num_image_tokens(h, w)
+    for question in range(3):
+        ids = torch.tensor([[1, 40 + question] + image_tokens + [50, 60 + question]])
+        kwargs = dict(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[h, w]]), max_new_tokens=8)
+        assert torch.equal(model.generate(**kwargs), reference.generate(**kwargs))
+    cache = model.model.feature_cache
+    assert (cache.hits, cache.misses) == (2, 1)
+    # A different image of the same size is a miss, not a collision.
+    other = pixels.clone()
+    other[0, 0, 0, 0, 0] += 1.0
+    with torch.inference_mode():
+        model.model.get_image_features(other, torch.tensor([[h, w]]))
+    assert cache.misses == 2
+    # Under autograd the cache is bypassed, so gradients reach the vision tower.
+    with torch.enable_grad():
+        model.model.vision_tower.embeddings.patch_embedding.weight.requires_grad_(True)
+        feats = model.model.get_image_features(pixels, torch.tensor([[h, w]]))
+        feats[0].sum().backward()
+    assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is not None
