@@ -64,21 +64,24 @@ class DecodeEngine:
         self.model = model
         self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
         self._pool: dict[tuple[int, int], tuple[StaticKVCache, _CapturedStep | None]] = {}
+        self._last: tuple[torch.Tensor, StaticKVCache] | None = None  # (embeddings in the cache, cache)
 
     def cache_for(self, batch: int, length: int, dtype: torch.dtype) -> StaticKVCache:
         """An empty cache with room for `length` tokens (pooled and graph-backed on GPU, fresh on CPU)."""
         text = self.model.config.text_config
         device = self.model.device
+        size = -(-length // BUCKET) * BUCKET  # slack lets a conversation's next turn continue in place
         if not self.use_graphs:
-            return StaticKVCache(text.num_hidden_layers, batch, text.num_key_value_heads, length, text.head_dim,
+            return StaticKVCache(text.num_hidden_layers, batch, text.num_key_value_heads, size, text.head_dim,
                                  dtype, device)
-        size = -(-length // BUCKET) * BUCKET
         key = (batch, size, dtype)
         if key not in self._pool:
             cache = StaticKVCache(text.num_hidden_layers, batch, text.num_key_value_heads, size, text.head_dim,
                                   dtype, device)
             self._pool[key] = (cache, _CapturedStep(self.model, cache))
         cache, _ = self._pool[key]
+        if self._last is not None and self._last[1] is cache:
+            self._last = None  # the remembered conversation is being overwritten
         cache.reset()
         cache.static = False  # prefill reads only the filled slots; decode switches to static
         return cache
@@ -97,9 +100,35 @@ class DecodeEngine:
         cache.length += 1
         return captured(tokens, positions, slot)
 
+    def remember(self, embeds: torch.Tensor, cache: StaticKVCache):
+        """Keep a batch-1 cache and the (1, cache.length, D) embeddings it was built from, for take_prefix."""
+        self._last = (embeds[:, : cache.length], cache) if embeds.shape[0] == 1 else None
+
+    def take_prefix(self, embeds: torch.Tensor, needed: int) -> tuple[StaticKVCache, int] | None:
+        """The remembered cache cut to the longest prefix whose embeddings equal `embeds` (1, T, D), or None.
+
+        Comparing embeddings (not ids) covers the images too: an image placeholder only matches if its
+        feature vector is identical. At least one token is left to prefill, so there are logits to sample.
+        """
+        last, self._last = self._last, None
+        if last is None or embeds.shape[0] != 1:
+            return None
+        previous, cache = last
+        if cache.max_len < needed or previous.dtype != embeds.dtype or previous.device != embeds.device:
+            return None
+        n = min(previous.shape[1], embeds.shape[1] - 1)
+        same = (previous[0, :n] == embeds[0, :n]).all(-1)  # (n,)
+        keep = n if bool(same.all()) else int((~same).int().argmax())
+        if keep == 0:
+            return None
+        cache.truncate(keep)
+        cache.static = False
+        return cache, keep
+
     def release(self):
         """Free pooled caches and graphs (e.g. before loading another model)."""
         self._pool.clear()
+        self._last = None
 
 
 def engine_for(model) -> DecodeEngine:

@@ -31,7 +31,7 @@ from .stopping import StopStrings, eos_reached, eos_token_tensor
 _LOOP_ARGS = ("max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "stop_strings",
               "streamer", "tokenizer", "generator", "return_dict_in_generate", "output_scores", "output_logits",
               "use_cache", "num_beams", "length_penalty", "early_stopping", "output_attentions",
-              "output_hidden_states", "generation_config", "cache_implementation", "max_time")
+              "output_hidden_states", "generation_config", "cache_implementation", "max_time", "reuse_prefix")
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Prefill:
     """Images + prompt -> a filled KV cache and the last position's logits; also the per-row next position."""
 
     def __init__(self, model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, extra_slots: int,
-                 batch_repeat: int = 1):
+                 batch_repeat: int = 1, reuse_prefix: bool = False):
         core = model.model
         embeds = core.embed(input_ids, pixel_values, image_sizes, inputs_embeds)  # (B, T, D)
         B, T, _ = embeds.shape
@@ -111,8 +111,15 @@ class Prefill:
             embeds = embeds.repeat_interleave(batch_repeat, 0)
             attention_mask = attention_mask.repeat_interleave(batch_repeat, 0)
         positions = positions_from_mask(attention_mask)
-        self.cache = engine_for(model).cache_for(embeds.shape[0], T + extra_slots, embeds.dtype)
-        hidden = core.language_model(embeds, positions, attention_mask.bool(), cache=self.cache)
+        engine = engine_for(model)
+        reused = engine.take_prefix(embeds, T + extra_slots) if reuse_prefix and bool(attention_mask.all()) else None
+        if reused is not None:  # the conversation so far is already in the cache: run only the new tokens
+            self.cache, start = reused
+            hidden = core.language_model(embeds[:, start:], positions[:, start:], None, cache=self.cache)
+        else:
+            self.cache = engine.cache_for(embeds.shape[0], T + extra_slots, embeds.dtype)
+            hidden = core.language_model(embeds, positions, attention_mask.bool(), cache=self.cache)
+        self.embeds = embeds if reuse_prefix else None
         self.logits = model.lm_head(hidden[:, -1])  # (B, V): lm_head only where we sample
         self.next_position = positions[:, -1] + 1  # (B,)
 
@@ -134,7 +141,11 @@ _LOCK = threading.Lock()
 
 def generate(model, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None, inputs_embeds=None,
              **kwargs):
-    """transformers-compatible generate: returns (B, prompt + new) ids, or a ModelOutput with return_dict_in_generate."""
+    """transformers-compatible generate: returns (B, prompt + new) ids, or a ModelOutput with return_dict_in_generate.
+
+    Beyond transformers: `reuse_prefix=True` (batch 1) keeps the KV cache of this call, and a next call whose
+    prompt starts with the same tokens and images (a conversation's next turn) prefills only what is new.
+    """
     if input_ids is None and inputs_embeds is None:
         raise ValueError("generate needs input_ids (or inputs_embeds)")
     prompt_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -156,8 +167,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     with _LOCK, torch.inference_mode():
         prompt = _prompt_ids(input_ids, inputs_embeds).to(model.device)
         B = prompt.shape[0]
+        reuse = bool(kwargs.get("reuse_prefix"))
         prefill = Prefill(model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds,
-                          plan.max_new_tokens)
+                          plan.max_new_tokens, reuse_prefix=reuse)
         cache, logits, position = prefill.cache, prefill.logits, prefill.next_position
         processors = LogitsPipeline(plan.sampling, plan.eos, prompt_len)
         sequences = torch.full((B, prompt_len + plan.max_new_tokens), plan.pad_token_id, dtype=torch.long,
@@ -191,6 +203,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         finally:
             if streamer is not None:
                 streamer.end()
+        if reuse:  # remember what the cache holds (prompt + all but the last new token) for the next turn
+            new = model.model.language_model.embed_tokens(sequences[:, prompt_len:length - 1])
+            engine_for(model).remember(torch.cat([prefill.embeds, new], dim=1), cache)
         out = sequences[:, :length] if input_ids is not None else sequences[:, prompt_len:length]
     if kwargs.get("return_dict_in_generate"):
         return ModelOutput(sequences=out, scores=tuple(scores) if want_scores else None,

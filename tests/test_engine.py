@@ -83,3 +83,26 @@ def test_feature_cache_reuses_images_without_changing_results(tmp_path):
         feats = model.model.get_image_features(pixels, torch.tensor([[h, w]]))
         feats[0].sum().backward()
     assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is not None
+
+
+def test_prefix_reuse_continues_a_conversation_exactly(tmp_path):
+    folder, reference = save_tiny(tmp_path / "m", "llama")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    geometry = AnyresGeometry()
+    h, w = 400, 300
+    pixels = torch.randn(1, geometry.num_tiles(h, w), 3, 336, 336)
+    image = dict(pixel_values=pixels, image_sizes=torch.tensor([[h, w]]))
+    turn1 = torch.tensor([[1, 40] + [IMAGE_TOKEN] * geometry.num_image_tokens(h, w) + [50, 60]])
+    first = model.generate(input_ids=turn1, max_new_tokens=6, reuse_prefix=True, **image)
+    assert torch.equal(first, reference.generate(input_ids=turn1, max_new_tokens=6, **image))
+    turn2 = torch.cat([first, torch.tensor([[70, 80, 90]])], dim=1)  # the answer, then a new question
+    engine = model.__dict__["_decode_engine"]
+    remembered_cache = engine._last[1]
+    second = model.generate(input_ids=turn2, max_new_tokens=6, reuse_prefix=True, **image)
+    assert engine._last[1] is remembered_cache  # the cache was continued, not rebuilt
+    expected = reference.generate(input_ids=turn2, max_new_tokens=6, **image)
+    assert torch.equal(second, expected)
+    # A different image under the same placeholders must not reuse the old keys and values.
+    other = dict(image, pixel_values=pixels + 1.0)
+    third = model.generate(input_ids=turn2, max_new_tokens=6, reuse_prefix=True, **other)
+    assert torch.equal(third, reference.generate(input_ids=turn2, max_new_tokens=6, **other))
