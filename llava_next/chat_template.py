@@ -1,0 +1,335 @@
+"""Chat templates: find a checkpoint's own Jinja template and render it exactly as transformers 5.x does.
+
+Rendering uses the same environment as transformers: `jinja2.sandbox.ImmutableSandboxedEnvironment` with
+`trim_blocks=True, lstrip_blocks=True`, the `loopcontrols` extension, a `{% generation %}` tag that renders its
+body, a `tojson` filter that does not escape HTML, `raise_exception`, `strftime_now`, and `dict` / `namespace`
+globals that cannot reach Python internals. One deliberate difference: reaching an unsafe attribute
+(`__class__`, `__globals__`, ...) raises, where transformers renders it as an empty string. Everything a template sees is first rebuilt from plain JSON types
+(images and arrays become inert placeholders such as "<Image>"), so a template can only read data. A template
+that fails, or tries to leave the sandbox (`__class__`, ...), raises `ChatTemplateError` (a ValueError).
+
+Where a template lives, in transformers' order: chat_template.json (legacy processor file), else
+chat_template.jinja plus chat_templates/*.jinja, else the tokenizer's chat_template.jinja or the
+"chat_template" key of tokenizer_config.json (a string, or a list of {"name", "template"}).
+
+Leaves out: `return_assistant_tokens_mask` (the generation tag is rendered but not tracked), tools given as
+Python functions (pass JSON schemas), and control-token sanitizing (`sanitize_control_tokens`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import jinja2
+import jinja2.ext
+import jinja2.meta
+import jinja2.nodes
+import jinja2.utils
+import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import ChatTemplateError
+
+CHAT_TEMPLATE_FILES = ["chat_template.json", "chat_template.jinja", "chat_templates/*.jinja", "tokenizer_config.json"]
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+# ---------------------------------------------------------------------- finding the template
+
+def load_chat_template(folder: str | os.PathLike) -> str | dict[str, str] | None:
+    """The checkpoint's template: one string, a {name: template} dict when there are several, or None."""
+    folder = Path(folder)
+    legacy = folder / "chat_template.json"
+    if legacy.is_file():
+        return _read_json(legacy).get("chat_template")
+    templates = {p.stem: p.read_text(encoding="utf-8") for p in sorted((folder / "chat_templates").glob("*.jinja"))}
+    if (folder / "chat_template.jinja").is_file():
+        templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not templates and (folder / "tokenizer_config.json").is_file():
+        value = _read_json(folder / "tokenizer_config.json").get("chat_template")
+        if isinstance(value, list):
+            templates = {item["name"]: item["template"] for item in value}
+        elif isinstance(value, str):
+            templates = {"default": value}
+    if not templates:
+        return None
+    return templates["default"] if list(templates) == ["default"] else templates
+
+
+def resolve_chat_template(templates: str | Mapping[str, str] | None, chat_template: str | None = None) -> str:
+    """Pick the template to render: an explicit template string or name, else the default one."""
+    if chat_template is not None:
+        if isinstance(templates, Mapping) and chat_template in templates:
+            return templates[chat_template]
+        return chat_template
+    if isinstance(templates, Mapping):
+        if "default" in templates:
+            return templates["default"]
+        raise ChatTemplateError(
+            f"this checkpoint has several chat templates and none is named 'default'; pass chat_template= one of {sorted(templates)}"
+        )
+    if templates is None:
+        raise ChatTemplateError("this checkpoint has no chat template; pass chat_template= a Jinja template string")
+    return templates
+
+
+# ---------------------------------------------------------------------- the sandboxed environment
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: renders its body (transformers uses it to mark assistant text)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+class _TemplateDict:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without exposing the dict type itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace(...)` that refuses underscore-prefixed attributes."""
+
+    def __init__(*args, **kwargs):  # noqa: N805 - same signature trick as jinja2's Namespace
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Unlike jinja2's own tojson, this does not HTML-escape (matches transformers).
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, except that reaching an unsafe attribute (`__class__`, `__globals__`, ...) raises at
+    once instead of rendering as an empty string; templates that stay inside the sandbox render identically."""
+
+    def unsafe_undefined(self, obj, attribute):
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe"
+        )
+
+
+@lru_cache(maxsize=64)
+def compile_template(template: str) -> jinja2.Template:
+    """Compile once per template string; a syntax error becomes a ChatTemplateError."""
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
+                       dict=_TemplateDict(), namespace=_TemplateNamespace)
+    try:
+        with warnings.catch_warnings():
+            # NOTE: llava-v1.6-mistral's template writes '<\s>', an invalid escape Python warns about; harmless
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return env.from_string(template)
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"the chat template does not compile: {exc}") from exc
+
+
+@lru_cache(maxsize=64)
+def template_variables(template: str) -> frozenset[str]:
+    """Names a template reads that it does not define itself (messages, add_generation_prompt, bos_token, ...)."""
+    env = compile_template(template).environment
+    return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
+
+
+# ---------------------------------------------------------------------- what the template may see
+
+def plain_data(value: Any) -> Any:
+    """Rebuild `value` from JSON types only; anything else becomes a placeholder like "<Image>" (as transformers)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {plain_data(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_data(v) for v in value)
+    if isinstance(value, np.generic):
+        return plain_data(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return plain_data(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def normalize_conversations(conversation) -> tuple[list[list[dict]], bool]:
+    """One conversation or a batch -> (batch, is_batched); None-valued keys dropped, OpenAI image_url blocks mapped."""
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ChatTemplateError("a conversation must be a non-empty list of {'role', 'content'} messages")
+    batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+    conversations = conversation if batched else [conversation]
+    out = []
+    for conv in conversations:
+        conv = getattr(conv, "messages", conv)
+        messages = []
+        for message in conv:
+            if not isinstance(message, Mapping):
+                raise ChatTemplateError(f"chat messages must be dicts, got {message!r}")
+            message = {k: v for k, v in message.items() if v is not None}
+            if isinstance(message.get("content"), list):
+                message["content"] = [_from_openai_block(block) for block in message["content"]]
+            messages.append(message)
+        out.append(messages)
+    return out, batched
+
+
+def _from_openai_block(block):
+    if isinstance(block, Mapping) and block.get("type") == "image_url" and "image_url" in block:
+        info = block["image_url"]
+        return {"type": "image", "url": info.get("url", "") if isinstance(info, Mapping) else info}
+    return block
+
+
+def _alias_reasoning(chat: list[dict]) -> list[dict]:
+    out = []
+    for message in chat:
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+# ---------------------------------------------------------------------- rendering
+
+def render_chat_template(
+    conversations: list[list[dict]],
+    template: str,
+    *,
+    add_generation_prompt: bool = False,
+    continue_final_message: bool | str = False,
+    tools: list[dict] | None = None,
+    documents: list[dict] | None = None,
+    **template_kwargs,
+) -> list[str]:
+    """Render each conversation with `template`; extra keyword arguments become template variables."""
+    if continue_final_message and add_generation_prompt:
+        raise ChatTemplateError("continue_final_message and add_generation_prompt cannot be used together")
+    if tools is not None and not all(isinstance(t, Mapping) for t in tools):
+        raise ChatTemplateError("tools must be JSON schemas (dicts); Python functions are not converted")
+    if documents is not None and not all(isinstance(d, Mapping) for d in documents):
+        raise ChatTemplateError("documents must be dicts with 'title' and 'text' keys")
+    compiled = compile_template(template)
+    tools, documents, template_kwargs = plain_data(tools), plain_data(documents), plain_data(template_kwargs)
+    rendered = []
+    for chat in conversations:
+        chat = plain_data(list(chat))
+        if not all(isinstance(message, dict) for message in chat):
+            raise ChatTemplateError(f"chat messages must be dicts with 'role' and 'content', got {chat!r}")
+        chat = _alias_reasoning(chat)
+        final = None
+        if continue_final_message:
+            chat, final = _tag_final_message(chat, template, continue_final_message)
+        try:
+            text = compiled.render(messages=chat, tools=tools, documents=documents,
+                                   add_generation_prompt=add_generation_prompt, **template_kwargs)
+        except jinja2.exceptions.SecurityError as exc:
+            raise ChatTemplateError(f"the chat template tried to leave its sandbox: {exc}") from exc
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"the chat template failed: {exc}") from exc
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            raise ChatTemplateError(f"the chat template failed on these messages: {type(exc).__name__}: {exc}") from exc
+        if final is not None:
+            text = _cut_at_final_message(text, final)
+        rendered.append(text)
+    return rendered
+
+
+def _tag_final_message(chat: list[dict], template: str, field: bool | str) -> tuple[list[dict], str]:
+    """Append a marker to the last message's text so the rendered prompt can be cut right after it."""
+    if not chat:
+        raise ChatTemplateError("continue_final_message is set but the conversation is empty")
+    field = field if isinstance(field, str) else "content"
+    final = chat[-1].get(field)
+    if final is None:
+        raise ChatTemplateError(f'continue_final_message is set but the final message has no "{field}"')
+    fields = [field]
+    if field in _REASONING_FIELDS:
+        fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final]
+    if not any(f in template for f in fields):
+        raise ChatTemplateError(f'continue_final_message is set to "{field}" but the template never reads it')
+    if isinstance(final, (list, tuple)):
+        for block in reversed(final):
+            if "text" in block:
+                final = block["text"]
+                block["text"] = block["text"] + _CONTINUE_TAG
+                break
+        else:
+            raise ChatTemplateError("continue_final_message is set but the final message has no text to continue")
+    else:
+        for f in fields:
+            chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
+    return chat, final
+
+
+def _cut_at_final_message(text: str, final: str) -> str:
+    if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
+        raise ChatTemplateError("continue_final_message is set but the template dropped part of the final message")
+    at = text.rindex(_CONTINUE_TAG.strip())
+    if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return text[:at]
+    return text[:at].rstrip()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ChatTemplateError(f"{path} is not valid JSON: {exc}") from exc
+
+
+__all__ = [
+    "load_chat_template", "resolve_chat_template", "compile_template", "template_variables",
+    "render_chat_template", "normalize_conversations", "plain_data",
+]

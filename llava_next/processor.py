@@ -1,0 +1,344 @@
+"""LlavaNextProcessor: text + images -> model inputs, like transformers' `LlavaNextProcessor` (5.x).
+
+It joins the tokenizer (`tokenizer.py`), the image processor (`image_processor.py`) and the chat template
+(`chat_template.py`). Each `<image>` placeholder in the text is expanded to exactly the number of tokens the
+model will produce for that image, taken from `anyres.AnyresGeometry.num_image_tokens` (the same function the
+model uses to pack features, so the two cannot disagree):
+
+    576 base features (+ num_additional_image_tokens, - 1 for strategy "default") + unpadded rows * (cols + 1)
+
+Images are matched to placeholders in reading order across the whole batch of prompts. A count mismatch is an
+`ImageTokenMismatchError` naming both counts; truncating inside an image run is a `ContextLengthError`.
+
+Checkpoint layouts read by `from_pretrained`: the hub's (processor_config.json with patch_size & co,
+preprocessor_config.json, chat_template.json, tokenizer files) and the one transformers 5.x saves
+(processor_config.json with a nested "image_processor", chat_template.jinja).
+
+Leaves out: videos and audio, `return_assistant_tokens_mask`, `return_mm_token_type_ids`, control-token
+sanitizing, and processor classes other than LLaVA-NeXT's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .anyres import AnyresGeometry
+from .batch_feature import BatchFeature
+from .chat_template import (
+    load_chat_template,
+    normalize_conversations,
+    render_chat_template,
+    resolve_chat_template,
+    template_variables,
+)
+from .errors import ImageTokenMismatchError
+from .image_processor import DEFAULTS as IMAGE_SETTINGS
+from .image_processor import LlavaNextImageProcessor, flatten_images
+from .images import load_image
+from .tokenizer import Tokenizer
+
+PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja"]
+TEXT_KWARGS = {"padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side", "add_special_tokens",
+               "return_attention_mask"}
+
+
+class LlavaNextProcessor:
+    """`processor(images, text, padding=, return_tensors=)`, `apply_chat_template(...)`, `decode(...)`."""
+
+    def __init__(
+        self,
+        image_processor: LlavaNextImageProcessor | None = None,
+        tokenizer: Tokenizer | None = None,
+        patch_size: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        chat_template: str | dict | None = None,
+        image_token: str = "<image>",
+        num_additional_image_tokens: int = 0,
+    ):
+        if tokenizer is None:
+            raise ValueError("LlavaNextProcessor needs a tokenizer")
+        self.image_processor = image_processor if image_processor is not None else LlavaNextImageProcessor()
+        self.tokenizer = tokenizer
+        self.patch_size = patch_size
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.num_additional_image_tokens = int(num_additional_image_tokens or 0)
+        self.chat_template = chat_template
+        # transformers: a tokenizer that declares its own image token wins over the processor's setting
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or tokenizer.backend_tokenizer.token_to_id(self.image_token) is None:
+            raise ValueError(f"the image token {self.image_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.protected_token_ids = frozenset({self.image_token_id})
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> "LlavaNextProcessor":
+        """Load from a local folder (never the network) or a hub id (only the small json/jinja files)."""
+        from .hub import resolve_folder
+
+        folder = resolve_folder(name_or_path, allow_patterns=PROCESSOR_FILES, **hub_kwargs)
+        config = _read_json(folder / "processor_config.json")
+        tokenizer = Tokenizer.from_pretrained(folder)
+        if (folder / "preprocessor_config.json").is_file():
+            image_processor = LlavaNextImageProcessor.from_pretrained(folder)
+        elif isinstance(config.get("image_processor"), dict):  # layout written by transformers 5.x
+            image_processor = LlavaNextImageProcessor.from_dict(config["image_processor"])
+        else:
+            raise FileNotFoundError(
+                f"no image processor settings in {str(name_or_path)!r}: expected preprocessor_config.json "
+                "or an 'image_processor' entry in processor_config.json"
+            )
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=config.get("patch_size"),
+            vision_feature_select_strategy=config.get("vision_feature_select_strategy"),
+            chat_template=load_chat_template(folder),
+            image_token=config.get("image_token", "<image>"),
+            num_additional_image_tokens=config.get("num_additional_image_tokens", 0),
+        )
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the hub layout: tokenizer files, preprocessor_config.json, processor_config.json, chat template."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+        config = {
+            "image_token": self.image_token,
+            "num_additional_image_tokens": self.num_additional_image_tokens,
+            "patch_size": self.patch_size,
+            "processor_class": "LlavaNextProcessor",
+            "vision_feature_select_strategy": self.vision_feature_select_strategy,
+        }
+        (folder / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        templates = self.chat_template
+        if isinstance(templates, str):
+            templates = {"default": templates}
+        for name, template in (templates or {}).items():
+            path = folder / "chat_template.jinja" if name == "default" else folder / "chat_templates" / f"{name}.jinja"
+            if path.parent != folder and path.parent.resolve() != (folder / "chat_templates").resolve():
+                raise ValueError(f"invalid chat template name {name!r}")
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(template, encoding="utf-8")
+        return folder
+
+    # ------------------------------------------------------------------ image tokens
+
+    @property
+    def geometry(self) -> AnyresGeometry:
+        """Pinpoints and tile size of the image processor, with the vision tower's patch size."""
+        if self.patch_size is None:
+            raise ValueError("patch_size is not set (processor_config.json); it is needed to count image tokens")
+        tiles = self.image_processor.geometry()
+        return AnyresGeometry(tiles.pinpoints, tile_size=tiles.tile_size, patch_size=int(self.patch_size))
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Placeholders one image of (height, width) pixels becomes (transformers' `_get_number_of_features`)."""
+        extra = self.num_additional_image_tokens - (1 if self.vision_feature_select_strategy == "default" else 0)
+        return self.geometry.num_image_tokens(int(height), int(width), extra_base_tokens=extra)
+
+    # ------------------------------------------------------------------ __call__
+
+    def __call__(self, images=None, text=None, padding: bool | str = False, return_tensors: str | None = None,
+                 **kwargs) -> BatchFeature:
+        """Tokenize `text` (str or list) with each `<image>` expanded, and preprocess `images` (in reading order)."""
+        if _looks_like_text(images) and text is not None and not _looks_like_text(text):
+            images, text = text, images  # processor(prompt, image): the order older transformers accepted
+        elif _looks_like_text(images) and text is None:
+            images, text = None, images
+        if images is None and text is None:
+            raise ValueError("give at least one of images= or text=")
+        text_kwargs, image_kwargs = self._split_kwargs(kwargs)
+        texts = None
+        if text is not None:
+            if isinstance(text, str):
+                texts = [text]
+            elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+                texts = list(text)
+            else:
+                raise ValueError("text must be a string or a list of strings")
+        flat_images = flatten_images(images) if images is not None else []
+        if texts is not None:
+            placeholders = sum(t.count(self.image_token) for t in texts)
+            if placeholders != len(flat_images):
+                raise ImageTokenMismatchError(
+                    f"the prompts contain {placeholders} {self.image_token} placeholder(s) but {len(flat_images)} "
+                    f"image(s) were given; they must match (one {self.image_token} per image, in order)"
+                )
+
+        data = {}
+        image_inputs = {}
+        if flat_images:
+            image_inputs = self.image_processor.preprocess(flat_images, return_tensors=return_tensors, **image_kwargs)
+        if texts is not None:
+            if flat_images:
+                counts = iter(self.num_image_tokens(h, w) for h, w in _as_pairs(image_inputs["image_sizes"]))
+                texts = [self._expand(t, counts) for t in texts]
+            encoded = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **text_kwargs)
+            self._check_image_token_counts(texts, encoded["input_ids"])
+            data.update(encoded)
+        data.update(image_inputs)
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _split_kwargs(self, kwargs: dict) -> tuple[dict, dict]:
+        text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
+        image_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+        common = kwargs.pop("common_kwargs", None) or {}
+        for key, value in {**common, **kwargs}.items():
+            if key in TEXT_KWARGS:
+                text_kwargs[key] = value
+            elif key in IMAGE_SETTINGS:
+                image_kwargs[key] = value
+            elif key != "return_tensors":
+                raise TypeError(f"LlavaNextProcessor got an unexpected keyword argument {key!r}")
+        return text_kwargs, image_kwargs
+
+    def _expand(self, text: str, counts) -> str:
+        pieces = text.split(self.image_token)
+        out = [pieces[0]]
+        for piece in pieces[1:]:
+            out.append(self.image_token * next(counts))
+            out.append(piece)
+        return "".join(out)
+
+    def _check_image_token_counts(self, texts: list[str], input_ids) -> None:
+        """Every placeholder written into the text must come out as exactly one image-token id."""
+        ids = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+        ids_count = [list(row).count(self.image_token_id) for row in ids]
+        text_count = [t.count(self.image_token) for t in texts]
+        if ids_count != text_count:
+            raise ImageTokenMismatchError(
+                f"image tokens in the text {text_count} and in input_ids {ids_count} differ: the tokenizer does "
+                f"not keep {self.image_token!r} as one token"
+            )
+
+    # ------------------------------------------------------------------ chat template
+
+    def apply_chat_template(
+        self,
+        conversation,
+        chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        tokenize: bool = False,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        processor_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """Render the conversation(s) with the checkpoint's template; with tokenize=True run the full processor.
+
+        Image parts ({"type": "image", "url"|"path"|"image"|"base64": ...}) are loaded when tokenizing.
+        Keyword arguments the template does not read go to the processor (e.g. padding=True), as in transformers.
+        """
+        template = resolve_chat_template(self.chat_template, chat_template)
+        variables = template_variables(template)
+        processor_kwargs = dict(processor_kwargs or {})
+        processor_kwargs.update({k: v for k, v in kwargs.items() if k not in variables})
+        conversations, batched = normalize_conversations(conversation)
+        prompts = render_chat_template(
+            conversations, template, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tools=tools, documents=documents,
+            **{**self.tokenizer.special_tokens_map, **kwargs},
+        )
+        if not tokenize:
+            return prompts if batched else prompts[0]
+
+        bos = self.tokenizer.bos_token
+        if bos is not None and prompts[0].startswith(bos):
+            processor_kwargs["add_special_tokens"] = False  # the template already wrote BOS
+        images = processor_kwargs.pop("images", None)
+        if images is not None:
+            batch_images = images if batched else [images]
+        else:
+            batch_images = [_images_in(conv) for conv in conversations]
+        has_images = any(im is not None for ims in batch_images for im in ims)
+        out = self(images=batch_images if has_images else None, text=prompts if batched else prompts[0],
+                   return_tensors=return_tensors, **processor_kwargs)
+        return out if return_dict else out["input_ids"]
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        return self.tokenizer.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(dict.fromkeys([*self.tokenizer.model_input_names, *self.image_processor.model_input_names]))
+
+    def __repr__(self) -> str:
+        return (f"LlavaNextProcessor(patch_size={self.patch_size}, num_additional_image_tokens="
+                f"{self.num_additional_image_tokens}, vision_feature_select_strategy="
+                f"{self.vision_feature_select_strategy!r}, image_token={self.image_token!r}, tokenizer={self.tokenizer!r})")
+
+
+class AutoProcessor:
+    """`AutoProcessor.from_pretrained(...)` returns a LlavaNextProcessor (the only processor here)."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, **kwargs) -> LlavaNextProcessor:
+        return LlavaNextProcessor.from_pretrained(name_or_path, **kwargs)
+
+
+def _images_in(conversation: list[dict]) -> list:
+    """Image sources of a conversation's content parts, loaded, in order (transformers' keys and order)."""
+    found = []
+    for message in conversation:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "image":
+                for key in ("image", "url", "path", "base64"):
+                    if key in block:
+                        found.append(_load(block[key], key))
+    return found
+
+
+def _load(source, key: str):
+    if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
+        source = "data:image/png;base64," + source  # a bare base64 payload; the decoder sniffs the real format
+    return load_image(source)
+
+
+def _looks_like_text(value) -> bool:
+    return isinstance(value, str) and not _is_image_path(value) or (
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
+        and not all(_is_image_path(v) for v in value)
+    )
+
+
+def _is_image_path(value: str) -> bool:
+    """A string that names an image (URL or existing file) rather than a prompt."""
+    return value.startswith(("http://", "https://", "data:image/", "file://")) or (
+        len(value) < 4096 and "\n" not in value and os.path.isfile(value)
+    )
+
+
+def _as_pairs(image_sizes) -> list[tuple[int, int]]:
+    sizes = image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes
+    return [(int(h), int(w)) for h, w in sizes]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+__all__ = ["LlavaNextProcessor", "AutoProcessor"]
