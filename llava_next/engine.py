@@ -12,6 +12,8 @@ Leaves out: torch.compile (compile times of tens of seconds for a few percent mo
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .kv_cache import StaticKVCache
@@ -41,20 +43,32 @@ class _CapturedStep:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.slot.fill_(slot)
+        if self.graph is False:  # capture failed once: the same static step, run eagerly
+            return self._run()
         if self.graph is None:
-            # Warm up on a side stream (as CUDA graphs require), then capture. The warm-up writes the same
-            # slot with the same values the replay writes, so it leaves no trace in the cache.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._run()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._run()
+            try:
+                self._capture()
+            except Exception as exc:  # NOTE: never fail a generation over an optimisation
+                warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly")
+                self.graph = False
+                torch.cuda.synchronize()
+                return self._run()
         self.graph.replay()
         return self.logits
+
+    def _capture(self):
+        # Warm up on a side stream (as CUDA graphs require), then capture. The warm-up writes the same
+        # slot with the same values the replay writes, so it leaves no trace in the cache.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._run()
+        self.graph = graph
 
 
 class DecodeEngine:
