@@ -66,15 +66,17 @@ def plan_generation(model, prompt_len: int, kwargs: dict) -> GenerationPlan:
         return gen.get(name, default) if gen.get(name) is not None else default
 
     max_new = pick("max_new_tokens")
-    if max_new is None:
-        max_length = pick("max_length", 20)
+    context = model.config.text_config.max_position_embeddings
+    if max_new is None and pick("max_length") is None:
+        max_new = max(1, min(20, context - prompt_len))  # transformers: 20 new tokens when nothing is set
+    elif max_new is None:
+        max_length = pick("max_length")
         max_new = max_length - prompt_len
         if max_new <= 0:
             raise GenerationArgumentError(
                 f"the prompt has {prompt_len} tokens, already at max_length={max_length}; set max_new_tokens instead"
             )
     max_new = validate_max_new_tokens(max_new)
-    context = model.config.text_config.max_position_embeddings
     if prompt_len + max_new > context:
         raise ContextLengthError(
             f"prompt of {prompt_len} tokens (image tokens included) + max_new_tokens={max_new} exceeds the model's "
@@ -176,13 +178,18 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                                device=model.device)
         sequences[:, :prompt_len] = prompt
         unfinished = torch.ones(B, dtype=torch.bool, device=model.device)
+        # Left padding is not "seen" by the repetition penalty (transformers' prompt_ignore_length).
+        valid = None
+        if attention_mask is not None and input_ids is not None:
+            leading_pad = (attention_mask != 0).int().argmax(1).to(model.device)  # (B,)
+            valid = torch.arange(sequences.shape[1], device=model.device)[None] >= leading_pad[:, None]
         scores, raw_logits = [], []
         if streamer is not None:
             streamer.put(prompt.cpu())
         length = prompt_len
         try:
             for step in range(plan.max_new_tokens):
-                processed = processors(sequences[:, :length], logits)
+                processed = processors(sequences[:, :length], logits, None if valid is None else valid[:, :length])
                 if want_scores:
                     scores.append(processed)
                 if want_logits:
