@@ -22,7 +22,7 @@ _EXPORTS = {
     "LlavaNextProcessor": "processor",
     "AutoProcessor": "processor",
     "BitsAndBytesConfig": "quantization",
-    "pipeline": "pipeline",
+    "pipeline": "pipelines",
     "TextStreamer": "streaming",
     "TextIteratorStreamer": "streaming",
     "BatchFeature": "batch_feature",

@@ -48,10 +48,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     groups = q.shape[1] // k.shape[1]
     if backend == "sdpa":
-        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        # enable_gqa reads the Hkv heads in place; repeating them would copy the whole cache every step.
+        gqa = groups > 1
         if isinstance(mask, str):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if isinstance(mask, str):
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
     if backend == "eager":

@@ -1,0 +1,265 @@
+"""`llava-next` command line: argument parsing only; the work is done by the library.
+
+    llava-next generate --image cat.png --prompt "What is shown in this image?"   (streams the answer)
+    llava-next chat [--image PATH]             interactive: /image PATH, /reset, /quit
+    llava-next demo-checkpoint DIR             an offline checkpoint with RANDOM weights (llava_next.demo)
+    llava-next bench ...                       llava_next.benchmark (its own arguments)
+
+`--model` is a checkpoint folder or a hub id (default llava-hf/llava-v1.6-mistral-7b-hf). Bad input (a missing
+folder or image, an unreachable hub, an out-of-range argument) ends with one line on stderr, `llava-next: error:
+...`, and exit status 1, never a traceback. Sampling is off unless --temperature > 0, --top-p or --top-k is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+
+DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+CHAT_HELP = "Commands: /image PATH (attach an image to your next message), /reset (new conversation), /quit"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------------- argument parsing
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--image", action="append", default=[], metavar="PATH|URL",
+                   help="an image (path, file://, http(s) or data: URL); repeat for several")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens to generate at most (256)")
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0 or unset: greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (turns sampling on)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (turns sampling on)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-next", description="LLaVA-NeXT (LLaVA-1.6) in pure PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,demo-checkpoint,bench}")
+    sub.required = True
+    gen = sub.add_parser("generate", help="answer one prompt about images, streaming the answer")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help="the question or instruction")
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (stdin)", description=CHAT_HELP)
+    _add_model_args(chat)
+    demo = sub.add_parser("demo-checkpoint", help="write an offline demo checkpoint with RANDOM weights")
+    demo.add_argument("dir", help="folder to create")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
+    demo.add_argument("--force", action="store_true", help="overwrite a non-empty folder")
+    sub.add_parser("bench", help="benchmarks (llava-next bench --help)", add_help=False)
+    return parser
+
+
+# ---------------------------------------------------------------------- shared steps
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load(args):
+    """(processor, model) for --model on --device in --dtype; warns about a demo (random) checkpoint."""
+    from . import AutoProcessor, LlavaNextForConditionalGeneration
+    from .demo import WARNING, is_demo_checkpoint
+
+    if is_demo_checkpoint(args.model):
+        _say(f"WARNING: {WARNING}")
+    start = time.perf_counter()
+    _say(f"Loading {args.model} ...")
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = LlavaNextForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[args.dtype],
+                                                              device=_device(args.device))
+    _say(f"Loaded in {time.perf_counter() - start:.1f} s ({model.dtype}, {model.device}).")
+    return processor, model
+
+
+def generation_kwargs(args) -> dict:
+    """generate() arguments from the sampling flags: greedy unless a temperature > 0, top-p or top-k is given."""
+    sample = (args.temperature is not None and args.temperature > 0) or args.top_p is not None or args.top_k is not None
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": sample}
+    if sample:
+        for name in ("temperature", "top_p", "top_k"):
+            if getattr(args, name) is not None:
+                kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def load_images(sources: list[str]) -> list:
+    from .images import load_image
+
+    return [load_image(source) for source in sources]
+
+
+def render_prompt(processor, messages: list[dict]) -> str:
+    """The checkpoint's chat template with a generation prompt; without a template, images then the texts."""
+    if processor.chat_template:
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    parts = []
+    for message in messages:
+        for block in message["content"]:
+            parts.append("<image>\n" if block["type"] == "image" else block["text"])
+    return "".join(parts)
+
+
+def user_message(text: str, n_images: int) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+def answer(processor, model, messages: list[dict], images: list, args, out=None) -> str:
+    """Generate the assistant's reply to `messages` (images in order), streamed to stdout unless --no-stream."""
+    import torch
+
+    from .streaming import TextStreamer
+
+    prompt = render_prompt(processor, messages)
+    inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+    inputs = inputs.to(dtype=model.dtype).to(model.device)
+    streamer = None if args.no_stream else TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    output = model.generate(**inputs, **generation_kwargs(args), streamer=streamer)
+    text = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    if streamer is None:
+        print(text, flush=True)
+    return text
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_generate(args) -> int:
+    images = load_images(args.image)
+    processor, model = load(args)
+    answer(processor, model, [user_message(args.prompt, len(images))], images, args)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """A REPL over stdin: each line is a user turn; /image PATH attaches an image to the next turn."""
+    processor, model = load(args)
+    interactive = sys.stdin.isatty()
+    messages: list[dict] = []
+    images: list = []  # every image of the conversation, in order
+    pending = load_images(args.image)  # images for the next user turn
+    _say(CHAT_HELP)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages, images, pending = [], [], []
+            _say("(conversation reset)")
+            continue
+        if line.startswith("/image"):
+            source = line[len("/image"):].strip()
+            if not source:
+                _say("usage: /image PATH")
+                continue
+            try:
+                pending.append(load_images([source])[0])
+            except (OSError, ValueError) as exc:
+                _say(f"error: {_one_line(exc)}")
+                continue
+            _say(f"(image attached to your next message: {source})")
+            continue
+        if line.startswith("/"):
+            _say(f"unknown command {line.split()[0]}; {CHAT_HELP}")
+            continue
+        turn = [*messages, user_message(line, len(pending))]
+        try:
+            reply = answer(processor, model, turn, [*images, *pending], args)
+        except ValueError as exc:  # too long for the context, bad arguments: the turn is dropped, the chat goes on
+            _say(f"error: {_one_line(exc)}")
+            continue
+        messages = [*turn, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+        images, pending = [*images, *pending], []
+    return 0
+
+
+def cmd_demo_checkpoint(args) -> int:
+    from .demo import build_demo_checkpoint
+
+    folder = build_demo_checkpoint(args.dir, seed=args.seed, overwrite=args.force)
+    print(f"Wrote the demo checkpoint to {folder}")
+    print(f"Try: llava-next generate --model {folder} --image PATH --prompt \"What is shown in this image?\"")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    try:
+        from .benchmark import main as bench_main
+    except ImportError as exc:
+        raise CliError(f"the benchmark module is not available ({exc})") from exc
+    if inspect.signature(bench_main).parameters:
+        result = bench_main(argv)
+    else:  # a main() that reads sys.argv
+        saved = sys.argv
+        sys.argv = ["llava-next bench", *argv]
+        try:
+            result = bench_main()
+        finally:
+            sys.argv = saved
+    return int(result or 0)
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "bench":
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        command = {"generate": cmd_generate, "chat": cmd_chat, "demo-checkpoint": cmd_demo_checkpoint}[args.command]
+        return command(args)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except (CliError, OSError, ValueError, ImportError) as exc:
+        if os.environ.get("LLAVA_NEXT_DEBUG"):
+            raise
+        # OSError: missing folder/file, hub unreachable; ValueError: bad image, bad argument, context too long
+        _say(f"llava-next: error: {_one_line(exc)}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""`pipeline("image-text-to-text", ...)`: transformers' ImageTextToTextPipeline (5.x) on our processor and model.
+
+Inputs, as transformers takes them:
+- a chat (a list of {"role", "content"} messages; image parts carry "url" (http(s), file://, data:), "path",
+  "image" (PIL or a path/URL) or "base64"), or a list of chats;
+- `images=` (a path, URL, PIL image, or lists of them) with `text=` (a prompt holding `<image>`, or a list);
+- text alone; or dicts {"images"/"image": ..., "text": ...}.
+
+Outputs are transformers' records: `{"input_text": the chat or prompt, "generated_text": ...}` where
+`generated_text` is the new text (`return_full_text=False`), or by default the prompt + new text for a string
+prompt and the chat plus a new {"role": "assistant", "content": text} message for a chat (appended to the final
+message's last text part when that message is an assistant prefill). `return_tensors=True` gives
+"generated_token_ids" instead. One chat or one prompt gives a list of records; a list of chats or of prompts
+gives a list of such lists, in input order.
+
+Postprocessing is transformers' code path: the whole sequence (prompt + new tokens) and the prompt are decoded
+with special tokens skipped, and the decoded prompt is removed from the front of the decoded sequence if it is
+found within its first 2 characters.
+
+Where it differs from transformers, on purpose:
+- a list of chats (or of dict inputs) runs as left-padded batches of `batch_size` (default 8) instead of one at
+  a time; each row generates exactly what it generates alone (positions come from the attention mask);
+- several prompts in one `text=` list are padded on the left whatever the tokenizer's padding_side (the right
+  padding transformers uses then breaks decoder-only generation);
+- generation arguments given to a call (`pipe(chat, do_sample=True, temperature=0.7)`) are used; transformers
+  5.x sends them to the processor, which ignores them, and only honours them in `generate_kwargs=` or at init;
+- with `return_tensors=True`, "input_text" is the list of messages rather than transformers' `Chat` object.
+
+Leaves out: tasks other than image-text-to-text, assistant models, `tools` parsing (`response_template`),
+datasets/KeyDataset inputs (any iterable of inputs is accepted and consumed eagerly), `num_workers`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping
+
+import torch
+
+from .batch_feature import BatchFeature
+from .images import load_image
+
+TASKS = ("image-text-to-text",)
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_NEW_TOKENS = 256  # transformers' ImageTextToTextPipeline default when generation_config sets none
+
+# Keys generate() understands (transformers' GenerationConfig fields we implement, plus generate-only arguments).
+GENERATION_KEYS = frozenset({
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
+    "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size",
+    "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+    "num_beams", "length_penalty", "early_stopping", "eos_token_id", "pad_token_id", "bos_token_id",
+    "stop_strings", "generation_config", "streamer", "generator", "use_cache", "max_time", "renormalize_logits",
+    "remove_invalid_values", "sequence_bias", "return_dict_in_generate", "output_scores", "output_logits",
+})
+# Keys of generation_config.json that are bookkeeping, not settings (transformers' `to_diff_dict` drops them).
+_GENERATION_BOOKKEEPING = {"transformers_version", "_from_model_config"}
+
+
+class ReturnType(enum.Enum):
+    TENSORS = 0
+    NEW_TEXT = 1
+    FULL_TEXT = 2
+
+
+def pipeline(task: str | None = None, model=None, config=None, tokenizer=None, feature_extractor=None,
+             image_processor=None, processor=None, revision: str | None = None, use_fast: bool = True, token=None,
+             device=None, device_map=None, dtype="auto", trust_remote_code: bool | None = None,
+             model_kwargs: dict | None = None, pipeline_class=None, torch_dtype=None, **kwargs):
+    """Build an image-text-to-text pipeline from a folder, a hub id, or a loaded LlavaNextForConditionalGeneration.
+
+    Signature of transformers' `pipeline()`: `device` (int: CUDA index, -1: CPU; str; torch.device; default CUDA
+    when available) or `device_map`; `dtype`/`torch_dtype` ("auto" = the checkpoint's); `model_kwargs` for
+    `from_pretrained`. Other keyword arguments are defaults for every call (generation arguments such as
+    max_new_tokens, return_full_text, batch_size, ...). `trust_remote_code` is accepted and ignored: remote code is
+    never run. `config`, `tokenizer`, `feature_extractor`, `image_processor` and `pipeline_class` are refused.
+    """
+    if task is None:
+        task = TASKS[0]
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}: llava_next's pipeline supports only {', '.join(map(repr, TASKS))}")
+    if model is None:
+        raise ValueError("pipeline() needs model= (a checkpoint folder, a hub id, or a loaded model)")
+    for name, value in (("config", config), ("tokenizer", tokenizer), ("feature_extractor", feature_extractor),
+                        ("image_processor", image_processor), ("pipeline_class", pipeline_class)):
+        if value is not None:
+            raise ValueError(f"pipeline(): {name}= is not supported by llava_next; pass processor= (a "
+                             "LlavaNextProcessor or a folder/hub id) or leave it to be loaded with the model")
+    from .llava_next import LlavaNextForConditionalGeneration
+    from .processor import AutoProcessor
+
+    hub_kwargs = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
+    model_kwargs = dict(model_kwargs or {})
+    if torch_dtype is not None and dtype == "auto":  # as transformers: torch_dtype is the deprecated spelling
+        dtype = torch_dtype
+    if "torch_dtype" in model_kwargs:
+        model_kwargs.setdefault("dtype", model_kwargs.pop("torch_dtype"))
+    if dtype is not None and dtype != "auto":
+        if "dtype" in model_kwargs:
+            raise ValueError("dtype is given both to pipeline() and in model_kwargs; give it once")
+        model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and hasattr(torch, dtype) else dtype
+    if device_map is not None:
+        if "device_map" in model_kwargs:
+            raise ValueError("device_map is given both to pipeline() and in model_kwargs; give it once")
+        model_kwargs["device_map"] = device_map
+
+    target = None if device_map is not None or "device_map" in model_kwargs else resolve_device(device)
+    if isinstance(model, (str, os.PathLike)):
+        name = model
+        if target is not None:
+            model_kwargs.setdefault("device", str(target))
+        model = LlavaNextForConditionalGeneration.from_pretrained(name, **hub_kwargs, **model_kwargs)
+    else:
+        name = getattr(model, "name_or_path", None)
+    if processor is None:
+        if name is None:
+            raise ValueError("pass processor= with a loaded model (its checkpoint folder is not known)")
+        processor = AutoProcessor.from_pretrained(name, **hub_kwargs)
+    elif isinstance(processor, (str, os.PathLike)):
+        processor = AutoProcessor.from_pretrained(processor, **hub_kwargs)
+    return ImageTextToTextPipeline(model=model, processor=processor, device=target, task=task, **kwargs)
+
+
+def resolve_device(device) -> torch.device:
+    """transformers' rule: None -> CUDA 0 when available, else CPU; int -> CUDA index (-1: CPU); str/device as is."""
+    if device is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, str):
+        return torch.device(device)
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device < 0:
+            return torch.device("cpu")
+        return torch.device(f"cuda:{device}" if torch.cuda.is_available() else "cpu")
+    raise ValueError(f"device must be an int, a string or a torch.device, got {device!r}")
+
+
+class ImageTextToTextPipeline:
+    """Callable like transformers' ImageTextToTextPipeline: `pipe(text=chat, max_new_tokens=20)`."""
+
+    def __init__(self, model, processor, device=None, task: str = TASKS[0], batch_size: int | None = None,
+                 num_workers=None, **kwargs):
+        self.task = task
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        if device is not None and model.device != torch.device(device):
+            self.model.to(device)
+        self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._defaults = self._sanitize(**kwargs)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def __repr__(self) -> str:
+        return (f"ImageTextToTextPipeline: {{'model': {type(self.model).__name__!r}, 'dtype': "
+                f"{str(self.dtype).split('.')[-1]!r}, 'device': {self.device.type!r}}}")
+
+    # ------------------------------------------------------------------ parameters
+
+    def _sanitize(self, max_new_tokens=None, generate_kwargs=None, timeout=None, return_full_text=None,
+                  return_tensors=None, return_type=None, clean_up_tokenization_spaces=None, stop_sequence=None,
+                  continue_final_message=None, skip_special_tokens=None, processor_kwargs=None, **kwargs) -> dict:
+        """Split call arguments into preprocess / generate / postprocess settings (transformers' rules)."""
+        pre, post = {}, {}
+        generate = dict(generate_kwargs or {})
+        for key in list(kwargs):
+            if key in GENERATION_KEYS:
+                generate[key] = kwargs.pop(key)
+        if "tools" in kwargs:
+            post["tools"] = kwargs["tools"]
+        pre["template_kwargs"] = kwargs  # template variables; the rest reaches the processor
+        if timeout is not None:
+            pre["timeout"] = timeout
+        if continue_final_message is not None:
+            pre["continue_final_message"] = post["continue_final_message"] = continue_final_message
+        if processor_kwargs is not None:
+            pre["processor_kwargs"] = dict(processor_kwargs)
+        if stop_sequence is not None:
+            generate["stop_strings"] = [stop_sequence] if isinstance(stop_sequence, str) else list(stop_sequence)
+            generate["tokenizer"] = self.tokenizer
+        if max_new_tokens is not None:
+            if "max_new_tokens" in (generate_kwargs or {}):
+                raise ValueError("'max_new_tokens' is defined twice, once in 'generate_kwargs' and once as a direct "
+                                 "parameter, please use only one")
+            generate["max_new_tokens"] = max_new_tokens
+        if return_full_text is not None and return_type is None:
+            if return_tensors is not None:
+                raise ValueError("`return_full_text` is mutually exclusive with `return_tensors`")
+            return_type = ReturnType.FULL_TEXT if return_full_text else ReturnType.NEW_TEXT
+        if return_tensors is not None and return_type is None:
+            return_type = ReturnType.TENSORS
+        if return_type is not None:
+            post["return_type"] = return_type
+        if clean_up_tokenization_spaces is not None:
+            post["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
+        if skip_special_tokens is not None:
+            post["skip_special_tokens"] = skip_special_tokens
+        return {"pre": pre, "generate": generate, "post": post}
+
+    def _merged(self, kwargs: dict) -> tuple[dict, dict, dict]:
+        call = self._sanitize(**kwargs)
+        pre = {**self._defaults["pre"], **call["pre"]}
+        pre["template_kwargs"] = {**self._defaults["pre"].get("template_kwargs", {}),
+                                  **call["pre"].get("template_kwargs", {})}
+        generate = call["generate"]
+        if "generation_config" not in generate:
+            generate = {**self._defaults["generate"], **generate}
+        post = {**self._defaults["post"], **call["post"]}
+        return pre, self._with_generation_defaults(generate), post
+
+    def _with_generation_defaults(self, generate: dict) -> dict:
+        """transformers' `_prepare_generate_kwargs`: max_new_tokens=256 and the tokenizer's pad id, unless set
+        by the call or the checkpoint's generation_config.json."""
+        config = getattr(self.model, "generation_config", None) or {}
+        set_params = {k for k, v in dict(config).items() if k not in _GENERATION_BOOKKEEPING and v is not None}
+        override = generate.get("generation_config")
+        if override is not None:
+            items = override.to_dict() if hasattr(override, "to_dict") else dict(override)
+            set_params |= {k for k, v in items.items() if v is not None}
+        set_params |= set(generate)
+        defaults = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
+        if self.tokenizer.pad_token_id is not None:
+            defaults["pad_token_id"] = self.tokenizer.pad_token_id
+        added = {k: v for k, v in defaults.items()
+                 if k not in set_params and not (k == "max_new_tokens" and "max_length" in set_params)}
+        return {**generate, **added}
+
+    # ------------------------------------------------------------------ __call__
+
+    def __call__(self, images=None, text=None, batch_size: int | None = None, num_workers=None, **kwargs):
+        """Chat(s), or images + prompt(s), or prompt(s) alone -> transformers' records (see the module docstring)."""
+        if images is None and text is None:
+            raise ValueError("You must at least provide either text or images.")
+        pre, generate, post = self._merged(kwargs)
+        if text is not None and not isinstance(text, (str, list, tuple, Mapping)) and hasattr(text, "__iter__"):
+            text = list(text)  # a generator of chats or prompts: consumed eagerly
+        size = self.batch_size if batch_size is None else int(batch_size)
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+        if _is_chat(text):
+            if images is not None:
+                raise ValueError(
+                    "Invalid input: you passed `chat` and `images` as separate input arguments. Images must be placed "
+                    "inside the chat message's `content`. For example, 'content': [{'type': 'image', 'url': "
+                    "'image_url'}, {'type': 'text', 'text': 'Describe the image.'}]"
+                )
+            return self._run_chats(text, pre, generate, post, size)
+        if text is None and _is_chat(images):
+            return self._run_chats(images, pre, generate, post, size)
+        if images is not None and text is None:
+            items = _as_dict_inputs(images)
+            if items is None:
+                raise ValueError("You must provide text for this pipeline.")
+            single = isinstance(images, Mapping)
+            results = self._run_batched(items, pre, generate, post, size)
+            return results[0] if single else results
+        if images is None:
+            if isinstance(text, str):
+                return self._run_batched([{"text": text}], pre, generate, post, 1)[0]
+            if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+                return self._run_batched([{"text": t} for t in text], pre, generate, post, size)
+            raise ValueError("text must be a string, a list of strings, a chat or a list of chats")
+        # images + text: one input (several prompts in it are one left-padded batch), as transformers does
+        return self._run_batched([{"images": images, "text": text}], pre, generate, post, 1)[0]
+
+    def _run_chats(self, chats, pre, generate, post, size):
+        if isinstance(chats[0], Mapping):
+            return self._run_batched([_Chat(chats)], pre, generate, post, 1)[0]
+        return self._run_batched([_Chat(chat) for chat in chats], pre, generate, post, size)
+
+    def _run_batched(self, items: list, pre, generate, post, size: int) -> list:
+        """Preprocess each item alone (transformers' path), generate in left-padded batches, postprocess each."""
+        if self.tokenizer.pad_token_id is None or generate.get("streamer") is not None:
+            size = 1  # no pad token, or a streamer (one sequence at a time): rows run one by one
+        prepared = [self.preprocess(item, **pre) for item in items]
+        results = []
+        for group in _batches(prepared, size):
+            outputs = self._forward(group, generate)
+            results.extend(self.postprocess(out, **post) for out in outputs)
+        return results
+
+    # ------------------------------------------------------------------ steps
+
+    def preprocess(self, item, timeout=None, continue_final_message=None, processor_kwargs=None,
+                   template_kwargs=None) -> dict:
+        """One input -> {"inputs": BatchFeature (1 or more rows), "text": what "input_text" reports}."""
+        processor_kwargs = dict(processor_kwargs or {})
+        template_kwargs = dict(template_kwargs or {})
+        if isinstance(item, _Chat):
+            if continue_final_message is None:  # a chat ending with an assistant turn is a prefill
+                continue_final_message = item.messages[-1]["role"] == "assistant"
+            inputs = self.processor.apply_chat_template(
+                item.messages, continue_final_message=continue_final_message, return_tensors="pt", tokenize=True,
+                return_dict=True, add_generation_prompt=not continue_final_message, processor_kwargs=processor_kwargs,
+                **template_kwargs,
+            )
+            return {"inputs": inputs, "text": item}
+        processor_kwargs = {**template_kwargs, **processor_kwargs}
+        text = item["text"]
+        images = item.get("images")
+        if images is not None:
+            images = _load_images(images, timeout)
+        if isinstance(text, (list, tuple)) and len(text) > 1:
+            processor_kwargs.setdefault("padding", True)
+            processor_kwargs.setdefault("padding_side", "left")
+        inputs = self.processor(images=images, text=text, return_tensors="pt", **processor_kwargs)
+        return {"inputs": inputs, "text": item.get("input_text", text)}
+
+    def _forward(self, group: list[dict], generate: dict) -> list[dict]:
+        """Generate for a group of preprocessed inputs in one left-padded batch; split the outputs back."""
+        inputs = _collate([g["inputs"] for g in group], self.tokenizer.pad_token_id)
+        inputs = inputs.to(dtype=self.dtype).to(self.device)
+        sequences = self.model.generate(**inputs, **generate)
+        if not isinstance(sequences, torch.Tensor):  # return_dict_in_generate
+            sequences = sequences.sequences
+        input_ids = inputs["input_ids"]
+        if sequences.shape[0] > input_ids.shape[0]:  # several sequences per prompt (num_return_sequences)
+            sequences = sequences.reshape(input_ids.shape[0], -1, sequences.shape[-1])
+        outputs, row = [], 0
+        for g in group:
+            n = g["inputs"]["input_ids"].shape[0]
+            outputs.append({"generated_sequence": sequences[row:row + n], "input_ids": input_ids[row:row + n],
+                            "prompt_text": g["text"]})
+            row += n
+        return outputs
+
+    def postprocess(self, model_outputs: dict, return_type=ReturnType.FULL_TEXT, continue_final_message=None,
+                    skip_special_tokens=None, tools=None, **decode_kwargs) -> list[dict]:
+        """transformers' ImageTextToTextPipeline.postprocess, record for record."""
+        input_texts = model_outputs["prompt_text"]
+        input_texts = [input_texts] if isinstance(input_texts, (str, _Chat)) else list(input_texts)
+        generated = model_outputs["generated_sequence"]
+        input_ids = model_outputs["input_ids"]
+        if generated.dim() == 3:
+            generated = generated.flatten(0, 1)
+        per_input = len(generated) // len(input_texts)
+        input_texts = [t for t in input_texts for _ in range(per_input)]
+        if return_type == ReturnType.TENSORS:
+            return [{"input_text": _plain(input_texts[i]), "generated_token_ids": generated[i]}
+                    for i in range(len(input_texts))]
+
+        skip = True if skip_special_tokens is None else skip_special_tokens
+        generated_texts = self.processor.batch_decode(generated, skip_special_tokens=skip, **decode_kwargs)
+        decoded_inputs = self.processor.batch_decode(input_ids, skip_special_tokens=skip, **decode_kwargs)
+        decoded_inputs = [t for t in decoded_inputs for _ in range(per_input)]
+        new_texts = []
+        for full, prompt in zip(generated_texts, decoded_inputs):
+            # the decoded prompt may start after a few residual characters (a space, a newline)
+            index = full.find(prompt)
+            new_texts.append(full[index + len(prompt):] if 0 <= index <= 2 else full)
+
+        if return_type == ReturnType.FULL_TEXT:
+            full_texts = []
+            for prompt, new in zip(input_texts, new_texts):
+                if isinstance(prompt, str):
+                    full_texts.append(prompt + new)
+                    continue
+                messages = prompt.messages
+                prefill = continue_final_message
+                if prefill is None:
+                    prefill = messages[-1]["role"] == "assistant"
+                if prefill:  # the answer continues the final message's last part
+                    last = dict(messages[-1]["content"][-1].items())
+                    last["text"] += new
+                    full_texts.append(list(messages)[:-1] + [
+                        {"role": messages[-1]["role"], "content": messages[-1]["content"][:-1] + [last]}])
+                else:
+                    full_texts.append(list(messages) + [{"role": "assistant", "content": new}])
+            new_texts = full_texts
+        return [{"input_text": _plain(t), "generated_text": g} for t, g in zip(input_texts, new_texts)]
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class _Chat:
+    """A conversation (transformers' `Chat`): a list of messages, each with "role" and "content"."""
+
+    def __init__(self, messages):
+        messages = list(messages)
+        if not messages or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
+            raise ValueError("When passing chat dicts as input, each dict must have a 'role' and 'content' key.")
+        self.messages = messages
+
+
+def _plain(text):
+    return text.messages if isinstance(text, _Chat) else text
+
+
+def _is_chat(arg) -> bool:
+    return isinstance(arg, (list, tuple)) and len(arg) > 0 and isinstance(arg[0], (list, tuple, Mapping))
+
+
+def _as_dict_inputs(images):
+    """{"images"/"image": ..., "text": ...} or a list of them -> a list of {"images", "text"} items; else None."""
+    candidates = [images] if isinstance(images, Mapping) else images
+    if not isinstance(candidates, (list, tuple)) or not candidates:
+        return None
+    if not all(isinstance(c, Mapping) and "text" in c for c in candidates):
+        return None
+    return [{"images": c.get("images", c.get("image")), "text": c["text"], "input_text": c["text"]}
+            for c in candidates]
+
+
+def _load_images(images, timeout):
+    """Paths, URLs and PIL images, in the nesting given (one image, a list, a list of lists)."""
+    if isinstance(images, (list, tuple)):
+        return [_load_images(image, timeout) for image in images]
+    if timeout is not None and isinstance(images, str):
+        return load_image(images, timeout=timeout)
+    return load_image(images)
+
+
+def _batches(prepared: list[dict], size: int):
+    """Consecutive groups of at most `size` inputs that can share a batch (the same input keys)."""
+    group: list[dict] = []
+    for item in prepared:
+        if group and (len(group) == size or set(item["inputs"].keys()) != set(group[0]["inputs"].keys())):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _collate(features: list[BatchFeature], pad_token_id) -> BatchFeature:
+    """Left-pad input_ids/attention_mask; zero-pad pixel_values on the tile axis; concatenate the rest."""
+    if len(features) == 1:
+        return BatchFeature(dict(features[0]))
+    for f in features:
+        if "attention_mask" not in f:
+            f["attention_mask"] = torch.ones_like(f["input_ids"])
+    length = max(f["input_ids"].shape[1] for f in features)
+    out = {}
+    for key in features[0].keys():
+        values = [f[key] for f in features]
+        if key in ("input_ids", "attention_mask"):
+            fill = pad_token_id if key == "input_ids" else 0
+            rows = []
+            for v in values:
+                pad = torch.full((v.shape[0], length - v.shape[1]), fill, dtype=v.dtype)
+                rows.append(torch.cat([pad, v], dim=1))
+            out[key] = torch.cat(rows, dim=0)
+        elif key == "pixel_values" and values[0].dim() == 5:
+            tiles = max(v.shape[1] for v in values)
+            padded = []
+            for v in values:
+                extra = v.new_zeros((v.shape[0], tiles - v.shape[1], *v.shape[2:]))
+                padded.append(torch.cat([v, extra], dim=1))
+            out[key] = torch.cat(padded, dim=0)
+        else:
+            out[key] = torch.cat(values, dim=0)
+    return BatchFeature(out)
+
+
+__all__ = ["pipeline", "ImageTextToTextPipeline", "ReturnType", "TASKS"]
