@@ -53,17 +53,47 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()  # matches HF: normalise in fp32
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)  # matches HF: cast back, then scale in the activation dtype
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+# The elementwise pieces of the one-token decode step. On a GPU the engine replaces them with
+# torch.compile'd versions (each a single fused kernel) for the static step only; prefill and the CPU use these.
+STATIC_KERNELS = {"rms_norm": rms_norm, "rope": apply_rope, "silu_mul": silu_mul}
+EAGER_KERNELS = dict(STATIC_KERNELS)
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear | None:
+    """One Linear whose output is the parts' outputs side by side, or None if they are not plain Linears."""
+    if not all(type(p) is nn.Linear for p in parts):
+        return None  # e.g. quantized layers: keep them as they are
+    weight = torch.cat([p.weight for p in parts], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()  # matches HF: normalise in fp32
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)  # matches HF: cast back, then scale in the activation dtype
+    def forward(self, x: torch.Tensor, kernels: dict = EAGER_KERNELS) -> torch.Tensor:
+        return kernels["rms_norm"](x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -76,20 +106,33 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=cfg.o_bias)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
         self.scale = self.head_dim ** -0.5
         self.backend = "sdpa"
 
-    def forward(self, x, cos, sin, mask, cache: StaticKVCache | None, slots):
+    def fuse_projections(self):
+        """Replace q/k/v by one GEMM (fewer, larger kernels); the checkpoint's names stay loadable before this."""
+        fused = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, cos, sin, mask, cache: StaticKVCache | None, slots, kernels: dict = EAGER_KERNELS):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Hd)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        H, Hkv, Hd = self.heads, self.kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, Hd).transpose(1, 2)  # (B, H + 2Hkv, T, Hd)
+            q, k = kernels["rope"](qkv[:, : H + Hkv], cos, sin).split([H, Hkv], dim=1)  # one RoPE for q and k
+            v = qkv[:, H + Hkv:]
+        else:
+            q = self.q_proj(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+            k = self.k_proj(x).view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
+            v = self.v_proj(x).view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
+            q, k = kernels["rope"](q, cos, sin), kernels["rope"](k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, slots, k, v)  # (B, Hkv, S, Hd)
         out = attend(q, k, v, mask, self.scale, self.backend)  # (B, H, T, Hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * Hd))
 
 
 class MLP(nn.Module):
@@ -99,9 +142,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, m, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, m, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(m, d, bias=cfg.mlp_bias)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.intermediate = m
 
-    def forward(self, x):
+    def fuse_projections(self):
+        fused = _fused_linear([self.gate_proj, self.up_proj])
+        if fused is not None and self.act is F.silu:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
+
+    def forward(self, x, kernels: dict = EAGER_KERNELS):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+            return self.down_proj(kernels["silu_mul"](gate, up))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -113,10 +167,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, masks, cache, slots):
+    def forward(self, x, cos, sin, masks, cache, slots, kernels: dict = EAGER_KERNELS):
         mask = masks[self.self_attn.window]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x, kernels), cos, sin, mask, cache, slots, kernels)
+        return x + self.mlp(self.post_attention_layernorm(x, kernels), kernels)
 
 
 class Decoder(nn.Module):
@@ -209,5 +263,11 @@ class Decoder(nn.Module):
         cos, sin = self.rope(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, masks, cache, slot)
-        return self.norm(x)
+            x = layer(x, cos, sin, masks, cache, slot, STATIC_KERNELS)
+        return self.norm(x, STATIC_KERNELS)
+
+    def fuse_projections(self):
+        """Fuse q/k/v and gate/up of every layer (after loading; quantized layers are left alone)."""
+        for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()

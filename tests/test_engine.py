@@ -106,3 +106,17 @@ def test_prefix_reuse_continues_a_conversation_exactly(tmp_path):
     other = dict(image, pixel_values=pixels + 1.0)
     third = model.generate(input_ids=turn2, max_new_tokens=6, reuse_prefix=True, **other)
     assert torch.equal(third, reference.generate(input_ids=turn2, max_new_tokens=6, **other))
+
+
+def test_fused_projections_keep_logits(tmp_path):
+    folder, reference = save_tiny(tmp_path / "m", "qwen2")  # q/k/v bias exercises the fused bias too
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = _padded_batch()
+    with torch.inference_mode():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        model.model.language_model.fuse_projections()
+        assert model.model.language_model.layers[0].self_attn.qkv_proj is not None
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(before, after, atol=1e-5, rtol=0)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8),
+                       reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8))
