@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
@@ -36,6 +37,39 @@ def all_sizes() -> list[tuple[int, int]]:
     return sorted((min(max(h, 1), 4000), min(max(w, 1), 4000)) for h, w in sizes)
 
 
+def rounding_sensitive_sizes(pins, limit: int = 4000, tile: int = 336, side: int = 24) -> list[tuple[int, int]]:
+    """(H, W) whose unpadded side is an exact integer k that float arithmetic computes as k - epsilon.
+
+    There plain `int(x)` (original LLaVA) loses a row or column that transformers' `int(round(x, 7))` keeps
+    (FACTS.md: three rounding rules). Enumerated exactly: for every grid side g a pinpoint gives and every
+    divisor-side d <= limit, n = d*k/g integer; kept when the float product truncates below k.
+    """
+    out = set()
+    for gh, gw in {(h // tile * side, w // tile * side) for h, w in pins}:
+        for g, wide in ((gw, True), (gh, False)):  # wide: new_h = h * (gw / w); else new_w = w * (gh / h)
+            den = np.arange(1, limit + 1)[:, None]
+            k = np.arange(1, g + 1)[None, :]
+            num = den * k // g
+            x = num * (g / den)  # the float transformers rounds
+            hit = ((den * k) % g == 0) & (num >= 1) & (num <= limit) & (x.astype(np.int64) != k)
+            d, n = np.broadcast_to(den, hit.shape)[hit].tolist(), num[hit].tolist()
+            out |= set(zip(n, d)) if wide else set(zip(d, n))
+    return sorted(out)
+
+
+def truncating_count(geo: AnyresGeometry, h: int, w: int) -> int:
+    """Token count under the original LLaVA rule `int(x)` (not transformers'): the rule the sizes must catch."""
+    best_h, best_w = geo.best_resolution(h, w)
+    gh, gw = best_h // geo.tile_size * geo.side, best_w // geo.tile_size * geo.side
+    if w / h > gw / gh:
+        pad = (gh - int(h * (gw / w))) // 2
+        rows, cols = gh - 2 * pad, gw
+    else:
+        pad = (gw - int(w * (gh / h))) // 2
+        rows, cols = gh, gw - 2 * pad
+    return geo.side * geo.side + rows * (cols + 1)
+
+
 SIZES = all_sizes()
 
 
@@ -46,31 +80,45 @@ def setup(request, tiny_pair):
     return pins, ours, hf
 
 
+@pytest.fixture(scope="module")
+def sizes(setup):
+    """The 5,000+ shared sizes plus this pinpoint set's rounding-sensitive ones."""
+    return sorted(set(SIZES) | set(rounding_sensitive_sizes(setup[0])))
+
+
 def test_size_set_is_large_and_in_range():
     assert len(set(SIZES)) >= 5000
     assert all(1 <= h <= 4000 and 1 <= w <= 4000 for h, w in SIZES)
     assert (1, 4000) in SIZES and (4000, 1) in SIZES
 
 
-def test_best_resolution_matches_transformers(setup):
+def test_rounding_sensitive_sizes_discriminate(setup, sizes):
+    """The size set includes sizes where int(x) instead of int(round(x, 7)) changes the token count."""
+    pins, ours, _ = setup
+    geo = ours.model.geometry
+    assert len(sizes) >= 5000 + 1000
+    assert sum(truncating_count(geo, *s) != geo.num_image_tokens(*s) for s in sizes) >= 50
+
+
+def test_best_resolution_matches_transformers(setup, sizes):
     pins, _, _ = setup
-    bad = [(s, select_best_resolution(*s, pins), hf_select_best_resolution(s, pins)) for s in SIZES
+    bad = [(s, select_best_resolution(*s, pins), hf_select_best_resolution(s, pins)) for s in sizes
            if select_best_resolution(*s, pins) != tuple(hf_select_best_resolution(s, pins))]
     assert not bad, f"{len(bad)} sizes differ, e.g. (size, ours, transformers) {bad[:5]}"
 
 
-def test_token_count_matches_transformers_processor(setup, hf_processor):
+def test_token_count_matches_transformers_processor(setup, sizes, hf_processor):
     pins, ours, _ = setup
     geo = ours.model.geometry
-    theirs = hf_processor(pins)._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
-    bad = [(s, geo.num_image_tokens(*s), t) for s, t in zip(SIZES, theirs) if geo.num_image_tokens(*s) != t]
+    theirs = hf_processor(pins)._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    bad = [(s, geo.num_image_tokens(*s), t) for s, t in zip(sizes, theirs) if geo.num_image_tokens(*s) != t]
     assert not bad, f"{len(bad)} sizes differ, e.g. (size, ours, transformers) {bad[:5]}"
 
 
-def test_tile_count_matches_transformers(setup):
+def test_tile_count_matches_transformers(setup, sizes):
     pins, ours, _ = setup
     geo = ours.model.geometry
-    bad = [(s, geo.num_tiles(*s), image_size_to_num_patches(s, pins, 336)) for s in SIZES
+    bad = [(s, geo.num_tiles(*s), image_size_to_num_patches(s, pins, 336)) for s in sizes
            if geo.num_tiles(*s) != image_size_to_num_patches(s, pins, 336)]
     assert not bad, f"{len(bad)} sizes differ, e.g. (size, ours, transformers) {bad[:5]}"
 
@@ -90,14 +138,14 @@ def narrow_model(setup):
     return model
 
 
-def test_packed_length_equals_token_count(narrow_model):
+def test_packed_length_equals_token_count(narrow_model, sizes):
     """pack() of a zero feature grid gives exactly num_image_tokens rows, for every size."""
     ours = narrow_model
     geo, D = ours.model.geometry, ours.config.text_config.hidden_size
-    zeros = torch.zeros(max(geo.num_tiles(*s) for s in SIZES), geo.side * geo.side, D)
+    zeros = torch.zeros(max(geo.num_tiles(*s) for s in sizes), geo.side * geo.side, D)
     bad = []
     with torch.no_grad():
-        for h, w in SIZES:
+        for h, w in sizes:
             n = ours.model.pack(zeros[: geo.num_tiles(h, w)], h, w).shape[0]
             if n != geo.num_image_tokens(h, w):
                 bad.append(((h, w), n, geo.num_image_tokens(h, w)))
@@ -105,11 +153,12 @@ def test_packed_length_equals_token_count(narrow_model):
 
 
 def test_pack_equals_transformers_pack_image_features(setup):
-    """Random tile features, ~200 sizes: our pack() equals transformers' pack_image_features, value for value."""
+    """Random tile features, ~250 sizes: our pack() equals transformers' pack_image_features, value for value."""
     pins, ours, hf = setup
     geo, D = ours.model.geometry, ours.config.text_config.hidden_size
     rng = random.Random(7)
-    subset = sorted(set(rng.sample(SIZES, 190)) | {(1, 4000), (4000, 1), (1, 1), (500, 316), (4000, 4000),
+    sensitive = [s for s in rounding_sensitive_sizes(pins) if truncating_count(geo, *s) != geo.num_image_tokens(*s)]
+    subset = sorted(set(rng.sample(SIZES, 190)) | set(rng.sample(sensitive, 40)) | {(1, 4000), (4000, 1), (1, 1), (500, 316), (4000, 4000),
                                                    (750, 1000), (200, 300), (672, 672), (336, 1008), (1008, 336)})
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
