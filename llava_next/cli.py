@@ -132,8 +132,11 @@ def user_message(text: str, n_images: int) -> dict:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
 
-def answer(processor, model, messages: list[dict], images: list, args, out=None) -> str:
-    """Generate the assistant's reply to `messages` (images in order), streamed to stdout unless --no-stream."""
+def answer(processor, model, messages: list[dict], images: list, args, reuse_prefix: bool = False) -> str:
+    """Generate the assistant's reply to `messages` (images in order), streamed to stdout unless --no-stream.
+
+    reuse_prefix (chat): the previous turns' keys and values stay in the cache, only the new turn is prefilled.
+    """
     import torch
 
     from .streaming import TextStreamer
@@ -144,7 +147,7 @@ def answer(processor, model, messages: list[dict], images: list, args, out=None)
     streamer = None if args.no_stream else TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    output = model.generate(**inputs, **generation_kwargs(args), streamer=streamer)
+    output = model.generate(**inputs, **generation_kwargs(args), streamer=streamer, reuse_prefix=reuse_prefix)
     text = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     if streamer is None:
         print(text, flush=True)
@@ -200,7 +203,7 @@ def cmd_chat(args) -> int:
             continue
         turn = [*messages, user_message(line, len(pending))]
         try:
-            reply = answer(processor, model, turn, [*images, *pending], args)
+            reply = answer(processor, model, turn, [*images, *pending], args, reuse_prefix=True)
         except ValueError as exc:  # too long for the context, bad arguments: the turn is dropped, the chat goes on
             _say(f"error: {_one_line(exc)}")
             continue

@@ -2,11 +2,10 @@
 
 `TextStreamer` prints text as words complete; `TextIteratorStreamer` hands the same pieces to another
 thread through a queue. Like transformers, the token cache is re-decoded on every `put` and text is
-released only up to the last space, whole at a newline (which also resets the cache), and at once when
-it ends in a CJK ideograph; `end()` flushes the rest. So the pieces are exactly transformers' pieces, and
-joined they equal the decode of all tokens whenever decoding is prefix-stable (it is for SentencePiece and
-byte-level BPE, except that a decoder stripping the first token's leading space strips it again after a
-newline flush, as in transformers).
+released only up to the last space, whole at a newline, and at once when it ends in a CJK ideograph;
+`end()` flushes the rest. The pieces are transformers' pieces, with one deliberate difference: after a
+newline transformers restarts its cache, and a SentencePiece decoder then strips the next line's leading
+space; we keep the newline's token as context, so the joined pieces always equal the non-streamed decode.
 
 The tokenizer is duck-typed: `decode(ids: list[int], **decode_kwargs) -> str`.
 Leaves out: transformers' AsyncTextIteratorStreamer and TextDiffusionStreamer; batch size > 1.
@@ -62,10 +61,12 @@ class TextStreamer:
 
         self.token_cache.extend(value.reshape(-1).tolist())
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-        if text.endswith("\n"):  # a finished line: release it and start a new cache
+        if text.endswith("\n"):  # a finished line: release it; keep its last token as context
             printable = text[self.print_len :]
-            self.token_cache = []
-            self.print_len = 0
+            # NOTE: transformers empties the cache here, so SentencePiece drops the leading space of the next
+            # line's first token ("x\n  y" streams as "x\n y"). Keeping one token of context keeps the text exact.
+            self.token_cache = self.token_cache[-1:]
+            self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
         elif text and is_cjk(text[-1]):  # ideographs are words of their own
             printable = text[self.print_len :]
             self.print_len += len(printable)
