@@ -42,7 +42,6 @@ from .errors import GenerationArgumentError
 from .generate import _LOCK, Prefill, _prompt_ids, decode_step
 from .outputs import ModelOutput
 from .sampling import LogitsPipeline, SamplingParams
-from .stopping import StopStrings
 
 _NEG = -1.0e9  # transformers' "impossible" score
 
@@ -90,11 +89,7 @@ def beam_search(model, plan, input_ids, attention_mask, pixel_values, image_size
     if kwargs.get("streamer") is not None:
         raise GenerationArgumentError("`streamer` cannot be used with beam search; set num_beams=1")
     length_penalty = plan.length_penalty
-    stop = None
-    if kwargs.get("stop_strings"):
-        if kwargs.get("tokenizer") is None:
-            raise GenerationArgumentError("stop_strings needs tokenizer= (e.g. processor.tokenizer)")
-        stop = StopStrings(kwargs["tokenizer"], kwargs["stop_strings"])
+    stop = plan.stop
     want_scores, want_logits = kwargs.get("output_scores"), kwargs.get("output_logits")
     return_dict = kwargs.get("return_dict_in_generate")
     generator = kwargs.get("generator")

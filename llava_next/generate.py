@@ -45,6 +45,7 @@ class GenerationPlan:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    stop: StopStrings | None = None
 
 
 def _merged_generation_config(model, kwargs) -> dict:
@@ -94,8 +95,13 @@ def plan_generation(model, prompt_len: int, kwargs: dict) -> GenerationPlan:
     sampling_kwargs = {k: v for k, v in kwargs.items() if k not in _LOOP_ARGS}
     gen_sampling = {k: v for k, v in gen.items() if k not in _LOOP_ARGS}
     sampling = SamplingParams.from_generate_kwargs(sampling_kwargs, gen_sampling)
+    stop = None
+    if kwargs.get("stop_strings"):
+        if kwargs.get("tokenizer") is None:
+            raise GenerationArgumentError("stop_strings needs tokenizer= (e.g. processor.tokenizer)")
+        stop = StopStrings(kwargs["tokenizer"], kwargs["stop_strings"])
     return GenerationPlan(max_new, eos, int(pad), sampling, num_beams, float(pick("length_penalty", 1.0)),
-                          pick("early_stopping", False))
+                          pick("early_stopping", False), stop)
 
 
 class Prefill:
@@ -157,11 +163,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 
         return beam_search(model, plan, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, kwargs)
     streamer = kwargs.get("streamer")
-    stop = None
-    if kwargs.get("stop_strings"):
-        if kwargs.get("tokenizer") is None:
-            raise GenerationArgumentError("stop_strings needs tokenizer= (e.g. processor.tokenizer)")
-        stop = StopStrings(kwargs["tokenizer"], kwargs["stop_strings"])
+    stop = plan.stop
     want_scores, want_logits = kwargs.get("output_scores"), kwargs.get("output_logits")
     generator = kwargs.get("generator")
     # NOTE: one model object, one generation at a time: concurrent calls would share module state such as the

@@ -161,6 +161,19 @@ def _rescale_normalize(x: np.ndarray, s: dict) -> np.ndarray:
     return x
 
 
+def channel_layout(shape: tuple, input_data_format: str | None) -> str:
+    """"channels_first" or "channels_last" for a 3-D image shape, inferred as transformers does (first wins a tie)."""
+    if len(shape) != 3:
+        raise ValueError(f"an image must have 2 or 3 dimensions, got shape {shape}")
+    if input_data_format is not None:
+        return input_data_format
+    if shape[0] in (1, 3, 4):
+        return "channels_first"
+    if shape[-1] in (1, 3, 4):
+        return "channels_last"
+    raise ValueError(f"cannot tell the channel axis of an image of shape {shape}: need 1, 3 or 4 channels")
+
+
 def _array_to_chw(array, do_convert_rgb: bool, input_data_format: str | None) -> np.ndarray:
     """transformers' numpy path: infer channels (1, 3 or 4; first wins a tie), 1 -> 3 channels, RGBA -> white."""
     if hasattr(array, "detach"):  # torch.Tensor
@@ -169,15 +182,7 @@ def _array_to_chw(array, do_convert_rgb: bool, input_data_format: str | None) ->
     if array.ndim == 2:
         array = array[None]  # grayscale (H, W) -> (1, H, W)
         input_data_format = "channels_first"
-    if array.ndim != 3:
-        raise ValueError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
-    if input_data_format is None:
-        if array.shape[0] in (1, 3, 4):
-            input_data_format = "channels_first"
-        elif array.shape[-1] in (1, 3, 4):
-            input_data_format = "channels_last"
-        else:
-            raise ValueError(f"cannot tell the channel axis of an image of shape {array.shape}: need 1, 3 or 4 channels")
+    input_data_format = channel_layout(tuple(array.shape), input_data_format)
     hwc = array if input_data_format == "channels_last" else np.moveaxis(array, 0, -1)
     if do_convert_rgb:
         if hwc.shape[-1] == 1:

@@ -32,6 +32,7 @@ from .batch_feature import BatchFeature
 from .image_processor import (
     LlavaNextImageProcessor,
     base_and_tile_size,
+    channel_layout,
     fit_size,
     flatten_images,
     image_to_chw,
@@ -90,15 +91,7 @@ def _tensor_to_chw(t: torch.Tensor, do_convert_rgb: bool, input_data_format: str
     t = t.detach()
     if t.ndim == 2:
         t, input_data_format = t[None], "channels_first"
-    if t.ndim != 3:
-        raise ValueError(f"an image tensor must have 2 or 3 dimensions, got shape {tuple(t.shape)}")
-    if input_data_format is None:
-        if t.shape[0] in (1, 3, 4):
-            input_data_format = "channels_first"
-        elif t.shape[-1] in (1, 3, 4):
-            input_data_format = "channels_last"
-        else:
-            raise ValueError(f"cannot tell the channel axis of an image of shape {tuple(t.shape)}")
+    input_data_format = channel_layout(tuple(t.shape), input_data_format)
     if input_data_format == "channels_last":
         t = t.permute(2, 0, 1)
     if do_convert_rgb:
