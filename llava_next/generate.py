@@ -163,6 +163,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 
         return beam_search(model, plan, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, kwargs)
     streamer = kwargs.get("streamer")
+    batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    if streamer is not None and batch > 1:
+        raise GenerationArgumentError(f"a streamer takes one sequence, got a batch of {batch}")
     stop = plan.stop
     want_scores, want_logits = kwargs.get("output_scores"), kwargs.get("output_logits")
     generator = kwargs.get("generator")
@@ -193,7 +196,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             for step in range(plan.max_new_tokens):
                 processed = processors(sequences[:, :length], logits, None if valid is None else valid[:, :length])
                 if want_scores:
-                    scores.append(processed)
+                    scores.append(processed.clone())  # may alias the graph's reused output buffer
                 if want_logits:
                     raw_logits.append(logits.float().clone())  # the graph's output buffer is reused
                 tokens = processors.sample(processed, generator)  # (B,)
