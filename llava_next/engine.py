@@ -23,15 +23,15 @@ BUCKET = 512  # cache lengths are rounded up to a multiple of this, so graphs ar
 
 
 class _CapturedStep:
-    """A CUDA graph of Decoder.decode_static + lm_head over one pooled static cache."""
+    """Decoder.decode_static + lm_head over one pooled static cache, as a CUDA graph (or eagerly, graphs=False)."""
 
-    def __init__(self, model, cache: StaticKVCache):
+    def __init__(self, model, cache: StaticKVCache, graphs: bool = True):
         self.model, self.cache = model, cache
         B, device = cache.batch_size, cache.keys.device
         self.tokens = torch.zeros(B, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph = None
+        self.graph = None if graphs else False  # False: run the same static step eagerly
         self.logits = None
 
     def _run(self):
@@ -77,12 +77,22 @@ class _CapturedStep:
 
 
 class DecodeEngine:
-    """Per model: a pool of static caches and their captured steps, keyed by (batch, bucketed length)."""
+    """Per model: a pool of static caches and their captured steps, keyed by (batch, bucketed length).
 
-    def __init__(self, model, use_graphs: bool | None = None):
+    mode "graph" (default on CUDA): static step, fused projections, compiled kernels, CUDA graph.
+    mode "static": the same step without the graph (runs anywhere; the CPU tests use it to check that path).
+    mode "eager" (default elsewhere): dynamic step over the filled part of a fresh cache.
+    """
+
+    def __init__(self, model, mode: str | None = None):
         self.model = model
-        self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
-        if self.use_graphs:
+        self.device_type = model.device.type
+        self.mode = mode or ("graph" if self.device_type == "cuda" else "eager")
+        if self.mode not in ("graph", "static", "eager"):
+            raise ValueError(f"unknown engine mode {self.mode!r}")
+        self.use_graphs = self.mode == "graph"
+        self.static = self.mode != "eager"
+        if self.static:
             # Fewer, larger GEMMs and one fused kernel per elementwise piece: the decode step is ~1,300
             # kernels otherwise, each costing ~2 us even inside a graph.
             model.model.language_model.fuse_projections()
@@ -95,14 +105,14 @@ class DecodeEngine:
         text = self.model.config.text_config
         device = self.model.device
         size = -(-length // BUCKET) * BUCKET  # slack lets a conversation's next turn continue in place
-        if not self.use_graphs:
+        if not self.static:
             return StaticKVCache(text.num_hidden_layers, batch, text.num_key_value_heads, size, text.head_dim,
                                  dtype, device)
         key = (batch, size, dtype)
         if key not in self._pool:
             cache = StaticKVCache(text.num_hidden_layers, batch, text.num_key_value_heads, size, text.head_dim,
                                   dtype, device)
-            self._pool[key] = (cache, _CapturedStep(self.model, cache))
+            self._pool[key] = (cache, _CapturedStep(self.model, cache, graphs=self.use_graphs))
         cache, _ = self._pool[key]
         if self._last is not None and self._last[1] is cache:
             self._last = None  # the remembered conversation is being overwritten
@@ -112,7 +122,7 @@ class DecodeEngine:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """tokens (B,), positions (B,) -> logits (B, V); writes the next cache slot."""
-        if not self.use_graphs:
+        if not self.static:
             decoder = self.model.model.language_model
             hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], None, cache=cache)
             return self.model.lm_head(hidden[:, -1])
@@ -166,7 +176,7 @@ def compile_static_kernels():
 def engine_for(model) -> DecodeEngine:
     """The model's engine, created on first use and recreated if the model moved to another device."""
     engine = model.__dict__.get("_decode_engine")
-    if engine is None or engine.use_graphs != (model.device.type == "cuda"):
+    if engine is None or engine.device_type != model.device.type:
         engine = DecodeEngine(model)
         model.__dict__["_decode_engine"] = engine
     return engine

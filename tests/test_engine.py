@@ -6,6 +6,7 @@ the dynamic step, for padded batches and sliding windows too. The feature cache 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llava_next.anyres import AnyresGeometry
@@ -85,9 +86,21 @@ def test_feature_cache_reuses_images_without_changing_results(tmp_path):
     assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is not None
 
 
-def test_prefix_reuse_continues_a_conversation_exactly(tmp_path):
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_prefix_reuse_continues_a_conversation_exactly(tmp_path, mode):
+    from llava_next import decoder as decoder_module
+    from llava_next.engine import DecodeEngine
+
     folder, reference = save_tiny(tmp_path / "m", "llama")
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    model.__dict__["_decode_engine"] = DecodeEngine(model, mode=mode)  # "static": the pooled GPU-path caches
+    try:
+        _two_turns(model, reference)
+    finally:
+        decoder_module.STATIC_KERNELS.update(decoder_module.EAGER_KERNELS)
+
+
+def _two_turns(model, reference):
     geometry = AnyresGeometry()
     h, w = 400, 300
     pixels = torch.randn(1, geometry.num_tiles(h, w), 3, 336, 336)
@@ -120,3 +133,32 @@ def test_fused_projections_keep_logits(tmp_path):
     assert torch.allclose(before, after, atol=1e-5, rtol=0)
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8),
                        reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8))
+
+
+def test_static_engine_with_compiled_kernels_matches_transformers(tmp_path):
+    """The GPU decode path (pooled static cache, fused projections, torch.compile'd kernels), minus the CUDA
+    graph itself, run on the CPU: a padded batch with images must still give transformers' tokens."""
+    from llava_next import decoder as decoder_module
+    from llava_next.engine import DecodeEngine
+
+    folder, reference = save_tiny(tmp_path / "m", "mistral", text_overrides=dict(sliding_window=700))
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    model.__dict__["_decode_engine"] = DecodeEngine(model, mode="static")
+    try:
+        assert decoder_module.STATIC_KERNELS["rms_norm"] is not decoder_module.rms_norm  # compiled
+        geometry = AnyresGeometry()
+        sizes = [(300, 500), (336, 336)]
+        rows = [[1, 7] + [IMAGE_TOKEN] * geometry.num_image_tokens(h, w) + [8, 9] for h, w in sizes] + [[1, 5, 6]]
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        tiles = [geometry.num_tiles(h, w) for h, w in sizes]
+        pixels = torch.zeros(2, max(tiles), 3, 336, 336)
+        for i, n in enumerate(tiles):
+            pixels[i, :n] = torch.randn(n, 3, 336, 336)
+        kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=torch.tensor(sizes),
+                      max_new_tokens=12)
+        assert torch.equal(model.generate(**kwargs), reference.generate(**kwargs))
+        assert model.model.language_model.layers[0].mlp.gate_up_proj is not None  # the fused path ran
+    finally:
+        decoder_module.STATIC_KERNELS.update(decoder_module.EAGER_KERNELS)
