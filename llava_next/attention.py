@@ -47,6 +47,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     tensor, True = attend.
     """
     groups = q.shape[1] // k.shape[1]
+    if backend == "sdpa" and q.shape[2] == 1 and groups > 1 and not isinstance(mask, str):
+        # One decode token: fold each KV head's query heads into a length-`groups` query "sequence". The keys
+        # and values are then read once per KV head with no GQA support needed from the kernel, so a padding
+        # mask still gets a fused kernel instead of the math fallback (the same dot products and softmax).
+        B, H, _, D = q.shape
+        out = F.scaled_dot_product_attention(q.view(B, H // groups, groups, D), k, v, attn_mask=mask, scale=scale)
+        return out.view(B, H, 1, D)  # (B, Hkv, groups, Hd) -> (B, H, 1, Hd)
     if backend == "sdpa":
         # enable_gqa reads the Hkv heads in place; repeating them would copy the whole cache every step.
         gqa = groups > 1
