@@ -189,7 +189,8 @@ class LlavaNextModel(nn.Module):
             # mask; we always derive them, so a left-padded row gets the same positions as when run alone.
             position_ids = positions_from_mask(attention_mask) if attention_mask is not None else \
                 torch.arange(T, device=embeds.device).expand(B, T)
-        key_valid = attention_mask.bool() if attention_mask is not None else None
+        # An all-ones mask is no mask: the kernel then runs plain causal attention, as transformers' SDPA path does.
+        key_valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
         hidden = self.language_model(embeds, position_ids, key_valid, cache=past_key_values)
         return ModelOutput(last_hidden_state=hidden)
 
