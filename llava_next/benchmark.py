@@ -317,7 +317,7 @@ def print_table(results):
                   f"{r['speedup']:.2f}x |")
         elif r["stage"] == "W7":
             ms = r["ms_per_image"]
-            print(f"| W7 | - | preprocessing ms/image: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + " | | | |")
+            print("| W7 | - | preprocessing ms/image: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + " | | | |")
 
 
 if __name__ == "__main__":

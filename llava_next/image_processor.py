@@ -306,6 +306,16 @@ class LlavaNextImageProcessor:
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
 
+    def _begin(self, images, return_tensors, overrides: dict) -> tuple[dict, list]:
+        """Checks shared by both processors: settings for this call and the flat list of images."""
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        settings = self._resolve(overrides)
+        flat = flatten_images(images)
+        if not flat:
+            raise ValueError("no images given")
+        return settings, flat
+
     def preprocess(self, images, return_tensors: str | None = None, input_data_format: str | None = None,
                    **kwargs) -> BatchFeature:
         """images: one image, a list, or a list of lists (flattened into one batch).
@@ -313,12 +323,7 @@ class LlavaNextImageProcessor:
         kwargs: any setting of `DEFAULTS` for this call (do_pad, size, image_grid_pinpoints, do_rescale, ...).
         Returns BatchFeature with `pixel_values` (batch, max_tiles, 3, H, W) and `image_sizes` (batch, 2) (H, W).
         """
-        if return_tensors not in (None, "pt", "np"):
-            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        s = self._resolve(kwargs)
-        flat = flatten_images(images)
-        if not flat:
-            raise ValueError("no images given")
+        s, flat = self._begin(images, return_tensors, kwargs)
         arrays = [image_to_chw(image, s["do_convert_rgb"], input_data_format) for image in flat]
         geometry = self.geometry(s)
         pixel_values = [self._process_one(array, s, geometry) for array in arrays]  # each (tiles, C, H, W)

@@ -34,7 +34,6 @@ from .image_processor import (
     base_and_tile_size,
     channel_layout,
     fit_size,
-    flatten_images,
     image_to_chw,
     resize_output_size,
 )
@@ -127,12 +126,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessor):
                    device=None, **kwargs) -> BatchFeature:
         """As `LlavaNextImageProcessor.preprocess`; `device` is where the work and the output happen
         (default: the device of the first tensor given, else CPU)."""
-        if return_tensors not in (None, "pt", "np"):
-            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        s = self._resolve(kwargs)
-        flat = flatten_images(images)
-        if not flat:
-            raise ValueError("no images given")
+        s, flat = self._begin(images, return_tensors, kwargs)
         if device is None:
             device = next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
         device = torch.device(device)

@@ -59,9 +59,10 @@ class StaticKVCache:
 
     def reorder(self, rows: torch.Tensor):
         """Keep rows (B,) in this order (beam search: each beam continues from its parent's cache)."""
-        self.keys.copy_(self.keys.index_select(1, rows))
-        self.values.copy_(self.values.index_select(1, rows))
-        self.key_valid.copy_(self.key_valid.index_select(0, rows))
+        n = self.length  # only the filled slots: the rest of the buffer holds nothing yet
+        self.keys[:, :, :, :n] = self.keys[:, rows, :, :n]
+        self.values[:, :, :, :n] = self.values[:, rows, :, :n]
+        self.key_valid[:, :n] = self.key_valid[rows, :n]
 
     def truncate(self, length: int):
         """Forget every slot from `length` on (prefix reuse keeps the shared part)."""

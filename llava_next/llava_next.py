@@ -90,9 +90,8 @@ class LlavaNextModel(nn.Module):
 
     # -- images -------------------------------------------------------------------------------------------
     def _check_overrides(self, vision_feature_layer, vision_feature_select_strategy):
-        if vision_feature_layer is not None and vision_feature_layer != self.config.vision_feature_layer and \
-                tuple([vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer) \
-                != self.config.vision_feature_layers:
+        requested = (vision_feature_layer,) if isinstance(vision_feature_layer, int) else vision_feature_layer
+        if requested is not None and tuple(requested) != self.config.vision_feature_layers:
             raise ValueError("vision_feature_layer differs from the config the tower was built for; set it in the config")
         if vision_feature_select_strategy not in (None, self.config.vision_feature_select_strategy):
             raise ValueError("vision_feature_select_strategy differs from the config; set it in the config")
@@ -106,9 +105,8 @@ class LlavaNextModel(nn.Module):
         if pixel_values.dim() == 5:  # (B, max_tiles, 3, S, S), zero tiles padded on axis 1
             if pixel_values.shape[0] != len(sizes):
                 raise ValueError(f"pixel_values has {pixel_values.shape[0]} images but image_sizes has {len(sizes)}")
-            for n, available in zip(tiles, [pixel_values.shape[1]] * len(tiles)):
-                if n > available:
-                    raise ValueError(f"an image needs {n} tiles but pixel_values holds {available} per image")
+            if max(tiles) > pixel_values.shape[1]:
+                raise ValueError(f"an image needs {max(tiles)} tiles but pixel_values holds {pixel_values.shape[1]}")
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)], dim=0)
         elif pixel_values.dim() == 4:  # (sum of tiles, 3, S, S)
             if pixel_values.shape[0] != sum(tiles):
