@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from . import decoder as decoder_module
+from .greedy_screen import ScreenedGreedyHead, screen_applies
 from .kv_cache import StaticKVCache
 
 BUCKET = 512  # cache lengths are rounded up to a multiple of this, so graphs are reused across prompts
@@ -82,10 +83,14 @@ class DecodeEngine:
     mode "graph" (default on CUDA): static step, fused projections, compiled kernels, CUDA graph.
     mode "static": the same step without the graph (runs anywhere; the CPU tests use it to check that path).
     mode "eager" (default elsewhere): dynamic step over the filled part of a fresh cache.
+    screen_greedy (eager mode, float32 CPU lm_head): greedy steps choose their token through
+    ScreenedGreedyHead (same tokens, half the lm_head traffic); False always computes the full logits.
     """
 
-    def __init__(self, model, mode: str | None = None):
+    def __init__(self, model, mode: str | None = None, screen_greedy: bool = True):
         self.model = model
+        self.screen_greedy = screen_greedy
+        self._screen: ScreenedGreedyHead | None = None
         self.device_type = model.device.type
         self.mode = mode or ("graph" if self.device_type == "cuda" else "eager")
         if self.mode not in ("graph", "static", "eager"):
@@ -120,12 +125,25 @@ class DecodeEngine:
         cache.static = False  # prefill reads only the filled slots; decode switches to static
         return cache
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """tokens (B,), positions (B,) -> logits (B, V); writes the next cache slot."""
+    def greedy_screen(self, greedy: bool, full_logits_wanted: bool) -> ScreenedGreedyHead | None:
+        """The screened greedy head for this generation, or None when the full logits are needed or faster."""
+        head = self.model.lm_head
+        if not (self.screen_greedy and greedy and not full_logits_wanted and not self.static and screen_applies(head)):
+            return None
+        if self._screen is None or self._screen.weight is not head.weight:
+            self._screen = ScreenedGreedyHead(head.weight)
+        return self._screen
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+             head: bool = True) -> torch.Tensor:
+        """tokens (B,), positions (B,) -> logits (B, V), or with head=False (eager mode) the last hidden
+        state (B, D); writes the next cache slot."""
         if not self.static:
             decoder = self.model.model.language_model
             hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], None, cache=cache)
-            return self.model.lm_head(hidden[:, -1])
+            return self.model.lm_head(hidden[:, -1]) if head else hidden[:, -1]
+        if not head:
+            raise ValueError("the static decode step always ends in the lm_head")
         captured = self._pool[(cache.batch_size, cache.max_len, cache.keys.dtype)][1]
         cache.static = True
         slot = cache.length
@@ -163,6 +181,7 @@ class DecodeEngine:
         """Free pooled caches and graphs (e.g. before loading another model)."""
         self._pool.clear()
         self._last = None
+        self._screen = None
 
 
 def compile_static_kernels():

@@ -105,10 +105,11 @@ def plan_generation(model, prompt_len: int, kwargs: dict) -> GenerationPlan:
 
 
 class Prefill:
-    """Images + prompt -> a filled KV cache and the last position's logits; also the per-row next position."""
+    """Images + prompt -> a filled KV cache, the last position's hidden state (B, D) and logits (B, V, unless
+    head=False); also the per-row next position."""
 
     def __init__(self, model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, extra_slots: int,
-                 batch_repeat: int = 1, reuse_prefix: bool = False):
+                 batch_repeat: int = 1, reuse_prefix: bool = False, head: bool = True):
         core = model.model
         embeds = core.embed(input_ids, pixel_values, image_sizes, inputs_embeds)  # (B, T, D)
         B, T, _ = embeds.shape
@@ -128,13 +129,16 @@ class Prefill:
             self.cache = engine.cache_for(embeds.shape[0], T + extra_slots, embeds.dtype)
             hidden = core.language_model(embeds, positions, attention_mask.bool(), cache=self.cache)
         self.embeds = embeds if reuse_prefix else None
-        self.logits = model.lm_head(hidden[:, -1])  # (B, V): lm_head only where we sample
+        self.hidden = hidden[:, -1]  # (B, D)
+        self.logits = model.lm_head(self.hidden) if head else None  # (B, V): lm_head only where we sample
         self.next_position = positions[:, -1] + 1  # (B,)
 
 
-def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-    """tokens (B,), positions (B,) -> logits (B, V) for the next token; writes one cache slot."""
-    return engine_for(model).step(tokens, positions, cache)
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+                head: bool = True) -> torch.Tensor:
+    """tokens (B,), positions (B,) -> logits (B, V) for the next token (or, head=False, the last hidden state
+    (B, D)); writes one cache slot."""
+    return engine_for(model).step(tokens, positions, cache, head=head)
 
 
 def _prompt_ids(input_ids, inputs_embeds):
@@ -175,9 +179,12 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         prompt = _prompt_ids(input_ids, inputs_embeds).to(model.device)
         B = prompt.shape[0]
         reuse = bool(kwargs.get("reuse_prefix"))
+        # Greedy without scores on a float32 CPU head: tokens via the screened lm_head (greedy_screen.py).
+        screen = engine_for(model).greedy_screen(not plan.sampling.do_sample, bool(want_scores or want_logits))
         prefill = Prefill(model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds,
-                          plan.max_new_tokens, reuse_prefix=reuse)
-        cache, logits, position = prefill.cache, prefill.logits, prefill.next_position
+                          plan.max_new_tokens, reuse_prefix=reuse, head=screen is None)
+        cache, position = prefill.cache, prefill.next_position
+        out = prefill.logits if screen is None else prefill.hidden  # (B, V) logits or (B, D) hidden
         processors = LogitsPipeline(plan.sampling, plan.eos, prompt_len)
         sequences = torch.full((B, prompt_len + plan.max_new_tokens), plan.pad_token_id, dtype=torch.long,
                                device=model.device)
@@ -194,12 +201,16 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         length = prompt_len
         try:
             for step in range(plan.max_new_tokens):
-                processed = processors(sequences[:, :length], logits, None if valid is None else valid[:, :length])
-                if want_scores:
-                    scores.append(processed.clone())  # may alias the graph's reused output buffer
-                if want_logits:
-                    raw_logits.append(logits.float().clone())  # the graph's output buffer is reused
-                tokens = processors.sample(processed, generator)  # (B,)
+                history, seen = sequences[:, :length], None if valid is None else valid[:, :length]
+                if screen is not None:
+                    tokens = screen(out, lambda logits: processors(history, logits, seen))  # noqa: B023
+                else:
+                    processed = processors(history, out, seen)
+                    if want_scores:
+                        scores.append(processed.clone())  # may alias the graph's reused output buffer
+                    if want_logits:
+                        raw_logits.append(out.float().clone())  # the graph's output buffer is reused
+                    tokens = processors.sample(processed, generator)  # (B,)
                 tokens = torch.where(unfinished, tokens, plan.pad_token_id)
                 sequences[:, length] = tokens
                 length += 1
@@ -210,7 +221,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                     unfinished = unfinished & ~stop(sequences[:, :length])
                 if step + 1 == plan.max_new_tokens or not bool(unfinished.any()):
                     break
-                logits = decode_step(model, tokens, position, cache)
+                out = decode_step(model, tokens, position, cache, head=screen is None)
                 position = position + 1
         finally:
             if streamer is not None:

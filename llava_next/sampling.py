@@ -7,6 +7,8 @@ equal to the reference:
     repetition_penalty -> min_length / min_new_tokens (EOS gets -inf) -> [sampling only:]
     temperature -> top_k -> top_p -> min_p
 
+(The greedy steps are monotone non-decreasing per entry; greedy_screen.py relies on that.)
+
 then greedy `argmax` or `softmax` + `torch.multinomial` (same RNG draws as transformers with the same
 generator or global seed). Every per-token op is a torch op on the device; which steps run is decided
 once, in `LogitsPipeline.__init__`, so the decode loop has no `.item()` and no branches on tensor values.

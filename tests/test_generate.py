@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llava_next.anyres import AnyresGeometry
+from llava_next.engine import engine_for
 from llava_next.errors import ContextLengthError, GenerationArgumentError
 from tiny import BACKBONES, IMAGE_TOKEN
 
@@ -46,10 +47,17 @@ def _inputs(rows, images):
     return out
 
 
+def _screened_steps(model):
+    screen = engine_for(model)._screen
+    return 0 if screen is None else screen.screened_steps
+
+
 def _same_as_transformers(ours, theirs, inputs, **kwargs):
     expected = theirs.generate(**inputs, max_new_tokens=NEW, do_sample=False, **kwargs)
+    before = _screened_steps(ours)
     got = ours.generate(**inputs, max_new_tokens=NEW, do_sample=False, **kwargs)
     assert torch.equal(got, expected), f"first difference at {(got != expected).nonzero()[:1].tolist()}"
+    assert _screened_steps(ours) > before  # greedy on a float32 CPU head takes greedy_screen.py's path
     return got
 
 

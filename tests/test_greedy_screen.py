@@ -1,0 +1,153 @@
+"""greedy_screen.py: the error bound holds, and the screened token is always the full float32 arg max.
+
+The bound is checked against float32 and float64 logits on inputs chosen to stress it (cancellation, heavy
+tails, wide dynamic range, large hidden sizes); the tokens against `process(x @ W.T).argmax()` with the greedy
+processors (repetition penalty, EOS suppression), exact ties, NaN rows and flat distributions; and generate()
+against transformers with the screen on (it is the CPU default) and off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llava_next.engine import DecodeEngine, engine_for
+from llava_next.greedy_screen import ScreenedGreedyHead, screen_applies
+from llava_next.sampling import LogitsPipeline, SamplingParams
+
+
+def _cases(D, seed):
+    g = torch.Generator().manual_seed(seed)
+    V = 3000
+    normal = torch.randn(V, D, generator=g)
+    x = torch.randn(4, D, generator=g)
+    heavy = torch.randn(V, D, generator=g) / torch.rand(V, D, generator=g).clamp_min(1e-3)
+    wide = normal * torch.exp2(torch.randint(-40, 40, (V, D), generator=g).float())
+    # rows almost orthogonal to x[0]: the dot product cancels, so only the bound's norm term can cover it
+    cancel = normal - (normal @ x[0])[:, None] * x[0] / x[0].dot(x[0]) + 1e-3 * torch.randn(V, D, generator=g)
+    yield "normal", x, normal
+    yield "heavy", x * 50, heavy
+    yield "wide", x, wide
+    yield "cancel", x, cancel
+    yield "positive", x.abs(), normal.abs()
+
+
+@pytest.mark.parametrize("D", [64, 256, 1024, 4096])
+def test_bound_covers_float32_and_exact_logits(D):
+    for name, x, W in _cases(D, seed=D):
+        head = ScreenedGreedyHead(W.contiguous())
+        a, e = head.bounds(x)
+        fp32 = F.linear(x, W)
+        exact = (x.double() @ W.double().T)
+        assert ((a - fp32).abs() <= e).all(), name
+        assert ((a.double() - exact).abs() <= e.double()).all(), name
+        # and it is not vacuous: on random logits the screen keeps a few tokens of 3,000
+        if name == "normal":
+            candidates = (a + e >= (a - e).amax(-1, keepdim=True)).sum(-1)  # (4,)
+            assert candidates.max() <= 0.02 * W.shape[0], candidates
+
+
+def _pipeline(**kwargs):
+    return LogitsPipeline(SamplingParams(**kwargs), eos_token_id=[2, 7], prompt_len=5)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3, 0.7])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tokens_equal_the_full_argmax(penalty, batch):
+    g = torch.Generator().manual_seed(int(penalty * 10) + batch)
+    V, D = 8000, 64
+    W = torch.randn(V, D, generator=g) * 0.1
+    head = ScreenedGreedyHead(W)
+    pipeline = _pipeline(repetition_penalty=penalty, min_new_tokens=3)
+    for step in range(40):
+        x = torch.randn(batch, D, generator=g) * 4
+        history = torch.randint(0, V, (batch, 5 + step % 6), generator=g)
+        expected = pipeline(history, F.linear(x, W)).argmax(-1)
+        got = head(x, lambda logits: pipeline(history, logits))  # noqa: B023
+        assert torch.equal(got, expected), (step, got, expected)
+    assert head.screened_steps == 40 and head.full_steps == 0
+
+
+def test_where_bf16_logits_pick_another_token_the_screen_still_picks_the_float32_one():
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(2000, 64, generator=g)
+    head = ScreenedGreedyHead(W)
+    x = torch.randn(3000, 64, generator=g)
+    expected = F.linear(x, W).argmax(-1)  # (3000,)
+    misled = (F.linear(x.bfloat16(), W.bfloat16()).float().argmax(-1) != expected).nonzero().squeeze(1)
+    assert misled.numel() >= 10  # bf16 alone gets these wrong
+    for i in misled.tolist():
+        assert int(head(x[i:i + 1], lambda s: s)) == int(expected[i])
+
+
+def test_a_suppressed_winner_and_an_exact_tie_resolve_as_the_full_argmax():
+    g = torch.Generator().manual_seed(3)
+    V, D = 5000, 32
+    W = torch.randn(V, D, generator=g)
+    x = torch.randn(1, D, generator=g)
+    top = int(F.linear(x, W).argmax())
+    W[top + 1:top + 2] = W[top]  # an exact tie right after the winner: argmax keeps the first
+    W[7] = W[top] * 2  # an EOS id that would win, suppressed while below min_new_tokens
+    head = ScreenedGreedyHead(W)
+    pipeline = _pipeline(min_new_tokens=10)
+    history = torch.zeros(1, 6, dtype=torch.long)
+    assert int(head(x, lambda logits: pipeline(history, logits))) == top
+    late = torch.zeros(1, 20, dtype=torch.long)  # past min_new_tokens: EOS 7 wins
+    assert int(head(x, lambda logits: pipeline(late, logits))) == 7
+    assert head.full_steps == 0
+
+
+def test_nan_rows_and_flat_logits_take_the_full_head():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(4000, 32, generator=g)
+    head = ScreenedGreedyHead(W)
+    x = torch.randn(2, 32, generator=g)
+    x[1, 3] = float("nan")
+    assert torch.equal(head(x, lambda s: s), F.linear(x, W).argmax(-1))  # NaN row: argmax as torch gives it
+    assert head.full_steps == 1
+    flat = ScreenedGreedyHead(torch.ones(4000, 32))  # every logit equal: every token a candidate
+    assert int(flat(torch.randn(1, 32, generator=g), lambda s: s)) == 0
+    assert flat.full_steps == 1 and flat.screened_steps == 0
+
+
+def test_an_in_place_weight_change_rebuilds_the_bf16_copy():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(4000, 32, generator=g)
+    head = ScreenedGreedyHead(W)
+    x = torch.randn(1, 32, generator=g)
+    assert torch.equal(head(x, lambda s: s), F.linear(x, W).argmax(-1))
+    with torch.no_grad():
+        W.neg_()  # the old winner is now the loser
+    assert torch.equal(head(x, lambda s: s), F.linear(x, W).argmax(-1))
+
+
+def test_screen_applies_only_to_plain_float32_cpu_heads():
+    assert screen_applies(torch.nn.Linear(8, 16, bias=False))
+    assert not screen_applies(torch.nn.Linear(8, 16, bias=True))
+    assert not screen_applies(torch.nn.Linear(8, 16, bias=False).to(torch.bfloat16))
+
+
+def test_generate_matches_transformers_with_the_screen_on_and_off(tiny_pair):
+    ours, theirs = tiny_pair("mistral")
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [0, 0, 1, 12, 13, 14, 15, 16]])
+    mask = (ids != 0).long()
+    kwargs = dict(max_new_tokens=24, do_sample=False, repetition_penalty=1.2, min_new_tokens=24)
+    expected = theirs.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    previous = ours.__dict__.get("_decode_engine")
+    try:
+        engine = ours.__dict__["_decode_engine"] = DecodeEngine(ours)
+        got = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        assert torch.equal(got, expected)
+        assert engine._screen.screened_steps == 24 and engine._screen.full_steps == 0
+        # scores requested, or screening switched off: the full head, same tokens
+        out = ours.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
+                            **kwargs)
+        assert torch.equal(out.sequences, expected) and engine._screen.screened_steps == 24
+        ours.__dict__["_decode_engine"] = DecodeEngine(ours, screen_greedy=False)
+        assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, **kwargs), expected)
+        assert engine_for(ours)._screen is None
+    finally:
+        ours.__dict__.pop("_decode_engine")
+        if previous is not None:
+            ours.__dict__["_decode_engine"] = previous
