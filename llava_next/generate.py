@@ -104,6 +104,33 @@ def plan_generation(model, prompt_len: int, kwargs: dict) -> GenerationPlan:
                           pick("early_stopping", False), stop)
 
 
+RAGGED_MIN_TOKENS = 128  # padded batches at least this wide are prefilled run by run (shorter: launches dominate)
+
+
+def ragged_prefill_runs(attention_mask: torch.Tensor) -> list[tuple[slice, int]] | None:
+    """(rows, pad) runs of consecutive equally padded rows, to prefill one by one; None: one batched pass.
+
+    A padded batch needs a masked attention, which takes a slow kernel (SDPA's math path on a CPU, no flash
+    kernel on a GPU) and computes the pad positions too; runs of equally long rows take the plain causal
+    kernel over real tokens only. Only left-padded masks (0...0 1...1 per row) with no empty row qualify.
+    """
+    B, T = attention_mask.shape
+    if B == 1 or T < RAGGED_MIN_TOKENS:
+        return None
+    lengths = attention_mask.long().sum(1)  # (B,)
+    pads = T - lengths
+    left_padded = torch.arange(T, device=attention_mask.device)[None] >= pads[:, None]  # (B, T)
+    if not bool((attention_mask.bool() == left_padded).all()) or int(lengths.min()) == 0 or int(pads.max()) == 0:
+        return None
+    runs, first = [], 0
+    pads = pads.tolist()
+    for row in range(1, B + 1):
+        if row == B or pads[row] != pads[first]:
+            runs.append((slice(first, row), pads[first]))
+            first = row
+    return runs
+
+
 class Prefill:
     """Images + prompt -> a filled KV cache, the last position's hidden state (B, D) and logits (B, V, unless
     head=False); also the per-row next position."""
@@ -125,11 +152,19 @@ class Prefill:
         if reused is not None:  # the conversation so far is already in the cache: run only the new tokens
             self.cache, start = reused
             hidden = core.language_model(embeds[:, start:], positions[:, start:], None, cache=self.cache)
+            last = hidden[:, -1]  # (1, D)
         else:
             self.cache = engine.cache_for(embeds.shape[0], T + extra_slots, embeds.dtype)
-            hidden = core.language_model(embeds, positions, attention_mask.bool(), cache=self.cache)
+            runs = ragged_prefill_runs(attention_mask) if batch_repeat == 1 else None
+            if runs is None:  # one pass over the padded batch
+                last = core.language_model(embeds, positions, attention_mask.bool(), cache=self.cache)[:, -1]
+            else:  # run by run, real tokens only, each into its own slots of the batch cache
+                last = torch.cat([core.language_model(embeds[rows, p:], positions[rows, p:], None,
+                                                      cache=self.cache.row_view(rows, p))[:, -1]
+                                  for rows, p in runs])
+                self.cache.filled(T)
         self.embeds = embeds if reuse_prefix else None
-        self.hidden = hidden[:, -1]  # (B, D)
+        self.hidden = last  # (B, D)
         self.logits = model.lm_head(self.hidden) if head else None  # (B, V): lm_head only where we sample
         self.next_position = positions[:, -1] + 1  # (B,)
 

@@ -4,6 +4,9 @@ Rows of a batch share slot indices (a left-padded batch is aligned on its last t
 tokens is one `index_copy_` per layer and the decode step never allocates. `key_valid` marks which slots
 hold real tokens (padding slots stay False), which is all the attention mask needs.
 
+A left-padded batch can also be prefilled row by row (`row_view`: row i's real tokens go straight into its
+slots, no padding computed), then decodes together.
+
 Leaves out: paged/block caches and per-row offsets (a padded batch decodes together instead).
 """
 
@@ -42,6 +45,24 @@ class StaticKVCache:
             self.has_padding = self.has_padding or not bool(valid.all())
         self.length += num_new
         return slots
+
+    def row_view(self, rows: slice, start: int) -> StaticKVCache:
+        """An empty cache over this cache's `rows`, slots `start` on, sharing its storage.
+
+        Prefilling rows whose L real tokens sit behind T - L pads into `row_view(rows, T - L)` fills the
+        same slots a left-padded batch prefill of width T would; afterwards call `filled(T)` on this cache.
+        """
+        view = object.__new__(StaticKVCache)
+        view.keys = self.keys[:, rows, :, start:]  # (L, b, Hkv, S - start, Hd) view
+        view.values = self.values[:, rows, :, start:]
+        view.key_valid = self.key_valid[rows, start:]  # (b, S - start) view
+        view.has_padding, view.length, view.max_len, view.static = False, 0, self.max_len - start, False
+        return view
+
+    def filled(self, length: int):
+        """Mark `length` slots as written through row views (their key_valid is already set)."""
+        self.length = length
+        self.has_padding = not bool(self.key_valid[:, :length].all())
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, Hkv, T, Hd) at `slots` (T,); return this layer's (B, Hkv, length, Hd) views."""

@@ -11,9 +11,11 @@ import threading
 import pytest
 import torch
 
+import llava_next.generate as generate_module
 from llava_next.anyres import AnyresGeometry
 from llava_next.engine import engine_for
 from llava_next.errors import ContextLengthError, GenerationArgumentError
+from llava_next.kv_cache import StaticKVCache
 from tiny import BACKBONES, IMAGE_TOKEN
 
 GEOMETRY = AnyresGeometry()
@@ -77,10 +79,28 @@ def test_greedy_matches_transformers(tiny_pair, backbone):
     _same_as_transformers(ours, theirs, {"input_ids": torch.tensor([[1, 5, 6, 7, 8, 9]])})
 
 
+BATCHES = {
+    # mixed sizes, one short text-only row
+    "mixed": [((500, 316), 1), ((200, 300), 2), (None, 3), ((750, 1000), 4)],
+    # long rows, 1,464 to 2,358 tokens; the first two equally long (one prefill run)
+    "long": [((200, 300), 2), ((200, 300), 6), ((750, 1000), 4), ((336, 1008), 5)],
+}
+RUNS = {"mixed": 4, "long": 3}
+
+
+@pytest.mark.parametrize("prefill", ["padded", "row_by_row"])
+@pytest.mark.parametrize("batch_name", BATCHES)
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_left_padded_batch_matches_transformers_and_rows_alone(tiny_pair, backbone):
+def test_left_padded_batch_matches_transformers_and_rows_alone(tiny_pair, backbone, batch_name, prefill,
+                                                               monkeypatch):
+    """Both prefills of a padded batch: one masked pass (forced here) and runs of equally long rows."""
     ours, theirs = tiny_pair(backbone)
-    specs = [((500, 316), 1), ((200, 300), 2), (None, 3), ((750, 1000), 4)]  # mixed sizes, one text-only row
+    specs = BATCHES[batch_name]
+    if prefill == "padded":
+        monkeypatch.setattr(generate_module, "RAGGED_MIN_TOKENS", 10**9)
+    views = []
+    row_view = StaticKVCache.row_view
+    monkeypatch.setattr(StaticKVCache, "row_view", lambda self, *a: views.append(a) or row_view(self, *a))
     rows, images = [], []
     for size, seed in specs:
         sizes = [size] if size else []
@@ -88,6 +108,7 @@ def test_left_padded_batch_matches_transformers_and_rows_alone(tiny_pair, backbo
         if size:
             images.append((_image(*size, seed), size))
     batch = _same_as_transformers(ours, theirs, _inputs(rows, images))
+    assert len(views) == (RUNS[batch_name] if prefill == "row_by_row" else 0)
     width = max(len(ids) for ids, _ in rows)
     image_index = 0
     for (ids, sizes), row_out in zip(rows, batch):
