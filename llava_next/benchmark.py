@@ -177,6 +177,132 @@ def peak_memory(fn, device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def probe_machine(device, dtype) -> dict:
+    """Copy bandwidth (read + write, GB/s) and GEMM throughput (TFLOP/s) of this device in the bench dtype."""
+    gpu = torch.device(device).type == "cuda"
+    n = (1 << 30 if gpu else 1 << 28) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    side = 8192 if gpu else 1024
+    a = torch.randn(side, side, device=device, dtype=dtype)
+
+    def copy():
+        dst.copy_(src)
+
+    def gemm():
+        torch.mm(a, a)
+
+    out = {"stage": "probe"}
+    for label, fn, work in (("copy_gb_s", copy, 2 * n * 4 / 1e9), ("gemm_tflop_s", gemm, 2 * side**3 / 1e12)):
+        fn()
+        sync(device)
+        reps = 10 if gpu else 3
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        out[label] = work * reps / (time.perf_counter() - start)
+    return out
+
+
+def roofline(ours, inputs) -> dict:
+    """Bytes a decode step reads (weights, mean KV over the run excluded) and FLOPs of the prefill, estimated.
+
+    Decode: every decoder weight but the embedding table, plus the lm_head (fused or not, the same bytes; the
+    CPU's screened greedy head reads half of it, so there ours' rate is an effective one).
+    Prefill: 2 FLOPs per weight per real token (decoder and, per 336 tile of 577 tokens, vision tower and
+    projector; the lm_head at one position per row) plus attention (2 T^2 H Hd per decoder layer per row,
+    causal; 4 t^2 Dv per vision layer per tile).
+    """
+    core = ours.model
+    text = ours.config.text_config
+    embed = core.language_model.embed_tokens.weight
+    dec = [p for p in core.language_model.parameters() if p is not embed]
+    weight_bytes = sum(p.numel() * p.element_size() for p in dec) + ours.lm_head.weight.numel() * \
+        ours.lm_head.weight.element_size()
+    layer_params = sum(p.numel() for p in dec)  # the lm_head runs on one position per row only
+    mask = inputs["attention_mask"]
+    rows = mask.sum(1).tolist()
+    flop = sum(2 * layer_params * t + 2 * ours.lm_head.weight.numel()
+               + 2 * t * t * text.num_attention_heads * text.head_dim * text.num_hidden_layers for t in rows)
+    if "image_sizes" in inputs:
+        geometry = ours.config.geometry
+        tiles = sum(geometry.num_tiles(int(h), int(w)) for h, w in inputs["image_sizes"].tolist())
+        tokens = (ours.config.vision_config.image_size // ours.config.vision_config.patch_size) ** 2 + 1
+        vis_params = sum(p.numel() for p in core.vision_tower.parameters()) + \
+            sum(p.numel() for p in core.multi_modal_projector.parameters())
+        layers = len(core.vision_tower.encoder.layers)
+        flop += tiles * (2 * vis_params * tokens + 4 * tokens * tokens * ours.config.vision_config.hidden_size * layers)
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * embed.element_size()
+    return {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "prefill_flop": flop}
+
+
+def add_shares(rec: dict, model: dict, probe: dict | None) -> dict:
+    """Decode GB/s and prefill TFLOP/s for both libraries (and as shares of the probe's copy/GEMM rates)."""
+    batch, prompt, n = rec["batch"], rec["prompt_tokens"], rec["new_tokens"]
+    step_bytes = model["weight_bytes"] + model["kv_bytes_per_token"] * batch * (prompt + n / 2)
+    rec["decode_step_gb"] = step_bytes / 1e9
+    rec["prefill_tflop"] = model["prefill_flop"] / 1e12
+    for who in ("ours", "transformers"):
+        steps_per_s = rec["decode_tok_s"][who] / batch
+        gb_s = step_bytes * steps_per_s / 1e9
+        tflop_s = model["prefill_flop"] / (rec["ttft_ms"][who] / 1e3) / 1e12
+        rec.setdefault("decode_gb_s", {})[who] = gb_s
+        rec.setdefault("prefill_tflop_s", {})[who] = tflop_s
+        if probe:
+            # copy moves 2 bytes per byte read; a decode step only reads
+            rec.setdefault("decode_share_of_copy_bw", {})[who] = gb_s / (probe["copy_gb_s"] / 2)
+            rec.setdefault("prefill_share_of_gemm", {})[who] = tflop_s / probe["gemm_tflop_s"]
+    return rec
+
+
+def profile_workload(ours, inputs, device, steps: int = 16, top: int = 12) -> list[dict]:
+    """torch.profiler over our W1 prefill and `steps` decode steps (the difference of a 1-token and a
+    (steps + 1)-token run): device time (CPU time on a CPU) by kind (gemm / attention / other), top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    def kernel_times(n):  # {name: (ms, calls)} of one generate(max_new_tokens=n), cold image cache
+        def run():
+            ours.model.feature_cache.clear()
+            ours.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        run()
+        sync(device)
+        with profile(activities=activities) as prof:
+            run()
+            sync(device)
+        out = {}
+        for e in prof.key_averages():
+            ms = (e.self_device_time_total if gpu else e.self_cpu_time_total) / 1e3
+            if ms > 0 and not (gpu and e.key.startswith("aten::")):  # on a GPU: kernels, not the ops above them
+                out[e.key] = (ms, e.count)
+        return out
+
+    def kind(name):
+        low = name.lower()
+        if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "softmax")):
+            return "attention"
+        if any(k in low for k in ("gemm", "gemv", "nvjet", "cutlass", "sm90", "aten::mm", "addmm", "matmul")):
+            return "gemm"
+        return "other"
+
+    prefill = kernel_times(1)
+    both = kernel_times(steps + 1)
+    decode = {k: (ms - prefill.get(k, (0.0, 0))[0], count - prefill.get(k, (0.0, 0))[1])
+              for k, (ms, count) in both.items()}  # the decode steps alone: the difference of the two runs
+    records = []
+    for label, times in (("prefill", prefill), ("decode", decode)):
+        kinds: dict[str, float] = {}
+        for name, (ms, _) in times.items():
+            kinds[kind(name)] = kinds.get(kind(name), 0.0) + ms
+        ranked = sorted(times.items(), key=lambda item: -item[1][0])[:top]
+        records.append({"stage": f"profile_{label}", "workload": "W1", "steps": steps if label == "decode" else 1,
+                        "total_ms": sum(kinds.values()), "ms_by_kind": kinds,
+                        "top": [[name[:80], round(ms, 3), count] for name, (ms, count) in ranked]})
+    return records
+
+
 def preprocessing_workload(device, runs):
     """W7: our exact and fast processors against transformers' image processor, per image."""
     from transformers import LlavaNextImageProcessor as HFProcessor
@@ -221,6 +347,7 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--batch", default=None, help="W5 batch sizes, comma separated (CPU 4; GPU 8,32)")
     parser.add_argument("--time-cap", type=float, default=420.0, help="seconds; no new stage starts after it")
+    parser.add_argument("--profile", action="store_true", help="end with a torch.profiler split of W1 (ours)")
     args = parser.parse_args(argv)
     device = args.device
     gpu = torch.device(device).type == "cuda"
@@ -237,6 +364,8 @@ def main(argv=None):
     theirs, ours = build_models(args.shape, device, dtype)
     emit({"stage": "build", "seconds": time.perf_counter() - t0})
     results = []
+    probe = probe_machine(device, dtype)
+    emit(probe)
     gate_inputs, _ = make_inputs(ours, [(300, 200)], device=device, dtype=dtype)
     g = gate(theirs, ours, gate_inputs, device)
     emit(g)
@@ -251,7 +380,8 @@ def main(argv=None):
             continue
         if name in single:
             inputs, _ = make_inputs(ours, device=device, dtype=dtype, **single[name])
-            rec = generation_workload(name, theirs, ours, inputs, device, args.new_tokens, runs)
+            rec = add_shares(generation_workload(name, theirs, ours, inputs, device, args.new_tokens, runs),
+                             roofline(ours, inputs), probe)
             if gpu and name == "W1":
                 rec["peak_gib"] = {"ours": peak_memory(lambda: ours.generate(**inputs, max_new_tokens=16), device),
                                    "transformers": peak_memory(lambda: theirs.generate(**inputs, max_new_tokens=16),
@@ -260,7 +390,8 @@ def main(argv=None):
             for b in batches:
                 sizes = [W5_SIZES[i % len(W5_SIZES)] for i in range(b)]
                 inputs, _ = make_inputs(ours, sizes, device=device, dtype=dtype)
-                rec = generation_workload(f"W5_b{b}", theirs, ours, inputs, device, args.new_tokens, max(1, runs // 2))
+                rec = add_shares(generation_workload(f"W5_b{b}", theirs, ours, inputs, device, args.new_tokens,
+                                                     max(1, runs // 2)), roofline(ours, inputs), probe)
                 if gpu:
                     rec["peak_gib"] = {"ours": peak_memory(lambda: ours.generate(**inputs, max_new_tokens=4), device),
                                        "transformers": peak_memory(
@@ -276,6 +407,13 @@ def main(argv=None):
             raise SystemExit(f"unknown workload {name}")
         emit(rec)
         results.append(rec)
+    if args.profile:
+        if time.perf_counter() - started > args.time_cap:
+            emit({"stage": "profile", "skipped": "time cap reached"})
+        else:
+            inputs, _ = make_inputs(ours, device=device, dtype=dtype, **single["W1"])
+            for rec in profile_workload(ours, inputs, device):
+                emit(rec)
     print_table(results)
     return 0
 

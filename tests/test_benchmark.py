@@ -1,0 +1,27 @@
+"""`llava-next bench` end to end on the tiny shape: gate, a timed workload with its roofline shares, a profile.
+
+Timings are not asserted (BENCHMARKS.md: benchmarks are not tests); what is checked is that the run is
+honest: the gate compares with transformers, every record has both libraries, the estimates are in range.
+"""
+
+from __future__ import annotations
+
+import json
+
+from llava_next.benchmark import main
+
+
+def test_tiny_bench_runs_the_gate_a_workload_and_a_profile(capsys):
+    assert main(["--shape", "tiny", "--workloads", "W3", "--new-tokens", "4", "--runs", "1", "--profile"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    stages = {rec["stage"]: rec for rec in lines}
+    assert stages["gate"]["greedy_tokens_identical"] and stages["gate"]["first_token_logits_max_abs_diff"] < 1e-4
+    assert stages["probe"]["copy_gb_s"] > 0 and stages["probe"]["gemm_tflop_s"] > 0
+    w3 = stages["W3"]
+    for field in ("ttft_ms", "decode_tok_s", "decode_gb_s", "prefill_tflop_s", "decode_share_of_copy_bw"):
+        assert set(w3[field]) == {"ours", "transformers"}, field
+    # tiny shape: 2 layers of 256 (+ MLP 512) and a 32064 x 256 fp32 head are ~40 MB per decode step
+    assert 0.03 < w3["decode_step_gb"] < 0.05
+    assert w3["prefill_tflop"] > 0
+    for label in ("profile_prefill", "profile_decode"):
+        assert stages[label]["ms_by_kind"]["gemm"] > 0 and stages[label]["top"]
