@@ -48,6 +48,13 @@ def test_bound_covers_float32_and_exact_logits(D):
             assert candidates.max() <= 0.02 * W.shape[0], candidates
 
 
+def _random_head(seed: int, V: int, D: int, rows: int = 1):
+    """(generator, W (V, D), ScreenedGreedyHead(W), x (rows, D)) from one seed."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, D, generator=g)
+    return g, W, ScreenedGreedyHead(W), torch.randn(rows, D, generator=g)
+
+
 def _pipeline(**kwargs):
     return LogitsPipeline(SamplingParams(**kwargs), eos_token_id=[2, 7], prompt_len=5)
 
@@ -70,10 +77,7 @@ def test_tokens_equal_the_full_argmax(penalty, batch):
 
 
 def test_where_bf16_logits_pick_another_token_the_screen_still_picks_the_float32_one():
-    g = torch.Generator().manual_seed(6)
-    W = torch.randn(2000, 64, generator=g)
-    head = ScreenedGreedyHead(W)
-    x = torch.randn(3000, 64, generator=g)
+    _, W, head, x = _random_head(6, 2000, 64, rows=3000)
     expected = F.linear(x, W).argmax(-1)  # (3000,)
     misled = (F.linear(x.bfloat16(), W.bfloat16()).float().argmax(-1) != expected).nonzero().squeeze(1)
     assert misled.numel() >= 10  # bf16 alone gets these wrong
@@ -99,10 +103,7 @@ def test_a_suppressed_winner_and_an_exact_tie_resolve_as_the_full_argmax():
 
 
 def test_nan_rows_and_flat_logits_take_the_full_head():
-    g = torch.Generator().manual_seed(4)
-    W = torch.randn(4000, 32, generator=g)
-    head = ScreenedGreedyHead(W)
-    x = torch.randn(2, 32, generator=g)
+    g, W, head, x = _random_head(4, 4000, 32, rows=2)
     x[1, 3] = float("nan")
     assert torch.equal(head(x, lambda s: s), F.linear(x, W).argmax(-1))  # NaN row: argmax as torch gives it
     assert head.full_steps == 1
@@ -112,10 +113,7 @@ def test_nan_rows_and_flat_logits_take_the_full_head():
 
 
 def test_an_in_place_weight_change_rebuilds_the_bf16_copy():
-    g = torch.Generator().manual_seed(5)
-    W = torch.randn(4000, 32, generator=g)
-    head = ScreenedGreedyHead(W)
-    x = torch.randn(1, 32, generator=g)
+    _, W, head, x = _random_head(5, 4000, 32)
     assert torch.equal(head(x, lambda s: s), F.linear(x, W).argmax(-1))
     with torch.no_grad():
         W.neg_()  # the old winner is now the loser
