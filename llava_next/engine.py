@@ -126,7 +126,8 @@ class DecodeEngine:
         return cache
 
     def greedy_screen(self, greedy: bool, full_logits_wanted: bool) -> ScreenedGreedyHead | None:
-        """The screened greedy head for this generation, or None when the full logits are needed or faster."""
+        """The screened greedy head for this generation; None when every logit is needed or the head is not a
+        plain float32 CPU Linear (then the full lm_head runs)."""
         head = self.model.lm_head
         if not (self.screen_greedy and greedy and not full_logits_wanted and not self.static and screen_applies(head)):
             return None
