@@ -256,8 +256,8 @@ def add_shares(rec: dict, model: dict, probe: dict | None) -> dict:
     return rec
 
 
-def profile_workload(ours, inputs, device, steps: int = 16, top: int = 12) -> list[dict]:
-    """torch.profiler over our W1 prefill and `steps` decode steps (the difference of a 1-token and a
+def profile_workload(ours, inputs, device, workload: str, steps: int = 16, top: int = 12) -> list[dict]:
+    """torch.profiler over our prefill and `steps` decode steps of `inputs` (the difference of a 1-token and a
     (steps + 1)-token run): device time (CPU time on a CPU) by kind (gemm / attention / other), top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -297,7 +297,8 @@ def profile_workload(ours, inputs, device, steps: int = 16, top: int = 12) -> li
         for name, (ms, _) in times.items():
             kinds[kind(name)] = kinds.get(kind(name), 0.0) + ms
         ranked = sorted(times.items(), key=lambda item: -item[1][0])[:top]
-        records.append({"stage": f"profile_{label}", "workload": "W1", "steps": steps if label == "decode" else 1,
+        records.append({"stage": f"profile_{workload}_{label}", "workload": workload,
+                        "steps": steps if label == "decode" else 1,
                         "total_ms": sum(kinds.values()), "ms_by_kind": kinds,
                         "top": [[name[:80], round(ms, 3), count] for name, (ms, count) in ranked]})
     return records
@@ -347,7 +348,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--batch", default=None, help="W5 batch sizes, comma separated (CPU 4; GPU 8,32)")
     parser.add_argument("--time-cap", type=float, default=420.0, help="seconds; no new stage starts after it")
-    parser.add_argument("--profile", action="store_true", help="end with a torch.profiler split of W1 (ours)")
+    parser.add_argument("--profile", action="store_true",
+                        help="end with torch.profiler splits of ours on W1 and the largest W5 batch")
     args = parser.parse_args(argv)
     device = args.device
     gpu = torch.device(device).type == "cuda"
@@ -408,11 +410,16 @@ def main(argv=None):
         emit(rec)
         results.append(rec)
     if args.profile:
-        if time.perf_counter() - started > args.time_cap:
-            emit({"stage": "profile", "skipped": "time cap reached"})
-        else:
-            inputs, _ = make_inputs(ours, device=device, dtype=dtype, **single["W1"])
-            for rec in profile_workload(ours, inputs, device):
+        targets = [("W1", [W5_SIZES[0]])]
+        if "W5" in args.workloads.split(","):
+            b = max(batches)
+            targets.append((f"W5_b{b}", [W5_SIZES[i % len(W5_SIZES)] for i in range(b)]))
+        for label, sizes in targets:
+            if time.perf_counter() - started > args.time_cap:
+                emit({"stage": f"profile_{label}", "skipped": "time cap reached"})
+                continue
+            inputs, _ = make_inputs(ours, sizes, device=device, dtype=dtype)
+            for rec in profile_workload(ours, inputs, device, label):
                 emit(rec)
     print_table(results)
     return 0

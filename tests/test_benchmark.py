@@ -12,7 +12,8 @@ from llava_next.benchmark import main
 
 
 def test_tiny_bench_runs_the_gate_a_workload_and_a_profile(capsys):
-    assert main(["--shape", "tiny", "--workloads", "W3", "--new-tokens", "4", "--runs", "1", "--profile"]) == 0
+    assert main(["--shape", "tiny", "--workloads", "W3,W5", "--batch", "2", "--new-tokens", "4", "--runs", "1",
+                 "--profile"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     stages = {rec["stage"]: rec for rec in lines}
     assert stages["gate"]["greedy_tokens_identical"] and stages["gate"]["first_token_logits_max_abs_diff"] < 1e-4
@@ -23,5 +24,6 @@ def test_tiny_bench_runs_the_gate_a_workload_and_a_profile(capsys):
     # tiny shape: 2 layers of 256 (+ MLP 512) and a 32064 x 256 fp32 head are ~40 MB per decode step
     assert 0.03 < w3["decode_step_gb"] < 0.05
     assert w3["prefill_tflop"] > 0
-    for label in ("profile_prefill", "profile_decode"):
-        assert stages[label]["ms_by_kind"]["gemm"] > 0 and stages[label]["top"]
+    assert stages["W5_b2"]["batch"] == 2 and set(stages["W5_b2"]["prefill_tflop_s"]) == {"ours", "transformers"}
+    for label in ("W1_prefill", "W1_decode", "W5_b2_prefill", "W5_b2_decode"):
+        assert stages[f"profile_{label}"]["ms_by_kind"]["gemm"] > 0 and stages[f"profile_{label}"]["top"], label
