@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from . import decoder as decoder_module
-from .greedy_screen import ScreenedGreedyHead, screen_applies
+from .screened_head import ScreenedHead, screen_applies
 from .kv_cache import StaticKVCache
 
 BUCKET = 512  # cache lengths are rounded up to a multiple of this, so graphs are reused across prompts
@@ -83,14 +83,14 @@ class DecodeEngine:
     mode "graph" (default on CUDA): static step, fused projections, compiled kernels, CUDA graph.
     mode "static": the same step without the graph (runs anywhere; the CPU tests use it to check that path).
     mode "eager" (default elsewhere): dynamic step over the filled part of a fresh cache.
-    screen_greedy (eager mode, float32 CPU lm_head): greedy steps choose their token through
-    ScreenedGreedyHead (same tokens, half the lm_head traffic); False always computes the full logits.
+    screen_head (eager mode, float32 CPU lm_head): greedy and top-k sampling steps choose their token through
+    ScreenedHead (same tokens, about half the lm_head traffic); False always computes the full logits.
     """
 
-    def __init__(self, model, mode: str | None = None, screen_greedy: bool = True):
+    def __init__(self, model, mode: str | None = None, screen_head: bool = True):
         self.model = model
-        self.screen_greedy = screen_greedy
-        self._screen: ScreenedGreedyHead | None = None
+        self.screen_head = screen_head
+        self._screen: ScreenedHead | None = None
         self.device_type = model.device.type
         self.mode = mode or ("graph" if self.device_type == "cuda" else "eager")
         if self.mode not in ("graph", "static", "eager"):
@@ -125,14 +125,15 @@ class DecodeEngine:
         cache.static = False  # prefill reads only the filled slots; decode switches to static
         return cache
 
-    def greedy_screen(self, greedy: bool, full_logits_wanted: bool) -> ScreenedGreedyHead | None:
-        """The screened greedy head for this generation; None when every logit is needed or the head is not a
-        plain float32 CPU Linear (then the full lm_head runs)."""
+    def head_screen(self, screen_k: int | None, full_logits_wanted: bool) -> ScreenedHead | None:
+        """The screened lm_head for this generation; None when every logit is needed (no screen_k, scores
+        wanted) or the head is not a plain float32 CPU Linear (then the full lm_head runs)."""
         head = self.model.lm_head
-        if not (self.screen_greedy and greedy and not full_logits_wanted and not self.static and screen_applies(head)):
+        if not (self.screen_head and screen_k and not full_logits_wanted and not self.static
+                and screen_applies(head)):
             return None
         if self._screen is None or self._screen.weight is not head.weight:
-            self._screen = ScreenedGreedyHead(head.weight)
+            self._screen = ScreenedHead(head.weight)
         return self._screen
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,

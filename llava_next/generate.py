@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -214,13 +215,13 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
         prompt = _prompt_ids(input_ids, inputs_embeds).to(model.device)
         B = prompt.shape[0]
         reuse = bool(kwargs.get("reuse_prefix"))
-        # Greedy without scores on a float32 CPU head: tokens via the screened lm_head (greedy_screen.py).
-        screen = engine_for(model).greedy_screen(not plan.sampling.do_sample, bool(want_scores or want_logits))
+        processors = LogitsPipeline(plan.sampling, plan.eos, prompt_len)
+        # Greedy or top-k sampling without scores on a float32 CPU head: the screened lm_head (screened_head.py).
+        screen = engine_for(model).head_screen(processors.screen_k, bool(want_scores or want_logits))
         prefill = Prefill(model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds,
                           plan.max_new_tokens, reuse_prefix=reuse, head=screen is None)
         cache, position = prefill.cache, prefill.next_position
         out = prefill.logits if screen is None else prefill.hidden  # (B, V) logits or (B, D) hidden
-        processors = LogitsPipeline(plan.sampling, plan.eos, prompt_len)
         sequences = torch.full((B, prompt_len + plan.max_new_tokens), plan.pad_token_id, dtype=torch.long,
                                device=model.device)
         sequences[:, :prompt_len] = prompt
@@ -238,7 +239,8 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             for step in range(plan.max_new_tokens):
                 history, seen = sequences[:, :length], None if valid is None else valid[:, :length]
                 if screen is not None:
-                    tokens = screen(out, lambda logits: processors(history, logits, seen))  # noqa: B023
+                    tokens = screen(out, processors.screen_k, partial(processors.monotone, history, valid=seen),
+                                    partial(processors.choose, history, valid=seen, generator=generator))
                 else:
                     processed = processors(history, out, seen)
                     if want_scores:

@@ -7,7 +7,8 @@ equal to the reference:
     repetition_penalty -> min_length / min_new_tokens (EOS gets -inf) -> [sampling only:]
     temperature -> top_k -> top_p -> min_p
 
-(The greedy steps are monotone non-decreasing per entry; greedy_screen.py relies on that.)
+Repetition penalty, EOS suppression and temperature act per entry and keep order; screened_head.py relies on
+that (`LogitsPipeline.monotone`, `LogitsPipeline.screen_k`).
 
 then greedy `argmax` or `softmax` + `torch.multinomial` (same RNG draws as transformers with the same
 generator or global seed). Every per-token op is a torch op on the device; which steps run is decided
@@ -202,16 +203,22 @@ class LogitsPipeline:
             steps.append(self._repetition_penalty)
         if self._eos is not None and self._eos.numel() > 0 and (p.min_length > 0 or p.min_new_tokens > 0):
             steps.append(self._min_length)
-        if p.do_sample:  # transformers' former "warpers" only act when sampling
-            if p.temperature != 1.0:
-                steps.append(self._temperature)
+        if p.do_sample and p.temperature != 1.0:  # transformers' former "warpers" only act when sampling
+            steps.append(self._temperature)
+        self.monotone_steps = tuple(steps)  # per entry, order-keeping
+        selection = []
+        if p.do_sample:
             if p.top_k != 0:
-                steps.append(self._top_k)
+                selection.append(self._top_k)
             if p.top_p < 1.0:
-                steps.append(self._top_p)
+                selection.append(self._top_p)
             if p.min_p > 0.0:  # min_p == 0 removes nothing
-                steps.append(self._min_p)
-        self.steps = tuple(steps)
+                selection.append(self._min_p)
+        self.selection_steps = tuple(selection)
+        self.steps = self.monotone_steps + self.selection_steps
+        # How many best entries of the monotone scores decide the token: 1 for greedy, top_k when sampling
+        # with top_k (the later steps only look at what top_k keeps); None: every entry may matter.
+        self.screen_k = 1 if not p.do_sample else (max(p.top_k, 1) if p.top_k != 0 else None)
 
     def __call__(
         self,
@@ -226,15 +233,28 @@ class LogitsPipeline:
         valid: optional (B, T) bool, False at positions to ignore (padding, unused buffer slots).
         cur_len: sequence length as transformers counts it (padded prompt + generated); default T.
         """
+        scores = self.monotone(input_ids, logits, valid, cur_len)
+        cur_len = input_ids.shape[-1] if cur_len is None else cur_len
+        for step in self.selection_steps:
+            scores = step(scores, input_ids, valid, cur_len)
+        return scores
+
+    def monotone(self, input_ids: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor | None = None,
+                 cur_len: int | torch.Tensor | None = None) -> torch.Tensor:
+        """The per-entry, order-keeping steps of __call__ (all of it for greedy; screened_head.py bounds them)."""
         scores = logits.float()  # (B, V); matches HF, which processes a float32 copy
-        if cur_len is None:
-            cur_len = input_ids.shape[-1]
-        for step in self.steps:
+        cur_len = input_ids.shape[-1] if cur_len is None else cur_len
+        for step in self.monotone_steps:
             scores = step(scores, input_ids, valid, cur_len)
         return scores
 
     def sample(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return sample_next_token(scores, self.params, generator)
+
+    def choose(self, input_ids: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Raw logits (B, V) -> next tokens (B,): every step, then argmax or a draw."""
+        return self.sample(self(input_ids, logits, valid), generator)
 
     # Each step: (scores (B, V), input_ids (B, T), valid (B, T) | None, cur_len) -> (B, V)
 

@@ -59,7 +59,7 @@ def _same_as_transformers(ours, theirs, inputs, **kwargs):
     before = _screened_steps(ours)
     got = ours.generate(**inputs, max_new_tokens=NEW, do_sample=False, **kwargs)
     assert torch.equal(got, expected), f"first difference at {(got != expected).nonzero()[:1].tolist()}"
-    assert _screened_steps(ours) > before  # greedy on a float32 CPU head takes greedy_screen.py's path
+    assert _screened_steps(ours) > before  # greedy on a float32 CPU head takes screened_head.py's path
     return got
 
 

@@ -1,18 +1,22 @@
-"""Exact greedy tokens from a float32 lm_head that is mostly read in bfloat16 (the CPU decode path).
+"""Exact next tokens from a float32 lm_head that is mostly read in bfloat16 (the CPU decode path).
 
 A CPU decode step is bound by memory traffic, and with a small decoder and a large vocabulary the float32
 lm_head is most of it (the `tiny` benchmark shape: 33 of 40 MB read per token). Greedy decoding needs only
-the arg max of the processed logits, so per step:
+the arg max, and top-k sampling only the k best scores, so per step:
 
 1. approximate logits  a = bf16(x) @ bf16(W).T          (half the bytes of W)
 2. a rigorous bound    |a_v - l_v| <= e_v                 (l: the float32 logits transformers computes)
-3. candidates          {v : P(a + e)_v >= max_u P(a - e)_u}   (P: the greedy logits processors)
-4. exact float32 logits for the candidates only, then P and argmax over the vocabulary.
+3. candidates          {v : M(a + e)_v >= k-th largest of M(a - e)}
+                       (M: the processors that act per entry and keep order: repetition penalty, EOS
+                       suppression, temperature; k = 1 for greedy, top_k for sampling)
+4. exact float32 logits for the candidates, -inf everywhere else, then every processor and the choice
+   (argmax, or softmax + multinomial over the whole vocabulary) exactly as on the full logits.
 
-The greedy processors (repetition penalty, EOS suppression) are monotone per entry, so P(a - e) <= P(l) <=
-P(a + e) and the true arg max, and anything tied with it, is always a candidate: the token is the one the
-full float32 logits give, first index on ties included. Candidate logits come from a GEMM over the gathered
-rows, whose rounding may differ from the full GEMM's by ~1e-7 (as any other kernel difference).
+Since M(a - e) <= M(l) <= M(a + e) per entry, every token of the true top k (and anything tied with its k-th)
+is a candidate; the rest would be set to -inf by top-k anyway. So the processed scores equal those of the
+full logits, position for position, and greedy and sampling (same RNG draws) give the same tokens. Candidate
+logits come from a GEMM over the gathered rows, whose rounding may differ from the full GEMM's by ~1e-7 (as
+any other kernel difference).
 
 The bound (u = 2^-8, bf16's unit roundoff; g = gamma_D = D 2^-24 / (1 - D 2^-24); S_v = sum_i |x_i W_vi|):
     |l_v - x.W_v|            <= g S_v                      float32 GEMM, any summation order
@@ -21,10 +25,10 @@ The bound (u = 2^-8, bf16's unit roundoff; g = gamma_D = D 2^-24 / (1 - D 2^-24)
     |a_v - s_v|               <= u / (1 - u) |a_v|         the bf16 output
 with S_v <= ||x|| ||W_v|| (Cauchy-Schwarz) and a small absolute term for flushed subnormals. This assumes
 torch's CPU bf16 matmul accumulates in float32 (oneDNN and the fallback kernel both do);
-tests/test_greedy_screen.py checks the bound on adversarial inputs.
+tests/test_screened_head.py checks the bound on adversarial inputs.
 
-Leaves out: sampling and beam search (they need every probability), output_scores/output_logits (they need
-every logit), non-float32 or quantized heads, heads with a bias. Those take the full lm_head.
+Leaves out: sampling without top_k (every probability counts), beam search, output_scores/output_logits
+(they need every logit), non-float32 or quantized heads, heads with a bias. Those take the full lm_head.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ def error_coefficients(hidden_size: int) -> tuple[float, float]:
     return c_norm, c_abs
 
 
-class ScreenedGreedyHead:
-    """Greedy next tokens for hidden states (B, D) through a float32, bias-free lm_head weight (V, D).
+class ScreenedHead:
+    """Next tokens for hidden states (B, D) through a float32, bias-free lm_head weight (V, D).
 
     Keeps a bf16 copy of the weight (V x D x 2 bytes) and its row norms; rebuilds them if the weight is
     replaced or changed in place. `max_candidates` (default V / 8): above it a step takes the full lm_head.
@@ -85,28 +89,31 @@ class ScreenedGreedyHead:
         e = a.abs().mul_(self.c_abs).addcmul_(scale, self.row_norms).add_(self.subnormal)  # (B, V)
         return a, e
 
-    def __call__(self, hidden: torch.Tensor, process: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """hidden (B, D) -> next tokens (B,): argmax(process(hidden @ W.T)), reading W mostly in bf16.
+    def __call__(self, hidden: torch.Tensor, k: int, monotone: Callable[[torch.Tensor], torch.Tensor],
+                 choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """hidden (B, D) -> next tokens (B,) = choose(hidden @ W.T), reading W mostly in bf16.
 
-        `process` maps (B, V) float32 logits to scores and must be monotone non-decreasing per entry.
+        `choose` maps (B, V) float32 logits to tokens and may only depend on the k best entries of
+        `monotone(logits)`, a per-entry, order-keeping map (for greedy: the processors and argmax, k = 1).
         """
         a, e = self.bounds(hidden)
-        best_low = process(a - e).amax(dim=-1, keepdim=True)  # (B, 1): the best guaranteed score
-        candidates = process(a + e) >= best_low  # (B, V); a NaN logit leaves its row without candidates
+        low = monotone(a - e)  # (B, V): every score is at least this
+        kth_low = low.amax(-1, keepdim=True) if k == 1 else low.topk(k, dim=-1).values[:, -1:]  # (B, 1)
+        candidates = monotone(a + e) >= kth_low  # (B, V); a NaN logit leaves its row without candidates
         columns = candidates.any(0).nonzero().squeeze(1)  # (N,) ascending token ids
-        usable = bool(candidates.any(-1).all()) and bool(torch.isfinite(best_low).all())
+        usable = bool(candidates.any(-1).all()) and bool(torch.isfinite(kth_low).all())
         if not usable or columns.numel() > self.max_candidates:  # NaN/inf or a flat distribution
             self.full_steps += 1
-            return process(F.linear(hidden, self.weight)).argmax(dim=-1)
+            return choose(F.linear(hidden, self.weight))
         self.screened_steps += 1
         exact = F.linear(hidden, self.weight[columns])  # (B, N) float32 logits of the candidates
-        logits = torch.full_like(a, -math.inf)  # (B, V): everything else can not win
+        logits = torch.full_like(a, -math.inf)  # (B, V): everything else is out of the top k
         logits[:, columns] = exact.masked_fill(~candidates[:, columns], -math.inf)
-        return process(logits).argmax(dim=-1)
+        return choose(logits)
 
 
 def screen_applies(lm_head: torch.nn.Module) -> bool:
-    """Whether `lm_head` is a plain float32 CPU Linear without a bias (what ScreenedGreedyHead handles)."""
+    """Whether `lm_head` is a plain float32 CPU Linear without a bias (what ScreenedHead handles)."""
     weight = getattr(lm_head, "weight", None)
     return (type(lm_head) is torch.nn.Linear and lm_head.bias is None and isinstance(weight, torch.Tensor)
             and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2)
