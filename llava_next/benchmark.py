@@ -107,8 +107,9 @@ def make_inputs(ours, sizes, prompt_tokens: int = 8, device="cpu", dtype=torch.f
     return inputs, images
 
 
-def gate(theirs, ours, inputs, device, tokens: int = 16) -> dict:
-    """Correctness before timing: first-token logits and greedy tokens."""
+def gate(theirs, ours, inputs, device, tokens: int = 16, sample: bool = False) -> dict:
+    """Correctness before timing: first-token logits and greedy tokens (and, with `sample`, tokens sampled
+    from one seed)."""
     with torch.inference_mode():
         a = theirs(**inputs).logits[:, -1].float()
         b = ours(**inputs, logits_to_keep=1).logits[:, -1].float()
@@ -118,6 +119,12 @@ def gate(theirs, ours, inputs, device, tokens: int = 16) -> dict:
     same = torch.equal(ga.cpu(), gb.cpu())
     record = {"stage": "gate", "first_token_logits_max_abs_diff": diff, "greedy_tokens_identical": same,
               "tokens": tokens}
+    if sample:
+        drawn = []
+        for model in (theirs, ours):
+            torch.manual_seed(0)
+            drawn.append(model.generate(**inputs, max_new_tokens=tokens, do_sample=True).cpu())
+        record["sampled_tokens_identical"] = torch.equal(*drawn)
     if not same:
         prompt = inputs["input_ids"].shape[1]
         n = min(ga.shape[1], gb.shape[1])
@@ -144,19 +151,23 @@ def time_pair(fn_ours, fn_theirs, device, runs: int):
     return statistics.median(t_ours), statistics.median(t_theirs)
 
 
-def generation_workload(name, theirs, ours, inputs, device, new_tokens, runs):
-    """TTFT (max_new_tokens=1) and decode rate ((N-1) / (t_N - t_1)) for both libraries."""
+def generation_workload(name, theirs, ours, inputs, device, new_tokens, runs, sample: bool = False):
+    """TTFT (max_new_tokens=1) and decode rate ((N-1) / (t_N - t_1)) for both libraries; greedy, or with
+    `sample` transformers' default sampling (top_k=50) from the same seed."""
     def gen(model, n):
         def run():
             if hasattr(model.model, "feature_cache"):
                 model.model.feature_cache.clear()  # cold: every run encodes its images (W6 measures the cache)
-            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            if sample:
+                torch.manual_seed(0)
+            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=sample)
         return run
 
     ttft_o, ttft_t = time_pair(gen(ours, 1), gen(theirs, 1), device, runs)
     full_o, full_t = time_pair(gen(ours, new_tokens), gen(theirs, new_tokens), device, runs)
     batch = inputs["input_ids"].shape[0]
-    rec = {"stage": name, "batch": batch, "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": new_tokens,
+    rec = {"stage": name + ("_sampled" if sample else ""), "batch": batch,
+           "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": new_tokens,
            "ttft_ms": {"ours": ttft_o * 1e3, "transformers": ttft_t * 1e3},
            "decode_tok_s": {"ours": batch * (new_tokens - 1) / max(full_o - ttft_o, 1e-9),
                             "transformers": batch * (new_tokens - 1) / max(full_t - ttft_t, 1e-9)},
@@ -348,6 +359,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=None, help="timed runs per measurement (median)")
     parser.add_argument("--batch", default=None, help="W5 batch sizes, comma separated (CPU 4; GPU 8,32)")
     parser.add_argument("--time-cap", type=float, default=420.0, help="seconds; no new stage starts after it")
+    parser.add_argument("--sample", action="store_true",
+                        help="W1-W5 sample (top_k=50, one seed for both) instead of decoding greedily")
     parser.add_argument("--profile", action="store_true",
                         help="end with torch.profiler splits of ours on W1 and the largest W5 batch")
     args = parser.parse_args(argv)
@@ -369,9 +382,9 @@ def main(argv=None):
     probe = probe_machine(device, dtype)
     emit(probe)
     gate_inputs, _ = make_inputs(ours, [(300, 200)], device=device, dtype=dtype)
-    g = gate(theirs, ours, gate_inputs, device)
+    g = gate(theirs, ours, gate_inputs, device, sample=args.sample)
     emit(g)
-    if not g["greedy_tokens_identical"] and not gpu:
+    if not (g["greedy_tokens_identical"] and g.get("sampled_tokens_identical", True)) and not gpu:
         print("correctness gate failed: not timing", file=sys.stderr)
         return 1
     single = {"W1": dict(sizes=[(1000, 750)]), "W2": dict(sizes=[(1024, 1024)]), "W3": dict(sizes=[(300, 200)]),
@@ -382,8 +395,8 @@ def main(argv=None):
             continue
         if name in single:
             inputs, _ = make_inputs(ours, device=device, dtype=dtype, **single[name])
-            rec = add_shares(generation_workload(name, theirs, ours, inputs, device, args.new_tokens, runs),
-                             roofline(ours, inputs), probe)
+            rec = add_shares(generation_workload(name, theirs, ours, inputs, device, args.new_tokens, runs,
+                                                 args.sample), roofline(ours, inputs), probe)
             if gpu and name == "W1":
                 rec["peak_gib"] = {"ours": peak_memory(lambda: ours.generate(**inputs, max_new_tokens=16), device),
                                    "transformers": peak_memory(lambda: theirs.generate(**inputs, max_new_tokens=16),
@@ -393,7 +406,7 @@ def main(argv=None):
                 sizes = [W5_SIZES[i % len(W5_SIZES)] for i in range(b)]
                 inputs, _ = make_inputs(ours, sizes, device=device, dtype=dtype)
                 rec = add_shares(generation_workload(f"W5_b{b}", theirs, ours, inputs, device, args.new_tokens,
-                                                     max(1, runs // 2)), roofline(ours, inputs), probe)
+                                                     max(1, runs // 2), args.sample), roofline(ours, inputs), probe)
                 if gpu:
                     rec["peak_gib"] = {"ours": peak_memory(lambda: ours.generate(**inputs, max_new_tokens=4), device),
                                        "transformers": peak_memory(

@@ -27,3 +27,10 @@ def test_tiny_bench_runs_the_gate_a_workload_and_a_profile(capsys):
     assert stages["W5_b2"]["batch"] == 2 and set(stages["W5_b2"]["prefill_tflop_s"]) == {"ours", "transformers"}
     for label in ("W1_prefill", "W1_decode", "W5_b2_prefill", "W5_b2_decode"):
         assert stages[f"profile_{label}"]["ms_by_kind"]["gemm"] > 0 and stages[f"profile_{label}"]["top"], label
+
+
+def test_sampled_bench_gates_on_seeded_tokens(capsys):
+    assert main(["--shape", "tiny", "--workloads", "W3", "--new-tokens", "4", "--runs", "1", "--sample"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    stages = {rec["stage"]: rec for rec in lines}
+    assert stages["gate"]["sampled_tokens_identical"] and "W3_sampled" in stages
