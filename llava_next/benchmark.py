@@ -269,7 +269,9 @@ def add_shares(rec: dict, model: dict, probe: dict | None) -> dict:
 
 def profile_workload(ours, inputs, device, workload: str, steps: int = 16, top: int = 12) -> list[dict]:
     """torch.profiler over our prefill and `steps` decode steps of `inputs` (the difference of a 1-token and a
-    (steps + 1)-token run): device time (CPU time on a CPU) by kind (gemm / attention / other), top kernels."""
+    (steps + 1)-token run): device time (CPU time on a CPU) by kind (gemm / attention / other), top kernels.
+    On a GPU the decode steps run the CUDA graph's kernels without the graph (engine mode "static"), so every
+    kernel is traced; their device time is the graph step's minus its launch gaps."""
     from torch.profiler import ProfilerActivity, profile
 
     gpu = torch.device(device).type == "cuda"
@@ -299,7 +301,18 @@ def profile_workload(ours, inputs, device, workload: str, steps: int = 16, top: 
         return "other"
 
     prefill = kernel_times(1)
-    both = kernel_times(steps + 1)
+    if gpu:  # kernels inside a CUDA graph may not be traced: decode with the same kernels, launched one by one
+        from .engine import DecodeEngine
+
+        graph_engine = ours.__dict__.pop("_decode_engine", None)
+        if graph_engine is not None:
+            graph_engine.release()
+        ours.__dict__["_decode_engine"] = DecodeEngine(ours, mode="static")
+    try:
+        both = kernel_times(steps + 1)
+    finally:
+        if gpu:
+            ours.__dict__.pop("_decode_engine").release()  # the next generate builds a graph engine again
     decode = {k: (ms - prefill.get(k, (0.0, 0))[0], count - prefill.get(k, (0.0, 0))[1])
               for k, (ms, count) in both.items()}  # the decode steps alone: the difference of the two runs
     records = []
