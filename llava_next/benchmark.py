@@ -267,7 +267,7 @@ def add_shares(rec: dict, model: dict, probe: dict | None) -> dict:
     return rec
 
 
-def profile_workload(ours, inputs, device, workload: str, steps: int = 16, top: int = 12) -> list[dict]:
+def profile_workload(ours, inputs, device, workload: str, steps: int = 64, top: int = 12) -> list[dict]:
     """torch.profiler over our prefill and `steps` decode steps of `inputs` (the difference of a 1-token and a
     (steps + 1)-token run): device time (CPU time on a CPU) by kind (gemm / attention / other), top kernels.
     On a GPU the decode steps run the CUDA graph's kernels without the graph (engine mode "static"), so every
@@ -296,7 +296,8 @@ def profile_workload(ours, inputs, device, workload: str, steps: int = 16, top: 
         low = name.lower()
         if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "softmax")):
             return "attention"
-        if any(k in low for k in ("gemm", "gemv", "nvjet", "cutlass", "sm90", "aten::mm", "addmm", "matmul")):
+        if any(k in low for k in ("gemm", "gemv", "nvjet", "cutlass", "sm90", "aten::mm", "_int_mm", "addmm",
+                                  "matmul")):
             return "gemm"
         return "other"
 

@@ -195,6 +195,7 @@ class LogitsPipeline:
         self.params = params
         self._eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, dtype=torch.long).reshape(-1)
         self._eos_mask: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._eos_ids: dict[tuple[int, torch.device], torch.Tensor] = {}
         # Both EOS processors do the same thing, so one threshold stands for both.
         self.eos_until = max(params.min_length, prompt_len + params.min_new_tokens)
         p = params
@@ -275,7 +276,10 @@ class LogitsPipeline:
         if key not in self._eos_mask:  # built once per (vocab, device), on the first step
             vocab = torch.arange(V, device=scores.device)
             self._eos_mask[key] = torch.isin(vocab, self._eos.to(scores.device))  # (V,)
-        blocked = self._eos_mask[key] & (cur_len < self.eos_until)  # cur_len may be a 0-d device tensor
+            self._eos_ids[key] = self._eos_mask[key].nonzero().squeeze(1)  # (n,) the EOS ids inside the vocab
+        if isinstance(cur_len, int):  # decided on the host: touch only the EOS entries
+            return scores.index_fill(-1, self._eos_ids[key], -math.inf) if cur_len < self.eos_until else scores
+        blocked = self._eos_mask[key] & (cur_len < self.eos_until)  # cur_len a 0-d device tensor: no sync
         return scores.masked_fill(blocked, -math.inf)
 
     def _temperature(self, scores, input_ids, valid, cur_len):

@@ -1,10 +1,11 @@
-"""Exact next tokens from a float32 lm_head that is mostly read in bfloat16 (the CPU decode path).
+"""Exact next tokens from a float32 lm_head that is mostly read as int8 (the CPU decode path).
 
 A CPU decode step is bound by memory traffic, and with a small decoder and a large vocabulary the float32
 lm_head is most of it (the `tiny` benchmark shape: 33 of 40 MB read per token). Greedy decoding needs only
 the arg max, and top-k sampling only the k best scores, so per step:
 
-1. approximate logits  a = bf16(x) @ bf16(W).T          (half the bytes of W)
+1. approximate logits  a = s_x s_W (q_x . q_W)            int8 copies of x and W (a quarter of W's bytes;
+                                                          the integer products are exact, `torch._int_mm`)
 2. a rigorous bound    |a_v - l_v| <= e_v                 (l: the float32 logits transformers computes)
 3. candidates          {v : M(a + e)_v >= k-th largest of M(a - e)}
                        (M: the processors that act per entry and keep order: repetition penalty, EOS
@@ -18,14 +19,13 @@ full logits, position for position, and greedy and sampling (same RNG draws) giv
 logits come from a GEMM over the gathered rows, whose rounding may differ from the full GEMM's by ~1e-7 (as
 any other kernel difference).
 
-The bound (u = 2^-8, bf16's unit roundoff; g = gamma_D = D 2^-24 / (1 - D 2^-24); S_v = sum_i |x_i W_vi|):
-    |l_v - x.W_v|            <= g S_v                      float32 GEMM, any summation order
-    |x^.W^_v - x.W_v|         <= (2u + u^2) S_v            both operands rounded to bf16
-    |s_v - x^.W^_v|           <= g (1 + u)^2 S_v           products of bf16 are exact in float32; float32 sum
-    |a_v - s_v|               <= u / (1 - u) |a_v|         the bf16 output
-with S_v <= ||x|| ||W_v|| (Cauchy-Schwarz) and a small absolute term for flushed subnormals. This assumes
-torch's CPU bf16 matmul accumulates in float32 (oneDNN and the fallback kernel both do);
-tests/test_screened_head.py checks the bound on adversarial inputs.
+The bound. x = s_x q_x + dx and W_v = s_v q_v + dw_v (round to nearest, one scale per row of x and of W;
+the norms of dx and dw_v are measured in float64 when quantizing). By Cauchy-Schwarz,
+    |x.W_v - s_x s_v q_x.q_v|  = |x.dw_v + dx.W_v - dx.dw_v| <= |dw_v| (|x| + |dx|) + |dx| |W_v|
+    |l_v - x.W_v|              <= g |x| |W_v|              float32 GEMM, g = D 2^-24 / (1 - D 2^-24)
+    |a_v - s_x s_v q_x.q_v|    <= 2^-21 |a_v|              three float32 roundings of the int32 result
+(|.| the 2-norm; plus slack for the float32 evaluation of e and of a +- e). The int8 copy of the head stays in
+the last-level cache on this machine (8 MB for the tiny shape), which is where most of the gain comes from.
 
 Leaves out: sampling without top_k (every probability counts), beam search, output_scores/output_logits
 (they need every logit), non-float32 or quantized heads, heads with a bias. Those take the full lm_head.
@@ -39,27 +39,26 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-_U = 2.0**-8  # bfloat16 unit roundoff (8 significand bits, round to nearest)
-_TINY = 2.0**-126  # smallest normal float32: bound for a flushed subnormal
+_ROWS = 4096  # rows of W quantized at a time (float64 work space)
+_UP = 1 + 2.0**-20  # float64 -> float32 casts round down by at most 2^-24: multiply first, so bounds stay bounds
+_TINY = 2.0**-126  # smallest normal float32
 
 
-def error_coefficients(hidden_size: int) -> tuple[float, float]:
-    """(c_norm, c_abs): e_v = c_norm ||x|| ||W_v|| + c_abs |a_v| (+ the subnormal term), with safety slack.
-
-    The slack (2^-12 on the norms, 2^-16 overall, 2^-20 on |a|) covers the float32 rounding of the norms,
-    of e itself, and of a +- e.
-    """
-    gamma = hidden_size * 2.0**-24 / (1 - hidden_size * 2.0**-24)
-    c_norm = (2 * _U + _U**2 + gamma * (1 + _U) ** 2 + gamma) * (1 + 2.0**-12) ** 2 * (1 + 2.0**-16)
-    c_abs = (_U / (1 - _U) + 2.0**-20) * (1 + 2.0**-16)
-    return c_norm, c_abs
+def _quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t (N, D) float64 -> (q (N, D) int8, scale (N, 1), |t - scale q| per row (N, 1)), scale and norm float64."""
+    amax = t.abs().amax(-1, keepdim=True)  # (N, 1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(t / scale).clamp_(-127, 127)
+    residual = (t - q * scale).norm(dim=-1, keepdim=True)  # float64 on float32 inputs: rounding negligible
+    return q.to(torch.int8), scale, residual
 
 
 class ScreenedHead:
     """Next tokens for hidden states (B, D) through a float32, bias-free lm_head weight (V, D).
 
-    Keeps a bf16 copy of the weight (V x D x 2 bytes) and its row norms; rebuilds them if the weight is
-    replaced or changed in place. `max_candidates` (default V / 8): above it a step takes the full lm_head.
+    Keeps an int8 copy of the weight (V x D bytes) and per-row scale, residual and norms; rebuilds them if
+    the weight is replaced or changed in place. `max_candidates` (default V / 8): above it a step takes the
+    full lm_head.
     """
 
     def __init__(self, weight: torch.Tensor, max_candidates: int | None = None):
@@ -74,35 +73,52 @@ class ScreenedHead:
         stamp = (self.weight.data_ptr(), self.weight._version)
         if stamp == self._stamp:
             return
+        V, D = self.weight.shape
+        q = torch.empty(V, D, dtype=torch.int8)
+        stats = torch.empty(V, 3, dtype=torch.float64)  # scale, |dw_v|, |W_v|
         with torch.no_grad():
-            self.weight_bf16 = self.weight.to(torch.bfloat16)  # (V, D)
-            self.row_norms = self.weight.norm(dim=1)  # (V,)
-        self.c_norm, self.c_abs = error_coefficients(self.weight.shape[1])
-        self.subnormal = (self.weight.shape[1] + 1) * _TINY * (1 + self.row_norms)  # (V,)
+            for start in range(0, V, _ROWS):
+                rows = self.weight[start:start + _ROWS].double()  # (n, D)
+                q[start:start + _ROWS], scale, residual = _quantize_rows(rows)
+                stats[start:start + _ROWS] = torch.cat([scale, residual, rows.norm(dim=-1, keepdim=True)], dim=1)
+        self.q_t = q.t()  # (D, V) view: the layout the int8 GEMM reads fastest
+        self.scale = stats[:, 0].float()  # (V,) the a_v rounding term covers its cast
+        self.residual = (stats[:, 1] * _UP).float()  # (V,)
+        self.norm = (stats[:, 2] * _UP).float()  # (V,)
+        self.gamma = D * 2.0**-24 / (1 - D * 2.0**-24)
         self._stamp = stamp
 
     def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, D) float32 -> (a, e), both (B, V) float32, with |a - float32 logits| <= e everywhere."""
         self._refresh()
-        a = F.linear(hidden.to(torch.bfloat16), self.weight_bf16).float()  # (B, V)
-        scale = hidden.norm(dim=-1, keepdim=True) * self.c_norm  # (B, 1)
-        e = a.abs().mul_(self.c_abs).addcmul_(scale, self.row_norms).add_(self.subnormal)  # (B, V)
+        x = hidden.double()  # (B, D)
+        qx, sx, dx = _quantize_rows(x)  # (B, D) int8, (B, 1), (B, 1)
+        exact = torch._int_mm(qx, self.q_t)  # (B, V) int32, no rounding
+        a = exact.float() * (sx.float() * self.scale)  # (B, V)
+        xn = x.norm(dim=-1, keepdim=True)  # (B, 1)
+        e = self.residual * ((xn + dx) * _UP).float()  # (B, V): |dw_v| (|x| + |dx|)
+        e.addcmul_(self.norm, ((dx + self.gamma * xn) * _UP).float())  # + (|dx| + g |x|) |W_v|
+        e.addcmul_(a.abs(), torch.tensor(2.0**-21 + 2.0**-20))  # + a's roundings, and those of a +- e
+        e.mul_(1 + 2.0**-12).add_(_TINY)  # the float32 evaluation of e itself; underflow
         return a, e
 
     def __call__(self, hidden: torch.Tensor, k: int, monotone: Callable[[torch.Tensor], torch.Tensor],
                  choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """hidden (B, D) -> next tokens (B,) = choose(hidden @ W.T), reading W mostly in bf16.
+        """hidden (B, D) -> next tokens (B,) = choose(hidden @ W.T), reading W mostly as int8.
 
         `choose` maps (B, V) float32 logits to tokens and may only depend on the k best entries of
         `monotone(logits)`, a per-entry, order-keeping map (for greedy: the processors and argmax, k = 1).
         """
+        if not bool(torch.isfinite(hidden).all()):  # NaN/inf: the full head gives torch's own answer
+            self.full_steps += 1
+            return choose(F.linear(hidden, self.weight))
         a, e = self.bounds(hidden)
         low = monotone(a - e)  # (B, V): every score is at least this
         kth_low = low.amax(-1, keepdim=True) if k == 1 else low.topk(k, dim=-1).values[:, -1:]  # (B, 1)
-        candidates = monotone(a + e) >= kth_low  # (B, V); a NaN logit leaves its row without candidates
+        candidates = monotone(a + e) >= kth_low  # (B, V)
         columns = candidates.any(0).nonzero().squeeze(1)  # (N,) ascending token ids
         usable = bool(candidates.any(-1).all()) and bool(torch.isfinite(kth_low).all())
-        if not usable or columns.numel() > self.max_candidates:  # NaN/inf or a flat distribution
+        if not usable or columns.numel() > self.max_candidates:  # overflow, or a flat distribution
             self.full_steps += 1
             return choose(F.linear(hidden, self.weight))
         self.screened_steps += 1
