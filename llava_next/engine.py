@@ -84,7 +84,7 @@ class DecodeEngine:
     mode "static": the same step without the graph (runs anywhere; the CPU tests use it to check that path).
     mode "eager" (default elsewhere): dynamic step over the filled part of a fresh cache.
     screen_head (eager mode, float32 CPU lm_head): greedy and top-k sampling steps choose their token through
-    ScreenedHead (same tokens, about half the lm_head traffic); False always computes the full logits.
+    ScreenedHead (same tokens, a quarter of the lm_head traffic); False always computes the full logits.
     """
 
     def __init__(self, model, mode: str | None = None, screen_head: bool = True):
