@@ -33,6 +33,7 @@ Leaves out: sampling without top_k (every probability counts), beam search, outp
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -128,8 +129,20 @@ class ScreenedHead:
         return choose(logits)
 
 
+@functools.lru_cache(maxsize=None)
+def int8_gemm_available() -> bool:
+    """Whether this torch build runs the exact int8 GEMM (`torch._int_mm`) on the CPU."""
+    try:
+        a = torch.ones(1, 16, dtype=torch.int8)
+        return int(torch._int_mm(a, torch.ones(16, 8, dtype=torch.int8))[0, 0]) == 16
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def screen_applies(lm_head: torch.nn.Module) -> bool:
-    """Whether `lm_head` is a plain float32 CPU Linear without a bias (what ScreenedHead handles)."""
+    """Whether `lm_head` is a plain float32 CPU Linear without a bias (what ScreenedHead handles) and the int8
+    GEMM is there."""
     weight = getattr(lm_head, "weight", None)
     return (type(lm_head) is torch.nn.Linear and lm_head.bias is None and isinstance(weight, torch.Tensor)
-            and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2)
+            and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+            and int8_gemm_available())
