@@ -29,8 +29,9 @@ def test_tiny_bench_runs_the_gate_a_workload_and_a_profile(capsys):
         assert stages[f"profile_{label}"]["ms_by_kind"]["gemm"] > 0 and stages[f"profile_{label}"]["top"], label
 
 
-def test_sampled_bench_gates_on_seeded_tokens(capsys):
-    assert main(["--shape", "tiny", "--workloads", "W3", "--new-tokens", "4", "--runs", "1", "--sample"]) == 0
+def test_sampled_bench_gates_on_seeded_tokens_and_w6_checks_prefix_reuse(capsys):
+    assert main(["--shape", "tiny", "--workloads", "W3,W6", "--new-tokens", "4", "--runs", "1", "--sample"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     stages = {rec["stage"]: rec for rec in lines}
     assert stages["gate"]["sampled_tokens_identical"] and "W3_sampled" in stages
+    assert stages["W6"]["reuse_prefix_tokens_identical"] and stages["W6"]["seconds"]["ours_reuse_prefix"] > 0
