@@ -110,7 +110,7 @@ class ScreenedHead:
         `choose` maps (B, V) float32 logits to tokens and may only depend on the k best entries of
         `monotone(logits)`, a per-entry, order-keeping map (for greedy: the processors and argmax, k = 1).
         """
-        if not bool(torch.isfinite(hidden).all()):  # NaN/inf: the full head gives torch's own answer
+        if k > self.max_candidates or not bool(torch.isfinite(hidden).all()):  # a huge k; NaN/inf: torch's own
             self.full_steps += 1
             return choose(F.linear(hidden, self.weight))
         a, e = self.bounds(hidden)

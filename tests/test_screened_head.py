@@ -159,9 +159,16 @@ def test_top_k_sampling_sees_the_same_scores_and_draws_the_same_tokens(kwargs):
     assert head.screened_steps == 30 and head.full_steps == 0
 
 
-def test_sampling_without_top_k_is_not_screened():
+def test_sampling_without_top_k_or_with_a_huge_one_takes_the_full_head():
     assert _pipeline(do_sample=True, top_k=0).screen_k is None
     assert _pipeline(do_sample=False, top_k=0).screen_k == 1
+    g, W, head, x = _random_head(9, 4000, 32)
+    pipeline = _pipeline(do_sample=True, top_k=10**6)  # more than the vocabulary: everything is kept
+    history = torch.zeros(1, 6, dtype=torch.long)
+    got = head(x, pipeline.screen_k, partial(pipeline.monotone, history),
+               partial(pipeline.choose, history, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(got, pipeline.choose(history, F.linear(x, W), generator=torch.Generator().manual_seed(0)))
+    assert head.full_steps == 1
 
 
 def test_screen_applies_only_to_plain_float32_cpu_heads():
