@@ -5,7 +5,8 @@ than running them. The engine captures the step once per (batch size, cache leng
 graph over a pooled static cache, then each token is: copy token/position/slot into static buffers, replay.
 The pooled cache outlives one generate() call, so the graph is captured once and replayed across calls.
 
-On a CPU there is no graph: the step runs eagerly over the filled part of the cache (fastest there).
+On a CPU there is no graph: the step runs eagerly over the filled part of the cache (fastest there), and can
+stop at the last hidden state so that screened_head.py picks the token from an int8 copy of the lm_head.
 
 Leaves out: torch.compile (compile times of tens of seconds for a few percent more), speculative decoding.
 """

@@ -4,7 +4,9 @@ Semantics are transformers' `generate` for decoder-only models: output is prompt
 finished are padded with `pad_token_id`, the loop stops when every row has hit EOS (or a stop string) or
 `max_new_tokens` is reached; the length defaults come from the checkpoint's generation_config.json.
 Images are encoded once, in the prefill (`LlavaNextModel.embed`); the decode step only embeds tokens.
-Positions come from the attention mask, so a left-padded row decodes exactly as it would alone.
+Positions come from the attention mask, so a left-padded row decodes exactly as it would alone; a padded
+batch is prefilled run by run (rows of one length together, real tokens only) and then decodes together.
+On a float32 CPU head, greedy and top-k sampling choose tokens through screened_head.py (same tokens).
 
 Everything is validated before the first forward pass: generation arguments (sampling.py), and the
 prompt (image tokens included) plus `max_new_tokens` against the context (ContextLengthError).
