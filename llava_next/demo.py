@@ -244,11 +244,12 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_processor_files(folder: Path) -> None:
-    """Tokenizer, image processor, processor and chat template files of the hub's llava-v1.6-mistral-7b-hf."""
-    tokenizer = demo_tokenizer()
+def write_hub_processor_files(folder: Path, tokenizer, chat_template: str, additional_special_tokens=(),
+                              padding_side: str = "right") -> None:
+    """tokenizer.json (from a `tokenizers.Tokenizer`), tokenizer_config.json, special_tokens_map.json,
+    preprocessor_config.json, processor_config.json and chat_template.json as the llava-hf hub repos write them
+    (anyres 336 px CLIP settings, patch 14, strategy "default"). The tests write every family's with this."""
     tokenizer.save(str(folder / "tokenizer.json"))
-    shutil.copyfile(mistral_sentencepiece_file(), folder / "tokenizer.model")
     added = {
         str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                  "single_word": t.single_word, "special": t.special}
@@ -259,20 +260,20 @@ def write_processor_files(folder: Path) -> None:
         "add_bos_token": True,
         "add_eos_token": False,
         "added_tokens_decoder": added,
-        "additional_special_tokens": [],
+        "additional_special_tokens": list(additional_special_tokens),
         **specials,
         "clean_up_tokenization_spaces": False,
         "legacy": True,
         "model_max_length": 1000000000000000019884624838656,
-        "padding_side": "right",
+        "padding_side": padding_side,
         "processor_class": "LlavaNextProcessor",
         "sp_model_kwargs": {},
         "spaces_between_special_tokens": False,
         "tokenizer_class": "LlamaTokenizer",
         "use_default_system_prompt": False,
     })
-    _write_json(folder / "special_tokens_map.json", specials)
-    _write_json(folder / "added_tokens.json", {"<image>": IMAGE_TOKEN_ID, "<pad>": PAD_TOKEN_ID})
+    _write_json(folder / "special_tokens_map.json",
+                {**specials, "additional_special_tokens": list(additional_special_tokens)})
     _write_json(folder / "preprocessor_config.json", {
         "aspect_ratio_setting": "anyres",
         "crop_size": {"height": 336, "width": 336},
@@ -287,7 +288,14 @@ def write_processor_files(folder: Path) -> None:
         "image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": 14,
         "processor_class": "LlavaNextProcessor", "vision_feature_select_strategy": "default",
     })
-    _write_json(folder / "chat_template.json", {"chat_template": MISTRAL_CHAT_TEMPLATE})
+    _write_json(folder / "chat_template.json", {"chat_template": chat_template})
+
+
+def write_processor_files(folder: Path) -> None:
+    """Tokenizer, image processor, processor and chat template files of the hub's llava-v1.6-mistral-7b-hf."""
+    write_hub_processor_files(folder, demo_tokenizer(), MISTRAL_CHAT_TEMPLATE)
+    shutil.copyfile(mistral_sentencepiece_file(), folder / "tokenizer.model")
+    _write_json(folder / "added_tokens.json", {"<image>": IMAGE_TOKEN_ID, "<pad>": PAD_TOKEN_ID})
 
 
 def build_demo_checkpoint(folder: str | Path, seed: int = 0, overwrite: bool = False, quiet: bool = False) -> Path:

@@ -13,17 +13,11 @@ Provenance (the hub itself is not reachable from here; see the report / FACTS.md
   "110b" is the same template as "72b".
 """
 
+from llava_next.demo import MISTRAL_CHAT_TEMPLATE  # the demo checkpoint ships the same file
+
 CHAT_TEMPLATES: dict[str, str] = {
     # llava-hf/llava-v1.6-mistral-7b-hf (chat_template.json); note the `<\s>` typo, kept on purpose
-    "mistral": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + message['content'][0]['text']"
-        " + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images first #}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-        "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + "
-        "message['content'][0]['text'] + '<\\s> '}}{% else %}{{ raise_exception('Only user and assistant roles are "
-        "supported!') }}{% endif %}{% endfor %}"
-    ),
+    "mistral": MISTRAL_CHAT_TEMPLATE,
     # the later revision of the same file, with `</s>`
     "mistral-fixed": (
         "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + message['content'][0]['text']"

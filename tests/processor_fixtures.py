@@ -18,7 +18,6 @@ Other test files (generation, pipeline) can reuse these folders; add model weigh
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import tempfile
@@ -29,10 +28,15 @@ from chat_templates import CHAT_TEMPLATES, CONTROL_TOKENS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fixtures are local folders; never reach for the network
 
-IMAGE_TOKEN_ID, PAD_TOKEN_ID = 32000, 32001
-PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# The demo checkpoint writes the same hub files.
+from llava_next.demo import (  # noqa: E402
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    PINPOINTS,
+    _write_json,
+    write_hub_processor_files,
+)
+
 # Families whose hub tokenizer.json is the legacy Llama kind (normalizer prepends "▁"); the others use the
 # Metaspace pre-tokenizer that transformers 5.x writes. Both kinds are exercised.
 LEGACY_NORMALIZER = {"mistral", "mistral-fixed", "vicuna", "34b"}
@@ -72,53 +76,11 @@ def _hub_tokenizer(family: str):
     return backend
 
 
-def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def write_hub_folder(folder: Path, family: str, chat_template: str | None = None) -> Path:
     """The hub layout of a llava-hf processor for `family` (see the module docstring)."""
     folder.mkdir(parents=True, exist_ok=True)
-    backend = _hub_tokenizer(family)
-    backend.save(str(folder / "tokenizer.json"))
-    added = {
-        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                 "single_word": t.single_word, "special": t.special}
-        for i, t in sorted(backend.get_added_tokens_decoder().items())
-    }
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
-    _write_json(folder / "tokenizer_config.json", {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": CONTROL_TOKENS[family],
-        **specials,
-        "clean_up_tokenization_spaces": False,
-        "legacy": True,
-        "model_max_length": 1000000000000000019884624838656,
-        "padding_side": PADDING_SIDE.get(family, "right"),
-        "processor_class": "LlavaNextProcessor",
-        "sp_model_kwargs": {},
-        "spaces_between_special_tokens": False,
-        "tokenizer_class": "LlamaTokenizer",
-        "use_default_system_prompt": False,
-    })
-    _write_json(folder / "special_tokens_map.json", {**specials, "additional_special_tokens": CONTROL_TOKENS[family]})
-    _write_json(folder / "preprocessor_config.json", {
-        "aspect_ratio_setting": "anyres",
-        "crop_size": {"height": 336, "width": 336},
-        "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_pad": True,
-        "do_rescale": True, "do_resize": True,
-        "image_grid_pinpoints": PINPOINTS,
-        "image_mean": CLIP_MEAN, "image_processor_type": "LlavaNextImageProcessor", "image_std": CLIP_STD,
-        "processor_class": "LlavaNextProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
-        "size": {"shortest_edge": 336},
-    })
-    _write_json(folder / "processor_config.json", {
-        "image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": 14,
-        "processor_class": "LlavaNextProcessor", "vision_feature_select_strategy": "default",
-    })
-    _write_json(folder / "chat_template.json", {"chat_template": chat_template or CHAT_TEMPLATES[family]})
+    write_hub_processor_files(folder, _hub_tokenizer(family), chat_template or CHAT_TEMPLATES[family],
+                              CONTROL_TOKENS[family], PADDING_SIDE.get(family, "right"))
     # With model_type llava_next, transformers loads tokenizer.json as is (its TokenizersBackend), as on the hub.
     _write_json(folder / "config.json", {
         "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
