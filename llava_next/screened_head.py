@@ -99,7 +99,7 @@ class ScreenedHead:
         xn = x.norm(dim=-1, keepdim=True)  # (B, 1)
         e = self.residual * ((xn + dx) * _UP).float()  # (B, V): |dw_v| (|x| + |dx|)
         e.addcmul_(self.norm, ((dx + self.gamma * xn) * _UP).float())  # + (|dx| + g |x|) |W_v|
-        e.addcmul_(a.abs(), torch.tensor(2.0**-21 + 2.0**-20))  # + a's roundings, and those of a +- e
+        e.add_(a.abs(), alpha=2.0**-21 + 2.0**-20)  # + a's roundings, and those of a +- e
         e.mul_(1 + 2.0**-12).add_(_TINY)  # the float32 evaluation of e itself; underflow
         return a, e
 
