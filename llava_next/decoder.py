@@ -111,7 +111,10 @@ class Attention(nn.Module):
         self.backend = "sdpa"
 
     def fuse_projections(self):
-        """Replace q/k/v by one GEMM (fewer, larger kernels); the checkpoint's names stay loadable before this."""
+        """Replace q/k/v by one GEMM (fewer, larger kernels); the checkpoint's names stay loadable before this.
+        Idempotent: a model may get a new engine (another device, another mode) after the first fused it."""
+        if self.qkv_proj is not None:
+            return
         fused = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
         if fused is not None:
             self.qkv_proj = fused
@@ -147,6 +150,8 @@ class MLP(nn.Module):
         self.intermediate = m
 
     def fuse_projections(self):
+        if self.gate_up_proj is not None:  # already fused (idempotent, as Attention's)
+            return
         fused = _fused_linear([self.gate_proj, self.up_proj])
         if fused is not None and self.act is F.silu:
             self.gate_up_proj = fused

@@ -162,3 +162,20 @@ def test_static_engine_with_compiled_kernels_matches_transformers(tmp_path):
         assert model.model.language_model.layers[0].mlp.gate_up_proj is not None  # the fused path ran
     finally:
         decoder_module.STATIC_KERNELS.update(decoder_module.EAGER_KERNELS)
+
+
+def test_a_second_static_engine_on_a_fused_model_still_matches_transformers(tmp_path):
+    """Engines are rebuilt (another mode, another device); fusing the projections again must be a no-op."""
+    from llava_next import decoder as decoder_module
+    from llava_next.engine import DecodeEngine
+
+    folder, reference = save_tiny(tmp_path / "m", "mistral")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids, mask = _padded_batch()
+    expected = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    try:
+        for _ in range(2):
+            model.__dict__["_decode_engine"] = DecodeEngine(model, mode="static")
+            assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8), expected)
+    finally:
+        decoder_module.STATIC_KERNELS.update(decoder_module.EAGER_KERNELS)
