@@ -102,15 +102,12 @@ def beam_search(model, plan, input_ids, attention_mask, pixel_values, image_size
 
     params = plan.sampling
     do_sample = params.do_sample
-    embeds_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
     with _LOCK, torch.inference_mode():
         device = model.device
         prompt = _prompt_ids(input_ids, inputs_embeds).to(device)  # (B, P); P = 0 with inputs_embeds alone
         B, P = prompt.shape
         max_new = plan.max_new_tokens
         max_length = P + max_new
-        if P != embeds_len:  # inputs_embeds: transformers counts min_length without the embedded prompt
-            params = dataclasses.replace(params, min_length=max(params.min_length - embeds_len, 0))
         processors = LogitsPipeline(dataclasses.replace(params, do_sample=False), eos, P)
         warpers = _warpers(params, n_eos + 1) if do_sample else []
         ignore = None  # repetition penalty skips each row's left padding, as transformers' prompt_ignore_length

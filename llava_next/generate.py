@@ -16,6 +16,7 @@ Leaves out: num_return_sequences > 1, assisted/contrastive decoding. Beam search
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -60,8 +61,11 @@ def _merged_generation_config(model, kwargs) -> dict:
     return config
 
 
-def plan_generation(model, prompt_len: int, kwargs: dict) -> GenerationPlan:
-    """Resolve and validate lengths, special ids and sampling settings (transformers' priority order)."""
+def plan_generation(model, prompt_len: int, kwargs: dict, embedded_prompt: bool = False) -> GenerationPlan:
+    """Resolve and validate lengths, special ids and sampling settings (transformers' priority order).
+
+    embedded_prompt: the prompt came as inputs_embeds alone, so (as transformers) the output holds only the new
+    tokens and min_length does not count the prompt."""
     gen = _merged_generation_config(model, kwargs)
 
     def pick(name, default=None):
@@ -98,6 +102,8 @@ def plan_generation(model, prompt_len: int, kwargs: dict) -> GenerationPlan:
     sampling_kwargs = {k: v for k, v in kwargs.items() if k not in _LOOP_ARGS}
     gen_sampling = {k: v for k, v in gen.items() if k not in _LOOP_ARGS}
     sampling = SamplingParams.from_generate_kwargs(sampling_kwargs, gen_sampling)
+    if embedded_prompt:
+        sampling = dataclasses.replace(sampling, min_length=max(sampling.min_length - prompt_len, 0))
     stop = None
     if kwargs.get("stop_strings"):
         if kwargs.get("tokenizer") is None:
@@ -199,7 +205,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     if input_ids is None and inputs_embeds is None:
         raise ValueError("generate needs input_ids (or inputs_embeds)")
     prompt_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-    plan = plan_generation(model, prompt_len, kwargs)
+    plan = plan_generation(model, prompt_len, kwargs, embedded_prompt=input_ids is None)
     if plan.num_beams > 1:
         from .beam_search import beam_search
 
@@ -215,28 +221,28 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     # compiled step, so they are serialised instead of cross-wired.
     with _LOCK, torch.inference_mode():
         prompt = _prompt_ids(input_ids, inputs_embeds).to(model.device)
-        B = prompt.shape[0]
+        B, P = prompt.shape  # P = 0 with inputs_embeds alone: the output is the new tokens only
         reuse = bool(kwargs.get("reuse_prefix"))
-        processors = LogitsPipeline(plan.sampling, plan.eos, prompt_len)
+        processors = LogitsPipeline(plan.sampling, plan.eos, P)
         # Greedy or top-k sampling without scores on a float32 CPU head: the screened lm_head (screened_head.py).
         screen = engine_for(model).head_screen(processors.screen_k, bool(want_scores or want_logits))
         prefill = Prefill(model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds,
                           plan.max_new_tokens, reuse_prefix=reuse, head=screen is None)
         cache, position = prefill.cache, prefill.next_position
         out = prefill.logits if screen is None else prefill.hidden  # (B, V) logits or (B, D) hidden
-        sequences = torch.full((B, prompt_len + plan.max_new_tokens), plan.pad_token_id, dtype=torch.long,
+        sequences = torch.full((B, P + plan.max_new_tokens), plan.pad_token_id, dtype=torch.long,
                                device=model.device)
-        sequences[:, :prompt_len] = prompt
+        sequences[:, :P] = prompt
         unfinished = torch.ones(B, dtype=torch.bool, device=model.device)
         # Left padding is not "seen" by the repetition penalty (transformers' prompt_ignore_length).
         valid = None
-        if attention_mask is not None and input_ids is not None:
+        if attention_mask is not None:
             leading_pad = (attention_mask != 0).int().argmax(1).to(model.device)  # (B,)
             valid = torch.arange(sequences.shape[1], device=model.device)[None] >= leading_pad[:, None]
         scores, raw_logits = [], []
         if streamer is not None:
             streamer.put(prompt.cpu())
-        length = prompt_len
+        length = P
         try:
             for step in range(plan.max_new_tokens):
                 history, seen = sequences[:, :length], None if valid is None else valid[:, :length]
@@ -266,9 +272,9 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
             if streamer is not None:
                 streamer.end()
         if reuse:  # remember what the cache holds (prompt + all but the last new token) for the next turn
-            new = model.model.language_model.embed_tokens(sequences[:, prompt_len:length - 1])
+            new = model.model.language_model.embed_tokens(sequences[:, P:length - 1])
             engine_for(model).remember(torch.cat([prefill.embeds, new], dim=1), cache)
-        out = sequences[:, :length] if input_ids is not None else sequences[:, prompt_len:length]
+        out = sequences[:, :length]
     if kwargs.get("return_dict_in_generate"):
         return ModelOutput(sequences=out, scores=tuple(scores) if want_scores else None,
                            logits=tuple(raw_logits) if want_logits else None)

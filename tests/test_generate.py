@@ -173,3 +173,18 @@ def test_default_length_and_eos_padding_follow_transformers(tiny_pair):
     first = theirs.generate(input_ids=ids, max_new_tokens=8)[0, ids.shape[1] + 2].item()
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, eos_token_id=first),
                        theirs.generate(input_ids=ids, max_new_tokens=8, eos_token_id=first))
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_inputs_embeds_alone_matches_transformers(tiny_pair, num_beams):
+    """A prompt given only as embeddings: new tokens only, min_length without the prompt, padding as transformers."""
+    ours, theirs = tiny_pair("mistral")
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [0, 0, 1, 12, 13, 14, 15, 16]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        embeds = theirs.get_input_embeddings()(ids)
+    kwargs = dict(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=12, num_beams=num_beams,
+                  do_sample=False, repetition_penalty=1.3, min_length=10, eos_token_id=[2, 40])
+    expected = theirs.generate(**kwargs)
+    got = ours.generate(**kwargs)
+    assert expected.shape[1] <= 12 and torch.equal(got, expected)
