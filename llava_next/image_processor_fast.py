@@ -98,6 +98,8 @@ def _tensor_to_chw(t: torch.Tensor, do_convert_rgb: bool, input_data_format: str
             t = t.expand(3, -1, -1)
         elif t.shape[0] == 4:
             integer = not t.is_floating_point()
+            if not integer and (t.min() < 0 or t.max() > 1):
+                raise ValueError(f"a float RGBA image must lie in [0, 1], got [{t.min().item()}, {t.max().item()}]")
             white = 255.0 if integer else 1.0
             alpha = t[3:4].double() / white
             blend = alpha * t[:3].double() + (1 - alpha) * white
@@ -131,14 +133,13 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessor):
             device = next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
         device = torch.device(device)
 
-        chw, scales, all_uint8 = [], [], True  # each (C, H, W) uint8 on device; the unit scale per image
+        chw, scales = [], []  # each (C, H, W) uint8 on device; the unit scale per image
         for image in flat:
             if isinstance(image, torch.Tensor):
                 t = _tensor_to_chw(image.to(device), s["do_convert_rgb"], input_data_format)
             else:
                 t = torch.from_numpy(np.ascontiguousarray(image_to_chw(image, s["do_convert_rgb"], input_data_format)))
                 t = t.to(device)
-            all_uint8 &= t.dtype == torch.uint8
             scale = _unit_scale(t)
             if t.dtype != torch.uint8:  # 8 bits as transformers makes them before resizing: x * 255, truncated
                 t = (t.double() * scale).float().to(torch.uint8)
@@ -147,8 +148,10 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessor):
 
         tiles = self._tiles(chw, s)  # per image (tiles, C, th, tw) uint8
         image_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in chw]
-        # uint8 in and neither rescale nor normalise: uint8 out, as transformers
-        out_dtype = torch.uint8 if all_uint8 and not (s["do_rescale"] or s["do_normalize"]) else torch.float32
+        # 8-bit values in (uint8, or whole numbers in any dtype) and neither rescale nor normalise: uint8 out,
+        # as the exact processor and transformers
+        out_dtype = (torch.uint8 if all(sc == 1.0 for sc in scales) and not (s["do_rescale"] or s["do_normalize"])
+                     else torch.float32)
         most = max(len(t) for t in tiles)
         if s["do_pad"] or len({t.shape for t in tiles}) == 1:
             out = torch.zeros((len(tiles), most) + tuple(tiles[0].shape[1:]), dtype=out_dtype, device=device)

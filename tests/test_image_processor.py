@@ -367,3 +367,18 @@ def test_fast_device_and_tensor_inputs():
             .float()).abs().mean() <= 0.5
     np_out = FAST(rocket, return_tensors="np")
     assert isinstance(np_out["pixel_values"], np.ndarray) and np_out["image_sizes"].dtype == np.int64
+
+
+def test_fast_output_dtype_and_float_rgba_check_follow_the_exact_processor():
+    rng = np.random.default_rng(3)
+    raw = dict(do_rescale=False, do_normalize=False, return_tensors="pt")
+    whole = rng.integers(0, 256, (40, 50, 3)).astype(np.float32)  # float dtype, 8-bit values
+    unit = rng.random((40, 50, 3)).astype(np.float32)
+    for image in (whole, unit):
+        expected = EXACT(image, **raw)["pixel_values"].dtype
+        assert expected == (torch.uint8 if image is whole else torch.float32)
+        assert FAST(torch.from_numpy(image), **raw)["pixel_values"].dtype == expected
+    rgba = np.concatenate([whole, np.zeros((40, 50, 1), np.float32)], axis=-1)  # 0..255 floats: not an RGBA in [0, 1]
+    for processor, image in ((EXACT, rgba), (FAST, torch.from_numpy(rgba))):
+        with pytest.raises(ValueError, match="float RGBA image must lie in"):
+            processor(image, return_tensors="pt")
