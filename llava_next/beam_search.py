@@ -171,7 +171,7 @@ def beam_search(model, plan, input_ids, attention_mask, pixel_values, image_size
                 if eos is not None:
                     hits = torch.isin(cand_seqs[:, :, cur_len], eos)
                 if stop is not None:
-                    hits = hits | stop(cand_seqs[:, :, : cur_len + 1].reshape(B * K, -1)).view(B, K)
+                    hits = hits | stop(cand_seqs[:, :, : cur_len + 1])  # (B, K)
 
             # the best n unfinished candidates keep running
             live_scores = cand_scores + hits.to(torch.float32) * _NEG

@@ -68,7 +68,12 @@ class StopStrings:
         return any(text.find(s, max(0, new_from - len(s) + 1)) != -1 for s in self.stop_strings)
 
     def __call__(self, sequences: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
-        """(B, T) token ids (host sync when on a device) -> (B,) bool on the same device."""
-        device = sequences.device if isinstance(sequences, torch.Tensor) else None
-        rows = sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences
-        return torch.tensor([self.row_matches(r) for r in rows], dtype=torch.bool, device=device)
+        """(..., T) token ids (host sync when on a device) -> (...) bool on the same device.
+
+        Only the last `window` ids of each row go to the host: the check never reads further back."""
+        if not isinstance(sequences, torch.Tensor):
+            return torch.tensor([self.row_matches(r) for r in sequences], dtype=torch.bool)
+        tails = sequences[..., -self.window:]
+        rows = tails.reshape(-1, tails.shape[-1]).tolist()
+        found = torch.tensor([self.row_matches(r) for r in rows], dtype=torch.bool, device=sequences.device)
+        return found.view(sequences.shape[:-1])

@@ -328,6 +328,9 @@ def test_stop_string_overlap_rule(pieces, stops):
     ids = [[vocab.index(p) for p in pieces]]
     assert StopStrings(tok, "stop")(ids).tolist() == [stops]
     assert StopStrings(tok, ["zzz", "stop"])(torch.tensor(ids)).tolist() == [stops]
+    # a (B, K, T) tensor (beam search's candidates) with a long history: each row as checked alone
+    long = torch.tensor([[[vocab.index(pieces[0])] * 40 + ids[0]] * 2] * 3)  # (3, 2, 40 + len)
+    assert StopStrings(tok, "stop")(long).tolist() == [[stops] * 2] * 3
 
 
 def test_stop_strings_match_transformers(tmp_path):
