@@ -182,9 +182,7 @@ def plain_data(value: Any) -> Any:
         return value
     if isinstance(value, str):
         return str.__str__(value)
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
+    if isinstance(value, int):  # (bool has no subclasses: exact bools returned above)
         return int.__int__(value)
     if isinstance(value, float):
         return float.__float__(value)

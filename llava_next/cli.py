@@ -76,18 +76,11 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def load(args):
     """(processor, model) for --model on --device in --dtype; warns about a demo (random) checkpoint."""
     from . import AutoProcessor, LlavaNextForConditionalGeneration
     from .demo import WARNING, is_demo_checkpoint
+    from .pipelines import resolve_device
 
     if is_demo_checkpoint(args.model):
         _say(f"WARNING: {WARNING}")
@@ -95,7 +88,7 @@ def load(args):
     _say(f"Loading {args.model} ...")
     processor = AutoProcessor.from_pretrained(args.model)
     model = LlavaNextForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[args.dtype],
-                                                              device=_device(args.device))
+                                                              device=str(resolve_device(args.device)))
     _say(f"Loaded in {time.perf_counter() - start:.1f} s ({model.dtype}, {model.device}).")
     return processor, model
 

@@ -32,11 +32,14 @@ from pathlib import Path
 
 import torch
 
+from .anyres import DEFAULT_PINPOINTS
+from .image_processor import CLIP_MEAN as IMAGE_MEAN
+from .image_processor import CLIP_STD as IMAGE_STD
+
 IMAGE_TOKEN_ID, PAD_TOKEN_ID = 32000, 32001
 VOCAB_SIZE = 32064  # as the hub checkpoint: 32000 sentencepiece pieces + added tokens + padding to a multiple of 64
-PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+PINPOINTS = [list(p) for p in DEFAULT_PINPOINTS]  # JSON lists, as the hub files write them
+CLIP_MEAN, CLIP_STD = list(IMAGE_MEAN), list(IMAGE_STD)
 DEMO_KEY = "llava_next_demo"
 WARNING = ("RANDOM WEIGHTS: this is the llava_next offline demo checkpoint (tiny shape, seeded random weights). "
            "Its answers are meaningless; use llava-hf/llava-v1.6-mistral-7b-hf for real output.")
@@ -100,20 +103,14 @@ def sentencepiece_bpe_tokenizer(model_file: str | Path):
     tokenizer.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
     ])
-    # unknown and control pieces are special added tokens; user-defined pieces are added tokens, not special
-    added = [AddedToken(p, special=sp.is_control(i) or sp.is_unknown(i), normalized=False)
-             for i, p in enumerate(pieces) if sp.is_control(i) or sp.is_unknown(i) or _is_user_defined(sp, i)]
-    tokenizer.add_special_tokens([t for t in added if t.special])
-    tokenizer.add_tokens([t for t in added if not t.special])
+    # unknown and control pieces are special added tokens (user-defined pieces are not carried over: the
+    # sentencepiece API does not expose them, and the Mistral v1 model has none)
+    tokenizer.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                                  for i, p in enumerate(pieces) if sp.is_control(i) or sp.is_unknown(i)])
     bos = sp.id_to_piece(sp.bos_id())
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, sp.bos_id())])
     return tokenizer
-
-
-def _is_user_defined(sp, i: int) -> bool:
-    fn = getattr(sp, "is_user_defined", None)
-    return bool(fn(i)) if fn is not None else False
 
 
 def demo_tokenizer():

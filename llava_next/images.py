@@ -85,8 +85,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
-    except InvalidImageError:
-        raise
     except Exception as e:  # Pillow raises many types (OSError, ValueError, SyntaxError, ...) for bad data
         raise InvalidImageError(f"cannot convert image of mode {image.mode!r} to RGB: {e}") from e
 
