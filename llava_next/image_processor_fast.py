@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .batch_feature import BatchFeature
 from .image_processor import (
     LlavaNextImageProcessor,
+    _center_crop,
     base_and_tile_size,
     channel_layout,
     fit_size,
@@ -200,10 +201,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessor):
         if s["do_resize"]:
             t = _resize(t, *resize_output_size(*t.shape[-2:], s["size"]), s["resample"])
         if s["do_center_crop"] and s["crop_size"]:
-            height, width = s["crop_size"]["height"], s["crop_size"]["width"]
-            top, left = (t.shape[-2] - height) // 2, (t.shape[-1] - width) // 2
-            if top >= 0 and left >= 0:  # a crop larger than the tile leaves it as is, like transformers
-                t = t[..., top:top + height, left:left + width]
+            t = _center_crop(t, s["crop_size"]["height"], s["crop_size"]["width"])  # slicing: tensors too
         return t
 
     @staticmethod

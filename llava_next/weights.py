@@ -127,8 +127,7 @@ def device_for(name: str, device_map) -> torch.device:
                 best = (prefix, dev)
     if best is None:
         raise ValueError(f"device_map does not place {name!r}; add its module (or '') to the map")
-    dev = best[1]
-    return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return _as_device(best[1])
 
 
 def _as_device(dev) -> torch.device:
