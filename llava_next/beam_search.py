@@ -33,44 +33,14 @@ Leaves out: num_return_sequences > 1 (refused by SamplingParams), group/constrai
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import torch
 
 from .errors import GenerationArgumentError
 from .generate import _LOCK, Prefill, _prompt_ids, decode_step
 from .outputs import ModelOutput
-from .sampling import LogitsPipeline, SamplingParams
+from .sampling import LogitsPipeline
 
 _NEG = -1.0e9  # transformers' "impossible" score
-
-
-def _warpers(params: SamplingParams, keep: int):
-    """Sampling warpers as transformers builds them for beam sampling: each keeps at least `keep` tokens."""
-    steps = []
-    if params.temperature != 1.0:
-        steps.append(lambda s: s / params.temperature)
-    if params.top_k != 0:
-        def top_k(s):
-            k = min(max(params.top_k, keep), s.shape[-1])
-            return s.masked_fill(s < torch.topk(s, k)[0][..., -1, None], -math.inf)
-        steps.append(top_k)
-    if params.top_p < 1.0:
-        def top_p(s):
-            sorted_s, order = torch.sort(s, descending=False)
-            drop = sorted_s.softmax(dim=-1).cumsum(dim=-1) <= (1 - params.top_p)
-            drop[..., -keep:] = False
-            return s.masked_fill(drop.scatter(1, order, drop), -math.inf)
-        steps.append(top_p)
-    if params.min_p > 0.0:
-        def min_p(s):
-            probs = torch.softmax(s, dim=-1)
-            drop = probs < params.min_p * probs.amax(dim=-1, keepdim=True)
-            drop.scatter_(-1, torch.topk(probs, min(keep, probs.shape[-1]), dim=-1).indices, False)
-            return s.masked_fill(drop, -math.inf)
-        steps.append(min_p)
-    return steps
 
 
 def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -108,8 +78,8 @@ def beam_search(model, plan, input_ids, attention_mask, pixel_values, image_size
         B, P = prompt.shape
         max_new = plan.max_new_tokens
         max_length = P + max_new
-        processors = LogitsPipeline(dataclasses.replace(params, do_sample=False), eos, P)
-        warpers = _warpers(params, n_eos + 1) if do_sample else []
+        # transformers' beam sampling keeps at least #EOS + 1 tokens (2 without EOS ids) in top_k / top_p / min_p
+        processors = LogitsPipeline(params, eos, P, min_tokens_to_keep=n_eos + 1 if eos is not None else 2)
         ignore = None  # repetition penalty skips each row's left padding, as transformers' prompt_ignore_length
         if params.repetition_penalty != 1.0 and attention_mask is not None:
             ignore = (attention_mask.to(device) != 0).int().argmax(dim=1).repeat_interleave(n)  # (B*n,)
@@ -141,9 +111,7 @@ def beam_search(model, plan, input_ids, attention_mask, pixel_values, image_size
             valid = None
             if ignore is not None:
                 valid = torch.arange(cur_len, device=device)[None, :] >= ignore[:, None]
-            log_probs = processors(history, log_probs, valid)
-            for warp in warpers:
-                log_probs = warp(log_probs)
+            log_probs = processors(history, log_probs, valid)  # (B*n, V), sampling steps included
             if want_scores:
                 scores.append(log_probs)
             if want_logits:

@@ -7,14 +7,15 @@ equal to the reference:
     repetition_penalty -> min_length / min_new_tokens (EOS gets -inf) -> [sampling only:]
     temperature -> top_k -> top_p -> min_p
 
-Repetition penalty, EOS suppression and temperature act per entry and keep order; screened_head.py relies on
-that (`LogitsPipeline.monotone`, `LogitsPipeline.screen_k`).
-
 then greedy `argmax` or `softmax` + `torch.multinomial` (same RNG draws as transformers with the same
 generator or global seed). Every per-token op is a torch op on the device; which steps run is decided
 once, in `LogitsPipeline.__init__`, so the decode loop has no `.item()` and no branches on tensor values.
 
-Leaves out: beam search, num_return_sequences > 1, typical_p, epsilon/eta cutoff, top_h,
+Repetition penalty, EOS suppression and temperature act per entry and keep order; screened_head.py relies on
+that (`LogitsPipeline.monotone`, `LogitsPipeline.screen_k`).
+
+Beam search (beam_search.py) runs the same pipeline with transformers' min_tokens_to_keep.
+Leaves out: num_return_sequences > 1, typical_p, epsilon/eta cutoff, top_h,
 no_repeat_ngram_size, bad_words_ids, sequence_bias, guidance, forced BOS/EOS, suppress_tokens,
 watermarking, renormalize_logits. Set to anything but their no-op value, they raise
 `GenerationArgumentError` instead of being silently ignored. Stop criteria live in `stopping.py`.
@@ -182,7 +183,8 @@ class LogitsPipeline:
     """transformers' logits processors for one `generate` call, as a fixed list of torch ops.
 
     `eos_token_id` (int, list or tensor) is needed for min_new_tokens / min_length; `prompt_len` is the
-    padded prompt length (transformers' `input_ids.shape[-1]` before the first new token).
+    padded prompt length (transformers' `input_ids.shape[-1]` before the first new token);
+    `min_tokens_to_keep` is transformers' for the sampling steps (1, or #EOS + 1 in beam sampling).
     """
 
     def __init__(
@@ -190,9 +192,11 @@ class LogitsPipeline:
         params: SamplingParams,
         eos_token_id: int | list[int] | torch.Tensor | None = None,
         prompt_len: int = 0,
+        min_tokens_to_keep: int = 1,
     ):
         params.validate()
         self.params = params
+        self.keep = min_tokens_to_keep  # top_k / top_p / min_p keep at least this many (beam sampling: #EOS + 1)
         self._eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, dtype=torch.long).reshape(-1)
         self._eos_mask: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._eos_ids: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -219,7 +223,7 @@ class LogitsPipeline:
         self.steps = self.monotone_steps + self.selection_steps
         # How many best entries of the monotone scores decide the token: 1 for greedy, top_k when sampling
         # with top_k (the later steps only look at what top_k keeps); None: every entry may matter.
-        self.screen_k = 1 if not p.do_sample else (max(p.top_k, 1) if p.top_k != 0 else None)
+        self.screen_k = 1 if not p.do_sample else (max(p.top_k, self.keep) if p.top_k != 0 else None)
 
     def __call__(
         self,
@@ -286,7 +290,7 @@ class LogitsPipeline:
         return scores / self.params.temperature  # a division, not a multiply by 1/T: matches HF
 
     def _top_k(self, scores, input_ids, valid, cur_len):
-        k = min(max(self.params.top_k, 1), scores.shape[-1])  # min_tokens_to_keep = 1
+        k = min(max(self.params.top_k, self.keep), scores.shape[-1])
         kth = torch.topk(scores, k).values[..., -1:]  # (B, 1); ties with the k-th are kept
         return scores.masked_fill(scores < kth, -math.inf)
 
@@ -294,7 +298,7 @@ class LogitsPipeline:
         sorted_scores, order = torch.sort(scores, descending=False)  # (B, V), same sort as HF for ties
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative <= (1 - self.params.top_p)
-        drop[..., -1:] = False  # keep at least the most likely token
+        drop[..., -self.keep:] = False  # keep at least the most likely tokens
         drop = drop.scatter(1, order, drop)
         return scores.masked_fill(drop, -math.inf)
 
@@ -302,7 +306,7 @@ class LogitsPipeline:
         probs = torch.softmax(scores, dim=-1)  # (B, V)
         threshold = self.params.min_p * probs.amax(dim=-1, keepdim=True)  # (B, 1)
         drop = probs < threshold
-        drop.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)  # keep at least one
+        drop.scatter_(-1, torch.topk(probs, min(self.keep, probs.shape[-1]), dim=-1).indices, False)
         return scores.masked_fill(drop, -math.inf)
 
 

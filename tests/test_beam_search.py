@@ -187,6 +187,21 @@ def test_beam_sampling(tiny_pair, kw):
         assert_same(out, ref)
 
 
+@pytest.mark.parametrize("backbone", ["mistral", "qwen2"])  # qwen2's tiny checkpoint has no EOS: keep 2
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=0.01, top_k=0), dict(min_p=1.0, top_k=0)])
+def test_beam_sampling_min_tokens_to_keep(tiny_pair, backbone, kw):
+    """Warpers that would keep one token keep transformers' min_tokens_to_keep (#EOS + 1, or 2 without EOS)."""
+    ours, hf = tiny_pair(backbone)
+    inputs = padded_batch(2)
+    eos = {"eos_token_id": 2} if backbone == "mistral" else {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ref = hf.generate(**inputs, num_beams=BEAMS, max_new_tokens=NEW, do_sample=True, **eos, **kw)
+        torch.manual_seed(seed)
+        out = ours.generate(**inputs, num_beams=BEAMS, max_new_tokens=NEW, do_sample=True, **eos, **kw)
+        assert_same(out, ref)
+
+
 def test_return_dict(tiny_pair):
     ours, hf = tiny_pair("llama")
     inputs = padded_batch(6)
