@@ -20,6 +20,7 @@ import torch
 from . import decoder as decoder_module
 from .screened_head import ScreenedHead, screen_applies
 from .kv_cache import StaticKVCache
+from .weights import weights_stamp
 
 BUCKET = 512  # cache lengths are rounded up to a multiple of this, so graphs are reused across prompts
 
@@ -104,7 +105,8 @@ class DecodeEngine:
             model.model.language_model.fuse_projections()
             compile_static_kernels()
         self._pool: dict[tuple[int, int], tuple[StaticKVCache, _CapturedStep | None]] = {}
-        self._last: tuple[torch.Tensor, StaticKVCache] | None = None  # (embeddings in the cache, cache)
+        # (embeddings in the cache, cache, the decoder weights' stamp when it was filled)
+        self._last: tuple[torch.Tensor, StaticKVCache, tuple] | None = None
 
     def cache_for(self, batch: int, length: int, dtype: torch.dtype) -> StaticKVCache:
         """An empty cache with room for `length` tokens (pooled and graph-backed on GPU, fresh on CPU)."""
@@ -157,19 +159,25 @@ class DecodeEngine:
 
     def remember(self, embeds: torch.Tensor, cache: StaticKVCache):
         """Keep a batch-1 cache and the (1, cache.length, D) embeddings it was built from, for take_prefix."""
-        self._last = (embeds[:, : cache.length], cache) if embeds.shape[0] == 1 else None
+        if embeds.shape[0] != 1:
+            self._last = None
+            return
+        self._last = (embeds[:, : cache.length], cache, weights_stamp(self.model.model.language_model))
 
     def take_prefix(self, embeds: torch.Tensor, needed: int) -> tuple[StaticKVCache, int] | None:
         """The remembered cache cut to the longest prefix whose embeddings equal `embeds` (1, T, D), or None.
 
         Comparing embeddings (not ids) covers the images too: an image placeholder only matches if its
         feature vector is identical. At least one token is left to prefill, so there are logits to sample.
+        Nothing is reused if the decoder's weights changed since (weights.weights_stamp).
         """
         last, self._last = self._last, None
         if last is None or embeds.shape[0] != 1:
             return None
-        previous, cache = last
+        previous, cache, stamp = last
         if cache.max_len < needed or previous.dtype != embeds.dtype or previous.device != embeds.device:
+            return None
+        if stamp != weights_stamp(self.model.model.language_model):
             return None
         n = min(previous.shape[1], embeds.shape[1] - 1)
         same = (previous[0, :n] == embeds[0, :n]).all(-1)  # (n,)

@@ -4,8 +4,11 @@ Keyed exactly, not by a hash: an entry holds the image's tiles, and a lookup com
 `torch.equal` (on the device; one sync per candidate with the same shape and size), so a collision can
 never return another image's features. Least recently used entries are dropped past `capacity`.
 
-Leaves out: sharing across processes or models; the cache belongs to one model object (cleared when its
-weights are reloaded) and holds packed, projected features ready to merge into the prompt.
+Entries are only valid for the weights that made them: `check_weights(stamp)` (weights.weights_stamp of the
+vision tower, projector and image_newline) empties the cache when they changed (in place, reloaded, cast).
+
+Leaves out: sharing across processes or models; the cache belongs to one model object and holds packed,
+projected features ready to merge into the prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ class ImageFeatureCache:
         self.capacity = capacity
         self._entries: OrderedDict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = OrderedDict()
         self._next = 0
+        self._stamp: tuple | None = None  # the weights the entries were computed with
         self.hits = self.misses = 0
+
+    def check_weights(self, stamp: tuple):
+        """Drop every entry if the weights changed since the entries were made."""
+        if stamp != self._stamp:
+            self._entries.clear()
+            self._stamp = stamp
 
     def get(self, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
         """Packed features (tokens, D) of an image whose tiles (n, 3, S, S) and (H, W) were seen, else None."""

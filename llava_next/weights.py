@@ -276,6 +276,22 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
     return model.eval()
 
 
+def weights_stamp(*parts: nn.Module | torch.Tensor) -> tuple:
+    """Which tensors the parameters (of modules, or given directly) are and how often each was edited in
+    place: equal stamps mean the same weights. A reload, `.to(...)` or `p.data = ...` makes new tensors (new storage); `copy_`,
+    `load_state_dict` and other in-place edits bump the version counter. Inference tensors have no counter
+    (-1): only their identity counts."""
+    stamp = []
+    for part in parts:
+        for p in [part] if isinstance(part, torch.Tensor) else part.parameters():
+            try:
+                version = p._version
+            except RuntimeError:  # an inference tensor (created under torch.inference_mode)
+                version = -1
+            stamp.append((p.data_ptr(), p.dtype, p.device, version))
+    return tuple(stamp)
+
+
 def finish_build(model: nn.Module, backend: str = "sdpa"):
     """Recompute non-persistent buffers (RoPE frequencies) on the weights' device; set the attention backend."""
     for module in model.modules():

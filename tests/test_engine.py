@@ -179,3 +179,62 @@ def test_a_second_static_engine_on_a_fused_model_still_matches_transformers(tmp_
             assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8), expected)
     finally:
         decoder_module.STATIC_KERNELS.update(decoder_module.EAGER_KERNELS)
+
+
+def _image_prompt(h: int, w: int, question: int = 0):
+    geometry = AnyresGeometry()
+    pixels = torch.randn(1, geometry.num_tiles(h, w), 3, 336, 336)
+    ids = torch.tensor([[1, 40 + question] + [IMAGE_TOKEN] * geometry.num_image_tokens(h, w) + [50, 60]])
+    return dict(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[h, w]]))
+
+
+def test_feature_cache_follows_weight_changes(tmp_path):
+    """Cached image features belong to the weights that made them: edits in place, load_state_dict and a
+    cast must re-encode the image, so logits stay equal to transformers' after the same change."""
+    folder, reference = save_tiny(tmp_path / "m", "mistral")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    inputs = _image_prompt(300, 500)
+    cache = model.model.feature_cache
+
+    def logits_match():
+        with torch.inference_mode():
+            ours, theirs = model(**inputs).logits, reference(**inputs).logits
+        assert torch.allclose(ours, theirs, atol=1e-4, rtol=0), (ours - theirs).abs().max()
+
+    logits_match()  # fills the cache
+    with torch.no_grad():  # in place, on both models
+        model.model.multi_modal_projector.linear_2.weight.mul_(1.5)
+        reference.model.multi_modal_projector.linear_2.weight.mul_(1.5)
+    logits_match()
+    assert cache.misses == 2
+    state = {k: v + 0.01 for k, v in reference.state_dict().items() if "vision_tower" in k}
+    reference.load_state_dict(state, strict=False)
+    ours = {k.replace("model.vision_tower.vision_model.", "model.vision_tower."): v for k, v in state.items()}
+    missing_vision = [k for k in ours if k not in model.state_dict()]
+    model.load_state_dict({k: v for k, v in ours.items() if k not in missing_vision}, strict=False)
+    with torch.no_grad():
+        model.model.image_newline.add_(0.5)
+        reference.model.image_newline.add_(0.5)
+    logits_match()
+    assert cache.misses == 3
+    logits_match()  # unchanged weights: served from the cache
+    assert cache.hits >= 1 and cache.misses == 3
+    model.to(torch.float64)  # a cast makes new tensors: the float32 features must not be reused
+    with torch.inference_mode():
+        cast = model(**inputs).logits
+        cache.clear()
+        fresh = model(**inputs).logits
+    assert cast.dtype == torch.float64 and torch.equal(cast, fresh)
+
+
+def test_prefix_reuse_is_dropped_when_decoder_weights_change(tmp_path):
+    folder, reference = save_tiny(tmp_path / "m", "llama")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    inputs = _image_prompt(400, 300)
+    first = model.generate(**inputs, max_new_tokens=6, reuse_prefix=True)
+    with torch.no_grad():
+        model.model.language_model.layers[0].mlp.down_proj.weight.mul_(-1.0)
+        reference.model.language_model.layers[0].mlp.down_proj.weight.mul_(-1.0)
+    turn2 = dict(inputs, input_ids=torch.cat([first, torch.tensor([[70, 80, 90]])], dim=1))
+    assert torch.equal(model.generate(**turn2, max_new_tokens=6, reuse_prefix=True),
+                       reference.generate(**turn2, max_new_tokens=6))
