@@ -8,6 +8,12 @@ globals that cannot reach Python internals. One deliberate difference: reaching 
 (images and arrays become inert placeholders such as "<Image>"), so a template can only read data. A template
 that fails, or tries to leave the sandbox (`__class__`, ...), raises `ChatTemplateError` (a ValueError).
 
+Cost limits, per render, also `ChatTemplateError`: `MAX_TEMPLATE_STEPS` loop iterations and calls (all loops and
+macros together), `MAX_TEMPLATE_TEXT` characters (or items) for a `*` repetition, a call's result, a namespace
+value and the rendered output, and `MAX_TEMPLATE_INT_BITS` for `*` / `**` on integers. Real chat templates are
+orders of magnitude below these. Not bounded: a single filter call with a huge width or replacement (`center`,
+`indent`, `replace`, `format`) can still build one large string before the output cap sees it.
+
 Where a template lives, in transformers' order: chat_template.json (legacy processor file), else
 chat_template.jinja plus chat_templates/*.jinja, else the tokenizer's chat_template.jinja or the
 "chat_template" key of tokenizer_config.json (a string, or a list of {"name", "template"}).
@@ -33,6 +39,7 @@ import jinja2.meta
 import jinja2.nodes
 import jinja2.utils
 import numpy as np
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ChatTemplateError
@@ -40,6 +47,9 @@ from .errors import ChatTemplateError
 CHAT_TEMPLATE_FILES = ["chat_template.json", "chat_template.jinja", "chat_templates/*.jinja", "tokenizer_config.json"]
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+MAX_TEMPLATE_STEPS = 250_000
+MAX_TEMPLATE_TEXT = 10_000_000
+MAX_TEMPLATE_INT_BITS = 100_000
 
 
 # ---------------------------------------------------------------------- finding the template
@@ -119,12 +129,44 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
     def __setitem__(self, name, value):
         _TemplateNamespace._check(name)
+        if isinstance(value, (str, list, tuple)):
+            _check_size(len(value), "a namespace value")
         jinja2.utils.Namespace.__setitem__(self, name, value)
 
     @staticmethod
     def _check(name):
         if isinstance(name, str) and name.startswith("_"):
             raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+
+
+def _check_size(length: int, what: str) -> None:
+    if length > MAX_TEMPLATE_TEXT:
+        raise ChatTemplateError(f"the chat template built {what} of {length:,} characters or items, over the "
+                                f"limit of {MAX_TEMPLATE_TEXT:,}")
+
+
+def _take_steps(eval_ctx, count: int = 1) -> None:
+    """Charge loop iterations or calls to this render (its EvalContext) and stop it past MAX_TEMPLATE_STEPS."""
+    eval_ctx.llava_steps = getattr(eval_ctx, "llava_steps", 0) + count
+    if eval_ctx.llava_steps > MAX_TEMPLATE_STEPS:
+        raise ChatTemplateError(f"the chat template ran more than {MAX_TEMPLATE_STEPS:,} loop iterations and calls")
+
+
+@jinja2.pass_eval_context
+def _loop_budget(eval_ctx, iterable):
+    """Every `{% for %}` iterates through this filter (see _BudgetCodeGenerator), one step per item."""
+    for item in iterable:
+        _take_steps(eval_ctx)
+        yield item
+
+
+class _BudgetCodeGenerator(CodeGenerator):
+    """Compiles each `{% for x in items %}` as `{% for x in items|_loop_budget %}`."""
+
+    def visit_Template(self, node, frame=None):
+        for loop in list(node.find_all(jinja2.nodes.For)):
+            loop.iter = jinja2.nodes.Filter(loop.iter, "_loop_budget", [], [], None, None, lineno=loop.lineno)
+        super().visit_Template(node, frame)
 
 
 def _raise_exception(message):
@@ -144,10 +186,34 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     """transformers' sandbox, except that reaching an unsafe attribute (`__class__`, `__globals__`, ...) raises at
     once instead of rendering as an empty string; templates that stay inside the sandbox render identically."""
 
+    code_generator_class = _BudgetCodeGenerator
+    intercepted_binops = frozenset({"*", "**"})
+
     def unsafe_undefined(self, obj, attribute):
         raise jinja2.exceptions.SecurityError(
             f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe"
         )
+
+    def call_binop(self, context, operator, left, right):
+        """`*` and `**`, refused before computing a result over the size limits."""
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    _check_size(len(seq) * n, "a repetition")
+            if ints and left.bit_length() + right.bit_length() > MAX_TEMPLATE_INT_BITS:
+                raise ChatTemplateError(f"the chat template multiplied integers past {MAX_TEMPLATE_INT_BITS:,} bits")
+        elif operator == "**" and ints and abs(left) > 1 and right * left.bit_length() > MAX_TEMPLATE_INT_BITS:
+            raise ChatTemplateError(f"the chat template raised an integer past {MAX_TEMPLATE_INT_BITS:,} bits")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+        """A sandboxed call (function, method or macro) that costs one step; its text result is size-checked."""
+        _take_steps(__context.eval_ctx)
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(result, (str, list, tuple)):
+            _check_size(len(result), "a value")
+        return result
 
 
 @lru_cache(maxsize=64)
@@ -156,6 +222,7 @@ def compile_template(template: str) -> jinja2.Template:
     env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters["_loop_budget"] = _loop_budget
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
                        dict=_TemplateDict(), namespace=_TemplateNamespace)
     try:
@@ -270,13 +337,21 @@ def render_chat_template(
         if continue_final_message:
             chat, final = _tag_final_message(chat, template, continue_final_message)
         try:
-            text = compiled.render(messages=chat, tools=tools, documents=documents,
-                                   add_generation_prompt=add_generation_prompt, **template_kwargs)
+            pieces, size = [], 0
+            for piece in compiled.generate(messages=chat, tools=tools, documents=documents,
+                                           add_generation_prompt=add_generation_prompt, **template_kwargs):
+                size += len(piece)
+                _check_size(size, "an output")
+                pieces.append(piece)
+            text = "".join(pieces)
+        except ChatTemplateError:
+            raise
         except jinja2.exceptions.SecurityError as exc:
             raise ChatTemplateError(f"the chat template tried to leave its sandbox: {exc}") from exc
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the chat template failed: {exc}") from exc
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError,
+                MemoryError) as exc:  # ArithmeticError: OverflowError, jinja's range() cap among them
             raise ChatTemplateError(f"the chat template failed on these messages: {type(exc).__name__}: {exc}") from exc
         if final is not None:
             text = _cut_at_final_message(text, final)

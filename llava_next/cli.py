@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import sys
 import time
+
+from .errors import LlavaNextError
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -38,13 +41,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: greedy), got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--image", action="append", default=[], metavar="PATH|URL",
                    help="an image (path, file://, http(s) or data: URL); repeat for several")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens to generate at most (256)")
-    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0 or unset: greedy)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (turns sampling on)")
+    p.add_argument("--temperature", type=_temperature, default=None,
+                   help="sample at this temperature (0 or unset: greedy)")
+    p.add_argument("--top-p", type=_finite_float, default=None, help="nucleus sampling threshold (turns sampling on)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (turns sampling on)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
@@ -76,19 +94,34 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def usable_device(name: str | None):
+    """--device as a torch.device, checked before anything is loaded: an unknown type or an absent GPU is a
+    CliError (torch raises RuntimeError or AssertionError for those)."""
+    import torch
+
+    from .pipelines import resolve_device
+
+    try:
+        device = resolve_device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise CliError(f"--device {name}: {_one_line(exc)}") from exc
+    return device
+
+
 def load(args):
     """(processor, model) for --model on --device in --dtype; warns about a demo (random) checkpoint."""
     from . import AutoProcessor, LlavaNextForConditionalGeneration
     from .demo import WARNING, is_demo_checkpoint
-    from .pipelines import resolve_device
 
+    device = usable_device(args.device)
     if is_demo_checkpoint(args.model):
         _say(f"WARNING: {WARNING}")
     start = time.perf_counter()
     _say(f"Loading {args.model} ...")
     processor = AutoProcessor.from_pretrained(args.model)
     model = LlavaNextForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[args.dtype],
-                                                              device=str(resolve_device(args.device)))
+                                                              device=str(device))
     _say(f"Loaded in {time.perf_counter() - start:.1f} s ({model.dtype}, {model.device}).")
     return processor, model
 
@@ -208,7 +241,10 @@ def cmd_chat(args) -> int:
 def cmd_demo_checkpoint(args) -> int:
     from .demo import build_demo_checkpoint
 
-    folder = build_demo_checkpoint(args.dir, seed=args.seed, overwrite=args.force)
+    try:
+        folder = build_demo_checkpoint(args.dir, seed=args.seed, overwrite=args.force)
+    except FileExistsError as exc:  # the library's message names its overwrite=True argument
+        raise CliError(f"{args.dir!r} is not empty; choose another folder or pass --force to overwrite it") from exc
     print(f"Wrote the demo checkpoint to {folder}")
     print(f"Try: llava-next generate --model {folder} --image PATH --prompt \"What is shown in this image?\"")
     return 0
@@ -249,10 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
-    except (CliError, OSError, ValueError, ImportError) as exc:
+    except (CliError, LlavaNextError, OSError, ValueError, ImportError) as exc:
         if os.environ.get("LLAVA_NEXT_DEBUG"):
             raise
-        # OSError: missing folder/file, hub unreachable; ValueError: bad image, bad argument, context too long
+        # OSError: missing folder/file, hub unreachable; ValueError: bad image, bad argument, context too long;
+        # LlavaNextError: every error the library raises on purpose
         _say(f"llava-next: error: {_one_line(exc)}")
         return 1
 

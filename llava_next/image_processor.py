@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from PIL import Image
 from .anyres import DEFAULT_PINPOINTS, AnyresGeometry
 from .batch_feature import BatchFeature
 from .hub import resolve_file
-from .images import load_image, to_rgb
+from .errors import InvalidImageError
+from .images import DEFAULT_MAX_PIXELS, check_pixels, load_image, to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -164,25 +166,41 @@ def _rescale_normalize(x: np.ndarray, s: dict) -> np.ndarray:
 def channel_layout(shape: tuple, input_data_format: str | None) -> str:
     """"channels_first" or "channels_last" for a 3-D image shape, inferred as transformers does (first wins a tie)."""
     if len(shape) != 3:
-        raise ValueError(f"an image must have 2 or 3 dimensions, got shape {shape}")
+        raise InvalidImageError(f"an image must have 2 or 3 dimensions, got shape {shape}")
     if input_data_format is not None:
         return input_data_format
     if shape[0] in (1, 3, 4):
         return "channels_first"
     if shape[-1] in (1, 3, 4):
         return "channels_last"
-    raise ValueError(f"cannot tell the channel axis of an image of shape {shape}: need 1, 3 or 4 channels")
+    raise InvalidImageError(f"cannot tell the channel axis of an image of shape {shape}: need 1, 3 or 4 channels")
 
 
-def _array_to_chw(array, do_convert_rgb: bool, input_data_format: str | None) -> np.ndarray:
+def array_layout(shape: tuple, input_data_format: str | None, max_pixels: int | None) -> str:
+    """The channel layout of an array/tensor image (2-D: grayscale, "channels_first" once a channel axis is added),
+    after refusing an empty one or one over `max_pixels`, from the shape alone (nothing is copied yet)."""
+    if len(shape) == 2:
+        shape, input_data_format = (1, *shape), "channels_first"
+    layout = channel_layout(shape, input_data_format)
+    height, width = shape[1:] if layout == "channels_first" else shape[:2]
+    check_pixels(width, height, max_pixels)
+    return layout
+
+
+def _array_to_chw(array, do_convert_rgb: bool, input_data_format: str | None,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """transformers' numpy path: infer channels (1, 3 or 4; first wins a tie), 1 -> 3 channels, RGBA -> white."""
-    if hasattr(array, "detach"):  # torch.Tensor
-        array = array.detach().cpu().numpy()
+    input_data_format = array_layout(tuple(array.shape), input_data_format, max_pixels)
+    if hasattr(array, "detach"):  # torch.Tensor; numpy has no bfloat16 (its values are exact in float32)
+        array = array.detach().cpu()
+        array = (array.float() if str(array.dtype) == "torch.bfloat16" else array).numpy()
     array = np.asarray(array)
+    if array.dtype.kind not in "buif":  # complex, object, strings, ...
+        raise InvalidImageError(f"unsupported image dtype {array.dtype}: use uint8, another integer type or float")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidImageError("the image holds NaN or infinite values")
     if array.ndim == 2:
         array = array[None]  # grayscale (H, W) -> (1, H, W)
-        input_data_format = "channels_first"
-    input_data_format = channel_layout(tuple(array.shape), input_data_format)
     hwc = array if input_data_format == "channels_last" else np.moveaxis(array, 0, -1)
     if do_convert_rgb:
         if hwc.shape[-1] == 1:
@@ -198,18 +216,22 @@ def _array_to_chw(array, do_convert_rgb: bool, input_data_format: str | None) ->
     return np.moveaxis(hwc, -1, 0)
 
 
-def image_to_chw(image, do_convert_rgb: bool = True, input_data_format: str | None = None) -> np.ndarray:
-    """One input image (PIL, array, tensor, path, URL or bytes) as a (C, H, W) array, RGB when asked."""
+def image_to_chw(image, do_convert_rgb: bool = True, input_data_format: str | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One input image (PIL, array, tensor, path, URL or bytes) as a (C, H, W) array, RGB when asked.
+
+    Every kind gets `load_image`'s pixel limit, checked before any pixel is converted or resized."""
     if isinstance(image, (str, bytes, bytearray, memoryview, os.PathLike)):
-        image = load_image(image)
+        image = load_image(image, max_pixels=max_pixels)
     if isinstance(image, Image.Image):
+        check_pixels(image.width, image.height, max_pixels)
         image = to_rgb(image) if do_convert_rgb else image
         array = np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
         return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     if isinstance(image, np.ndarray) or hasattr(image, "detach"):
-        return _array_to_chw(image, do_convert_rgb, input_data_format)
-    raise TypeError(f"unsupported image type {type(image).__name__}: expected a PIL image, numpy array, torch "
-                    "tensor, path, URL or bytes")
+        return _array_to_chw(image, do_convert_rgb, input_data_format, max_pixels)
+    raise InvalidImageError(f"unsupported image type {type(image).__name__}: expected a PIL image, numpy array, "
+                            "torch tensor, path, URL or bytes")
 
 
 class LlavaNextImageProcessor:
@@ -217,6 +239,7 @@ class LlavaNextImageProcessor:
 
     model_input_names = ["pixel_values", "image_sizes"]
     image_processor_type = "LlavaNextImageProcessor"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # per input image, as load_image; set None on an instance to lift it
 
     def __init__(self, **kwargs):
         unknown = set(kwargs) - set(DEFAULTS)
@@ -236,7 +259,10 @@ class LlavaNextImageProcessor:
         s["crop_size"] = _size_dict(s["crop_size"], "crop_size") if s["crop_size"] is not None else None
         for key in ("image_mean", "image_std"):
             value = s[key]
-            s[key] = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
+            values = value if isinstance(value, (list, tuple)) else [value] * 3
+            if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
+                raise ValueError(f"{key} must hold finite numbers, got {value!r}")
+            s[key] = [float(v) for v in values]
             if len(s[key]) != 3:
                 raise ValueError(f"{key} must have 3 values (RGB), got {value!r}")
         if any(v == 0 for v in s["image_std"]):
@@ -245,6 +271,9 @@ class LlavaNextImageProcessor:
         s["resample"] = int(s["resample"])
         if s["do_rescale"] and s["rescale_factor"] is None:
             raise ValueError("rescale_factor must be set when do_rescale is True")
+        factor = s["rescale_factor"]
+        if factor is not None and not (isinstance(factor, numbers.Real) and math.isfinite(factor)):
+            raise ValueError(f"rescale_factor must be a finite number, got {factor!r}")
         return s
 
     def _resolve(self, overrides: dict) -> dict:
@@ -324,7 +353,7 @@ class LlavaNextImageProcessor:
         Returns BatchFeature with `pixel_values` (batch, max_tiles, 3, H, W) and `image_sizes` (batch, 2) (H, W).
         """
         s, flat = self._begin(images, return_tensors, kwargs)
-        arrays = [image_to_chw(image, s["do_convert_rgb"], input_data_format) for image in flat]
+        arrays = [image_to_chw(image, s["do_convert_rgb"], input_data_format, self.max_pixels) for image in flat]
         geometry = self.geometry(s)
         pixel_values = [self._process_one(array, s, geometry) for array in arrays]  # each (tiles, C, H, W)
         image_sizes = [tuple(int(v) for v in array.shape[-2:]) for array in arrays]

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from .batch_feature import BatchFeature
+from .errors import InvalidImageError
 from .image_processor import (
     LlavaNextImageProcessor,
     _center_crop,
+    array_layout,
     base_and_tile_size,
-    channel_layout,
     fit_size,
     image_to_chw,
     resize_output_size,
@@ -86,12 +87,19 @@ def _resize(x: torch.Tensor, height: int, width: int, resample: int = 3) -> torc
     return x
 
 
-def _tensor_to_chw(t: torch.Tensor, do_convert_rgb: bool, input_data_format: str | None) -> torch.Tensor:
-    """A tensor image as (C, H, W) on its own device: channels inferred like transformers, 1 -> 3, RGBA on white."""
-    t = t.detach()
+def _tensor_to_chw(t: torch.Tensor, device: torch.device, do_convert_rgb: bool, input_data_format: str | None,
+                   max_pixels: int | None) -> torch.Tensor:
+    """A tensor image as (C, H, W) on `device`: channels inferred like transformers, 1 -> 3, RGBA on white.
+
+    Empty, too large (`max_pixels`), complex and NaN/inf images are refused before anything is copied."""
+    input_data_format = array_layout(tuple(t.shape), input_data_format, max_pixels)
+    if t.is_complex():
+        raise InvalidImageError(f"unsupported image dtype {t.dtype}: use uint8, another integer type or float")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise InvalidImageError("the image holds NaN or infinite values")
+    t = t.detach().to(device)
     if t.ndim == 2:
-        t, input_data_format = t[None], "channels_first"
-    input_data_format = channel_layout(tuple(t.shape), input_data_format)
+        t = t[None]
     if input_data_format == "channels_last":
         t = t.permute(2, 0, 1)
     if do_convert_rgb:
@@ -132,15 +140,19 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessor):
         s, flat = self._begin(images, return_tensors, kwargs)
         if device is None:
             device = next((x.device for x in flat if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+            torch.empty(0, device=device)  # an unknown type or an absent GPU fails here, not mid-batch
+        except (RuntimeError, AssertionError, TypeError) as e:
+            raise ValueError(f"device {str(device)!r} cannot be used here: {e}") from e
 
         chw, scales = [], []  # each (C, H, W) uint8 on device; the unit scale per image
         for image in flat:
             if isinstance(image, torch.Tensor):
-                t = _tensor_to_chw(image.to(device), s["do_convert_rgb"], input_data_format)
+                t = _tensor_to_chw(image, device, s["do_convert_rgb"], input_data_format, self.max_pixels)
             else:
-                t = torch.from_numpy(np.ascontiguousarray(image_to_chw(image, s["do_convert_rgb"], input_data_format)))
-                t = t.to(device)
+                t = image_to_chw(image, s["do_convert_rgb"], input_data_format, self.max_pixels)
+                t = torch.from_numpy(np.ascontiguousarray(t)).to(device)
             scale = _unit_scale(t)
             if t.dtype != torch.uint8:  # 8 bits as transformers makes them before resizing: x * 255, truncated
                 t = (t.double() * scale).float().to(torch.uint8)

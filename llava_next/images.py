@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import os
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -50,7 +53,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to connect, and for each read to make 
 
 _ORIENTATION = 0x0112  # EXIF tag
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_DATA_URL = re.compile(r"^data:(image/[A-Za-z0-9.+\-]+)((?:;[^,;]*)*?);base64,(.*)$", re.DOTALL)
+_DATA_URL = re.compile(r"^data:(image/[A-Za-z0-9.+\-]+)((?:;[^,;]*)*?);base64,(.*)$", re.DOTALL | re.IGNORECASE)
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -65,7 +68,8 @@ def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise InvalidImageError(
             f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
-            "(a decompression bomb or a very large image); pass max_pixels= to allow it"
+            "(a decompression bomb or a very large image); pass max_pixels= (or set a processor's max_pixels) "
+            "to allow it"
         )
 
 
@@ -89,15 +93,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise InvalidImageError(f"cannot convert image of mode {image.mode!r} to RGB: {e}") from e
 
 
-def array_to_pil(array) -> Image.Image:
+def array_to_pil(array, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An RGB PIL image from a numpy array or torch tensor: (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4.
 
-    uint8 is taken as is; floats must lie in [0, 1] and become uint8 as transformers does (x * 255, truncated);
-    other integer types must lie in [0, 255]. A channels-first/last ambiguity is read as channels-first,
-    like transformers. Four channels are RGBA (composited on white).
+    uint8 is taken as is; floats (bfloat16 too) must lie in [0, 1] and become uint8 as transformers does
+    (x * 255, truncated); other integer types must lie in [0, 255]. A channels-first/last ambiguity is read as
+    channels-first, like transformers. Four channels are RGBA (composited on white).
     """
+    shape = tuple(getattr(array, "shape", ()))
+    if len(shape) in (2, 3):  # the pixel limit, before anything is copied or converted
+        height, width = shape[1:3] if len(shape) == 3 and shape[0] in (1, 3, 4) else shape[:2]
+        check_pixels(width, height, max_pixels)
     if hasattr(array, "detach") and hasattr(array, "cpu"):  # torch.Tensor, without importing torch here
-        array = array.detach().cpu().numpy()
+        array = array.detach().cpu()
+        array = (array.float() if str(array.dtype) == "torch.bfloat16" else array).numpy()  # numpy has no bfloat16
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[0] in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
@@ -195,25 +204,93 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+class _Deadline:
+    """The total time of one download: when it is up, every connection of the request is shut down, so a read
+    blocked on a server that trickles its headers (or its body, or a redirect) returns at once."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._connections: list = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def watch(self, connection) -> None:
+        """Shut `connection` (just connected) down when the time is up; raise if it is up already."""
+        with self._lock:
+            if self.expired:
+                raise socket.timeout("the total time was up while connecting")
+            self._connections.append(connection)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for connection in self._connections:
+                try:
+                    connection.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv; the reader sees EOF
+                except (AttributeError, OSError):  # not connected yet, or already closed
+                    pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _watched(base: type, deadline: _Deadline) -> type:
+    """`base` (HTTPConnection or HTTPSConnection) watched by `deadline`, its socket timeout cut to the time left."""
+
+    class Watched(base):
+        def connect(self):
+            self.timeout = min(self.timeout, deadline.remaining())
+            if self.timeout <= 0:
+                raise socket.timeout("no time left to connect")
+            super().connect()
+            deadline.watch(self)
+
+    return Watched
+
+
+class _HttpHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+
+
+class _HttpsHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
+
+
 def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
               max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes:
     """Download an http(s) URL: at most `max_bytes`, `connect_timeout` to connect and per read, `timeout` in all.
 
-    NOTE: the total deadline is checked between reads, so the worst case is timeout + connect_timeout.
+    The total deadline covers the status line, headers, redirects and body: a watchdog shuts the connection down
+    when it is up. Connecting (TCP, TLS handshake) gets at most the time left, per socket operation; DNS look-ups
+    are bounded by the system resolver only.
     """
-    deadline = time.monotonic() + timeout
-    opener = urllib.request.build_opener(_HttpOnlyRedirects)
-    request = urllib.request.Request(url, headers={"User-Agent": "llava_next", "Accept": "image/*"})
+    deadline = _Deadline(timeout)
+    opener = urllib.request.build_opener(_HttpOnlyRedirects, _HttpHandler(deadline), _HttpsHandler(deadline))
     chunks, total = [], 0
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": "llava_next", "Accept": "image/*"})
         with opener.open(request, timeout=min(connect_timeout, timeout)) as response:
             declared = response.headers.get("Content-Length")
             if max_bytes is not None and declared and declared.isdigit() and int(declared) > max_bytes:
                 raise InvalidImageError(f"{_short(url)}: {int(declared):,} bytes, over the limit of {max_bytes:,}")
-            while True:
-                if time.monotonic() > deadline:
-                    raise InvalidImageError(f"{_short(url)}: download took longer than {timeout} s")
-                chunk = response.read1(1 << 16)  # returns what has arrived: the deadline is checked often
+            while not deadline.expired:
+                chunk = response.read1(1 << 16)  # returns what has arrived
                 if not chunk:
                     break
                 total += len(chunk)
@@ -224,8 +301,15 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: fl
         raise
     except urllib.error.HTTPError as e:
         raise InvalidImageError(f"{_short(url)}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, OSError, ValueError) as e:  # DNS, refused, reset, socket timeout, bad URL
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        # DNS, refused, reset, socket timeout, malformed URL or response, or the watchdog's shutdown
+        if deadline.expired:
+            raise InvalidImageError(f"{_short(url)}: download took longer than {timeout} s") from e
         raise InvalidImageError(f"{_short(url)}: could not download: {getattr(e, 'reason', e)}") from e
+    finally:
+        deadline.cancel()
+    if deadline.expired:  # the shutdown can look like a normal end of the body
+        raise InvalidImageError(f"{_short(url)}: download took longer than {timeout} s")
     return b"".join(chunks)
 
 
@@ -239,7 +323,7 @@ def load_image(source, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: flo
         check_pixels(source.width, source.height, max_pixels)
         return to_rgb(_apply_exif(source))
     if isinstance(source, np.ndarray) or (hasattr(source, "detach") and hasattr(source, "shape")):
-        return array_to_pil(source)
+        return array_to_pil(source, max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if max_bytes is not None and len(data) > max_bytes:

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -178,3 +179,25 @@ def test_bad_conversations():
         processor.apply_chat_template([])
     with pytest.raises(ChatTemplateError, match="Only user and assistant"):
         processor.apply_chat_template([{"role": "tool", "content": [{"type": "text", "text": "x"}]}])
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ 'a' * 10**9 }}", "repetition"),
+    ("{{ [1, 2] * 10**8 }}", "repetition"),
+    ("{{ 7 ** (10**7) }}", "bits"),
+    ("{{ (10**50000) * (10**50000) }}", "bits"),
+    ("{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}x", "loop iterations"),
+    ("{% set r = range(2000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}", "loop iterations"),
+    ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}", "calls"),
+    ("{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "namespace"),
+    ("{% macro d(n) %}{% if n %}{% set x = d(n - 1) %}{{ x }}{{ x }}{% else %}a{% endif %}{% endmacro %}{{ d(40) }}",
+     "a value"),
+    ("{% for i in range(100000) %}{{ 'a' * 200 }}{% endfor %}", "output"),
+    ("{{ range(10**9) | length }}", "Range too big"),
+])
+def test_costly_templates_are_stopped_early(template, match):
+    start = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match=match):
+        render_chat_template([[{"role": "user", "content": "hi"}]], template)
+    assert time.perf_counter() - start < 3
+    assert render_chat_template([[{"role": "user", "content": "hi"}]], "{{ messages[0].content * 3 }}") == ["hihihi"]

@@ -238,3 +238,37 @@ def test_bench_forwards_its_arguments(monkeypatch):
     monkeypatch.setattr(llava_next.benchmark, "main", lambda argv=None: seen.append(argv) or 0)
     assert main(["bench", "--model", "x", "--help-me"]) == 0
     assert seen == [["--model", "x", "--help-me"]]
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:7" if torch.cuda.is_available() else "cuda"])
+def test_unusable_device_is_one_line(tmp_path, capsys, device):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--device", device]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llava-next: error: --device") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_bad_temperature_is_a_usage_error(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--temperature", value])
+    assert exit_info.value.code == 2
+    assert "--temperature" in capsys.readouterr().err
+
+
+def test_library_errors_that_are_not_value_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import llava_next.cli
+    from llava_next.errors import LlavaNextError
+
+    def fail(args):
+        raise LlavaNextError("something the library refused\nsecond line")
+
+    monkeypatch.setattr(llava_next.cli, "cmd_generate", fail)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 1
+    assert capsys.readouterr().err == "llava-next: error: something the library refused second line\n"
+
+
+def test_demo_checkpoint_into_a_non_empty_folder_names_the_cli_flag(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("x")
+    assert main(["demo-checkpoint", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err and "overwrite=True" not in err

@@ -274,7 +274,7 @@ def test_bad_images_raise_typed_errors_and_processing_goes_on():
         EXACT(np.zeros((10, 10, 2), np.uint8))
     with pytest.raises(ValueError, match="no images"):
         EXACT([])
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidImageError, match="unsupported image type"):
         EXACT(object())
     ref, ours, _ = outputs("photo-chelsea")
     again = EXACT(CASES["photo-chelsea"][0], return_tensors="np")
@@ -382,3 +382,66 @@ def test_fast_output_dtype_and_float_rgba_check_follow_the_exact_processor():
     for processor, image in ((EXACT, rgba), (FAST, torch.from_numpy(rgba))):
         with pytest.raises(ValueError, match="float RGBA image must lie in"):
             processor(image, return_tensors="pt")
+
+
+def test_in_memory_images_get_the_pixel_limit_before_any_work():
+    proc = LlavaNextImageProcessor()
+    proc.max_pixels = 10_000
+    fast = LlavaNextImageProcessorFast()
+    fast.max_pixels = 10_000
+    for image in (Image.new("RGB", (200, 100)), np.zeros((3, 100, 200), np.uint8), torch.zeros(100, 200, 3)):
+        for p in (proc, fast):
+            with pytest.raises(InvalidImageError, match="over the limit"):
+                p(image)
+    assert EXACT(Image.new("RGB", (200, 100)), return_tensors="pt")["image_sizes"].tolist() == [[100, 200]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_images_are_refused_by_both_processors(bad):
+    image = np.random.default_rng(0).random((3, 20, 20)).astype(np.float32)
+    image[1, 5, 5] = bad
+    for p in (EXACT, FAST):
+        for x in (image, torch.from_numpy(image), np.moveaxis(image, 0, -1)):
+            with pytest.raises(InvalidImageError, match="NaN or infinite"):
+                p(x)
+
+
+def test_bad_image_objects_and_dtypes_are_typed_errors():
+    for p in (EXACT, FAST):
+        for bad in (5, None, {"a": 1}):
+            with pytest.raises(InvalidImageError, match="unsupported image type"):
+                p(bad)
+        for bad in (np.zeros((20, 20, 3), np.complex64), torch.zeros(3, 20, 20, dtype=torch.complex64)):
+            with pytest.raises(InvalidImageError, match="complex"):
+                p(bad)
+        for bad in (np.zeros((0, 10, 3), np.uint8), torch.zeros(3, 0, 10), np.zeros((10, 0)), Image.new("RGB", (0, 5))):
+            with pytest.raises(InvalidImageError, match="empty size"):
+                p(bad)
+
+
+def test_bfloat16_tensors_are_read_as_float32():
+    x = torch.rand(3, 20, 24)
+    x16 = x.bfloat16()
+    for p in (EXACT, FAST):
+        got = p(x16, do_rescale=False, return_tensors="pt")["pixel_values"]
+        assert torch.equal(got, p(x16.float(), do_rescale=False, return_tensors="pt")["pixel_values"])
+
+
+def test_bad_settings_are_refused_by_name():
+    image = np.zeros((20, 20, 3), np.uint8)
+    for key, value in (("rescale_factor", "x"), ("rescale_factor", float("nan")), ("image_mean", [float("nan")] * 3),
+                       ("image_std", [1.0, float("inf"), 1.0]), ("image_mean", "abc")):
+        with pytest.raises(ValueError, match=key):
+            EXACT(image, **{key: value})
+        with pytest.raises(ValueError, match=key):
+            LlavaNextImageProcessor(**{key: value})
+
+
+def test_fast_processor_refuses_an_unusable_device():
+    image = np.zeros((20, 20, 3), np.uint8)
+    with pytest.raises(ValueError, match="bogus"):
+        FAST(image, device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            FAST(image, device="cuda")
+    assert FAST(image)["pixel_values"].shape[0] == 1

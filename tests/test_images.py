@@ -279,6 +279,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "/cat.png")
             self.end_headers()
+        elif self.path == "/slow-headers":  # a header that never ends: one byte every 0.1 s
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
         elif self.path == "/slow":
             self.send_response(200)
             self.end_headers()
@@ -340,3 +349,32 @@ def test_http_silent_server_times_out():
         assert time.perf_counter() - start < 2.0
     finally:
         silent.close()
+
+
+def test_http_total_timeout_covers_slow_headers(server):
+    start = time.perf_counter()
+    with pytest.raises(InvalidImageError, match="longer than"):
+        load_image(server + "/slow-headers", timeout=0.5, connect_timeout=1.0)
+    assert time.perf_counter() - start < 1.5
+
+
+def test_malformed_http_url_is_a_typed_error():
+    with pytest.raises(InvalidImageError, match="could not download"):
+        load_image("http://[::1/a.png")
+
+
+def test_data_url_scheme_and_media_type_are_case_insensitive():
+    data = good_png()
+    url = "DATA:image/PNG;BASE64," + base64.b64encode(data).decode()
+    assert np.array_equal(np.asarray(load_image(url)), np.asarray(load_image(data)))
+
+
+def test_arrays_and_tensors_get_the_pixel_limit_and_bfloat16_works():
+    with pytest.raises(InvalidImageError, match="over the limit"):
+        load_image(np.zeros((3, 100, 100), np.uint8), max_pixels=5000)
+    with pytest.raises(InvalidImageError, match="over the limit"):
+        load_image(torch.zeros(100, 100), max_pixels=5000)
+    x = torch.rand(3, 8, 6).bfloat16()
+    assert np.array_equal(np.asarray(load_image(x)), np.asarray(load_image(x.float())))
+    with pytest.raises(InvalidImageError, match="dtype"):
+        load_image(np.zeros((4, 4, 3), np.complex64))
