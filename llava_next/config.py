@@ -4,7 +4,8 @@ The hub's config.json files leave out most fields (llava-v1.6-mistral-7b-hf has 
 counts; CLIP's `quick_gelu` is implied), so a field that is absent takes the default of transformers' config
 class for that `model_type`. `DEFAULTS` below holds those defaults; tests check them against transformers.
 Both the legacy (`rope_theta`, `rope_scaling`, `torch_dtype`) and the newer (`rope_parameters`, `dtype`)
-forms are read. Unknown fields are kept in `extra` and never used.
+forms are read. Unknown fields are kept in `extra` and never used. `from_pretrained(..., **kwargs)` applies
+kwargs naming config fields on top of the file, as transformers does (`CONFIG_OVERRIDES`).
 
 Leaves out: runtime knobs (dtype to load in, device, attention backend): those are arguments, not config.
 """
@@ -201,6 +202,8 @@ class LlavaNextConfig:
                 f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
             )
         layers = self.vision_feature_layers
+        if not layers or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers):
+            raise ValueError(f"vision_feature_layer must be an int or a list of ints, got {self.vision_feature_layer!r}")
         n = self.vision_config.num_hidden_layers
         for layer in layers:
             if not -(n + 1) <= layer <= n:
@@ -208,8 +211,13 @@ class LlavaNextConfig:
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "LlavaNextConfig":
-        raw = dict(raw)
+    def from_dict(cls, raw: dict[str, Any], **overrides) -> "LlavaNextConfig":
+        """From a config.json dict; `overrides` (config fields, as `from_pretrained` kwargs) replace its values."""
+        raw = _with_overrides(dict(raw), overrides)
+        instances = {k: raw.pop(k) for k in ("text_config", "vision_config")
+                     if isinstance(raw.get(k), (TextConfig, VisionConfig))}
+        if instances:
+            return replace(cls.from_dict(raw), **instances)
         if raw.get("model_type", "llava_next") != "llava_next":
             raise ValueError(f"not a LLaVA-NeXT config: model_type is {raw.get('model_type')!r}")
         text = TextConfig.from_dict(raw.pop("text_config", None) or {})
@@ -229,13 +237,28 @@ class LlavaNextConfig:
         return cls(text_config=text, vision_config=vision, dtype=dtype, **known, extra=extra)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> "LlavaNextConfig":
-        """Read config.json from a local folder or a hub id."""
-        from .hub import resolve_file
+    def from_pretrained(cls, name_or_path: str | os.PathLike, return_unused_kwargs: bool = False,
+                        **kwargs) -> "LlavaNextConfig":
+        """Read config.json from a local folder or a hub id; kwargs naming config fields override it.
 
-        path = resolve_file(name_or_path, "config.json", **hub_kwargs)
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        As transformers: `vision_feature_layer=-3`, `text_config={"rope_theta": ...}` (a dict updates the
+        sub-config, a TextConfig/VisionConfig replaces it), `dtype=`. Other names are a TypeError, or with
+        `return_unused_kwargs=True` come back as `(config, unused)`.
+        """
+        from .hub import hub_options, resolve_file
+
+        overrides = pop_config_overrides(kwargs)
+        unused = {k: kwargs.pop(k) for k in list(kwargs)
+                  if return_unused_kwargs and k not in _LOADER_NAMES}
+        hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
+        path = resolve_file(name_or_path, "config.json", **hub)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        config = cls.from_dict(raw, **overrides)
+        return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -255,7 +278,7 @@ class LlavaNextConfig:
     @property
     def vision_feature_layers(self) -> tuple[int, ...]:
         layer = self.vision_feature_layer
-        return (layer,) if isinstance(layer, int) else tuple(layer)
+        return tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
 
     @property
     def geometry(self) -> AnyresGeometry:
@@ -263,3 +286,50 @@ class LlavaNextConfig:
 
     def get_text_config(self) -> TextConfig:
         return self.text_config
+
+
+# Names `from_pretrained` may override (transformers: any attribute of the config), and the dtype spellings.
+CONFIG_OVERRIDES = frozenset({f.name for f in fields(LlavaNextConfig)} - {"extra", "model_type", "dtype"}
+                             | {"image_token_id", "dtype", "torch_dtype"})
+# Hub and ignored loading options: never "unused" config kwargs.
+_LOADER_NAMES = frozenset({"revision", "cache_dir", "token", "force_download", "local_files_only", "proxies",
+                           "subfolder", "use_auth_token", "trust_remote_code", "low_cpu_mem_usage", "_fast_init",
+                           "offload_state_dict", "offload_folder", "use_fast", "_from_auto", "_from_pipeline"})
+
+
+def pop_config_overrides(kwargs: dict) -> dict:
+    """Take the config-field kwargs (`CONFIG_OVERRIDES`) out of a `from_pretrained` call's kwargs."""
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in CONFIG_OVERRIDES}
+
+
+def _with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A config.json dict with `from_pretrained` overrides applied (a sub-config dict updates the file's one)."""
+    unknown = sorted(set(overrides) - CONFIG_OVERRIDES)
+    if unknown:
+        raise TypeError(f"unknown LlavaNextConfig field(s) {', '.join(map(repr, unknown))}; "
+                        f"known: {', '.join(sorted(CONFIG_OVERRIDES))}")
+    for key, value in overrides.items():
+        if key in ("dtype", "torch_dtype"):
+            if value is not None and value != "auto":
+                raw.pop("torch_dtype", None)
+                raw["dtype"] = str(value).removeprefix("torch.")
+        elif key == "image_token_id":
+            raw.pop("image_token_id", None)
+            raw["image_token_index"] = value
+        elif key in ("text_config", "vision_config") and isinstance(value, dict):
+            base = dict(raw.get(key) or ({} if key == "text_config" else LLAVA_NEXT_VISION_DEFAULTS))
+            if "num_hidden_layers" in value and "layer_types" not in value:
+                base.pop("layer_types", None)  # derived from the layer count; rebuilt for the new one
+            if "rope_theta" in value and isinstance(base.get("rope_parameters"), dict):
+                base["rope_parameters"] = {**base["rope_parameters"], "rope_theta": value["rope_theta"]}
+            raw[key] = {**base, **value}
+        elif key in ("text_config", "vision_config"):
+            expected = TextConfig if key == "text_config" else VisionConfig
+            if not isinstance(value, expected):
+                raise TypeError(f"{key} must be a dict or a {expected.__name__}, got {type(value).__name__}")
+            raw[key] = value
+        else:
+            if key == "image_token_index":
+                raw.pop("image_token_id", None)
+            raw[key] = value
+    return raw

@@ -17,6 +17,10 @@ class ImageTokenMismatchError(LlavaNextError, ValueError):
     """The number of `<image>` placeholders does not match the images or their features."""
 
 
+class ModelInputError(LlavaNextError, ValueError):
+    """input_ids / attention_mask / inputs_embeds / position_ids, or a forward() option, the model cannot use."""
+
+
 class GenerationArgumentError(LlavaNextError, ValueError):
     """A generation argument is out of range (max_new_tokens, temperature, top_p, top_k, ...)."""
 

@@ -37,9 +37,12 @@ from .errors import ImageTokenMismatchError
 from .image_processor import DEFAULTS as IMAGE_SETTINGS
 from .image_processor import LlavaNextImageProcessor, flatten_images
 from .images import load_image
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, pop_tokenizer_settings
 
 PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja"]
+# `from_pretrained` kwargs that override processor_config.json (the __init__ arguments other than the parts).
+PROCESSOR_SETTINGS = frozenset({"patch_size", "vision_feature_select_strategy", "chat_template", "image_token",
+                                "num_additional_image_tokens"})
 TEXT_KWARGS = {"padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side", "add_special_tokens",
                "return_attention_mask"}
 
@@ -75,17 +78,29 @@ class LlavaNextProcessor:
     # ------------------------------------------------------------------ loading and saving
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> "LlavaNextProcessor":
-        """Load from a local folder (never the network) or a hub id (only the small json/jinja files)."""
-        from .hub import resolve_folder
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "LlavaNextProcessor":
+        """Load from a local folder (never the network) or a hub id (only the small json/jinja files).
 
-        folder = resolve_folder(name_or_path, allow_patterns=PROCESSOR_FILES, **hub_kwargs)
-        config = _read_json(folder / "processor_config.json")
-        tokenizer = Tokenizer.from_pretrained(folder)
+        kwargs as transformers: processor settings (`PROCESSOR_SETTINGS`, e.g. `num_additional_image_tokens`),
+        tokenizer settings (`padding_side="left"`, `model_max_length`, `pad_token`, ...) and image processor
+        settings (`do_pad`, `image_grid_pinpoints`, ...) override the files; hub options go to the hub;
+        `use_fast` and `trust_remote_code` are ignored; anything else is a TypeError before any download.
+        """
+        from .hub import hub_options, resolve_folder
+
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in PROCESSOR_SETTINGS}
+        tokenizer_settings = pop_tokenizer_settings(kwargs)
+        if "image_token" in settings:  # transformers passes it to the tokenizer too, whose own image token wins
+            tokenizer_settings["image_token"] = settings["image_token"]
+        image_settings = {k: kwargs.pop(k) for k in list(kwargs) if k in IMAGE_SETTINGS}
+        hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
+        folder = resolve_folder(name_or_path, allow_patterns=PROCESSOR_FILES, **hub)
+        config = {**_read_json(folder / "processor_config.json"), **settings}
+        tokenizer = Tokenizer.from_pretrained(folder, **tokenizer_settings)
         if (folder / "preprocessor_config.json").is_file():
-            image_processor = LlavaNextImageProcessor.from_pretrained(folder)
+            image_processor = LlavaNextImageProcessor.from_pretrained(folder, **image_settings)
         elif isinstance(config.get("image_processor"), dict):  # layout written by transformers 5.x
-            image_processor = LlavaNextImageProcessor.from_dict(config["image_processor"])
+            image_processor = LlavaNextImageProcessor.from_dict(config["image_processor"], **image_settings)
         else:
             raise FileNotFoundError(
                 f"no image processor settings in {str(name_or_path)!r}: expected preprocessor_config.json "
@@ -96,7 +111,7 @@ class LlavaNextProcessor:
             tokenizer=tokenizer,
             patch_size=config.get("patch_size"),
             vision_feature_select_strategy=config.get("vision_feature_select_strategy"),
-            chat_template=load_chat_template(folder),
+            chat_template=settings["chat_template"] if "chat_template" in settings else load_chat_template(folder),
             image_token=config.get("image_token", "<image>"),
             num_additional_image_tokens=config.get("num_additional_image_tokens", 0),
         )

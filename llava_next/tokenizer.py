@@ -135,11 +135,18 @@ class Tokenizer:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> "Tokenizer":
-        """Load tokenizer.json (+ tokenizer_config.json, special_tokens_map.json, added_tokens.json) from a folder or hub id."""
-        from .hub import resolve_folder
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "Tokenizer":
+        """Load tokenizer.json (+ tokenizer_config.json, special_tokens_map.json, added_tokens.json) from a folder or hub id.
 
-        folder = resolve_folder(name_or_path, allow_patterns=TOKENIZER_FILES, **hub_kwargs)
+        kwargs as transformers: settings of tokenizer_config.json (`padding_side="left"`, `truncation_side`,
+        `model_max_length`, `pad_token="<pad>"`, ...: `TOKENIZER_SETTINGS` and any `*_token`) override the file;
+        hub options go to the hub; `use_fast` and `trust_remote_code` are ignored; anything else is a TypeError.
+        """
+        from .hub import hub_options, resolve_folder
+
+        overrides = pop_tokenizer_settings(kwargs)
+        hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
+        folder = resolve_folder(name_or_path, allow_patterns=TOKENIZER_FILES, **hub)
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(
@@ -156,6 +163,7 @@ class Tokenizer:
                 config["_legacy_added_tokens"] = {
                     str(i): {"content": t, "normalized": t not in special, "special": t in special} for t, i in added.items()
                 }
+        config.update(overrides)
         return cls(Backend.from_file(str(tokenizer_file)), config, name_or_path=str(name_or_path))
 
     def _register_special_tokens(self, cfg: dict, extra: list) -> None:
@@ -437,6 +445,28 @@ class Tokenizer:
                 f"padding_side={self.padding_side!r}, special_tokens={self._special})")
 
 
+# tokenizer_config.json keys a `from_pretrained` kwarg may override (besides any `*_token` name).
+TOKENIZER_SETTINGS = frozenset({
+    "padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces", "split_special_tokens",
+    "extra_special_tokens", "additional_special_tokens",
+    "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
+})
+
+
+def pop_tokenizer_settings(kwargs: dict) -> dict:
+    """Take the tokenizer_config.json overrides (`TOKENIZER_SETTINGS`, `*_token`) out of `from_pretrained` kwargs."""
+    settings = {k: kwargs.pop(k) for k in list(kwargs)
+                if k in TOKENIZER_SETTINGS or (k.endswith("_token") and k != "use_auth_token")}
+    if settings.get("model_max_length") is not None:
+        value = settings["model_max_length"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model_max_length must be a positive int, got {value!r}")
+    for name in ("padding_side", "truncation_side"):
+        if name in settings and settings[name] not in ("left", "right"):
+            raise ValueError(f"{name} must be 'left' or 'right', got {settings[name]!r}")
+    return {k: v for k, v in settings.items() if v is not None or k.endswith("_token")}
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -446,4 +476,4 @@ def _read_json(path: Path) -> dict | None:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
-__all__ = ["Tokenizer", "clean_up_tokenization"]
+__all__ = ["Tokenizer", "clean_up_tokenization", "pop_tokenizer_settings"]

@@ -16,7 +16,9 @@ Leaves out: writing checkpoints (tests write them with transformers itself).
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -239,13 +241,44 @@ def _tie_if_allowed(model: nn.Module, missing: list[str]) -> set[str]:
 
 def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_map=None, device=None,
                     quantization_config=None, attn_implementation=None, allow_pickle: bool = False,
-                    config: LlavaNextConfig | None = None, **hub_kwargs):
-    """Build `cls` from a folder or hub id: config, meta-device build, streamed strict load, one cast."""
+                    config: LlavaNextConfig | str | None = None, generation_config=None,
+                    use_safetensors: bool | None = None, **kwargs):
+    """Build `cls` from a folder or hub id: config, meta-device build, streamed strict load, one cast.
+
+    kwargs as transformers' `from_pretrained`: config fields (`vision_feature_layer=-3`, ...) override
+    config.json (not allowed with `config=`, as in transformers), hub options go to the hub, transformers'
+    no-op loading options (`low_cpu_mem_usage`, `trust_remote_code`, ...) are ignored, anything else is a
+    TypeError before any download. `use_safetensors=False` asks for pickle weights: it needs allow_pickle=True.
+    """
     from .attention import check_backend
+    from .config import pop_config_overrides
+    from .generation_config import GenerationConfig, read_json
+    from .hub import hub_options
+
+    where = f"{cls.__name__}.from_pretrained"
+    overrides = pop_config_overrides(kwargs)
+    hub = hub_options(kwargs, where)
+    if overrides and isinstance(config, LlavaNextConfig):
+        raise TypeError(f"{where} got config= and config field(s) {', '.join(map(repr, sorted(overrides)))}; "
+                        "set them on the config instead (config.replace(...) or LlavaNextConfig.from_pretrained(..., "
+                        "field=value))")
+    if use_safetensors is False and not allow_pickle:
+        raise ValueError(f"{where}: use_safetensors=False asks for pickle weights (*.bin), which can run arbitrary "
+                         "code; pass allow_pickle=True as well if you trust the checkpoint")
+    if use_safetensors:
+        allow_pickle = False  # as transformers: safetensors or nothing
+    if hasattr(generation_config, "to_diff_dict"):  # transformers' GenerationConfig
+        generation_config = generation_config.to_diff_dict()
+    if generation_config is not None and not isinstance(generation_config, Mapping):
+        raise TypeError(f"generation_config must be a GenerationConfig or a dict, got {type(generation_config).__name__}")
+    if config is not None and not isinstance(config, (LlavaNextConfig, str, os.PathLike)):
+        raise TypeError(f"config must be a LlavaNextConfig or a folder/hub id, got {type(config).__name__}")
 
     patterns = MODEL_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
-    folder = resolve_folder(name_or_path, allow_patterns=patterns, **hub_kwargs)
-    if config is None:
+    folder = resolve_folder(name_or_path, allow_patterns=patterns, **hub)
+    if isinstance(config, (str, os.PathLike)):
+        config = LlavaNextConfig.from_pretrained(config, **hub, **overrides)
+    elif config is None:
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"config.json not found in {str(name_or_path)!r}")
@@ -253,7 +286,7 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
             raw = json.load(f)
         if "auto_map" in raw:
             raw.pop("auto_map")  # NOTE: remote code is never imported
-        config = LlavaNextConfig.from_dict(raw)
+        config = LlavaNextConfig.from_dict(raw, **overrides)
     target_dtype = resolve_dtype(torch_dtype if dtype is None else dtype, config)
     backend = check_backend(attn_implementation)
     device_map = normalise_device_map(device_map, device)
@@ -269,9 +302,12 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
         load_state(model, iter_checkpoint(files), target_dtype, device_map, source=str(name_or_path))
     finish_build(model, backend)
     gen_path = folder / "generation_config.json"
-    if gen_path.is_file():
-        with open(gen_path, encoding="utf-8") as f:
-            model.generation_config = json.load(f)
+    if generation_config is not None:
+        model.generation_config = GenerationConfig(**dict(generation_config))
+    elif gen_path.is_file():
+        model.generation_config = GenerationConfig(**read_json(gen_path))
+    elif hasattr(model, "generation_config"):
+        model.generation_config = GenerationConfig()
     model.name_or_path = str(name_or_path)
     return model.eval()
 

@@ -298,3 +298,78 @@ def test_tiny_checkpoint_config_round_trip(tiny_checkpoint):
 def test_bad_configs_raise(bad, match):
     with pytest.raises(ValueError, match=match):
         LlavaNextConfig.from_dict(bad)
+
+
+# -- from_pretrained keyword arguments ----------------------------------------------------------------------
+
+@pytest.fixture
+def config_folder(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    transformers.LlavaNextConfig(text_config=MistralConfig(rope_theta=1e6).to_dict()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("overrides", [
+    {"vision_feature_layer": -3},
+    {"vision_feature_layer": [-2, -5], "vision_feature_select_strategy": "full"},
+    {"image_grid_pinpoints": [[336, 672], [672, 336]], "image_token_index": 7, "image_seq_length": 100},
+    {"image_token_id": 9, "projector_hidden_act": "silu", "multimodal_projector_bias": False},
+    {"text_config": {"num_hidden_layers": 3, "rms_norm_eps": 0.01}, "vision_config": {"image_size": 224}},
+])
+def test_from_pretrained_field_kwargs_override_like_transformers(config_folder, overrides):
+    from llava_next import AutoConfig
+
+    ours = AutoConfig.from_pretrained(config_folder, **overrides)
+    ref = transformers.AutoConfig.from_pretrained(config_folder, **overrides)
+    for key in ("vision_feature_layer", "vision_feature_select_strategy", "image_token_index", "image_seq_length",
+                "projector_hidden_act", "multimodal_projector_bias"):
+        want = getattr(ref, key)
+        assert getattr(ours, key) == (tuple(want) if isinstance(want, list) else want), key
+    assert ours.image_grid_pinpoints == tuple(map(tuple, ref.image_grid_pinpoints))
+    for key in ("num_hidden_layers", "rms_norm_eps", "hidden_size"):
+        assert getattr(ours.text_config, key) == getattr(ref.text_config, key), key
+    assert len(ours.text_config.layer_types) == ref.text_config.num_hidden_layers
+    assert ours.text_config.rope_theta == 1e6
+    assert ours.vision_config.image_size == ref.vision_config.image_size
+
+
+def test_from_pretrained_kwargs_dtype_instances_and_unused(config_folder):
+    ours = LlavaNextConfig.from_pretrained(config_folder, dtype=torch.bfloat16)
+    assert ours.dtype == "bfloat16"
+    text = TextConfig.from_dict({"model_type": "llama", "num_hidden_layers": 1})
+    assert LlavaNextConfig.from_pretrained(config_folder, text_config=text).text_config == text
+    config, unused = LlavaNextConfig.from_pretrained(config_folder, return_unused_kwargs=True, foo=1,
+                                                     trust_remote_code=True, vision_feature_layer=-1)
+    ref_config, ref_unused = transformers.AutoConfig.from_pretrained(config_folder, return_unused_kwargs=True, foo=1,
+                                                                     vision_feature_layer=-1)
+    assert unused == ref_unused == {"foo": 1} and config.vision_feature_layer == ref_config.vision_feature_layer
+
+
+def test_from_pretrained_bad_kwargs_are_typed_errors(config_folder):
+    with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\) 'output_hidden_state'"):
+        LlavaNextConfig.from_pretrained(config_folder, output_hidden_state=True)
+    with pytest.raises(ValueError, match="vision_feature_layer must be an int"):
+        LlavaNextConfig.from_pretrained(config_folder, vision_feature_layer="last")
+    with pytest.raises(ValueError, match="vision_feature_select_strategy"):
+        LlavaNextConfig.from_pretrained(config_folder, vision_feature_select_strategy="cls")
+    with pytest.raises(TypeError, match="text_config must be a dict or a TextConfig"):
+        LlavaNextConfig.from_pretrained(config_folder, text_config=5)
+
+
+def test_from_pretrained_hub_kwargs_reach_the_hub_only(config_folder, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: calls.append((repo, kw)) or str(config_folder))
+    from llava_next import AutoConfig
+
+    config = AutoConfig.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf", revision="r", token="t",
+                                        trust_remote_code=True, vision_feature_layer=-1)
+    assert config.vision_feature_layer == -1
+    assert calls == [("llava-hf/llava-v1.6-mistral-7b-hf", {"allow_patterns": ["config.json"], "revision": "r",
+                                                            "token": "t"})]
+    with pytest.raises(TypeError, match="'bogus'"):
+        AutoConfig.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf", bogus=1)
+    assert len(calls) == 1

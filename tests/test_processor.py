@@ -251,3 +251,60 @@ def test_seed_document_flow(pair, images):
     a = ours(pair_of_images, prompt, return_tensors="pt").to("cpu")
     assert_same(a, ref(images=pair_of_images, text=prompt, return_tensors="pt"))
     assert ours.decode(a["input_ids"][0], skip_special_tokens=True) == ref.decode(a["input_ids"][0], skip_special_tokens=True)
+
+
+# -- from_pretrained keyword arguments ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [
+    {"padding_side": "left"},
+    {"padding_side": "left", "truncation_side": "left", "model_max_length": 64, "use_fast": True,
+     "trust_remote_code": False},
+    {"num_additional_image_tokens": 0, "vision_feature_select_strategy": "full", "do_pad": False},
+    {"image_grid_pinpoints": [[336, 672], [672, 336]], "pad_token": "<unk>"},
+])
+def test_from_pretrained_kwargs_configure_the_parts_like_transformers(kwargs):
+    folder = shared_processor_folder("mistral")
+    ours = AutoProcessor.from_pretrained(folder, **kwargs)
+    ref = type(reference_processor(folder)).from_pretrained(str(folder), **kwargs)
+    for name in ("padding_side", "truncation_side", "model_max_length", "pad_token", "pad_token_id"):
+        assert getattr(ours.tokenizer, name) == getattr(ref.tokenizer, name), name
+    for name in ("num_additional_image_tokens", "vision_feature_select_strategy", "patch_size"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    for name in ("do_pad", "image_grid_pinpoints"):
+        assert getattr(ours.image_processor, name) == getattr(ref.image_processor, name), name
+    texts = ["<image> a short one", "and a much longer second prompt <image> with more words in it"]
+    images = [Image.new("RGB", (500, 300), "red"), Image.new("RGB", (500, 300), "blue")]  # same tiles: do_pad=False
+    got = ours(images=images, text=texts, padding=True, return_tensors="pt")
+    want = ref(images=images, text=texts, padding=True, return_tensors="pt")
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["attention_mask"], want["attention_mask"])
+    assert got["pixel_values"].shape == want["pixel_values"].shape
+
+
+def test_from_pretrained_bad_kwargs_are_typed_errors_before_any_download(monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(k) or "/nonexistent")
+    folder = shared_processor_folder("mistral")
+    for name in (folder, "llava-hf/llava-v1.6-mistral-7b-hf"):
+        with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\) 'padding_sides'"):
+            AutoProcessor.from_pretrained(name, padding_sides="left")
+        with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+            LlavaNextProcessor.from_pretrained(name, padding_side="center")
+        with pytest.raises(TypeError, match="'image_processor_type'"):  # not a setting to override
+            LlavaNextProcessor.from_pretrained(name, image_processor_type="x")
+    assert calls == []
+
+
+def test_from_pretrained_hub_kwargs_reach_the_hub_only(monkeypatch):
+    import huggingface_hub
+
+    folder = shared_processor_folder("mistral")
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **k: calls.append(k) or str(folder))
+    processor = AutoProcessor.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf", padding_side="left", use_fast=True,
+                                              trust_remote_code=True, revision="r", cache_dir="/tmp/c", token=None)
+    assert processor.tokenizer.padding_side == "left"
+    assert calls == [{"allow_patterns": ["*.json", "*.jinja", "chat_templates/*.jinja"], "revision": "r",
+                      "cache_dir": "/tmp/c"}]

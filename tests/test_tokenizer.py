@@ -245,3 +245,35 @@ def test_add_bos_eos_flags_follow_transformers(tmp_path):
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     ours, ref = Tokenizer.from_pretrained(folder), reference_processor(folder).tokenizer
     assert ours("hi")["input_ids"] == ref("hi").input_ids == [12014]
+
+
+# -- from_pretrained keyword arguments ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [
+    {"padding_side": "left", "truncation_side": "left", "model_max_length": 12},
+    {"pad_token": "<new_pad>", "use_fast": True, "trust_remote_code": True},
+    {"pad_token": None, "unk_token": "<s>"},
+])
+def test_from_pretrained_kwargs_override_tokenizer_config_like_transformers(kwargs):
+    from transformers import AutoTokenizer
+
+    folder = shared_processor_folder("mistral")
+    ours, ref = Tokenizer.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    for name in ("padding_side", "truncation_side", "model_max_length", "pad_token", "pad_token_id", "unk_token_id"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert len(ours) == len(ref)
+    texts = ["Hello world <new_pad>", "a much longer text that will be truncated on one side or the other"]
+    padding = ours.pad_token is not None
+    got = ours(texts, padding=padding, truncation=True)
+    want = ref(texts, padding=padding, truncation=True)
+    assert got["input_ids"] == want["input_ids"] and got["attention_mask"] == want["attention_mask"]
+
+
+def test_from_pretrained_bad_kwargs_are_typed_errors():
+    folder = shared_processor_folder("mistral")
+    with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\) 'add_prefix_space'"):
+        Tokenizer.from_pretrained(folder, add_prefix_space=True)
+    with pytest.raises(ValueError, match="model_max_length must be a positive int"):
+        Tokenizer.from_pretrained(folder, model_max_length="long")
+    with pytest.raises(ValueError, match="truncation_side must be 'left' or 'right'"):
+        Tokenizer.from_pretrained(folder, truncation_side="middle")

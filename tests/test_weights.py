@@ -314,3 +314,96 @@ def test_tied_embeddings_without_lm_head(tiny_checkpoint):
     ours = Ours.from_pretrained(folder)
     assert ours.lm_head.weight is ours.model.language_model.embed_tokens.weight
     assert_same_logits(ours, hf)
+
+
+# -- from_pretrained keyword arguments (transformers' rules) -------------------------------------------------
+
+def _hf_from(folder, **kwargs):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tiny_checkpoint):
+    """huggingface_hub.snapshot_download replaced: records its kwargs, returns the tiny checkpoint folder."""
+    import huggingface_hub
+
+    folder, hf = tiny_checkpoint("mistral")
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls, hf
+
+
+def test_hub_kwargs_go_to_the_hub_and_loading_no_ops_are_accepted(fake_hub, tmp_path):
+    calls, hf = fake_hub
+    ours = Ours.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf", low_cpu_mem_usage=True, use_safetensors=True,
+                                trust_remote_code=True, _fast_init=False, offload_state_dict=True,
+                                revision="v1", cache_dir=str(tmp_path), use_auth_token="hf_x", force_download=False,
+                                local_files_only=True, proxies=None)
+    assert calls == [("llava-hf/llava-v1.6-mistral-7b-hf",
+                      {"allow_patterns": ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"], "revision": "v1",
+                       "cache_dir": str(tmp_path), "token": "hf_x", "force_download": False,
+                       "local_files_only": True})]
+    assert_same_logits(ours, hf)
+
+
+@pytest.mark.parametrize("kwargs,named", [({"output_loading_info": True}, "'output_loading_info'"),
+                                          ({"variant": "fp16", "colour": 1}, "'colour', 'variant'"),
+                                          ({"revison": "main"}, "'revison'")])
+def test_unknown_kwargs_are_a_type_error_before_any_download(fake_hub, base, kwargs, named):
+    calls, _ = fake_hub
+    for name in ("llava-hf/llava-v1.6-mistral-7b-hf", base[0]):  # hub id, and a local folder (was silently ignored)
+        with pytest.raises(TypeError, match=f"unexpected keyword argument\\(s\\) {named}"):
+            Ours.from_pretrained(name, **kwargs)
+    assert calls == []
+
+
+@pytest.mark.parametrize("overrides", [{"vision_feature_layer": -3}, {"vision_feature_layer": -1},
+                                       {"image_grid_pinpoints": [[336, 672], [672, 336]]},
+                                       {"text_config": {"rms_norm_eps": 0.1}, "projector_hidden_act": "silu"}])
+def test_config_field_kwargs_override_config_json_like_transformers(tiny_checkpoint, overrides):
+    folder, _ = tiny_checkpoint("mistral")
+    ours, hf = Ours.from_pretrained(folder, **overrides), _hf_from(folder, **overrides)
+    for key in ("vision_feature_layer", "projector_hidden_act"):
+        want = getattr(hf.config, key)
+        assert getattr(ours.config, key) == (tuple(want) if isinstance(want, list) else want)
+    assert ours.config.text_config.rms_norm_eps == hf.config.text_config.rms_norm_eps
+    x = inputs()
+    if "image_grid_pinpoints" in overrides:  # (1, 4000) picks another grid: fewer image tokens
+        tokens = AnyresGeometry(tuple(map(tuple, overrides["image_grid_pinpoints"]))).num_image_tokens(*SIZE)
+        ids = x["input_ids"][0]
+        keep = torch.cat([ids[:5], ids[5:-7][:tokens], ids[-7:]])
+        x["input_ids"], x["pixel_values"] = keep[None], x["pixel_values"][:, :3]
+    with torch.no_grad():
+        diff = (ours(**x).logits - hf(**x).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_config_fields_with_config_argument_are_refused_like_transformers(base):
+    config = Ours.from_pretrained(base[0]).config
+    with pytest.raises(TypeError, match="vision_feature_layer"):
+        Ours.from_pretrained(base[0], config=config, vision_feature_layer=-3)
+    with pytest.raises(TypeError):
+        _hf_from(base[0], config=base[1].config, vision_feature_layer=-3)
+    with pytest.raises(ValueError, match="vision_feature_layer 7 is outside"):
+        Ours.from_pretrained(base[0], vision_feature_layer=7)
+
+
+def test_use_safetensors_false_needs_allow_pickle(base):
+    with pytest.raises(ValueError, match="use_safetensors=False.*allow_pickle=True"):
+        Ours.from_pretrained(base[0], use_safetensors=False)
+
+
+def test_subfolder(base, tmp_path):
+    import shutil
+
+    shutil.copytree(base[0], tmp_path / "repo" / "llava")
+    assert_same_logits(Ours.from_pretrained(tmp_path / "repo", subfolder="llava"), base[1])
+    with pytest.raises(FileNotFoundError, match="subfolder 'nope'"):
+        Ours.from_pretrained(tmp_path / "repo", subfolder="nope")
