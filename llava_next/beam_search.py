@@ -14,9 +14,9 @@ pick the same beams:
   (the others start at -1e9).
 * candidates: the top `K = max(2, 1 + len(eos)) * num_beams` of the flattened (num_beams * vocab) scores
   per batch row (`torch.multinomial` without replacement when sampling).
-* a candidate whose last token is EOS (or that reaches max_length, or a stop string) is finished: it joins the
-  finished set (length-penalised score `sum_logprobs / new_tokens ** length_penalty`) only if it is among the
-  top `num_beams` candidates; the best `num_beams` unfinished candidates keep running.
+* a candidate whose last token is EOS (or that reaches max_length or max_time, or a stop string) is finished:
+  it joins the finished set (length-penalised score `sum_logprobs / new_tokens ** length_penalty`) only if it
+  is among the top `num_beams` candidates; the best `num_beams` unfinished candidates keep running.
 * stop: per batch row transformers' early-stop heuristic (`early_stopping` False / True / "never"), and the
   loop ends when no row can improve, every row is full with `early_stopping=True`, or all candidates hit a
   stop criterion.
@@ -53,9 +53,7 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def beam_search(model, plan, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, kwargs):
     """generate() with num_beams > 1: (B, prompt + new) ids, or a ModelOutput with return_dict_in_generate."""
     n = plan.num_beams
-    early_stopping = plan.early_stopping
-    if early_stopping not in (True, False, "never"):
-        raise GenerationArgumentError(f"`early_stopping` must be True, False or 'never', got {early_stopping!r}")
+    early_stopping = plan.early_stopping  # True, False or "never" (checked by plan_generation)
     if kwargs.get("streamer") is not None:
         raise GenerationArgumentError("`streamer` cannot be used with beam search; set num_beams=1")
     length_penalty = plan.length_penalty
@@ -132,7 +130,7 @@ def beam_search(model, plan, input_ids, attention_mask, pixel_values, image_size
             cand_parents[:, :, step] = (beam + row_offset).to(torch.int32)  # parent as a flat row index
 
             # which candidates end here
-            if cur_len + 1 >= max_length:
+            if cur_len + 1 >= max_length or plan.out_of_time():  # max_time: every candidate stops, as transformers
                 hits = torch.ones(B, K, dtype=torch.bool, device=device)
             else:
                 hits = torch.zeros(B, K, dtype=torch.bool, device=device)

@@ -210,7 +210,8 @@ class Decoder(nn.Module):
         boolean mask (B, 1, T, S), True = attend.
 
         query_slots (T,) are the sequence indices of the queries; key_valid (B, S) marks real keys, None when
-        every key is real. Every query also sees itself, so a padding query never has an empty row (no NaN).
+        every key is real. As transformers' masks: a padding query sees the real keys before it, and a left-pad
+        query none (SDPA then gives it a zero output, eager attention a uniform one, as for transformers).
         """
         T, S = query_slots.shape[0], num_keys
         masks = {}
@@ -225,15 +226,17 @@ class Decoder(nn.Module):
             if window_cuts:
                 allowed = allowed & (diff < window)
             mask = allowed[None] if key_valid is None else allowed[None] & key_valid[:, None, :]  # (B|1, T, S)
-            masks[window] = (mask | (diff == 0)[None])[:, None]
+            masks[window] = mask[:, None]
         return masks
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
-                cache: StaticKVCache | None = None) -> torch.Tensor:
+                cache: StaticKVCache | None = None, hidden_states: list | None = None) -> torch.Tensor:
         """inputs_embeds (B, T, D), positions (B, T) -> hidden states (B, T, D) after the final norm.
 
         Without a cache, key_valid (B, T) is the attention mask. With one, the T tokens are written at the
         cache's next slots and key_valid (B, T) marks which of them are real. key_valid=None: all real.
+        hidden_states: a list that receives transformers' `hidden_states` (the embeddings, each layer's
+        output, the last one after the final norm: num_layers + 1 tensors).
         """
         B, T, _ = inputs_embeds.shape
         if cache is not None:
@@ -247,8 +250,13 @@ class Decoder(nn.Module):
         cos, sin = self.rope(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
             x = layer(x, cos, sin, masks, cache, slots)
-        return self.norm(x)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
 
     def decode_static(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                       cache: StaticKVCache) -> torch.Tensor:

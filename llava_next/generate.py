@@ -8,8 +8,11 @@ Positions come from the attention mask, so a left-padded row decodes exactly as 
 batch is prefilled run by run (rows of one length together, real tokens only) and then decodes together.
 On a float32 CPU head, greedy and top-k sampling choose tokens through screened_head.py (same tokens).
 
-Everything is validated before the first forward pass: generation arguments (sampling.py), and the
-prompt (image tokens included) plus `max_new_tokens` against the context (ContextLengthError).
+Everything is validated before the first forward pass: the model inputs (`LlavaNextModel.check_inputs`),
+the names and kinds of the generation arguments (`check_generate_kwargs`: a typo or an unknown name is refused,
+as transformers does), their values (sampling.py), and the prompt (image tokens included) plus
+`max_new_tokens` against the context (ContextLengthError). `max_time` stops the loop on the host, as
+transformers' MaxTimeCriteria (the time counts from the start of the call, prefill included).
 
 Leaves out: num_return_sequences > 1, assisted/contrastive decoding. Beam search lives in beam_search.py.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,7 +32,7 @@ from .engine import engine_for
 from .kv_cache import StaticKVCache
 from .llava_next import positions_from_mask
 from .outputs import ModelOutput
-from .sampling import LogitsPipeline, SamplingParams, validate_max_new_tokens
+from .sampling import HF_DEFAULTS, UNSUPPORTED, LogitsPipeline, SamplingParams, check_number, validate_max_new_tokens
 from .stopping import StopStrings, eos_reached, eos_token_tensor
 
 # generate() keyword arguments that are about the loop, not about picking tokens.
@@ -36,6 +40,17 @@ _LOOP_ARGS = ("max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "b
               "streamer", "tokenizer", "generator", "return_dict_in_generate", "output_scores", "output_logits",
               "use_cache", "num_beams", "length_penalty", "early_stopping", "output_attentions",
               "output_hidden_states", "generation_config", "cache_implementation", "max_time", "reuse_prefix")
+# transformers GenerationConfig fields that change no token here: bookkeeping, compile and cache settings, and
+# assisted-decoding knobs that only act with an assistant model (refused in sampling.UNSUPPORTED).
+_BOOKKEEPING = ("transformers_version", "_from_model_config", "decoder_start_token_id", "is_assistant",
+                "disable_compile", "compile_config", "cache_config", "max_cache_len", "low_memory",
+                "prefill_chunk_size", "continuous_batching_config", "num_assistant_tokens",
+                "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+                "target_lookbehind", "assistant_ensemble_weight", "max_matching_ngram_size")
+# Model inputs transformers' generate() passes on to forward(): checked, or refused unless None.
+_MODEL_KWARGS = ("position_ids", "past_key_values", "vision_feature_layer", "vision_feature_select_strategy")
+# Every keyword generate() takes besides its named inputs; a name outside this set (a typo) is refused.
+GENERATION_ARGUMENTS = frozenset(_LOOP_ARGS) | set(HF_DEFAULTS) | set(UNSUPPORTED) | set(_BOOKKEEPING)
 
 
 @dataclass
@@ -50,6 +65,11 @@ class GenerationPlan:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     stop: StopStrings | None = None
+    deadline: float | None = None  # time.monotonic() past which generation stops (max_time)
+
+    def out_of_time(self) -> bool:
+        """transformers' MaxTimeCriteria, on the host: True once max_time has passed since generate() began."""
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 def _merged_generation_config(model, kwargs) -> dict:
@@ -61,11 +81,51 @@ def _merged_generation_config(model, kwargs) -> dict:
     return config
 
 
+def check_generate_kwargs(model, kwargs: dict) -> None:
+    """Refuse unknown names (typos) and arguments of the wrong kind before any work, as transformers'
+    `_validate_model_kwargs` does; a None value means "not given", as there."""
+    unknown = sorted(k for k, v in kwargs.items()
+                     if v is not None and k not in GENERATION_ARGUMENTS and k not in _MODEL_KWARGS)
+    if unknown:
+        raise GenerationArgumentError(f"generate() got arguments it does not use: {unknown} (check for typos)")
+    for name in ("position_ids", "past_key_values"):
+        if kwargs.get(name) is not None:
+            raise GenerationArgumentError(f"`{name}` is not supported by generate(): positions come from "
+                                          "attention_mask and the KV cache is generate()'s own")
+    model.model._check_overrides(kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"))
+    if kwargs.get("output_hidden_states"):
+        raise GenerationArgumentError("`output_hidden_states=True` is not supported by generate(); run "
+                                      "model(sequences, output_hidden_states=True) on its output instead")
+    if kwargs.get("output_attentions"):
+        raise GenerationArgumentError("`output_attentions=True` is not supported: attention runs in fused kernels "
+                                      "that never form the attention weights")
+    config = kwargs.get("generation_config")
+    if config is not None and not isinstance(config, dict) and not hasattr(config, "to_dict"):
+        raise GenerationArgumentError(f"`generation_config` must be a GenerationConfig or a dict, got {config!r}")
+    streamer = kwargs.get("streamer")
+    if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+        raise GenerationArgumentError(f"`streamer` must have put() and end() methods, got {streamer!r}")
+    generator = kwargs.get("generator")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise GenerationArgumentError(f"`generator` must be a torch.Generator, got {generator!r}")
+        if generator.device.type != model.device.type:
+            raise GenerationArgumentError(f"`generator` is on {generator.device}, the model on {model.device}")
+    strings = kwargs.get("stop_strings")
+    if strings is not None:
+        if not isinstance(strings, (str, list, tuple)) or not all(isinstance(x, str) for x in strings):
+            raise GenerationArgumentError(f"`stop_strings` must be a string or a list of strings, got {strings!r}")
+        if kwargs.get("tokenizer") is None:
+            raise GenerationArgumentError("stop_strings needs tokenizer= (e.g. processor.tokenizer)")
+
+
 def plan_generation(model, prompt_len: int, kwargs: dict, embedded_prompt: bool = False) -> GenerationPlan:
-    """Resolve and validate lengths, special ids and sampling settings (transformers' priority order).
+    """Check the arguments, then resolve lengths, special ids and sampling settings (transformers' priority order).
 
     embedded_prompt: the prompt came as inputs_embeds alone, so (as transformers) the output holds only the new
     tokens and min_length does not count the prompt."""
+    start = time.monotonic()  # transformers' MaxTimeCriteria counts from here, before the prefill
+    check_generate_kwargs(model, kwargs)
     gen = _merged_generation_config(model, kwargs)
 
     def pick(name, default=None):
@@ -73,12 +133,13 @@ def plan_generation(model, prompt_len: int, kwargs: dict, embedded_prompt: bool 
             return kwargs[name]
         return gen.get(name, default) if gen.get(name) is not None else default
 
-    max_new = pick("max_new_tokens")
+    max_new, max_length = pick("max_new_tokens"), pick("max_length")
+    if max_length is not None:
+        check_number("max_length", max_length, integer=True)
     context = model.config.text_config.max_position_embeddings
-    if max_new is None and pick("max_length") is None:
+    if max_new is None and max_length is None:
         max_new = max(1, min(20, context - prompt_len))  # transformers: 20 new tokens when nothing is set
     elif max_new is None:
-        max_length = pick("max_length")
         max_new = max_length - prompt_len
         if max_new <= 0:
             raise GenerationArgumentError(
@@ -96,21 +157,33 @@ def plan_generation(model, prompt_len: int, kwargs: dict, embedded_prompt: bool 
     pad = pick("pad_token_id", text_cfg.pad_token_id)
     if pad is None:
         pad = int(eos[0]) if eos is not None else 0  # as transformers: pad with the (first) EOS id
-    num_beams = int(pick("num_beams", 1))
+    vocab = model.get_input_embeddings().num_embeddings  # finished rows feed the pad id back in
+    check_number("pad_token_id", pad, integer=True)
+    if not 0 <= pad < vocab:
+        raise GenerationArgumentError(f"`pad_token_id` must be a token id in 0..{vocab - 1}, got {pad}")
+    num_beams = pick("num_beams", 1)
+    check_number("num_beams", num_beams, integer=True)
     if num_beams < 1:
         raise GenerationArgumentError(f"`num_beams` must be >= 1, got {num_beams}")
+    length_penalty = pick("length_penalty", 1.0)
+    check_number("length_penalty", length_penalty)
+    early_stopping = pick("early_stopping", False)
+    if early_stopping not in (True, False, "never"):
+        raise GenerationArgumentError(f"`early_stopping` must be True, False or 'never', got {early_stopping!r}")
     sampling_kwargs = {k: v for k, v in kwargs.items() if k not in _LOOP_ARGS}
     gen_sampling = {k: v for k, v in gen.items() if k not in _LOOP_ARGS}
     sampling = SamplingParams.from_generate_kwargs(sampling_kwargs, gen_sampling)
     if embedded_prompt:
         sampling = dataclasses.replace(sampling, min_length=max(sampling.min_length - prompt_len, 0))
-    stop = None
-    if kwargs.get("stop_strings"):
-        if kwargs.get("tokenizer") is None:
-            raise GenerationArgumentError("stop_strings needs tokenizer= (e.g. processor.tokenizer)")
-        stop = StopStrings(kwargs["tokenizer"], kwargs["stop_strings"])
-    return GenerationPlan(max_new, eos, int(pad), sampling, num_beams, float(pick("length_penalty", 1.0)),
-                          pick("early_stopping", False), stop)
+    stop = None if kwargs.get("stop_strings") is None else StopStrings(kwargs["tokenizer"], kwargs["stop_strings"])
+    max_time = pick("max_time")
+    if max_time is not None:
+        check_number("max_time", max_time)
+        if max_time <= 0:
+            raise GenerationArgumentError(f"`max_time` must be > 0 seconds, got {max_time}")
+    deadline = None if max_time is None else start + max_time
+    return GenerationPlan(max_new, eos, pad, sampling, num_beams, float(length_penalty), early_stopping, stop,
+                          deadline)
 
 
 RAGGED_MIN_TOKENS = 128  # padded batches at least this wide are prefilled run by run (shorter: launches dominate)
@@ -175,7 +248,7 @@ class Prefill:
         self.embeds = embeds if reuse_prefix else None
         self.hidden = last  # (B, D)
         self.logits = model.lm_head(self.hidden) if head else None  # (B, V): lm_head only where we sample
-        self.next_position = positions[:, -1] + 1  # (B,)
+        self.next_position = positions[:, -1] + 1  # (B,) matches HF: the last position + 1, padding or not
 
 
 def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
@@ -202,8 +275,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     Beyond transformers: `reuse_prefix=True` (batch 1) keeps the KV cache of this call, and a next call whose
     prompt starts with the same tokens and images (a conversation's next turn) prefills only what is new.
     """
-    if input_ids is None and inputs_embeds is None:
-        raise ValueError("generate needs input_ids (or inputs_embeds)")
+    model.model.check_inputs(input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds)
     prompt_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
     plan = plan_generation(model, prompt_len, kwargs, embedded_prompt=input_ids is None)
     if plan.num_beams > 1:
@@ -264,7 +336,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
                 unfinished = unfinished & ~eos_reached(tokens, plan.eos)
                 if stop is not None:
                     unfinished = unfinished & ~stop(sequences[:, :length])
-                if step + 1 == plan.max_new_tokens or not bool(unfinished.any()):
+                if step + 1 == plan.max_new_tokens or plan.out_of_time() or not bool(unfinished.any()):
                     break
                 out = decode_step(model, tokens, position, cache, head=screen is None)
                 position = position + 1

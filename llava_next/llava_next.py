@@ -24,13 +24,18 @@ from torch import nn
 from .anyres import AnyresGeometry
 from .config import LlavaNextConfig
 from .decoder import ACTIVATIONS, Decoder
-from .errors import ImageTokenMismatchError
+from .errors import ContextLengthError, ImageTokenMismatchError, InvalidImageError, ModelInputError
 from .feature_cache import ImageFeatureCache
+from .generation_config import GenerationConfig
 from .outputs import ModelOutput
 from .vision import VisionTower
 from .weights import weights_stamp
 
 PROJECTOR_ACTIVATIONS = dict(ACTIVATIONS, gelu=F.gelu)
+
+
+# forward() keyword arguments beyond its named parameters (transformers' TransformersKwargs we understand).
+FORWARD_OPTIONS = ("num_items_in_batch", "output_attentions")
 
 
 class MultiModalProjector(nn.Module):
@@ -58,9 +63,21 @@ def image_sizes_as_ints(image_sizes) -> list[tuple[int, int]]:
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 0/1 mask -> (B, T) positions counting only real tokens (left padding gets position 1, as HF)."""
+    """(B, T) 0/1 mask -> (B, T) positions counting only real tokens, padding at 0 (transformers' generate)."""
     positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 1)
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def _tensor(name: str, value, dims: int, what: str, device: torch.device | None = None) -> torch.Tensor:
+    """`value` as a `dims`-D tensor (on `device` unless None), else ModelInputError saying what was expected."""
+    if not isinstance(value, torch.Tensor):
+        raise ModelInputError(f"{name} must be a torch.Tensor {what}, got {type(value).__name__}; ask the processor "
+                              "for return_tensors='pt'")
+    if value.dim() != dims:
+        raise ModelInputError(f"{name} must be {dims}-D {what}, got shape {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ModelInputError(f"{name} is on {value.device}, the model on {device}; move it with .to(model.device)")
+    return value
 
 
 class LlavaNextModel(nn.Module):
@@ -88,6 +105,120 @@ class LlavaNextModel(nn.Module):
         from .weights import load_pretrained
 
         return load_pretrained(cls, name_or_path, **kwargs)
+
+    # -- input checks -------------------------------------------------------------------------------------
+    def check_inputs(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None,
+                     inputs_embeds=None, position_ids=None) -> None:
+        """Refuse malformed model inputs before any work: shapes, dtypes and devices on the host, then value
+        ranges (ids in the vocabulary, finite pixels, 0/1 mask, positions inside the context) in one reduction
+        and one host sync. ModelInputError, InvalidImageError (pixels, sizes) or ContextLengthError."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ModelInputError("pass exactly one of input_ids or inputs_embeds")
+        weight = self.language_model.embed_tokens.weight
+        vocab, width = weight.shape
+        if input_ids is not None:
+            tokens = _tensor("input_ids", input_ids, 2, "of (batch, sequence) token ids", weight.device)
+            if tokens.dtype not in (torch.long, torch.int32):
+                raise ModelInputError(f"input_ids must be a torch.long tensor of token ids, got {tokens.dtype}")
+        else:
+            tokens = _tensor("inputs_embeds", inputs_embeds, 3, "of (batch, sequence, hidden)", weight.device)
+            if tokens.shape[2] != width or tokens.dtype != weight.dtype:
+                raise ModelInputError(f"inputs_embeds must be (batch, sequence, {width}) {weight.dtype}, got "
+                                      f"{tuple(tokens.shape)} {tokens.dtype}")
+        B, T = tokens.shape[:2]
+        if B == 0 or T == 0:
+            raise ModelInputError(f"the input is empty (shape {tuple(tokens.shape)}): give at least one token per row")
+        context = self.config.text_config.max_position_embeddings
+        if T > context:
+            raise ContextLengthError(f"the input has {T} tokens (image tokens included), more than the model's "
+                                     f"context of {context} tokens; shorten the prompt or use fewer or smaller images")
+        bad = {}  # name -> 0-d bool tensor, True when the values are wrong; read back in one sync
+        if input_ids is not None:
+            bad["input_ids"] = ((tokens < 0) | (tokens >= vocab)).any()
+        else:
+            bad["inputs_embeds"] = ~tokens.isfinite().all()
+        if attention_mask is not None:
+            mask = _tensor("attention_mask", attention_mask, 2, "of (batch, sequence) 0/1 entries")
+            if tuple(mask.shape) != (B, T):
+                hint = "; forward() keeps no KV cache, so decode with generate()" if mask.shape[-1] > T else ""
+                raise ModelInputError(f"attention_mask has shape {tuple(mask.shape)}, the input is ({B}, {T}): they "
+                                      f"must match (one 0/1 entry per token){hint}")
+            bad["attention_mask"] = ((mask != 0) & (mask != 1)).any()
+        if position_ids is not None:
+            positions = _tensor("position_ids", position_ids, 2, "of (batch, sequence) positions", weight.device)
+            if positions.is_floating_point() or positions.dtype == torch.bool or positions.shape[0] not in (1, B) \
+                    or positions.shape[1] != T:
+                raise ModelInputError(f"position_ids must be an integer ({B} or 1, {T}) tensor, got "
+                                      f"{tuple(positions.shape)} {positions.dtype}")
+            bad["position_ids"] = ((positions < 0) | (positions >= context)).any()
+        n_features = 0 if pixel_values is None else self._check_images(pixel_values, image_sizes)
+        if n_features:
+            bad["pixel_values"] = ~pixel_values.isfinite().all()
+        if input_ids is not None and n_features:
+            bad["placeholders"] = (tokens == self.config.image_token_index).sum() != n_features
+        found = dict(zip(bad, torch.stack([v.to(tokens.device) for v in bad.values()]).tolist()))
+        if found.get("input_ids"):
+            low, high = int(tokens.min()), int(tokens.max())
+            raise ModelInputError(f"input_ids hold ids from {low} to {high}; the vocabulary has {vocab} "
+                                  f"(0..{vocab - 1})")
+        if found.get("inputs_embeds"):
+            raise ModelInputError("inputs_embeds hold NaN or infinite values")
+        if found.get("attention_mask"):
+            raise ModelInputError("attention_mask must hold only 0 and 1")
+        if found.get("position_ids"):
+            low, high = int(positions.min()), int(positions.max())
+            error = ContextLengthError if high >= context else ModelInputError
+            raise error(f"position_ids must lie in 0..{context - 1} (the model's context of {context} tokens), "
+                        f"got {low}..{high}")
+        if found.get("pixel_values"):
+            raise InvalidImageError("pixel_values hold NaN or infinite values")
+        if found.get("placeholders"):
+            placeholders = int((tokens == self.config.image_token_index).sum())
+            raise ImageTokenMismatchError(
+                f"Image features and image tokens do not match: {placeholders} image tokens in the prompt, "
+                f"{n_features} image features from the images' sizes"
+            )
+
+    def _check_images(self, pixel_values, image_sizes) -> int:
+        """Shape/dtype checks of pixel_values and image_sizes; returns the number of image features they give."""
+        vision = self.config.vision_config
+        tile = (vision.num_channels, vision.image_size, vision.image_size)
+        if not isinstance(pixel_values, torch.Tensor):
+            raise InvalidImageError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; "
+                                    "ask the processor for return_tensors='pt'")
+        if not pixel_values.is_floating_point():
+            raise InvalidImageError(f"pixel_values must be floating point (the processor's normalised output), got "
+                                    f"{pixel_values.dtype}")
+        if pixel_values.dim() not in (4, 5) or tuple(pixel_values.shape[-3:]) != tile:
+            raise InvalidImageError(f"pixel_values must be (tiles, {tile[0]}, {tile[1]}, {tile[2]}) or (images, "
+                                    f"tiles, {tile[0]}, {tile[1]}, {tile[2]}), got {tuple(pixel_values.shape)}")
+        if pixel_values.device != self.image_newline.device:
+            raise InvalidImageError(f"pixel_values are on {pixel_values.device}, the vision tower on "
+                                    f"{self.image_newline.device}; move them with .to(model.device)")
+        if pixel_values.shape[0] == 0:
+            return 0
+        if image_sizes is None:
+            raise InvalidImageError("pixel_values were given without image_sizes")
+        if torch.is_tensor(image_sizes) and (image_sizes.is_floating_point() or image_sizes.dtype is torch.bool):
+            raise InvalidImageError(f"image_sizes must be integers, got {image_sizes.dtype}")
+        try:
+            sizes = image_sizes_as_ints(image_sizes)
+        except (TypeError, ValueError):
+            sizes = None
+        shape = tuple(image_sizes.shape) if hasattr(image_sizes, "shape") else None
+        if sizes is None or (shape is not None and (len(shape) != 2 or shape[1] != 2)) or not sizes:
+            raise InvalidImageError(f"image_sizes must be (images, 2) of (height, width), got "
+                                    f"{shape or image_sizes!r}")
+        if min(min(hw) for hw in sizes) < 1:
+            raise InvalidImageError(f"image sizes must be positive, got {sizes}")
+        tiles = [self.geometry.num_tiles(h, w) for h, w in sizes]
+        if pixel_values.dim() == 5 and (pixel_values.shape[0] != len(sizes) or max(tiles) > pixel_values.shape[1]):
+            raise InvalidImageError(f"pixel_values {tuple(pixel_values.shape)} do not fit image_sizes {sizes}: "
+                                    f"{len(sizes)} images needing up to {max(tiles)} tiles each")
+        if pixel_values.dim() == 4 and pixel_values.shape[0] != sum(tiles):
+            raise InvalidImageError(f"pixel_values has {pixel_values.shape[0]} tiles, image_sizes {sizes} imply "
+                                    f"{sum(tiles)}")
+        return sum(self.geometry.num_image_tokens(h, w) for h, w in sizes)
 
     # -- images -------------------------------------------------------------------------------------------
     def _check_overrides(self, vision_feature_layer, vision_feature_select_strategy):
@@ -180,28 +311,60 @@ class LlavaNextModel(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, vision_feature_layer=None,
-                vision_feature_select_strategy=None, use_cache=None, **kwargs) -> ModelOutput:
+                vision_feature_select_strategy=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                **kwargs) -> ModelOutput | tuple:
+        """last_hidden_state (B, T, D); with output_hidden_states, transformers' `hidden_states`: the embeddings,
+        then every layer's output, the last one after the final norm. A tuple with return_dict=False.
+
+        No KV cache is kept or taken (`past_key_values` is refused, `use_cache` changes nothing): generate()
+        holds its own."""
+        _check_forward_options(past_key_values, kwargs)
         self._check_overrides(vision_feature_layer, vision_feature_select_strategy)
+        self.check_inputs(input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, position_ids)
         embeds = self.embed(input_ids, pixel_values, image_sizes, inputs_embeds)
         B, T, _ = embeds.shape
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(embeds.device)
         if position_ids is None:
-            # NOTE: transformers' forward uses arange here and only its generate() derives positions from the
-            # mask; we always derive them, so a left-padded row gets the same positions as when run alone.
-            position_ids = positions_from_mask(attention_mask) if attention_mask is not None else \
-                torch.arange(T, device=embeds.device).expand(B, T)
+            # matches HF: forward() numbers every position 0..T-1, padding included (only generate() derives
+            # positions from the mask); RoPE is relative, so real tokens differ from the row alone by rounding.
+            position_ids = torch.arange(T, device=embeds.device).expand(B, T)
         # An all-ones mask is no mask: the kernel then runs plain causal attention, as transformers' SDPA path does.
         key_valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
-        hidden = self.language_model(embeds, position_ids, key_valid, cache=past_key_values)
-        return ModelOutput(last_hidden_state=hidden)
+        hidden_states = [] if output_hidden_states else None
+        hidden = self.language_model(embeds, position_ids, key_valid, hidden_states=hidden_states)
+        out = ModelOutput(last_hidden_state=hidden, hidden_states=tuple(hidden_states) if hidden_states else None)
+        return out.to_tuple() if return_dict is False else out
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.embed_tokens
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in fp32, -100 ignored, mean over counted tokens (transformers' ForCausalLMLoss)."""
+def _check_forward_options(past_key_values, kwargs: dict) -> None:
+    """Refuse what forward() cannot honour instead of ignoring it: a KV cache, attention weights, unknown names."""
+    if past_key_values is not None:
+        raise ModelInputError("past_key_values is not supported: forward() keeps no KV cache, so manual decode "
+                              "loops cannot continue from one; use model.generate(), which manages its own cache")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in FORWARD_OPTIONS)
+    if unknown:
+        raise ModelInputError(f"forward() got arguments it does not use: {unknown} (check for typos)")
+    if kwargs.get("output_attentions"):
+        raise ModelInputError("output_attentions=True is not supported: attention runs in fused kernels that never "
+                              "form the attention weights")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy in fp32, -100 ignored (transformers' ForCausalLMLoss): the mean over counted
+    tokens, or with num_items_in_batch (gradient accumulation) their sum divided by it."""
     shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
 
 
 class LlavaNextForConditionalGeneration(nn.Module):
@@ -212,7 +375,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.config = config
         self.model = LlavaNextModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.generation_config: dict = {}
+        self.generation_config = GenerationConfig()
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextForConditionalGeneration":
@@ -237,16 +400,23 @@ class LlavaNextForConditionalGeneration(nn.Module):
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, vision_feature_layer=None,
                 vision_feature_select_strategy=None, labels=None, use_cache=None, logits_to_keep=0,
-                **kwargs) -> ModelOutput:
-        hidden = self.model(input_ids, pixel_values, image_sizes, attention_mask, position_ids, past_key_values,
-                            inputs_embeds, vision_feature_layer, vision_feature_select_strategy).last_hidden_state
+                output_hidden_states=None, return_dict=None, num_items_in_batch=None, **kwargs) -> ModelOutput | tuple:
+        """logits (B, T_kept, V), loss with labels, hidden_states with output_hidden_states (as LlavaNextModel).
+
+        return_dict=False: the same fields as a tuple (loss first when labels are given, then logits); unlike
+        transformers there is no past_key_values entry, so hidden_states comes right after the logits."""
+        out = self.model(input_ids, pixel_values, image_sizes, attention_mask, position_ids, past_key_values,
+                         inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
+                         output_hidden_states=output_hidden_states, **kwargs)
+        hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
             kept = hidden[:, logits_to_keep]
         logits = self.lm_head(kept)  # (B, T_kept, V)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        out = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return out.to_tuple() if return_dict is False else out
 
     def generate(self, input_ids=None, **kwargs):
         from .generate import generate

@@ -24,6 +24,7 @@ Where it differs from transformers, on purpose:
   padding transformers uses then breaks decoder-only generation);
 - generation arguments given to a call (`pipe(chat, do_sample=True, temperature=0.7)`) are used; transformers
   5.x sends them to the processor, which ignores them, and only honours them in `generate_kwargs=` or at init;
+  all of them are checked (unknown names included) before any image is loaded;
 - with `return_tensors=True`, "input_text" is the list of messages rather than transformers' `Chat` object.
 
 Leaves out: tasks other than image-text-to-text, assistant models, `tools` parsing (`response_template`),
@@ -39,21 +40,16 @@ from collections.abc import Mapping
 import torch
 
 from .batch_feature import BatchFeature
+from .generate import GENERATION_ARGUMENTS, check_generate_kwargs
 from .images import load_image
 
 TASKS = ("image-text-to-text",)
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 256  # transformers' ImageTextToTextPipeline default when generation_config sets none
 
-# Keys generate() understands (transformers' GenerationConfig fields we implement, plus generate-only arguments).
-GENERATION_KEYS = frozenset({
-    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
-    "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size",
-    "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
-    "num_beams", "length_penalty", "early_stopping", "eos_token_id", "pad_token_id", "bos_token_id",
-    "stop_strings", "generation_config", "streamer", "generator", "use_cache", "max_time", "renormalize_logits",
-    "remove_invalid_values", "sequence_bias", "return_dict_in_generate", "output_scores", "output_logits",
-})
+# Call arguments that go to generate() (which refuses unknown names in generate_kwargs; the rest reach the
+# processor, which refuses what it does not know).
+GENERATION_KEYS = GENERATION_ARGUMENTS
 # Keys of generation_config.json that are bookkeeping, not settings (transformers' `to_diff_dict` drops them).
 _GENERATION_BOOKKEEPING = {"transformers_version", "_from_model_config"}
 
@@ -188,8 +184,8 @@ class ImageTextToTextPipeline:
             pre["continue_final_message"] = post["continue_final_message"] = continue_final_message
         if processor_kwargs is not None:
             pre["processor_kwargs"] = dict(processor_kwargs)
-        if stop_sequence is not None:
-            generate["stop_strings"] = [stop_sequence] if isinstance(stop_sequence, str) else list(stop_sequence)
+        if stop_sequence is not None:  # checked with the other generation arguments (check_generate_kwargs)
+            generate["stop_strings"] = stop_sequence
             generate["tokenizer"] = self.tokenizer
         if max_new_tokens is not None:
             if "max_new_tokens" in (generate_kwargs or {}):
@@ -245,6 +241,7 @@ class ImageTextToTextPipeline:
         if images is None and text is None:
             raise ValueError("You must at least provide either text or images.")
         pre, generate, post = self._merged(kwargs)
+        check_generate_kwargs(self.model, generate)  # typos and wrong kinds fail before any image is loaded
         if text is not None and not isinstance(text, (str, list, tuple, Mapping)) and hasattr(text, "__iter__"):
             text = list(text)  # a generator of chats or prompts: consumed eagerly
         size = self.batch_size if batch_size is None else int(batch_size)

@@ -73,10 +73,23 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "dola_layers": (),
     "prompt_lookup_num_tokens": (),
     "assistant_model": (),
+    "assistant_early_exit": (),
+    "diversity_penalty": (0.0,),
+    "token_healing": (False,),
+    "use_mtp": (False,),
+    "speculation_type": (),
+    # generate()'s own arguments in transformers
+    "logits_processor": ([],),
+    "stopping_criteria": ([],),
+    "prefix_allowed_tokens_fn": (),
+    "synced_gpus": (False,),
+    "negative_prompt_ids": (),
+    "negative_prompt_attention_mask": (),
+    "custom_generate": (),
 }
 
 
-def _number(name: str, value: Any, integer: bool = False) -> None:
+def check_number(name: str, value: Any, integer: bool = False) -> None:
     """Type and finiteness check; bools are refused (True is an int in Python)."""
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
@@ -88,7 +101,7 @@ def _number(name: str, value: Any, integer: bool = False) -> None:
 
 def validate_max_new_tokens(max_new_tokens: Any) -> int:
     """`max_new_tokens` must be an int > 0; returns it."""
-    _number("max_new_tokens", max_new_tokens, integer=True)
+    check_number("max_new_tokens", max_new_tokens, integer=True)
     if max_new_tokens <= 0:
         raise GenerationArgumentError(f"`max_new_tokens` must be greater than 0, got {max_new_tokens}")
     return max_new_tokens
@@ -119,9 +132,9 @@ class SamplingParams:
         if not isinstance(self.do_sample, bool):
             raise GenerationArgumentError(f"`do_sample` must be a bool, got {self.do_sample!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            _number(name, getattr(self, name))
+            check_number(name, getattr(self, name))
         for name in ("top_k", "min_new_tokens", "min_length"):
-            _number(name, getattr(self, name), integer=True)
+            check_number(name, getattr(self, name), integer=True)
         if self.do_sample and self.temperature <= 0:
             raise GenerationArgumentError(
                 f"`temperature` must be > 0 when sampling, got {self.temperature}; "

@@ -46,7 +46,7 @@ def batch():
     ids[1, T - len(second):], mask[1, T - len(second):] = torch.tensor(second), 1
     pv = torch.zeros(1, 5, 3, 336, 336)
     pv[0, :tiles] = torch.randn(tiles, 3, 336, 336, generator=g)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers generate()'s positions
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=torch.tensor([IMAGE_SIZE]),
                 position_ids=positions)
 

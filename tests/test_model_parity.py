@@ -103,7 +103,7 @@ def labels_for(ids: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> tor
 
 
 def hf_positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def assert_parity(ours, hf, ids, pv, sizes, mask=None, g=None):
@@ -111,7 +111,8 @@ def assert_parity(ours, hf, ids, pv, sizes, mask=None, g=None):
     mask = torch.ones_like(ids) if mask is None else mask
     labels = labels_for(ids, mask, g or torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = ours(input_ids=ids, pixel_values=pv, image_sizes=sizes, attention_mask=mask, labels=labels)
+        out = ours(input_ids=ids, pixel_values=pv, image_sizes=sizes, attention_mask=mask,
+                   position_ids=hf_positions(mask), labels=labels)
         ref = hf(input_ids=ids, pixel_values=pv, image_sizes=sizes, attention_mask=mask,
                  position_ids=hf_positions(mask), labels=labels)
     assert out.logits.shape == ref.logits.shape
@@ -366,12 +367,38 @@ def test_logits_to_keep_matches_transformers(mistral):
 
 
 def test_padded_row_equals_row_alone(mistral):
-    """Left padding must not change a row: positions come from the mask (transformers needs them passed)."""
+    """Left padding changes a row only by rounding (RoPE is relative), and not at all with the mask-derived
+    positions generate() uses."""
     ours, _ = mistral
     g = torch.Generator().manual_seed(9)
     short, long = text_ids(g, 6), text_ids(g, 20)
     ids, mask = left_pad([short, long])
     with torch.no_grad():
         batched = ours(input_ids=ids, attention_mask=mask).logits
+        positioned = ours(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
         alone = ours(input_ids=torch.tensor([short])).logits
     torch.testing.assert_close(batched[0, -6:], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(positioned[0, -6:], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_every_position_of_a_padded_batch_matches_transformers(mistral, side):
+    """Padding positions too: transformers numbers positions 0..T-1 in forward() and masks padding keys
+    only, so a right-pad query sees the real tokens before it and a left-pad query sees nothing. The loss
+    with padding left in the labels and a right-padded generate() depend on those positions."""
+    ours, hf = mistral
+    g = torch.Generator().manual_seed(11)
+    rows = [text_ids(g, 5), text_ids(g, 17), text_ids(g, 9)]
+    width = max(map(len, rows))
+    pad = [[0] * (width - len(r)) for r in rows]
+    ids = torch.tensor([p + r if side == "left" else r + p for p, r in zip(pad, rows)])
+    mask = torch.tensor([[0] * len(p) + [1] * len(r) if side == "left" else [1] * len(r) + [0] * len(p)
+                         for p, r in zip(pad, rows)])
+    with torch.no_grad():
+        out = ours(input_ids=ids, attention_mask=mask, labels=ids)
+        ref = hf(input_ids=ids, attention_mask=mask, labels=ids)
+    assert (out.logits - ref.logits).abs().max().item() <= 1e-5
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
+    # generate() samples the first new token at the last position, a padding one for right-padded rows
+    assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5),
+                       hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0))

@@ -185,3 +185,21 @@ def test_model_object_and_errors(pipes, photos):
         pipe(images=photos["chelsea"])
     with pytest.raises(FileNotFoundError):
         pipe(text=chat({"path": str(Path(photos["chelsea"]).with_name("missing.png"))}), max_new_tokens=2)
+
+
+def test_bad_generation_arguments_fail_before_preprocessing(pipes, photos, monkeypatch):
+    """Typos in generate_kwargs and arguments of the wrong kind: GenerationArgumentError before any image is read
+    (value ranges such as num_beams=1.5 are checked by generate(), after preprocessing, before any forward pass)."""
+    from llava_next.errors import GenerationArgumentError
+
+    ours, _ = pipes
+    loaded = []
+    monkeypatch.setattr(ours, "preprocess", lambda *a, **k: loaded.append(1))
+    messages = chat({"url": photos["chelsea"]})
+    for kwargs, name in ((dict(generate_kwargs={"max_new_token": 2, "temprature": 3}), "max_new_token"),
+                         (dict(max_new_tokens=2, stop_sequence=5), "stop_strings"),
+                         (dict(max_new_tokens=2, output_hidden_states=True), "output_hidden_states"),
+                         (dict(max_new_tokens=2, streamer=5), "streamer")):
+        with pytest.raises(GenerationArgumentError, match=name):
+            ours(text=messages, **kwargs)
+    assert loaded == []
