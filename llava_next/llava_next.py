@@ -247,8 +247,11 @@ class LlavaNextModel(nn.Module):
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
         per_image = pixel_values.split(tiles, dim=0)
         # The cache serves inference only: under autograd, features must stay connected to the tower.
-        cache = self.feature_cache if not torch.is_grad_enabled() else ImageFeatureCache(capacity=0)
-        cache.check_weights(weights_stamp(self.vision_tower, self.multi_modal_projector, self.image_newline))
+        if torch.is_grad_enabled():
+            cache = ImageFeatureCache(capacity=0)
+        else:
+            cache = self.feature_cache
+            cache.check_weights(weights_stamp(self.vision_tower, self.multi_modal_projector, self.image_newline))
         packed: list[torch.Tensor | None] = [cache.get(t, size) for t, size in zip(per_image, sizes)]
         missing = [i for i, p in enumerate(packed) if p is None]
         if missing:  # one tower pass over every tile of every image not seen before
