@@ -43,6 +43,7 @@ from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ChatTemplateError
+from .hub import read_json
 
 CHAT_TEMPLATE_FILES = ["chat_template.json", "chat_template.jinja", "chat_templates/*.jinja", "tokenizer_config.json"]
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -397,9 +398,9 @@ def _cut_at_final_message(text: str, final: str) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ChatTemplateError(f"{path} is not valid JSON: {exc}") from exc
+        return read_json(path)
+    except ValueError as exc:  # a broken template file is a template error
+        raise ChatTemplateError(str(exc)) from exc
 
 
 __all__ = [

@@ -12,12 +12,12 @@ Leaves out: runtime knobs (dtype to load in, device, attention backend): those a
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .anyres import DEFAULT_PINPOINTS, AnyresGeometry
+from .hub import read_json
 
 # transformers' config-class defaults per model_type (LlamaConfig, MistralConfig, Qwen2Config, CLIPVisionConfig).
 _DECODER_COMMON = dict(
@@ -252,12 +252,7 @@ class LlavaNextConfig:
                   if return_unused_kwargs and k not in _LOADER_NAMES}
         hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
         path = resolve_file(name_or_path, "config.json", **hub)
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        config = cls.from_dict(raw, **overrides)
+        config = cls.from_dict(read_json(path), **overrides)
         return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:

@@ -151,7 +151,7 @@ class GenerationConfig(Mapping):
                         **kwargs) -> "GenerationConfig":
         """Read generation_config.json from a folder or hub id; kwargs naming fields override it, hub options
         (revision, token, ...) go to the hub, anything else is a TypeError."""
-        from .hub import hub_options, resolve_file
+        from .hub import hub_options, read_json, resolve_file
 
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _KNOWN}
         hub = hub_options(kwargs, "GenerationConfig.from_pretrained")
@@ -164,17 +164,6 @@ class GenerationConfig(Mapping):
         path = folder / config_file_name
         path.write_text(self.to_json_string(), encoding="utf-8")
         return path
-
-
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """A generation_config.json as a dict; a clear ValueError when it is not a JSON object."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _settings(values: dict) -> dict:

@@ -13,6 +13,7 @@ Leaves out: remote code (`auto_map`) is never imported; `repo_type`, `variant`, 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -119,3 +120,18 @@ def resolve_file(name_or_path: str | os.PathLike, filename: str, required: bool 
         where = "hub repo " if not path.is_dir() else ""
         raise FileNotFoundError(f"{filename} not found in {where}{str(name_or_path)!r}")
     return None
+
+
+def read_json(path: str | os.PathLike, required: bool = True) -> dict:
+    """A checkpoint's JSON file as a dict ({} when absent and not required); a ValueError naming the file when
+    it is not valid JSON or not a JSON object."""
+    path = Path(path)
+    if not required and not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data

@@ -37,7 +37,7 @@ from PIL import Image
 
 from .anyres import DEFAULT_PINPOINTS, AnyresGeometry
 from .batch_feature import BatchFeature
-from .hub import resolve_file
+from .hub import read_json, resolve_file
 from .errors import InvalidImageError
 from .images import DEFAULT_MAX_PIXELS, check_pixels, load_image, to_rgb
 
@@ -310,7 +310,7 @@ class LlavaNextImageProcessor:
         else:
             config_path = resolve_file(name_or_path, CONFIG_NAME, **kwargs)  # OSError naming it when missing
         try:
-            config = json.loads(Path(config_path).read_text())
+            config = read_json(config_path)
         except (OSError, ValueError) as e:
             raise OSError(f"cannot read {config_path}: {e}") from e
         return cls.from_dict(config, **overrides)

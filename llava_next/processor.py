@@ -34,6 +34,7 @@ from .chat_template import (
     template_variables,
 )
 from .errors import ImageTokenMismatchError
+from .hub import read_json
 from .image_processor import DEFAULTS as IMAGE_SETTINGS
 from .image_processor import LlavaNextImageProcessor, flatten_images
 from .images import load_image
@@ -95,7 +96,7 @@ class LlavaNextProcessor:
         image_settings = {k: kwargs.pop(k) for k in list(kwargs) if k in IMAGE_SETTINGS}
         hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
         folder = resolve_folder(name_or_path, allow_patterns=PROCESSOR_FILES, **hub)
-        config = {**_read_json(folder / "processor_config.json"), **settings}
+        config = {**read_json(folder / "processor_config.json", required=False), **settings}
         tokenizer = Tokenizer.from_pretrained(folder, **tokenizer_settings)
         if (folder / "preprocessor_config.json").is_file():
             image_processor = LlavaNextImageProcessor.from_pretrained(folder, **image_settings)
@@ -345,15 +346,6 @@ def _is_image_path(value: str) -> bool:
 def _as_pairs(image_sizes) -> list[tuple[int, int]]:
     sizes = image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes
     return [(int(h), int(w)) for h, w in sizes]
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
 __all__ = ["LlavaNextProcessor", "AutoProcessor"]

@@ -35,6 +35,7 @@ from tokenizers.processors import TemplateProcessing
 
 from .batch_feature import BatchFeature
 from .errors import ContextLengthError
+from .hub import read_json
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
@@ -152,11 +153,11 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"tokenizer.json not found in {str(name_or_path)!r}; only checkpoints with a fast tokenizer file are supported"
             )
-        config = _read_json(folder / "tokenizer_config.json") or {}
+        config = read_json(folder / "tokenizer_config.json", required=False)
         if "added_tokens_decoder" not in config:
             # Legacy layout: special_tokens_map.json overrides the config, added_tokens.json lists added tokens.
-            config.update(_read_json(folder / "special_tokens_map.json") or {})
-            added = _read_json(folder / "added_tokens.json") or {}
+            config.update(read_json(folder / "special_tokens_map.json", required=False))
+            added = read_json(folder / "added_tokens.json", required=False)
             if added:
                 special = {_token_content(config.get(n)) for n in SPECIAL_TOKEN_NAMES}
                 special |= {_token_content(t) for t in config.get("additional_special_tokens") or []}
@@ -465,15 +466,6 @@ def pop_tokenizer_settings(kwargs: dict) -> dict:
         if name in settings and settings[name] not in ("left", "right"):
             raise ValueError(f"{name} must be 'left' or 'right', got {settings[name]!r}")
     return {k: v for k, v in settings.items() if v is not None or k.endswith("_token")}
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
 __all__ = ["Tokenizer", "clean_up_tokenization", "pop_tokenizer_settings"]

@@ -252,8 +252,8 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
     """
     from .attention import check_backend
     from .config import pop_config_overrides
-    from .generation_config import GenerationConfig, read_json
-    from .hub import hub_options
+    from .generation_config import GenerationConfig
+    from .hub import hub_options, read_json
 
     where = f"{cls.__name__}.from_pretrained"
     overrides = pop_config_overrides(kwargs)
@@ -282,8 +282,7 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"config.json not found in {str(name_or_path)!r}")
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = read_json(config_path)
         if "auto_map" in raw:
             raw.pop("auto_map")  # NOTE: remote code is never imported
         config = LlavaNextConfig.from_dict(raw, **overrides)
