@@ -29,6 +29,7 @@ import torch
 
 from .errors import ContextLengthError, GenerationArgumentError
 from .engine import engine_for
+from .generation_config import BOOKKEEPING
 from .kv_cache import StaticKVCache
 from .llava_next import positions_from_mask
 from .outputs import ModelOutput
@@ -42,7 +43,7 @@ _LOOP_ARGS = ("max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "b
               "output_hidden_states", "generation_config", "cache_implementation", "max_time", "reuse_prefix")
 # transformers GenerationConfig fields that change no token here: bookkeeping, compile and cache settings, and
 # assisted-decoding knobs that only act with an assistant model (refused in sampling.UNSUPPORTED).
-_BOOKKEEPING = ("transformers_version", "_from_model_config", "decoder_start_token_id", "is_assistant",
+_BOOKKEEPING = BOOKKEEPING + ("decoder_start_token_id", "is_assistant",
                 "disable_compile", "compile_config", "cache_config", "max_cache_len", "low_memory",
                 "prefill_chunk_size", "continuous_batching_config", "num_assistant_tokens",
                 "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",

@@ -44,6 +44,8 @@ FIELDS = (
     "transformers_version",
 )
 _KNOWN = frozenset(FIELDS)
+# Fields that record where a config came from, not how to generate (transformers leaves them out of comparisons).
+BOOKKEEPING = ("transformers_version", "_from_model_config")
 
 
 class GenerationConfig(Mapping):
@@ -168,7 +170,7 @@ class GenerationConfig(Mapping):
 
 def _settings(values: dict) -> dict:
     """Values that matter for equality (transformers ignores its version stamp)."""
-    return {k: v for k, v in values.items() if k not in ("transformers_version", "_from_model_config") and v is not None}
+    return {k: v for k, v in values.items() if k not in BOOKKEEPING and v is not None}
 
 
 __all__ = ["GenerationConfig"]

@@ -41,17 +41,13 @@ import torch
 
 from .batch_feature import BatchFeature
 from .generate import GENERATION_ARGUMENTS, check_generate_kwargs
+from .generation_config import BOOKKEEPING
 from .images import load_image
 
 TASKS = ("image-text-to-text",)
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 256  # transformers' ImageTextToTextPipeline default when generation_config sets none
 
-# Call arguments that go to generate() (which refuses unknown names in generate_kwargs; the rest reach the
-# processor, which refuses what it does not know).
-GENERATION_KEYS = GENERATION_ARGUMENTS
-# Keys of generation_config.json that are bookkeeping, not settings (transformers' `to_diff_dict` drops them).
-_GENERATION_BOOKKEEPING = {"transformers_version", "_from_model_config"}
 
 
 class ReturnType(enum.Enum):
@@ -173,7 +169,7 @@ class ImageTextToTextPipeline:
         pre, post = {}, {}
         generate = dict(generate_kwargs or {})
         for key in list(kwargs):
-            if key in GENERATION_KEYS:
+            if key in GENERATION_ARGUMENTS:  # the rest reach the processor, which refuses what it does not know
                 generate[key] = kwargs.pop(key)
         if "tools" in kwargs:
             post["tools"] = kwargs["tools"]
@@ -221,7 +217,7 @@ class ImageTextToTextPipeline:
         """transformers' `_prepare_generate_kwargs`: max_new_tokens=256 and the tokenizer's pad id, unless set
         by the call or the checkpoint's generation_config.json."""
         config = getattr(self.model, "generation_config", None) or {}
-        set_params = {k for k, v in dict(config).items() if k not in _GENERATION_BOOKKEEPING and v is not None}
+        set_params = {k for k, v in dict(config).items() if k not in BOOKKEEPING and v is not None}
         override = generate.get("generation_config")
         if override is not None:
             items = override.to_dict() if hasattr(override, "to_dict") else dict(override)
