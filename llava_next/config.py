@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .anyres import DEFAULT_PINPOINTS, AnyresGeometry
-from .hub import read_json
+from .hub import HUB_OPTIONS, IGNORED_OPTIONS, read_json
 
 # transformers' config-class defaults per model_type (LlamaConfig, MistralConfig, Qwen2Config, CLIPVisionConfig).
 _DECODER_COMMON = dict(
@@ -287,9 +287,7 @@ class LlavaNextConfig:
 CONFIG_OVERRIDES = frozenset({f.name for f in fields(LlavaNextConfig)} - {"extra", "model_type", "dtype"}
                              | {"image_token_id", "dtype", "torch_dtype"})
 # Hub and ignored loading options: never "unused" config kwargs.
-_LOADER_NAMES = frozenset({"revision", "cache_dir", "token", "force_download", "local_files_only", "proxies",
-                           "subfolder", "use_auth_token", "trust_remote_code", "low_cpu_mem_usage", "_fast_init",
-                           "offload_state_dict", "offload_folder", "use_fast", "_from_auto", "_from_pipeline"})
+_LOADER_NAMES = frozenset(HUB_OPTIONS) | set(IGNORED_OPTIONS) | {"use_auth_token"}
 
 
 def pop_config_overrides(kwargs: dict) -> dict:
