@@ -211,14 +211,26 @@ class LlavaNextModel(nn.Module):
                                     f"{shape or image_sizes!r}")
         if min(min(hw) for hw in sizes) < 1:
             raise InvalidImageError(f"image sizes must be positive, got {sizes}")
-        tiles = [self.geometry.num_tiles(h, w) for h, w in sizes]
-        if pixel_values.dim() == 5 and (pixel_values.shape[0] != len(sizes) or max(tiles) > pixel_values.shape[1]):
-            raise InvalidImageError(f"pixel_values {tuple(pixel_values.shape)} do not fit image_sizes {sizes}: "
-                                    f"{len(sizes)} images needing up to {max(tiles)} tiles each")
-        if pixel_values.dim() == 4 and pixel_values.shape[0] != sum(tiles):
-            raise InvalidImageError(f"pixel_values has {pixel_values.shape[0]} tiles, image_sizes {sizes} imply "
-                                    f"{sum(tiles)}")
+        self._tiles(pixel_values, sizes)
         return sum(self.geometry.num_image_tokens(h, w) for h, w in sizes)
+
+    def _tiles(self, pixel_values: torch.Tensor, sizes: list[tuple[int, int]]) -> list[int]:
+        """Tiles per image for `sizes`; InvalidImageError when pixel_values (4-D or 5-D) do not hold them."""
+        tiles = [self.geometry.num_tiles(h, w) for h, w in sizes]
+        if pixel_values.dim() == 5:  # (B, max_tiles, 3, S, S), zero tiles padded on axis 1
+            if pixel_values.shape[0] != len(sizes):
+                raise InvalidImageError(f"pixel_values has {pixel_values.shape[0]} images but image_sizes has "
+                                        f"{len(sizes)}")
+            if max(tiles) > pixel_values.shape[1]:
+                raise InvalidImageError(f"an image needs {max(tiles)} tiles but pixel_values holds "
+                                        f"{pixel_values.shape[1]}")
+        elif pixel_values.dim() == 4:  # (sum of tiles, 3, S, S)
+            if pixel_values.shape[0] != sum(tiles):
+                raise InvalidImageError(f"pixel_values has {pixel_values.shape[0]} tiles, image_sizes imply "
+                                        f"{sum(tiles)}")
+        else:
+            raise InvalidImageError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+        return tiles
 
     # -- images -------------------------------------------------------------------------------------------
     def _check_overrides(self, vision_feature_layer, vision_feature_select_strategy):
@@ -233,18 +245,9 @@ class LlavaNextModel(nn.Module):
         """Packed features per image: a list of (tokens_i, D) tensors, tokens_i from anyres.num_image_tokens."""
         self._check_overrides(vision_feature_layer, vision_feature_select_strategy)
         sizes = image_sizes_as_ints(image_sizes)
-        tiles = [self.geometry.num_tiles(h, w) for h, w in sizes]
-        if pixel_values.dim() == 5:  # (B, max_tiles, 3, S, S), zero tiles padded on axis 1
-            if pixel_values.shape[0] != len(sizes):
-                raise ValueError(f"pixel_values has {pixel_values.shape[0]} images but image_sizes has {len(sizes)}")
-            if max(tiles) > pixel_values.shape[1]:
-                raise ValueError(f"an image needs {max(tiles)} tiles but pixel_values holds {pixel_values.shape[1]}")
+        tiles = self._tiles(pixel_values, sizes)
+        if pixel_values.dim() == 5:  # drop the zero tiles that pad each image to max_tiles
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)], dim=0)
-        elif pixel_values.dim() == 4:  # (sum of tiles, 3, S, S)
-            if pixel_values.shape[0] != sum(tiles):
-                raise ValueError(f"pixel_values has {pixel_values.shape[0]} tiles, image_sizes imply {sum(tiles)}")
-        else:
-            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
         per_image = pixel_values.split(tiles, dim=0)
         # The cache serves inference only: under autograd, features must stay connected to the tower.
         if torch.is_grad_enabled():
