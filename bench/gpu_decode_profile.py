@@ -17,9 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llava_next.benchmark import build_models, make_inputs  # noqa: E402
-from llava_next.engine import engine_for  # noqa: E402
-from llava_next.generate import Prefill  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import build_models, make_inputs  # noqa: E402
+from llava_next.generation.runner import engine_for  # noqa: E402
+from llava_next.generation.generate import Prefill  # noqa: E402
 
 
 def sync():

@@ -137,7 +137,7 @@ def build_checkpoint(shape: str, device: str, folder: Path, seed: int):
 
 
 def make_inputs(device: str):
-    from llava_next.anyres import AnyresGeometry
+    from llava_next.model.anyres import AnyresGeometry
 
     geo = AnyresGeometry()
     n, tiles = geo.num_image_tokens(*IMAGE_HW), geo.num_tiles(*IMAGE_HW)

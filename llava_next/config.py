@@ -16,8 +16,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .anyres import DEFAULT_PINPOINTS, AnyresGeometry
-from .hub import HUB_OPTIONS, IGNORED_OPTIONS, read_json
+from llava_next.model.anyres import DEFAULT_PINPOINTS, AnyresGeometry
+from llava_next.loading.hub import HUB_OPTIONS, IGNORED_OPTIONS, read_json
 
 # transformers' config-class defaults per model_type (LlamaConfig, MistralConfig, Qwen2Config, CLIPVisionConfig).
 _DECODER_COMMON = dict(
@@ -245,7 +245,7 @@ class LlavaNextConfig:
         sub-config, a TextConfig/VisionConfig replaces it), `dtype=`. Other names are a TypeError, or with
         `return_unused_kwargs=True` come back as `(config, unused)`.
         """
-        from .hub import hub_options, resolve_file
+        from llava_next.loading.hub import hub_options, resolve_file
 
         overrides = pop_config_overrides(kwargs)
         unused = {k: kwargs.pop(k) for k in list(kwargs)

@@ -13,7 +13,7 @@ Provenance (the hub itself is not reachable from here; see the report / FACTS.md
   "110b" is the same template as "72b".
 """
 
-from llava_next.demo import MISTRAL_CHAT_TEMPLATE  # the demo checkpoint ships the same file
+from llava_next.entrypoints.demo import MISTRAL_CHAT_TEMPLATE  # the demo checkpoint ships the same file
 
 CHAT_TEMPLATES: dict[str, str] = {
     # llava-hf/llava-v1.6-mistral-7b-hf (chat_template.json); note the `<\s>` typo, kept on purpose

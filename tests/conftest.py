@@ -55,7 +55,7 @@ def tiny_checkpoint(tiny_root):
 @pytest.fixture(scope="session")
 def tiny_pair(tiny_checkpoint):
     """Factory: (ours, transformers) for the same tiny checkpoint, both fp32 eval."""
-    from llava_next.llava_next import LlavaNextForConditionalGeneration
+    from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 
     cache: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
 

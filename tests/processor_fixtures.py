@@ -29,7 +29,7 @@ from chat_templates import CHAT_TEMPLATES, CONTROL_TOKENS
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fixtures are local folders; never reach for the network
 
 # The demo checkpoint writes the same hub files.
-from llava_next.demo import (  # noqa: E402
+from llava_next.entrypoints.demo import (  # noqa: E402
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
     PINPOINTS,

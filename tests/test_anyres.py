@@ -17,7 +17,7 @@ from transformers.image_processing_utils import select_best_resolution as hf_sel
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import tiny
-from llava_next.anyres import DEFAULT_PINPOINTS, AnyresGeometry, select_best_resolution
+from llava_next.model.anyres import DEFAULT_PINPOINTS, AnyresGeometry, select_best_resolution
 
 PINS = {"default": [list(p) for p in DEFAULT_PINPOINTS], "other": tiny.OTHER_PINPOINTS}
 
@@ -128,7 +128,7 @@ def narrow_model(setup):
     """Our model for the same geometry with a 4-wide decoder (random init, no checkpoint): pack() on 5,000 sizes
     is then cheap. Only geometry and image_newline matter to pack()."""
     from llava_next.config import LlavaNextConfig
-    from llava_next.llava_next import LlavaNextForConditionalGeneration
+    from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 
     pins, ours, _ = setup
     text = dict(hidden_size=4, intermediate_size=8, num_attention_heads=1, num_key_value_heads=1, head_dim=4)

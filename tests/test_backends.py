@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import tiny
-from llava_next.anyres import AnyresGeometry
-from llava_next.llava_next import LlavaNextForConditionalGeneration
+from llava_next.model.anyres import AnyresGeometry
+from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 
 transformers = pytest.importorskip("transformers")
 

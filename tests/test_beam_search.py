@@ -8,7 +8,7 @@ import pytest
 import torch
 import tiny  # tests/ is on sys.path through conftest.py
 
-from llava_next.anyres import AnyresGeometry
+from llava_next.model.anyres import AnyresGeometry
 from llava_next.errors import GenerationArgumentError
 
 BEAMS = 3

@@ -1,4 +1,4 @@
-"""`llava-next bench` end to end on the tiny shape: gate, a timed workload with its roofline shares, a profile.
+"""bench/benchmark.py end to end on the tiny shape: gate, a timed workload with its roofline shares, a profile.
 
 Timings are not asserted (BENCHMARKS.md: benchmarks are not tests); what is checked is that the run is
 honest: the gate compares with transformers, every record has both libraries, the estimates are in range.
@@ -7,8 +7,11 @@ honest: the gate compares with transformers, every record has both libraries, th
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
-from llava_next.benchmark import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from benchmark import main  # noqa: E402  (bench/ is not part of the package)
 
 
 def test_tiny_bench_runs_the_gate_a_workload_and_a_profile(capsys):

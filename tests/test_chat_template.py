@@ -12,9 +12,9 @@ from PIL import Image
 
 from chat_templates import CHAT_TEMPLATES, FAMILIES
 from processor_fixtures import make_processor_folder, reference_processor, shared_processor_folder
-from llava_next.chat_template import load_chat_template, render_chat_template
+from llava_next.preprocess.chat_template import load_chat_template, render_chat_template
 from llava_next.errors import ChatTemplateError
-from llava_next.processor import LlavaNextProcessor
+from llava_next.preprocess.processor import LlavaNextProcessor
 
 SYSTEM = {"role": "system", "content": [{"type": "text", "text": "You are a careful assistant."}]}
 USER_IMAGE = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in this image?"}]}

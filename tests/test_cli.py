@@ -20,7 +20,7 @@ import torch
 
 from test_pipeline import photo
 
-from llava_next.cli import main
+from llava_next.entrypoints.cli import main
 
 QUESTION = "What is shown in this image?"
 
@@ -28,7 +28,7 @@ QUESTION = "What is shown in this image?"
 WITHOUT_TRANSFORMERS = r"""
 import json, sys
 sys.modules["transformers"] = None  # any `import transformers` now raises ImportError
-from llava_next.cli import main
+from llava_next.entrypoints.cli import main
 assert main(["demo-checkpoint", sys.argv[1]]) == 0
 from PIL import Image
 from llava_next import AutoProcessor, LlavaNextForConditionalGeneration
@@ -200,7 +200,7 @@ def test_errors_are_one_line(tmp_path, demo, capsys, monkeypatch):
 def test_console_script_offline(tmp_path):
     """The installed `llava-next` entry point, offline with an empty hub cache: one line, non-zero status."""
     script = Path(sys.executable).with_name("llava-next")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "llava_next.cli"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "llava_next.entrypoints.cli"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run(command + ["generate", "--prompt", "hi"], capture_output=True, text=True, env=env,
                           timeout=120)
@@ -228,18 +228,6 @@ def test_chat_two_turns_with_an_image_then_reset(demo, library, cat, capsys, mon
     assert "image file not found" in captured.err and "(conversation reset)" in captured.err
 
 
-# ---------------------------------------------------------------------- bench
-
-
-def test_bench_forwards_its_arguments(monkeypatch):
-    import llava_next.benchmark
-
-    seen = []
-    monkeypatch.setattr(llava_next.benchmark, "main", lambda argv=None: seen.append(argv) or 0)
-    assert main(["bench", "--model", "x", "--help-me"]) == 0
-    assert seen == [["--model", "x", "--help-me"]]
-
-
 @pytest.mark.parametrize("device", ["bogus", "cuda:7" if torch.cuda.is_available() else "cuda"])
 def test_unusable_device_is_one_line(tmp_path, capsys, device):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--device", device]) == 1
@@ -256,13 +244,13 @@ def test_bad_temperature_is_a_usage_error(tmp_path, capsys, value):
 
 
 def test_library_errors_that_are_not_value_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    import llava_next.cli
+    import llava_next.entrypoints.cli
     from llava_next.errors import LlavaNextError
 
     def fail(args):
         raise LlavaNextError("something the library refused\nsecond line")
 
-    monkeypatch.setattr(llava_next.cli, "cmd_generate", fail)
+    monkeypatch.setattr(llava_next.entrypoints.cli, "cmd_generate", fail)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 1
     assert capsys.readouterr().err == "llava-next: error: something the library refused second line\n"
 

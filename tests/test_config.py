@@ -18,8 +18,8 @@ import transformers
 from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from llava_next.config import DEFAULTS, LLAVA_NEXT_VISION_DEFAULTS, LlavaNextConfig, TextConfig, VisionConfig
-from llava_next.decoder import DecoderLayer, rope_inverse_frequencies
-from llava_next.vision import VisionEmbeddings, VisionLayer
+from llava_next.model.decoder import DecoderLayer, rope_inverse_frequencies
+from llava_next.model.vision import VisionEmbeddings, VisionLayer
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 CLIP_L = {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava_next.anyres import AnyresGeometry
-from llava_next.generate import Prefill
-from llava_next.llava_next import LlavaNextForConditionalGeneration
+from llava_next.model.anyres import AnyresGeometry
+from llava_next.generation.generate import Prefill
+from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 from tiny import IMAGE_TOKEN, save_tiny
 
 
@@ -88,8 +88,8 @@ def test_feature_cache_reuses_images_without_changing_results(tmp_path):
 
 @pytest.mark.parametrize("mode", ["eager", "static"])
 def test_prefix_reuse_continues_a_conversation_exactly(tmp_path, mode):
-    from llava_next import decoder as decoder_module
-    from llava_next.engine import DecodeEngine
+    from llava_next.model import decoder as decoder_module
+    from llava_next.generation.runner import DecodeEngine
 
     folder, reference = save_tiny(tmp_path / "m", "llama")
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)
@@ -138,8 +138,8 @@ def test_fused_projections_keep_logits(tmp_path):
 def test_static_engine_with_compiled_kernels_matches_transformers(tmp_path):
     """The GPU decode path (pooled static cache, fused projections, torch.compile'd kernels), minus the CUDA
     graph itself, run on the CPU: a padded batch with images must still give transformers' tokens."""
-    from llava_next import decoder as decoder_module
-    from llava_next.engine import DecodeEngine
+    from llava_next.model import decoder as decoder_module
+    from llava_next.generation.runner import DecodeEngine
 
     folder, reference = save_tiny(tmp_path / "m", "mistral", text_overrides=dict(sliding_window=700))
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)
@@ -166,8 +166,8 @@ def test_static_engine_with_compiled_kernels_matches_transformers(tmp_path):
 
 def test_a_second_static_engine_on_a_fused_model_still_matches_transformers(tmp_path):
     """Engines are rebuilt (another mode, another device); fusing the projections again must be a no-op."""
-    from llava_next import decoder as decoder_module
-    from llava_next.engine import DecodeEngine
+    from llava_next.model import decoder as decoder_module
+    from llava_next.generation.runner import DecodeEngine
 
     folder, reference = save_tiny(tmp_path / "m", "mistral")
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)

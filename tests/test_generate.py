@@ -11,11 +11,11 @@ import threading
 import pytest
 import torch
 
-import llava_next.generate as generate_module
-from llava_next.anyres import AnyresGeometry
-from llava_next.engine import engine_for
+import llava_next.generation.generate as generate_module
+from llava_next.model.anyres import AnyresGeometry
+from llava_next.generation.runner import engine_for
 from llava_next.errors import ContextLengthError, GenerationArgumentError
-from llava_next.kv_cache import StaticKVCache
+from llava_next.generation.kv_cache import StaticKVCache
 from tiny import BACKBONES, IMAGE_TOKEN
 
 GEOMETRY = AnyresGeometry()

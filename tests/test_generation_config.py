@@ -13,8 +13,8 @@ import torch
 import transformers
 
 import llava_next
-from llava_next.generation_config import FIELDS, GenerationConfig
-from llava_next.llava_next import LlavaNextForConditionalGeneration as Ours
+from llava_next.compat.generation_config import FIELDS, GenerationConfig
+from llava_next.compat.modeling import LlavaNextForConditionalGeneration as Ours
 
 IDS = torch.tensor([[1, 101, 205, 307, 401], [0, 0, 1, 102, 206]])
 INPUTS = dict(input_ids=IDS, attention_mask=(IDS != 0).long())

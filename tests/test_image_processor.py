@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_next.anyres import AnyresGeometry
+from llava_next.model.anyres import AnyresGeometry
 from llava_next.errors import InvalidImageError
-from llava_next.image_processor import LlavaNextImageProcessor
-from llava_next.image_processor_fast import LlavaNextImageProcessorFast
+from llava_next.preprocess.image_processor import LlavaNextImageProcessor
+from llava_next.preprocess.image_processor_fast import LlavaNextImageProcessorFast
 
 EXACT_TOL = 1e-5
 FAST_MAD = 0.02

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from llava_next.errors import InvalidImageError
-from llava_next.images import load_image, to_rgb
+from llava_next.preprocess.images import load_image, to_rgb
 
 RNG = np.random.default_rng(0)
 

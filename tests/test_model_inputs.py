@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from llava_next.anyres import AnyresGeometry
+from llava_next.model.anyres import AnyresGeometry
 from llava_next.errors import ContextLengthError, GenerationArgumentError, ImageTokenMismatchError, InvalidImageError
 from llava_next.errors import ModelInputError
 from tiny import IMAGE_TOKEN, VOCAB

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import tiny
-from llava_next.anyres import AnyresGeometry
+from llava_next.model.anyres import AnyresGeometry
 from llava_next.errors import ImageTokenMismatchError
-from llava_next.llava_next import LlavaNextForConditionalGeneration
+from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 
 LOGITS_ATOL = 1e-4
 LOSS_ATOL = 1e-5

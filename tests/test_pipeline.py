@@ -171,7 +171,7 @@ def test_model_object_and_errors(pipes, photos):
     assert pipe(text="Only text", max_new_tokens=3) == ours(text="Only text", max_new_tokens=3)
     with pytest.raises(ValueError, match="Unknown task"):
         pipeline("text-generation", model=ours.model)
-    import llava_next.pipelines  # noqa: F401  importing the module must not shadow the function
+    import llava_next.compat.pipeline  # noqa: F401  importing the module must not shadow the function
 
     from llava_next import pipeline as again
 

@@ -17,7 +17,7 @@ from processor_fixtures import (
     sample_images,
 )
 from llava_next.errors import ContextLengthError, ImageTokenMismatchError
-from llava_next.processor import AutoProcessor, LlavaNextProcessor
+from llava_next.preprocess.processor import AutoProcessor, LlavaNextProcessor
 
 PROMPT = "[INST] <image>\nWhat is shown in this image? [/INST]"
 

@@ -22,8 +22,8 @@ pytest.importorskip("bitsandbytes")
 
 import tiny  # noqa: E402
 from llava_next import BitsAndBytesConfig  # noqa: E402
-from llava_next.llava_next import LlavaNextForConditionalGeneration  # noqa: E402
-from llava_next.quantization import quantized_module_names, should_convert  # noqa: E402
+from llava_next.compat.modeling import LlavaNextForConditionalGeneration  # noqa: E402
+from llava_next.loading.quantization import quantized_module_names, should_convert  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,7 +39,7 @@ def checkpoint(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def inputs(checkpoint):
-    from llava_next.anyres import AnyresGeometry
+    from llava_next.model.anyres import AnyresGeometry
 
     geo = AnyresGeometry()
     n, tiles = geo.num_image_tokens(*IMAGE_SIZE), geo.num_tiles(*IMAGE_SIZE)
@@ -196,8 +196,8 @@ def test_weights_quantized_as_they_stream(checkpoint):
     """No Linear weight waits in 16/32 bits for the rest of the checkpoint: each is quantized on arrival."""
     import bitsandbytes as bnb
 
-    from llava_next.quantization import load_quantized
-    from llava_next.weights import _tensor_files, finish_build, iter_checkpoint
+    from llava_next.loading.quantization import load_quantized
+    from llava_next.loading.weights import _tensor_files, finish_build, iter_checkpoint
 
     from llava_next.config import LlavaNextConfig
 
@@ -232,7 +232,7 @@ def test_config_matches_transformers():
         assert ours.to_dict() == theirs.to_dict(), kwargs
         assert ours.quantization_method() == theirs.quantization_method()
         assert BitsAndBytesConfig.from_dict(theirs.to_dict()) == ours
-    from llava_next.quantization import as_bnb_config
+    from llava_next.loading.quantization import as_bnb_config
 
     assert as_bnb_config(HFConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")).bnb_4bit_quant_type == "nf4"
     assert BitsAndBytesConfig(load_in_4bit=True, quantize_vision_tower=False).to_dict()["quantize_vision_tower"] is False

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llava_next.engine import DecodeEngine, engine_for
-from llava_next.sampling import LogitsPipeline, SamplingParams
-from llava_next.screened_head import ScreenedHead, screen_applies
+from llava_next.generation.runner import DecodeEngine, engine_for
+from llava_next.sampling.logits import LogitsPipeline, SamplingParams
+from llava_next.sampling.screened_head import ScreenedHead, screen_applies
 
 
 def _cases(D, seed):

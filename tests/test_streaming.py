@@ -13,7 +13,7 @@ from transformers import LlamaTokenizer
 from transformers import TextIteratorStreamer as HFTextIteratorStreamer
 from transformers import TextStreamer as HFTextStreamer
 
-from llava_next.streaming import TextIteratorStreamer, TextStreamer
+from llava_next.compat.streaming import TextIteratorStreamer, TextStreamer
 
 TEXTS = [
     "An increasing sequence: one, two, three, four, five, six, seven, eight, nine, ten, eleven,",

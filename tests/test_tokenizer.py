@@ -10,7 +10,7 @@ import torch
 from chat_templates import FAMILIES
 from processor_fixtures import reference_processor, shared_processor_folder
 from llava_next.errors import ContextLengthError
-from llava_next.tokenizer import Tokenizer
+from llava_next.preprocess.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world",

@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tiny
-from llava_next.anyres import AnyresGeometry
+from llava_next.model.anyres import AnyresGeometry
 from llava_next.errors import CheckpointError, UnsafeCheckpointError
-from llava_next.llava_next import LlavaNextForConditionalGeneration as Ours
+from llava_next.compat.modeling import LlavaNextForConditionalGeneration as Ours
 
 SIZE = (1, 4000)  # 576 image tokens, 3 tiles: the cheapest image
 

@@ -24,21 +24,21 @@ import json
 import os
 from pathlib import Path
 
-from .anyres import AnyresGeometry
-from .batch_feature import BatchFeature
-from .chat_template import (
+from llava_next.model.anyres import AnyresGeometry
+from llava_next.preprocess.batch_feature import BatchFeature
+from llava_next.preprocess.chat_template import (
     load_chat_template,
     normalize_conversations,
     render_chat_template,
     resolve_chat_template,
     template_variables,
 )
-from .errors import ImageTokenMismatchError
-from .hub import read_json
-from .image_processor import DEFAULTS as IMAGE_SETTINGS
-from .image_processor import LlavaNextImageProcessor, flatten_images
-from .images import load_image
-from .tokenizer import Tokenizer, pop_tokenizer_settings
+from llava_next.errors import ImageTokenMismatchError
+from llava_next.loading.hub import read_json
+from llava_next.preprocess.image_processor import DEFAULTS as IMAGE_SETTINGS
+from llava_next.preprocess.image_processor import LlavaNextImageProcessor, flatten_images
+from llava_next.preprocess.images import load_image
+from llava_next.preprocess.tokenizer import Tokenizer, pop_tokenizer_settings
 
 PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja"]
 # `from_pretrained` kwargs that override processor_config.json (the __init__ arguments other than the parts).
@@ -87,7 +87,7 @@ class LlavaNextProcessor:
         settings (`do_pad`, `image_grid_pinpoints`, ...) override the files; hub options go to the hub;
         `use_fast` and `trust_remote_code` are ignored; anything else is a TypeError before any download.
         """
-        from .hub import hub_options, resolve_folder
+        from llava_next.loading.hub import hub_options, resolve_folder
 
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in PROCESSOR_SETTINGS}
         tokenizer_settings = pop_tokenizer_settings(kwargs)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend
-from .config import VisionConfig
+from llava_next.model.attention import attend
+from llava_next.config import VisionConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

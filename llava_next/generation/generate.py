@@ -27,14 +27,14 @@ from functools import partial
 
 import torch
 
-from .errors import ContextLengthError, GenerationArgumentError
-from .engine import engine_for
-from .generation_config import BOOKKEEPING
-from .kv_cache import StaticKVCache
-from .llava_next import positions_from_mask
-from .outputs import ModelOutput
-from .sampling import HF_DEFAULTS, UNSUPPORTED, LogitsPipeline, SamplingParams, check_number, validate_max_new_tokens
-from .stopping import StopStrings, eos_reached, eos_token_tensor
+from llava_next.errors import ContextLengthError, GenerationArgumentError
+from llava_next.generation.runner import engine_for
+from llava_next.compat.generation_config import BOOKKEEPING
+from llava_next.generation.kv_cache import StaticKVCache
+from llava_next.compat.modeling import positions_from_mask
+from llava_next.generation.outputs import ModelOutput
+from llava_next.sampling.logits import HF_DEFAULTS, UNSUPPORTED, LogitsPipeline, SamplingParams, check_number, validate_max_new_tokens
+from llava_next.sampling.stopping import StopStrings, eos_reached, eos_token_tensor
 
 # generate() keyword arguments that are about the loop, not about picking tokens.
 _LOOP_ARGS = ("max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "stop_strings",
@@ -280,7 +280,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
     prompt_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
     plan = plan_generation(model, prompt_len, kwargs, embedded_prompt=input_ids is None)
     if plan.num_beams > 1:
-        from .beam_search import beam_search
+        from llava_next.generation.beam_search import beam_search
 
         return beam_search(model, plan, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, kwargs)
     streamer = kwargs.get("streamer")

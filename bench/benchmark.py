@@ -51,9 +51,9 @@ def build_models(shape: str, device: str, dtype: torch.dtype, seed: int = 0):
     from transformers import LlavaNextConfig as HFConfig
     from transformers import LlavaNextForConditionalGeneration as HFModel
 
-    from .config import LlavaNextConfig
-    from .llava_next import LlavaNextForConditionalGeneration
-    from .weights import finish_build, load_state
+    from llava_next.config import LlavaNextConfig
+    from llava_next.compat.modeling import LlavaNextForConditionalGeneration
+    from llava_next.loading.weights import finish_build, load_state
 
     spec = SHAPES[shape]
     text = MistralConfig(vocab_size=32064, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None,
@@ -85,7 +85,7 @@ def build_models(shape: str, device: str, dtype: torch.dtype, seed: int = 0):
 def make_inputs(ours, sizes, prompt_tokens: int = 8, device="cpu", dtype=torch.float32, seed: int = 0,
                 text_only_tokens: int = 0):
     """Random images of (W, H) sizes -> model inputs (left-padded batch) built with our fast processor."""
-    from .image_processor_fast import LlavaNextImageProcessorFast
+    from llava_next.preprocess.image_processor_fast import LlavaNextImageProcessorFast
 
     rng = np.random.default_rng(seed)
     geometry = ours.config.geometry
@@ -303,7 +303,7 @@ def profile_workload(ours, inputs, device, workload: str, steps: int = 64, top: 
 
     prefill = kernel_times(1)
     if gpu:  # kernels inside a CUDA graph may not be traced: decode with the same kernels, launched one by one
-        from .engine import DecodeEngine
+        from llava_next.generation.runner import DecodeEngine
 
         graph_engine = ours.__dict__.pop("_decode_engine", None)
         if graph_engine is not None:
@@ -333,8 +333,8 @@ def preprocessing_workload(device, runs):
     """W7: our exact and fast processors against transformers' image processor, per image."""
     from transformers import LlavaNextImageProcessor as HFProcessor
 
-    from .image_processor import LlavaNextImageProcessor
-    from .image_processor_fast import LlavaNextImageProcessorFast
+    from llava_next.preprocess.image_processor import LlavaNextImageProcessor
+    from llava_next.preprocess.image_processor_fast import LlavaNextImageProcessorFast
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in ((1000, 750), (1024, 1024))]

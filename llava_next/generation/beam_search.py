@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import torch
 
-from .errors import GenerationArgumentError
-from .generate import _LOCK, Prefill, _prompt_ids, decode_step
-from .outputs import ModelOutput
-from .sampling import LogitsPipeline
+from llava_next.errors import GenerationArgumentError
+from llava_next.generation.generate import _LOCK, Prefill, _prompt_ids, decode_step
+from llava_next.generation.outputs import ModelOutput
+from llava_next.sampling.logits import LogitsPipeline
 
 _NEG = -1.0e9  # transformers' "impossible" score
 

@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anyres import AnyresGeometry
-from .config import LlavaNextConfig
-from .decoder import ACTIVATIONS, Decoder
-from .errors import ContextLengthError, ImageTokenMismatchError, InvalidImageError, ModelInputError
-from .feature_cache import ImageFeatureCache
-from .generation_config import GenerationConfig
-from .outputs import ModelOutput
-from .vision import VisionTower
-from .weights import weights_stamp
+from llava_next.model.anyres import AnyresGeometry
+from llava_next.config import LlavaNextConfig
+from llava_next.model.decoder import ACTIVATIONS, Decoder
+from llava_next.errors import ContextLengthError, ImageTokenMismatchError, InvalidImageError, ModelInputError
+from llava_next.generation.feature_cache import ImageFeatureCache
+from llava_next.compat.generation_config import GenerationConfig
+from llava_next.generation.outputs import ModelOutput
+from llava_next.model.vision import VisionTower
+from llava_next.loading.weights import weights_stamp
 
 PROJECTOR_ACTIVATIONS = dict(ACTIVATIONS, gelu=F.gelu)
 
@@ -102,7 +102,7 @@ class LlavaNextModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextModel":
-        from .weights import load_pretrained
+        from llava_next.loading.weights import load_pretrained
 
         return load_pretrained(cls, name_or_path, **kwargs)
 
@@ -385,7 +385,7 @@ class LlavaNextForConditionalGeneration(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextForConditionalGeneration":
-        from .weights import load_pretrained
+        from llava_next.loading.weights import load_pretrained
 
         return load_pretrained(cls, name_or_path, **kwargs)
 
@@ -425,6 +425,6 @@ class LlavaNextForConditionalGeneration(nn.Module):
         return out.to_tuple() if return_dict is False else out
 
     def generate(self, input_ids=None, **kwargs):
-        from .generate import generate
+        from llava_next.generation.generate import generate
 
         return generate(self, input_ids=input_ids, **kwargs)

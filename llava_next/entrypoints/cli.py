@@ -2,8 +2,7 @@
 
     llava-next generate --image cat.png --prompt "What is shown in this image?"   (streams the answer)
     llava-next chat [--image PATH]             interactive: /image PATH, /reset, /quit
-    llava-next demo-checkpoint DIR             an offline checkpoint with RANDOM weights (llava_next.demo)
-    llava-next bench ...                       llava_next.benchmark (its own arguments)
+    llava-next demo-checkpoint DIR             an offline checkpoint with RANDOM weights (llava_next.entrypoints.demo)
 
 `--model` is a checkpoint folder or a hub id (default llava-hf/llava-v1.6-mistral-7b-hf). Bad input (a missing
 folder or image, an unreachable hub, an out-of-range argument) ends with one line on stderr, `llava-next: error:
@@ -13,13 +12,12 @@ folder or image, an unreachable hub, an out-of-range argument) ends with one lin
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import sys
 import time
 
-from .errors import LlavaNextError
+from llava_next.errors import LlavaNextError
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -72,7 +70,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-next", description="LLaVA-NeXT (LLaVA-1.6) in pure PyTorch.")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,demo-checkpoint,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,demo-checkpoint}")
     sub.required = True
     gen = sub.add_parser("generate", help="answer one prompt about images, streaming the answer")
     _add_model_args(gen)
@@ -83,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", help="folder to create")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
     demo.add_argument("--force", action="store_true", help="overwrite a non-empty folder")
-    sub.add_parser("bench", help="benchmarks (llava-next bench --help)", add_help=False)
     return parser
 
 
@@ -99,7 +96,7 @@ def usable_device(name: str | None):
     CliError (torch raises RuntimeError or AssertionError for those)."""
     import torch
 
-    from .pipelines import resolve_device
+    from llava_next.compat.pipeline import resolve_device
 
     try:
         device = resolve_device(name)
@@ -111,8 +108,8 @@ def usable_device(name: str | None):
 
 def load(args):
     """(processor, model) for --model on --device in --dtype; warns about a demo (random) checkpoint."""
-    from . import AutoProcessor, LlavaNextForConditionalGeneration
-    from .demo import WARNING, is_demo_checkpoint
+    from llava_next import AutoProcessor, LlavaNextForConditionalGeneration
+    from llava_next.entrypoints.demo import WARNING, is_demo_checkpoint
 
     device = usable_device(args.device)
     if is_demo_checkpoint(args.model):
@@ -138,7 +135,7 @@ def generation_kwargs(args) -> dict:
 
 
 def load_images(sources: list[str]) -> list:
-    from .images import load_image
+    from llava_next.preprocess.images import load_image
 
     return [load_image(source) for source in sources]
 
@@ -165,7 +162,7 @@ def answer(processor, model, messages: list[dict], images: list, args, reuse_pre
     """
     import torch
 
-    from .streaming import TextStreamer
+    from llava_next.compat.streaming import TextStreamer
 
     prompt = render_prompt(processor, messages)
     inputs = processor(images=images or None, text=prompt, return_tensors="pt")
@@ -239,7 +236,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_demo_checkpoint(args) -> int:
-    from .demo import build_demo_checkpoint
+    from llava_next.entrypoints.demo import build_demo_checkpoint
 
     try:
         folder = build_demo_checkpoint(args.dir, seed=args.seed, overwrite=args.force)
@@ -248,23 +245,6 @@ def cmd_demo_checkpoint(args) -> int:
     print(f"Wrote the demo checkpoint to {folder}")
     print(f"Try: llava-next generate --model {folder} --image PATH --prompt \"What is shown in this image?\"")
     return 0
-
-
-def cmd_bench(argv: list[str]) -> int:
-    try:
-        from .benchmark import main as bench_main
-    except ImportError as exc:
-        raise CliError(f"the benchmark module is not available ({exc})") from exc
-    if inspect.signature(bench_main).parameters:
-        result = bench_main(argv)
-    else:  # a main() that reads sys.argv
-        saved = sys.argv
-        sys.argv = ["llava-next bench", *argv]
-        try:
-            result = bench_main()
-        finally:
-            sys.argv = saved
-    return int(result or 0)
 
 
 # ---------------------------------------------------------------------- entry point
@@ -277,8 +257,6 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "bench":
-            return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
         command = {"generate": cmd_generate, "chat": cmd_chat, "demo-checkpoint": cmd_demo_checkpoint}[args.command]
         return command(args)

@@ -153,7 +153,7 @@ class GenerationConfig(Mapping):
                         **kwargs) -> "GenerationConfig":
         """Read generation_config.json from a folder or hub id; kwargs naming fields override it, hub options
         (revision, token, ...) go to the hub, anything else is a TypeError."""
-        from .hub import hub_options, read_json, resolve_file
+        from llava_next.loading.hub import hub_options, read_json, resolve_file
 
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _KNOWN}
         hub = hub_options(kwargs, "GenerationConfig.from_pretrained")

@@ -42,8 +42,8 @@ import numpy as np
 from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import ChatTemplateError
-from .hub import read_json
+from llava_next.errors import ChatTemplateError
+from llava_next.loading.hub import read_json
 
 CHAT_TEMPLATE_FILES = ["chat_template.json", "chat_template.jinja", "chat_templates/*.jinja", "tokenizer_config.json"]
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import GenerationArgumentError
+from llava_next.errors import GenerationArgumentError
 
 
 def eos_token_tensor(

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import GenerationArgumentError
+from llava_next.errors import GenerationArgumentError
 
 # transformers' `GenerationConfig._get_default_generation_params()` for the fields used here.
 HF_DEFAULTS: dict[str, Any] = {

@@ -39,10 +39,10 @@ from collections.abc import Mapping
 
 import torch
 
-from .batch_feature import BatchFeature
-from .generate import GENERATION_ARGUMENTS, check_generate_kwargs
-from .generation_config import BOOKKEEPING
-from .images import load_image
+from llava_next.preprocess.batch_feature import BatchFeature
+from llava_next.generation.generate import GENERATION_ARGUMENTS, check_generate_kwargs
+from llava_next.compat.generation_config import BOOKKEEPING
+from llava_next.preprocess.images import load_image
 
 TASKS = ("image-text-to-text",)
 DEFAULT_BATCH_SIZE = 8
@@ -79,8 +79,8 @@ def pipeline(task: str | None = None, model=None, config=None, tokenizer=None, f
         if value is not None:
             raise ValueError(f"pipeline(): {name}= is not supported by llava_next; pass processor= (a "
                              "LlavaNextProcessor or a folder/hub id) or leave it to be loaded with the model")
-    from .llava_next import LlavaNextForConditionalGeneration
-    from .processor import AutoProcessor
+    from llava_next.compat.modeling import LlavaNextForConditionalGeneration
+    from llava_next.preprocess.processor import AutoProcessor
 
     hub_kwargs = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
     model_kwargs = dict(model_kwargs or {})

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LlavaNextConfig
-from .errors import CheckpointError, UnsafeCheckpointError
-from .hub import MODEL_PATTERNS, resolve_folder
+from llava_next.config import LlavaNextConfig
+from llava_next.errors import CheckpointError, UnsafeCheckpointError
+from llava_next.loading.hub import MODEL_PATTERNS, resolve_folder
 
 # (pattern, replacement) applied in order, first match wins; result is the newer transformers layout.
 RENAMES = [
@@ -250,10 +250,10 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
     no-op loading options (`low_cpu_mem_usage`, `trust_remote_code`, ...) are ignored, anything else is a
     TypeError before any download. `use_safetensors=False` asks for pickle weights: it needs allow_pickle=True.
     """
-    from .attention import check_backend
-    from .config import pop_config_overrides
-    from .generation_config import GenerationConfig
-    from .hub import hub_options, read_json
+    from llava_next.model.attention import check_backend
+    from llava_next.config import pop_config_overrides
+    from llava_next.compat.generation_config import GenerationConfig
+    from llava_next.loading.hub import hub_options, read_json
 
     where = f"{cls.__name__}.from_pretrained"
     overrides = pop_config_overrides(kwargs)
@@ -293,7 +293,7 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
         model = cls(config)
     files = _tensor_files(folder, allow_pickle)
     if quantization_config is not None:
-        from .quantization import load_quantized
+        from llava_next.loading.quantization import load_quantized
 
         load_quantized(model, iter_checkpoint(files), target_dtype, device_map, quantization_config,
                        source=str(name_or_path))

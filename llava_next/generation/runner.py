@@ -17,10 +17,10 @@ import warnings
 
 import torch
 
-from . import decoder as decoder_module
-from .screened_head import ScreenedHead, screen_applies
-from .kv_cache import StaticKVCache
-from .weights import weights_stamp
+from llava_next.model import decoder as decoder_module
+from llava_next.sampling.screened_head import ScreenedHead, screen_applies
+from llava_next.generation.kv_cache import StaticKVCache
+from llava_next.loading.weights import weights_stamp
 
 BUCKET = 512  # cache lengths are rounded up to a multiple of this, so graphs are reused across prompts
 

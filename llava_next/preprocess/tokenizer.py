@@ -33,9 +33,9 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 from tokenizers.processors import TemplateProcessing
 
-from .batch_feature import BatchFeature
-from .errors import ContextLengthError
-from .hub import read_json
+from llava_next.preprocess.batch_feature import BatchFeature
+from llava_next.errors import ContextLengthError
+from llava_next.loading.hub import read_json
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
@@ -143,7 +143,7 @@ class Tokenizer:
         `model_max_length`, `pad_token="<pad>"`, ...: `TOKENIZER_SETTINGS` and any `*_token`) override the file;
         hub options go to the hub; `use_fast` and `trust_remote_code` are ignored; anything else is a TypeError.
         """
-        from .hub import hub_options, resolve_folder
+        from llava_next.loading.hub import hub_options, resolve_folder
 
         overrides = pop_tokenizer_settings(kwargs)
         hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from .anyres import DEFAULT_PINPOINTS
-from .image_processor import CLIP_MEAN as IMAGE_MEAN
-from .image_processor import CLIP_STD as IMAGE_STD
+from llava_next.model.anyres import DEFAULT_PINPOINTS
+from llava_next.preprocess.image_processor import CLIP_MEAN as IMAGE_MEAN
+from llava_next.preprocess.image_processor import CLIP_STD as IMAGE_STD
 
 IMAGE_TOKEN_ID, PAD_TOKEN_ID = 32000, 32001
 VOCAB_SIZE = 32064  # as the hub checkpoint: 32000 sentencepiece pieces + added tokens + padding to a multiple of 64

@@ -224,7 +224,7 @@ def modules_to_quantize(model: nn.Module, config: BitsAndBytesConfig) -> list[st
 # -- loading -----------------------------------------------------------------------------------------------
 def _single_device(device_map) -> torch.device:
     if isinstance(device_map, dict):
-        from .weights import map_devices
+        from llava_next.loading.weights import map_devices
 
         devices = map_devices(device_map)
         if len(devices) != 1:
@@ -279,7 +279,7 @@ def load_quantized(model: nn.Module, tensors, dtype: torch.dtype, device_map, co
     `model` is built on the meta device; each weight is cast to `dtype`, moved to its device and quantized
     as it arrives. Returns the list of quantized module names.
     """
-    from .weights import _set_tensor, load_state
+    from llava_next.loading.weights import _set_tensor, load_state
 
     config = as_bnb_config(config)
     if not config.is_quantizable():

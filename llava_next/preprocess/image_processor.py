@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .anyres import DEFAULT_PINPOINTS, AnyresGeometry
-from .batch_feature import BatchFeature
-from .hub import read_json, resolve_file
-from .errors import InvalidImageError
-from .images import DEFAULT_MAX_PIXELS, check_pixels, load_image, to_rgb
+from llava_next.model.anyres import DEFAULT_PINPOINTS, AnyresGeometry
+from llava_next.preprocess.batch_feature import BatchFeature
+from llava_next.loading.hub import read_json, resolve_file
+from llava_next.errors import InvalidImageError
+from llava_next.preprocess.images import DEFAULT_MAX_PIXELS, check_pixels, load_image, to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend
-from .config import TextConfig
-from .kv_cache import StaticKVCache
+from llava_next.model.attention import attend
+from llava_next.config import TextConfig
+from llava_next.generation.kv_cache import StaticKVCache
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "relu": F.relu}

@@ -28,9 +28,9 @@ import PIL
 import torch
 import torch.nn.functional as F
 
-from .batch_feature import BatchFeature
-from .errors import InvalidImageError
-from .image_processor import (
+from llava_next.preprocess.batch_feature import BatchFeature
+from llava_next.errors import InvalidImageError
+from llava_next.preprocess.image_processor import (
     LlavaNextImageProcessor,
     _center_crop,
     array_layout,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import LlavaNextConfig
-from .llava_next import LlavaNextForConditionalGeneration
+from llava_next.config import LlavaNextConfig
+from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 
 
 class AutoConfig:
