@@ -303,17 +303,12 @@ def profile_workload(ours, inputs, device, workload: str, steps: int = 64, top: 
 
     prefill = kernel_times(1)
     if gpu:  # kernels inside a CUDA graph may not be traced: decode with the same kernels, launched one by one
-        from llava_next.generation.runner import DecodeEngine
-
-        graph_engine = ours.__dict__.pop("_decode_engine", None)
-        if graph_engine is not None:
-            graph_engine.release()
-        ours.__dict__["_decode_engine"] = DecodeEngine(ours, mode="static")
+        ours.decode_runner(mode="static")
     try:
         both = kernel_times(steps + 1)
     finally:
         if gpu:
-            ours.__dict__.pop("_decode_engine").release()  # the next generate builds a graph engine again
+            ours.decode_runner(mode=None)  # the next generate uses a graph runner again
     decode = {k: (ms - prefill.get(k, (0.0, 0))[0], count - prefill.get(k, (0.0, 0))[1])
               for k, (ms, count) in both.items()}  # the decode steps alone: the difference of the two runs
     records = []

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import build_models, make_inputs  # noqa: E402
-from llava_next.generation.runner import engine_for  # noqa: E402
-from llava_next.generation.generate import Prefill  # noqa: E402
+from llava_next.generation.kv_cache import CacheAttention  # noqa: E402
+from llava_next.generation.prefill import Prefill  # noqa: E402
 
 
 def sync():
@@ -39,7 +39,7 @@ def main():
     with torch.inference_mode():
         prefill = Prefill(ours, inputs["input_ids"], inputs["attention_mask"], None, None, None, 256)
         cache, position = prefill.cache, prefill.next_position
-        engine = engine_for(ours)
+        engine = ours.decode_runner()
         tokens = prefill.logits.argmax(-1)
         for _ in range(3):  # capture + warm
             engine.step(tokens, position, cache)
@@ -70,7 +70,8 @@ def main():
 
         with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
             for _ in range(2):
-                hidden = decoder.decode_static(decoder.embed_tokens(tokens[:, None]), position[:, None], slot, cache)
+                meta = CacheAttention.static_step(cache, decoder.windows, slot)
+                hidden = decoder(decoder.embed_tokens(tokens[:, None]), position[:, None], meta, engine.kernels)
                 ours.lm_head(hidden[:, -1])
             sync()
         table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=14, max_name_column_width=70)

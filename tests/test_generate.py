@@ -11,9 +11,8 @@ import threading
 import pytest
 import torch
 
-import llava_next.generation.generate as generate_module
+import llava_next.generation.prefill as prefill_module
 from llava_next.model.anyres import AnyresGeometry
-from llava_next.generation.runner import engine_for
 from llava_next.errors import ContextLengthError, GenerationArgumentError
 from llava_next.generation.kv_cache import StaticKVCache
 from tiny import BACKBONES, IMAGE_TOKEN
@@ -50,7 +49,7 @@ def _inputs(rows, images):
 
 
 def _screened_steps(model):
-    screen = engine_for(model)._screen
+    screen = model.decode_runner()._screen
     return 0 if screen is None else screen.screened_steps
 
 
@@ -97,7 +96,7 @@ def test_left_padded_batch_matches_transformers_and_rows_alone(tiny_pair, backbo
     ours, theirs = tiny_pair(backbone)
     specs = BATCHES[batch_name]
     if prefill == "padded":
-        monkeypatch.setattr(generate_module, "RAGGED_MIN_TOKENS", 10**9)
+        monkeypatch.setattr(prefill_module, "RAGGED_MIN_TOKENS", 10**9)
     views = []
     row_view = StaticKVCache.row_view
     monkeypatch.setattr(StaticKVCache, "row_view", lambda self, *a: views.append(a) or row_view(self, *a))

@@ -363,7 +363,8 @@ def test_logits_to_keep_matches_transformers(mistral):
             ref = hf(input_ids=ids, pixel_values=pv, image_sizes=sizes, logits_to_keep=keep).logits
             assert out.shape == ref.shape == (1, keep, full.shape[-1])
             assert (out - ref).abs().max().item() <= LOGITS_ATOL
-            torch.testing.assert_close(out, full[:, -keep:], atol=1e-6, rtol=0)
+            # one float32 rounding step apart at most: a GEMM over 1 row and over T rows may round differently
+            torch.testing.assert_close(out, full[:, -keep:], atol=1e-6, rtol=1e-6)
 
 
 def test_padded_row_equals_row_alone(mistral):

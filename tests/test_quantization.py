@@ -196,7 +196,7 @@ def test_weights_quantized_as_they_stream(checkpoint):
     """No Linear weight waits in 16/32 bits for the rest of the checkpoint: each is quantized on arrival."""
     import bitsandbytes as bnb
 
-    from llava_next.loading.quantization import load_quantized
+    from llava_next.loading.pretrained import load_tensors
     from llava_next.loading.weights import _tensor_files, finish_build, iter_checkpoint
 
     from llava_next.config import LlavaNextConfig
@@ -214,7 +214,7 @@ def test_weights_quantized_as_they_stream(checkpoint):
             seen.append(key)
             yield key, tensor
 
-    names = load_quantized(model, watched(), torch.float32, "cpu", BitsAndBytesConfig(load_in_4bit=True))
+    names = load_tensors(model, watched(), torch.float32, "cpu", BitsAndBytesConfig(load_in_4bit=True))
     finish_build(model)
     assert len(seen) > len(names) > 0
     assert all(not p.is_meta for p in model.parameters())

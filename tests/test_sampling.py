@@ -18,7 +18,8 @@ from transformers.generation import (
 )
 
 from llava_next.errors import GenerationArgumentError
-from llava_next.sampling.logits import LogitsPipeline, SamplingParams, sample_next_token, validate_max_new_tokens
+from llava_next.sampling.logits import LogitsPipeline, sample_next_token
+from llava_next.sampling.params import SamplingParams, validate_max_new_tokens
 from llava_next.sampling.stopping import StopStrings, eos_reached, eos_token_tensor
 
 B, V, T = 3, 1000, 40

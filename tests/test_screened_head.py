@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llava_next.generation.runner import DecodeEngine, engine_for
-from llava_next.sampling.logits import LogitsPipeline, SamplingParams
+from llava_next.sampling.logits import LogitsPipeline
+from llava_next.sampling.params import SamplingParams
 from llava_next.sampling.screened_head import ScreenedHead, screen_applies
 
 
@@ -183,9 +183,8 @@ def test_generate_matches_transformers_with_the_screen_on_and_off(tiny_pair):
     mask = (ids != 0).long()
     kwargs = dict(max_new_tokens=24, do_sample=False, repetition_penalty=1.2, min_new_tokens=24)
     expected = theirs.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    previous = ours.__dict__.get("_decode_engine")
     try:
-        engine = ours.__dict__["_decode_engine"] = DecodeEngine(ours)
+        engine = ours.decode_runner(mode=None)  # a fresh runner: its screen counts start at 0
         got = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
         assert torch.equal(got, expected)
         assert engine._screen.screened_steps == 24 and engine._screen.full_steps == 0
@@ -193,13 +192,11 @@ def test_generate_matches_transformers_with_the_screen_on_and_off(tiny_pair):
         out = ours.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
                             **kwargs)
         assert torch.equal(out.sequences, expected) and engine._screen.screened_steps == 24
-        ours.__dict__["_decode_engine"] = DecodeEngine(ours, screen_head=False)
+        ours.decode_runner(screen_head=False)
         assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, **kwargs), expected)
-        assert engine_for(ours)._screen is None
+        assert ours.decode_runner()._screen is None
     finally:
-        ours.__dict__.pop("_decode_engine")
-        if previous is not None:
-            ours.__dict__["_decode_engine"] = previous
+        ours.decode_runner(mode=None)  # back to the default runner for the other tests
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(temperature=0.8, top_p=0.9, repetition_penalty=1.1)])
@@ -208,11 +205,11 @@ def test_sampled_generate_matches_transformers_with_the_same_seed(tiny_pair, kwa
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11], [0, 0, 1, 12, 13, 14, 15, 16]])
     mask = (ids != 0).long()
     kwargs = dict(max_new_tokens=16, do_sample=True, **kwargs)  # transformers' default top_k=50 applies
-    engine = engine_for(ours)
+    engine = ours.decode_runner()
     before = engine._screen.screened_steps if engine._screen is not None else 0
     for seed in range(3):
         torch.manual_seed(seed)
         expected = theirs.generate(input_ids=ids, attention_mask=mask, **kwargs)
         torch.manual_seed(seed)
         assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, **kwargs), expected), seed
-    assert engine_for(ours)._screen.screened_steps > before
+    assert ours.decode_runner()._screen.screened_steps > before

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llava_next.generation.args import BOOKKEEPING
+
 CONFIG_NAME = "generation_config.json"
 
 # transformers 5.23's GenerationConfig fields, in its order.
@@ -45,7 +47,6 @@ FIELDS = (
 )
 _KNOWN = frozenset(FIELDS)
 # Fields that record where a config came from, not how to generate (transformers leaves them out of comparisons).
-BOOKKEEPING = ("transformers_version", "_from_model_config")
 
 
 class GenerationConfig(Mapping):

@@ -1,56 +1,41 @@
-"""LLaVA-NeXT: vision tower -> projector -> anyres packing -> masked merge into the decoder's embeddings.
+"""The transformers-shaped model classes over model/llava_next.py: input checks, caches, outputs, loss, generate.
 
-`embed()` is where images stop: it turns input_ids + pixel_values into inputs_embeds, so the decoder (and
-the decode loop) only ever sees embeddings. Packing follows transformers' `pack_image_features`: base tile
-first, then the tile grid laid out as one (rows*24, cols*24) feature map, unpadded with anyres.py's extent,
-with `image_newline` appended to every row. The packed length is checked against anyres.py's token count,
-the number the processor wrote placeholders for.
+`LlavaNextModel` (-> last_hidden_state) and `LlavaNextForConditionalGeneration` (-> logits, loss; `generate`)
+mirror transformers. `embed()` is where images stop: it turns input_ids + pixel_values into inputs_embeds
+(through the image-feature cache), so the decoder and the decode loop only see embeddings. Parameter names
+follow the newer transformers layout (`model.language_model.*`, `model.vision_tower.*`, `lm_head.*`);
+loading/weights.py maps the hub layouts onto it.
 
-Public classes mirror transformers: `LlavaNextModel` (-> last_hidden_state) and
-`LlavaNextForConditionalGeneration` (-> logits, loss; `generate`). Parameter names follow the newer
-transformers layout (`model.language_model.*`, `model.vision_tower.*`, `lm_head.*`); weights.py maps the
-hub layouts onto it.
+Each model object owns its generation state, created in __init__: the image-feature cache, the decode runner
+(generation/runner.py, built on first use for the model's device) and `generation_lock`, a per-model lock that
+serialises generate() calls on this model (two models generate concurrently; one model, one call at a time).
 
-Leaves out: vision_feature_select_strategy "full" on a CLIP tower (577 features per tile cannot form the
-24x24 grid unpadding needs; transformers fails there with a reshape error, we refuse at build time).
+Leaves out: a KV cache through forward() (generate() keeps its own), returning attention weights.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_next.model.anyres import AnyresGeometry
+from llava_next.compat.generation_config import GenerationConfig
 from llava_next.config import LlavaNextConfig
-from llava_next.model.decoder import ACTIVATIONS, Decoder
 from llava_next.errors import ContextLengthError, ImageTokenMismatchError, InvalidImageError, ModelInputError
 from llava_next.generation.feature_cache import ImageFeatureCache
-from llava_next.compat.generation_config import GenerationConfig
+from llava_next.generation.generate import generate
 from llava_next.generation.outputs import ModelOutput
-from llava_next.model.vision import VisionTower
-from llava_next.loading.weights import weights_stamp
-
-PROJECTOR_ACTIVATIONS = dict(ACTIVATIONS, gelu=F.gelu)
+from llava_next.generation.runner import DecodeRunner
+from llava_next.loading.pretrained import load_pretrained
+from llava_next.model.attention import DenseAttention
+from llava_next.model.llava_next import LlavaNextCore
+from llava_next.model.stamp import weights_stamp
 
 
 # forward() keyword arguments beyond its named parameters (transformers' TransformersKwargs we understand).
 FORWARD_OPTIONS = ("num_items_in_batch", "output_attentions")
-
-
-class MultiModalProjector(nn.Module):
-    """linear -> activation -> linear, from vision width (x feature layers) to decoder width."""
-
-    def __init__(self, cfg: LlavaNextConfig):
-        super().__init__()
-        vision_dim = cfg.vision_config.hidden_size * len(cfg.vision_feature_layers)
-        text_dim = cfg.text_config.hidden_size
-        self.linear_1 = nn.Linear(vision_dim, text_dim, bias=cfg.multimodal_projector_bias)
-        self.linear_2 = nn.Linear(text_dim, text_dim, bias=cfg.multimodal_projector_bias)
-        self.act = PROJECTOR_ACTIVATIONS[cfg.projector_hidden_act]
-
-    def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
 
 
 def image_sizes_as_ints(image_sizes) -> list[tuple[int, int]]:
@@ -60,12 +45,6 @@ def image_sizes_as_ints(image_sizes) -> list[tuple[int, int]]:
             raise ValueError("image_sizes must be an integer tensor; a float cast can round sizes above 2048")
         image_sizes = image_sizes.tolist()
     return [(int(h), int(w)) for h, w in image_sizes]
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 0/1 mask -> (B, T) positions counting only real tokens, padding at 0 (transformers' generate)."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
 
 
 def _tensor(name: str, value, dims: int, what: str, device: torch.device | None = None) -> torch.Tensor:
@@ -80,31 +59,18 @@ def _tensor(name: str, value, dims: int, what: str, device: torch.device | None 
     return value
 
 
-class LlavaNextModel(nn.Module):
+class LlavaNextModel(LlavaNextCore):
     """Vision tower + projector + image_newline + decoder; forward returns `last_hidden_state`."""
 
     def __init__(self, config: LlavaNextConfig):
-        super().__init__()
-        if config.vision_feature_select_strategy == "full":
-            raise ValueError(
-                "vision_feature_select_strategy='full' keeps CLIP's CLS token, giving "
-                f"{config.vision_config.num_positions} features per tile, which cannot be laid out as the "
-                "square grid anyres unpadding needs. Use 'default' (what every published checkpoint uses)."
-            )
-        self.config = config
-        self.geometry: AnyresGeometry = config.geometry
-        self.vision_tower = VisionTower(config.vision_config, config.vision_feature_layers)
-        self.multi_modal_projector = MultiModalProjector(config)
-        self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
-        self.language_model = Decoder(config.text_config)
+        super().__init__(config)
         # Packed features of recently seen images (exact match on tiles); 0 disables. Never a parameter.
         self.feature_cache = ImageFeatureCache(capacity=8)
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextModel":
-        from llava_next.loading.weights import load_pretrained
-
-        return load_pretrained(cls, name_or_path, **kwargs)
+        """transformers' from_pretrained (loading/pretrained.py); the base model keeps no generation config."""
+        return load_pretrained(cls, name_or_path, **kwargs)[0]
 
     # -- input checks -------------------------------------------------------------------------------------
     def check_inputs(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None,
@@ -259,31 +225,9 @@ class LlavaNextModel(nn.Module):
         missing = [i for i, p in enumerate(packed) if p is None]
         if missing:  # one tower pass over every tile of every image not seen before
             todo = torch.cat([per_image[i] for i in missing]) if len(missing) < len(sizes) else pixel_values
-            feats = self.vision_tower(todo)  # (N, 1 + P, Dv * layers)
-            feats = self.multi_modal_projector(feats[:, 1:])  # strategy "default": drop CLS -> (N, P, D)
-            for i, f in zip(missing, feats.split([tiles[i] for i in missing], dim=0)):
-                packed[i] = self.pack(f, *sizes[i])
-                cache.put(per_image[i], sizes[i], packed[i])
-        return packed
-
-    def pack(self, tiles: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """(n_tiles, side*side, D) of one image -> (num_image_tokens, D): base tile, then unpadded rows + newline."""
-        side, D = self.geometry.side, tiles.shape[-1]
-        newline = self.image_newline.to(tiles.dtype)
-        base = tiles[0]  # (side*side, D)
-        if tiles.shape[0] == 1:
-            packed = torch.cat([base, newline[None]], dim=0)
-        else:
-            best_h, best_w = self.geometry.best_resolution(height, width)
-            rows, cols = best_h // self.geometry.tile_size, best_w // self.geometry.tile_size
-            grid = tiles[1:].view(rows, cols, side, side, D).permute(0, 2, 1, 3, 4)
-            grid = grid.reshape(rows * side, cols * side, D)  # (H', W', D) feature map
-            top, bottom, left, right = self.geometry.unpadded_grid(height, width)
-            grid = grid[top:bottom, left:right]
-            grid = torch.cat([grid, newline.expand(grid.shape[0], 1, D)], dim=1)  # newline ends each row
-            packed = torch.cat([base, grid.reshape(-1, D)], dim=0)
-            expected = self.geometry.num_image_tokens(height, width)
-            assert packed.shape[0] == expected, f"packed {packed.shape[0]} features, anyres says {expected}"
+            for i, features in zip(missing, self.encode_images(todo, [sizes[i] for i in missing])):
+                packed[i] = features
+                cache.put(per_image[i], sizes[i], features)
         return packed
 
     def embed(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None,
@@ -309,10 +253,7 @@ class LlavaNextModel(nn.Module):
                 f"Image features and image tokens do not match: {n_placeholders} image tokens in the prompt, "
                 f"{n_features} image features from {len(image_features or [])} image(s)"
             )
-        if n_features:
-            feats = torch.cat(image_features, dim=0).to(embeds.device, embeds.dtype)
-            embeds = embeds.masked_scatter(placeholders[..., None].to(embeds.device), feats)
-        return embeds
+        return self.merge(embeds, placeholders, image_features) if n_features else embeds
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
@@ -338,7 +279,8 @@ class LlavaNextModel(nn.Module):
         # An all-ones mask is no mask: the kernel then runs plain causal attention, as transformers' SDPA path does.
         key_valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
         hidden_states = [] if output_hidden_states else None
-        hidden = self.language_model(embeds, position_ids, key_valid, hidden_states=hidden_states)
+        meta = DenseAttention(self.language_model.windows, T, key_valid, embeds.device)
+        hidden = self.language_model(embeds, position_ids, meta, hidden_states=hidden_states)
         out = ModelOutput(last_hidden_state=hidden, hidden_states=tuple(hidden_states) if hidden_states else None)
         return out.to_tuple() if return_dict is False else out
 
@@ -382,12 +324,15 @@ class LlavaNextForConditionalGeneration(nn.Module):
         self.model = LlavaNextModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.generation_config = GenerationConfig()
+        self.generation_lock = threading.Lock()  # serialises generate() on this model (see the module docstring)
+        self._runner: DecodeRunner | None = None
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextForConditionalGeneration":
-        from llava_next.loading.weights import load_pretrained
-
-        return load_pretrained(cls, name_or_path, **kwargs)
+        """transformers' from_pretrained (loading/pretrained.py), with the checkpoint's generation_config.json."""
+        model, generation = load_pretrained(cls, name_or_path, **kwargs)
+        model.generation_config = GenerationConfig(**(generation or {}))
+        return model
 
     @property
     def device(self) -> torch.device:
@@ -424,7 +369,16 @@ class LlavaNextForConditionalGeneration(nn.Module):
         out = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return out.to_tuple() if return_dict is False else out
 
-    def generate(self, input_ids=None, **kwargs):
-        from llava_next.generation.generate import generate
+    def decode_runner(self, **settings) -> DecodeRunner:
+        """This model's decode runner (pooled KV caches, the CUDA-graph step), built on first use and again after
+        a move to another device type. With settings (`mode=`, `screen_head=`: DecodeRunner's), a new runner
+        with them replaces the current one."""
+        if settings or self._runner is None or self._runner.device_type != self.device.type:
+            if self._runner is not None:
+                self._runner.release()
+            self._runner = DecodeRunner(self, **settings)
+        return self._runner
 
+    def generate(self, input_ids=None, **kwargs):
+        """transformers' generate (generation/generate.py; beam search with num_beams > 1)."""
         return generate(self, input_ids=input_ids, **kwargs)

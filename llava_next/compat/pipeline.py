@@ -40,8 +40,7 @@ from collections.abc import Mapping
 import torch
 
 from llava_next.preprocess.batch_feature import BatchFeature
-from llava_next.generation.generate import GENERATION_ARGUMENTS, check_generate_kwargs
-from llava_next.compat.generation_config import BOOKKEEPING
+from llava_next.generation.args import BOOKKEEPING, GENERATION_ARGUMENTS, check_generate_kwargs
 from llava_next.preprocess.images import load_image
 
 TASKS = ("image-text-to-text",)

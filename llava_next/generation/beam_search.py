@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from llava_next.errors import GenerationArgumentError
-from llava_next.generation.generate import _LOCK, Prefill, _prompt_ids, decode_step
+from llava_next.generation.prefill import Prefill, decode_step, prompt_ids
 from llava_next.generation.outputs import ModelOutput
 from llava_next.sampling.logits import LogitsPipeline
 
@@ -70,9 +70,9 @@ def beam_search(model, plan, input_ids, attention_mask, pixel_values, image_size
 
     params = plan.sampling
     do_sample = params.do_sample
-    with _LOCK, torch.inference_mode():
+    with model.generation_lock, torch.inference_mode():
         device = model.device
-        prompt = _prompt_ids(input_ids, inputs_embeds).to(device)  # (B, P); P = 0 with inputs_embeds alone
+        prompt = prompt_ids(input_ids, inputs_embeds).to(device)  # (B, P); P = 0 with inputs_embeds alone
         B, P = prompt.shape
         max_new = plan.max_new_tokens
         max_length = P + max_new

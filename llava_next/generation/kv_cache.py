@@ -4,6 +4,9 @@ Rows of a batch share slot indices (a left-padded batch is aligned on its last t
 tokens is one `index_copy_` per layer and the decode step never allocates. `key_valid` marks which slots
 hold real tokens (padding slots stay False), which is all the attention mask needs.
 
+`CacheAttention` is the attention metadata (model/attention.py) over this cache: the decoder's new keys and
+values go to its slots, and queries see the filled (or, for the CUDA-graph step, all masked) slots.
+
 A left-padded batch can also be prefilled row by row (`row_view`: row i's real tokens go straight into its
 slots, no padding computed), then decodes together.
 
@@ -13,6 +16,8 @@ Leaves out: paged/block caches and per-row offsets (a padded batch decodes toget
 from __future__ import annotations
 
 import torch
+
+from llava_next.model.attention import attend, causal_masks
 
 
 class StaticKVCache:
@@ -89,3 +94,36 @@ class StaticKVCache:
         """Forget every slot from `length` on (prefix reuse keeps the shared part)."""
         self.key_valid[:, length:] = False
         self.length = length
+
+
+class CacheAttention:
+    """Attention metadata over a StaticKVCache: each layer writes its new keys/values at `slots` (T,) and its
+    queries attend over the cache with `masks` (one per sliding window)."""
+
+    def __init__(self, cache: StaticKVCache, slots: torch.Tensor, masks: dict):
+        self.cache, self.slots, self.masks = cache, slots, masks
+
+    @classmethod
+    def append(cls, cache: StaticKVCache, windows, num_new: int, valid: torch.Tensor | None = None):
+        """The next `num_new` slots, `valid` (B, num_new) marking real tokens; queries see the filled slots."""
+        slots = cache.reserve(num_new, valid)
+        key_valid = cache.key_valid[:, : cache.length] if cache.has_padding else None
+        return cls(cache, slots, causal_masks(windows, slots, key_valid, cache.length))
+
+    @classmethod
+    def static_step(cls, cache: StaticKVCache, windows, slot: torch.Tensor):
+        """One token per row at `slot` (1,) with static shapes and no host syncs (CUDA-graph capturable): the
+        cache must be `static`; attention reads all max_len slots, key_valid masks the unwritten ones."""
+        cache.key_valid.index_fill_(1, slot, True)
+        key_idx = torch.arange(cache.max_len, device=slot.device)
+        masks = {}
+        for window in windows:
+            mask = cache.key_valid  # (B, S)
+            if window is not None:
+                mask = mask & (slot - key_idx < window)
+            masks[window] = mask[:, None, None, :]  # (B, 1, 1, S)
+        return cls(cache, slot, masks)
+
+    def attend(self, layer, q, k, v, window, scale, backend):
+        k, v = self.cache.write(layer, self.slots, k, v)  # (B, Hkv, S, Hd)
+        return attend(q, k, v, self.masks[window], scale, backend)

@@ -1,9 +1,10 @@
-"""Decode engine: pooled KV caches and a one-token step captured as a CUDA graph.
+"""Decode runner: pooled KV caches and a one-token step captured as a CUDA graph (generate()'s hot loop).
 
 On a GPU the decode step is ~500 small kernels for a 7B model; launching them from Python costs more
 than running them. The engine captures the step once per (batch size, cache length bucket) into a CUDA
 graph over a pooled static cache, then each token is: copy token/position/slot into static buffers, replay.
 The pooled cache outlives one generate() call, so the graph is captured once and replayed across calls.
+A runner belongs to one model object (`model.decode_runner()` builds it); its compiled kernel table is its own.
 
 On a CPU there is no graph: the step runs eagerly over the filled part of the cache (fastest there), and can
 stop at the last hidden state so that screened_head.py picks the token from an int8 copy of the lm_head.
@@ -17,19 +18,20 @@ import warnings
 
 import torch
 
-from llava_next.model import decoder as decoder_module
+from llava_next.generation.kv_cache import CacheAttention, StaticKVCache
+from llava_next.model.layers import KERNELS
+from llava_next.model.stamp import weights_stamp
 from llava_next.sampling.screened_head import ScreenedHead, screen_applies
-from llava_next.generation.kv_cache import StaticKVCache
-from llava_next.loading.weights import weights_stamp
 
 BUCKET = 512  # cache lengths are rounded up to a multiple of this, so graphs are reused across prompts
 
 
 class _CapturedStep:
-    """Decoder.decode_static + lm_head over one pooled static cache, as a CUDA graph (or eagerly, graphs=False)."""
+    """The static one-token decoder step + lm_head over one pooled cache, as a CUDA graph (or eagerly,
+    graphs=False), with the runner's kernel table."""
 
-    def __init__(self, model, cache: StaticKVCache, graphs: bool = True):
-        self.model, self.cache = model, cache
+    def __init__(self, runner: "DecodeRunner", cache: StaticKVCache, graphs: bool = True):
+        self.runner, self.model, self.cache = runner, runner.model, cache
         B, device = cache.batch_size, cache.keys.device
         self.tokens = torch.zeros(B, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, dtype=torch.long, device=device)
@@ -40,7 +42,8 @@ class _CapturedStep:
     def _run(self):
         decoder = self.model.model.language_model
         embeds = decoder.embed_tokens(self.tokens[:, None])  # (B, 1, D)
-        hidden = decoder.decode_static(embeds, self.positions[:, None], self.slot, self.cache)
+        meta = CacheAttention.static_step(self.cache, decoder.windows, self.slot)
+        hidden = decoder(embeds, self.positions[:, None], meta, self.runner.kernels)
         return self.model.lm_head(hidden[:, -1])  # (B, V)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
@@ -54,9 +57,9 @@ class _CapturedStep:
                 self._capture()
             except Exception as exc:  # NOTE: never fail a generation over an optimisation
                 torch.cuda.synchronize()
-                if decoder_module.STATIC_KERNELS != decoder_module.EAGER_KERNELS:
+                if self.runner.kernels is not KERNELS:
                     warnings.warn(f"compiled decode kernels failed ({type(exc).__name__}: {exc}); using eager ones")
-                    decoder_module.STATIC_KERNELS.update(decoder_module.EAGER_KERNELS)
+                    self.runner.kernels = KERNELS
                     return self(tokens, positions, slot)
                 warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly")
                 self.graph = False
@@ -79,7 +82,7 @@ class _CapturedStep:
         self.graph = graph
 
 
-class DecodeEngine:
+class DecodeRunner:
     """Per model: a pool of static caches and their captured steps, keyed by (batch, bucketed length).
 
     mode "graph" (default on CUDA): static step, fused projections, compiled kernels, CUDA graph.
@@ -103,7 +106,7 @@ class DecodeEngine:
             # Fewer, larger GEMMs and one fused kernel per elementwise piece: the decode step is ~1,300
             # kernels otherwise, each costing ~2 us even inside a graph.
             model.model.language_model.fuse_projections()
-            compile_static_kernels()
+        self.kernels = compiled_kernels() if self.static else KERNELS
         self._pool: dict[tuple[int, int], tuple[StaticKVCache, _CapturedStep | None]] = {}
         # (embeddings in the cache, cache, the decoder weights' stamp when it was filled)
         self._last: tuple[torch.Tensor, StaticKVCache, tuple] | None = None
@@ -120,7 +123,7 @@ class DecodeEngine:
         if key not in self._pool:
             cache = StaticKVCache(text.num_hidden_layers, batch, text.num_key_value_heads, size, text.head_dim,
                                   dtype, device)
-            self._pool[key] = (cache, _CapturedStep(self.model, cache, graphs=self.use_graphs))
+            self._pool[key] = (cache, _CapturedStep(self, cache, graphs=self.use_graphs))
         cache, _ = self._pool[key]
         if self._last is not None and self._last[1] is cache:
             self._last = None  # the remembered conversation is being overwritten
@@ -145,7 +148,8 @@ class DecodeEngine:
         state (B, D); writes the next cache slot."""
         if not self.static:
             decoder = self.model.model.language_model
-            hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], None, cache=cache)
+            meta = CacheAttention.append(cache, decoder.windows, 1)
+            hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], meta)
             return self.model.lm_head(hidden[:, -1]) if head else hidden[:, -1]
         if not head:
             raise ValueError("the static decode step always ends in the lm_head")
@@ -195,18 +199,6 @@ class DecodeEngine:
         self._screen = None
 
 
-def compile_static_kernels():
-    """torch.compile the decode step's elementwise kernels (static shapes; compiled on first use, ~seconds)."""
-    if decoder_module.STATIC_KERNELS != decoder_module.EAGER_KERNELS:
-        return
-    for name, fn in decoder_module.EAGER_KERNELS.items():
-        decoder_module.STATIC_KERNELS[name] = torch.compile(fn, dynamic=False, fullgraph=True)
-
-
-def engine_for(model) -> DecodeEngine:
-    """The model's engine, created on first use and recreated if the model moved to another device."""
-    engine = model.__dict__.get("_decode_engine")
-    if engine is None or engine.device_type != model.device.type:
-        engine = DecodeEngine(model)
-        model.__dict__["_decode_engine"] = engine
-    return engine
+def compiled_kernels() -> dict:
+    """A kernel table (layers.KERNELS' names) of torch.compile'd versions: static shapes, compiled on first use."""
+    return {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in KERNELS.items()}

@@ -38,6 +38,8 @@ import warnings
 import torch
 from torch import nn
 
+from llava_next.loading.placement import map_devices, set_tensor
+
 QUANT_STORAGE = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
 QUANT_TYPES = ("nf4", "fp4")
 VISION_TOWER = "model.vision_tower"
@@ -224,8 +226,6 @@ def modules_to_quantize(model: nn.Module, config: BitsAndBytesConfig) -> list[st
 # -- loading -----------------------------------------------------------------------------------------------
 def _single_device(device_map) -> torch.device:
     if isinstance(device_map, dict):
-        from llava_next.loading.weights import map_devices
-
         devices = map_devices(device_map)
         if len(devices) != 1:
             raise ValueError(f"a quantized model must sit on one device; device_map places it on {sorted(map(str, devices))}")
@@ -265,7 +265,8 @@ def _param_kwargs(param) -> dict:
     return {k: v for k, v in param.__dict__.items() if k not in ("SCB", "module")}
 
 
-def _refuse_prequantized(tensors):
+def refuse_prequantized(tensors):
+    """Pass (name, tensor) pairs through, refusing a checkpoint that is already bitsandbytes-quantized."""
     for key, tensor in tensors:
         if key.endswith((".absmax", ".quant_map", ".SCB", ".weight_format")) or ".quant_state." in key:
             raise ValueError(f"{key!r}: this checkpoint is already bitsandbytes-quantized; loading pre-quantized "
@@ -273,14 +274,10 @@ def _refuse_prequantized(tensors):
         yield key, tensor
 
 
-def load_quantized(model: nn.Module, tensors, dtype: torch.dtype, device_map, config, source: str = "checkpoint"):
-    """Swap the Linear layers transformers quantizes for bitsandbytes ones, then stream the checkpoint in.
-
-    `model` is built on the meta device; each weight is cast to `dtype`, moved to its device and quantized
-    as it arrives. Returns the list of quantized module names.
-    """
-    from llava_next.loading.weights import _set_tensor, load_state
-
+def prepare_quantized(model: nn.Module, dtype: torch.dtype, device_map, config):
+    """Swap the Linear layers transformers quantizes for bitsandbytes ones (on the meta device) and return
+    (assign, config, names): `assign(model, name, tensor)` for weights.load_state, which quantizes each weight
+    as it arrives (cast to `dtype` and placed already), the BitsAndBytesConfig, the quantized module names."""
     config = as_bnb_config(config)
     if not config.is_quantizable():
         raise ValueError("quantization_config asks for neither load_in_4bit nor load_in_8bit")
@@ -311,7 +308,7 @@ def load_quantized(model: nn.Module, tensors, dtype: torch.dtype, device_map, co
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         if leaf != "weight" or module_name not in quantized:
-            _set_tensor(model, name, tensor)
+            set_tensor(model, name, tensor)
             return
         old = module.weight
         if isinstance(module, bnb.nn.Linear4bit):
@@ -322,12 +319,15 @@ def load_quantized(model: nn.Module, tensors, dtype: torch.dtype, device_map, co
             param = bnb.nn.Int8Params(tensor.to("cpu"), requires_grad=False, **_param_kwargs(old)).to(tensor.device)
         module._parameters["weight"] = param
 
-    load_state(model, _refuse_prequantized(tensors), dtype, device_map, source=source, assign=assign)
+    return assign, config, sorted(quantized)
+
+
+def mark_quantized(model: nn.Module, config: BitsAndBytesConfig, names: list[str]) -> None:
+    """transformers' attributes of a quantized model."""
     model.quantization_config = config
     model.is_quantized = True
     model.is_loaded_in_4bit, model.is_loaded_in_8bit = config.load_in_4bit, config.load_in_8bit
-    model.quantized_modules = sorted(quantized)
-    return sorted(quantized)
+    model.quantized_modules = list(names)
 
 
 def quantized_module_names(model: nn.Module) -> list[str]:

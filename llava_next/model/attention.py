@@ -1,4 +1,10 @@
-"""Attention kernels behind one call: `attend(q, k, v, mask, scale, backend)`.
+"""Attention: the kernels behind one call, `attend(q, k, v, mask, scale, backend)`, and the attention metadata.
+
+The decoder never decides where keys and values live. Each forward takes a metadata object (`AttentionMeta`)
+whose `attend(layer, q, k, v, window, scale, backend)` stores the new keys/values where its cache keeps them
+and attends over what the layer may see: `DenseAttention` here (no cache: the tokens attend among
+themselves, causally, with an optional padding mask), the static KV cache of generation/, the paged cache of
+engine/. Tensor parallelism changes only the head counts the layers hold, not this interface.
 
 Backends: "sdpa" (PyTorch scaled_dot_product_attention, which runs FlashAttention-2 / memory-efficient
 kernels on GPU), "eager" (matmul + fp32 softmax, as transformers' eager path), and "flash_attention_2"
@@ -11,6 +17,7 @@ Leaves out: attention dropout and returning attention weights.
 from __future__ import annotations
 
 import importlib.util
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -83,3 +90,48 @@ def _flash(q, k, v, mask, scale):
     causal = mask == "causal"
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
     return out.transpose(1, 2)
+
+
+class AttentionMeta(Protocol):
+    """Where a forward's keys and values go and what each query may see."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+               scale: float, backend: str) -> torch.Tensor:
+        """q (B, H, T, Hd), the T new keys/values k, v (B, Hkv, T, Hd) -> (B, H, T, Hd)."""
+        ...
+
+
+def causal_masks(windows, query_slots: torch.Tensor, key_valid: torch.Tensor | None, num_keys: int) -> dict:
+    """Per distinct sliding window (None = no window): None (attend to all keys), "causal" (T == S, no
+    padding) or a boolean mask (B|1, 1, T, S), True = attend.
+
+    query_slots (T,) are the sequence indices of the queries; key_valid (B, S) marks real keys, None when
+    every key is real. As transformers' masks: a padding query sees the real keys before it, and a left-pad
+    query none (SDPA then gives it a zero output, eager attention a uniform one, as for transformers).
+    """
+    T, S = query_slots.shape[0], num_keys
+    masks = {}
+    for window in windows:
+        window_cuts = window is not None and S > window
+        if key_valid is None and not window_cuts and (T == 1 or T == S):
+            masks[window] = None if T == 1 else "causal"  # let the kernel skip the mask entirely
+            continue
+        key_idx = torch.arange(S, device=query_slots.device)
+        diff = query_slots[:, None] - key_idx[None, :]  # (T, S)
+        allowed = diff >= 0
+        if window_cuts:
+            allowed = allowed & (diff < window)
+        mask = allowed[None] if key_valid is None else allowed[None] & key_valid[:, None, :]  # (B|1, T, S)
+        masks[window] = mask[:, None]
+    return masks
+
+
+class DenseAttention:
+    """No cache: the T tokens of a (B, T) batch attend among themselves, causally; key_valid (B, T) marks real
+    tokens (None: all real)."""
+
+    def __init__(self, windows, num_tokens: int, key_valid: torch.Tensor | None, device: torch.device):
+        self.masks = causal_masks(windows, torch.arange(num_tokens, device=device), key_valid, num_tokens)
+
+    def attend(self, layer, q, k, v, window, scale, backend):
+        return attend(q, k, v, self.masks[window], scale, backend)

@@ -1,4 +1,4 @@
-"""Generation arguments, logits processing and next-token choice, without host syncs.
+"""Logits processing and next-token choice, without host syncs.
 
 Implements the part of transformers' generation that LLaVA-NeXT users reach for, with transformers'
 arithmetic and in the order of `GenerationMixin._get_logits_processor`, so processed scores are bitwise
@@ -12,7 +12,8 @@ generator or global seed). Every per-token op is a torch op on the device; which
 once, in `LogitsPipeline.__init__`, so the decode loop has no `.item()` and no branches on tensor values.
 
 Repetition penalty, EOS suppression and temperature act per entry and keep order; screened_head.py relies on
-that (`LogitsPipeline.monotone`, `LogitsPipeline.screen_k`).
+that (`LogitsPipeline.monotone`, `LogitsPipeline.screen_k`). The repetition penalty's "seen" mask can be kept
+incrementally (`seen_tokens` once, `mark_seen` per new token) instead of scattering the whole history each step.
 
 Beam search (beam_search.py) runs the same pipeline with transformers' min_tokens_to_keep.
 Leaves out: num_return_sequences > 1, typical_p, epsilon/eta cutoff, top_h,
@@ -23,173 +24,11 @@ watermarking, renormalize_logits. Set to anything but their no-op value, they ra
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 
-from llava_next.errors import GenerationArgumentError
-
-# transformers' `GenerationConfig._get_default_generation_params()` for the fields used here.
-HF_DEFAULTS: dict[str, Any] = {
-    "do_sample": False,
-    "temperature": 1.0,
-    "top_k": 50,
-    "top_p": 1.0,
-    "min_p": None,
-    "repetition_penalty": 1.0,
-    "min_length": 0,
-    "min_new_tokens": None,
-}
-
-# Arguments transformers accepts that this package does not implement, with their no-op values.
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,),
-    "num_beam_groups": (1,),
-    "num_return_sequences": (1,),
-    "penalty_alpha": (),
-    "typical_p": (1.0,),
-    "epsilon_cutoff": (0.0,),
-    "eta_cutoff": (0.0,),
-    "top_h": (),
-    "no_repeat_ngram_size": (0,),
-    "encoder_no_repeat_ngram_size": (0,),
-    "encoder_repetition_penalty": (1.0,),
-    "bad_words_ids": (),
-    "force_words_ids": (),
-    "constraints": (),
-    "sequence_bias": (),
-    "guidance_scale": (1.0,),
-    "forced_bos_token_id": (),
-    "forced_eos_token_id": (),
-    "suppress_tokens": (),
-    "begin_suppress_tokens": (),
-    "exponential_decay_length_penalty": (),
-    "renormalize_logits": (False,),
-    "remove_invalid_values": (False,),
-    "watermarking_config": (),
-    "dola_layers": (),
-    "prompt_lookup_num_tokens": (),
-    "assistant_model": (),
-    "assistant_early_exit": (),
-    "diversity_penalty": (0.0,),
-    "token_healing": (False,),
-    "use_mtp": (False,),
-    "speculation_type": (),
-    # generate()'s own arguments in transformers
-    "logits_processor": ([],),
-    "stopping_criteria": ([],),
-    "prefix_allowed_tokens_fn": (),
-    "synced_gpus": (False,),
-    "negative_prompt_ids": (),
-    "negative_prompt_attention_mask": (),
-    "custom_generate": (),
-}
-
-
-def check_number(name: str, value: Any, integer: bool = False) -> None:
-    """Type and finiteness check; bools are refused (True is an int in Python)."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        kind = "an int" if integer else "a number"
-        raise GenerationArgumentError(f"`{name}` must be {kind}, got {value!r}")
-    if not math.isfinite(value):
-        raise GenerationArgumentError(f"`{name}` must be finite, got {value!r}")
-
-
-def validate_max_new_tokens(max_new_tokens: Any) -> int:
-    """`max_new_tokens` must be an int > 0; returns it."""
-    check_number("max_new_tokens", max_new_tokens, integer=True)
-    if max_new_tokens <= 0:
-        raise GenerationArgumentError(f"`max_new_tokens` must be greater than 0, got {max_new_tokens}")
-    return max_new_tokens
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to pick the next token. Defaults are transformers' (`top_k=50` only acts when sampling).
-
-    Off values: temperature 1.0, top_k 0, top_p 1.0, min_p 0.0, repetition_penalty 1.0. Validated on
-    construction, so an instance is always usable.
-    """
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_new_tokens: int = 0  # EOS is suppressed until this many tokens are generated
-    min_length: int = 0  # same, counting the (padded) prompt, like transformers
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise `GenerationArgumentError` naming the first bad argument."""
-        if not isinstance(self.do_sample, bool):
-            raise GenerationArgumentError(f"`do_sample` must be a bool, got {self.do_sample!r}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            check_number(name, getattr(self, name))
-        for name in ("top_k", "min_new_tokens", "min_length"):
-            check_number(name, getattr(self, name), integer=True)
-        if self.do_sample and self.temperature <= 0:
-            raise GenerationArgumentError(
-                f"`temperature` must be > 0 when sampling, got {self.temperature}; "
-                "for greedy decoding set do_sample=False"
-            )
-        if not 0 < self.top_p <= 1:
-            raise GenerationArgumentError(f"`top_p` must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise GenerationArgumentError(f"`top_k` must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise GenerationArgumentError(f"`min_p` must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise GenerationArgumentError(f"`repetition_penalty` must be > 0, got {self.repetition_penalty}")
-        if self.min_new_tokens < 0:
-            raise GenerationArgumentError(f"`min_new_tokens` must be >= 0, got {self.min_new_tokens}")
-        if self.min_length < 0:
-            raise GenerationArgumentError(f"`min_length` must be >= 0, got {self.min_length}")
-
-    @classmethod
-    def from_generate_kwargs(
-        cls, kwargs: Mapping[str, Any], generation_config: Any = None
-    ) -> SamplingParams:
-        """Build from `generate(**kwargs)` and a checkpoint's generation_config (dict or object with `to_dict`).
-
-        Priority as in transformers' `_prepare_generation_config`: kwargs (an explicit None included) >
-        a `generation_config` passed in kwargs > the checkpoint's generation_config.json > transformers'
-        defaults. Keys not about sampling (max_new_tokens, pixel_values, streamer, ...) are ignored.
-        """
-        merged = dict(HF_DEFAULTS)
-        for config in (generation_config, kwargs.get("generation_config")):
-            if config is None:
-                continue
-            items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-            merged.update({k: v for k, v in items.items() if v is not None})
-        merged.update({k: v for k, v in kwargs.items() if k != "generation_config"})
-
-        for name, noops in UNSUPPORTED.items():
-            value = merged.get(name)
-            if value is not None and value not in noops:
-                raise GenerationArgumentError(f"`{name}`={value!r} is not supported by llava_next")
-
-        def pick(name: str, off: Any) -> Any:  # None means "not applied" in transformers
-            value = merged.get(name)
-            return off if value is None else value
-
-        return cls(
-            do_sample=pick("do_sample", False),
-            temperature=pick("temperature", 1.0),
-            top_k=pick("top_k", 0),
-            top_p=pick("top_p", 1.0),
-            min_p=pick("min_p", 0.0),
-            repetition_penalty=pick("repetition_penalty", 1.0),
-            min_new_tokens=pick("min_new_tokens", 0),
-            min_length=pick("min_length", 0),
-        )
+from llava_next.sampling.params import SamplingParams
 
 
 class LogitsPipeline:
@@ -244,50 +83,70 @@ class LogitsPipeline:
         logits: torch.Tensor,
         valid: torch.Tensor | None = None,
         cur_len: int | torch.Tensor | None = None,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Processed float32 scores (B, V); `logits` is not modified.
 
         input_ids: (B, T) token history (prompt, image tokens included, plus generated tokens).
         valid: optional (B, T) bool, False at positions to ignore (padding, unused buffer slots).
         cur_len: sequence length as transformers counts it (padded prompt + generated); default T.
+        seen: optional (B, V + 1) bool from `seen_tokens`/`mark_seen`, the tokens the history holds; when
+        given, the repetition penalty uses it instead of scattering input_ids.
         """
-        scores = self.monotone(input_ids, logits, valid, cur_len)
+        scores = self.monotone(input_ids, logits, valid, cur_len, seen)
         cur_len = input_ids.shape[-1] if cur_len is None else cur_len
         for step in self.selection_steps:
-            scores = step(scores, input_ids, valid, cur_len)
+            scores = step(scores, input_ids, valid, cur_len, seen)
         return scores
 
     def monotone(self, input_ids: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor | None = None,
-                 cur_len: int | torch.Tensor | None = None) -> torch.Tensor:
+                 cur_len: int | torch.Tensor | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
         """The per-entry, order-keeping steps of __call__ (all of it for greedy; screened_head.py bounds them)."""
         scores = logits.float()  # (B, V); matches HF, which processes a float32 copy
         cur_len = input_ids.shape[-1] if cur_len is None else cur_len
         for step in self.monotone_steps:
-            scores = step(scores, input_ids, valid, cur_len)
+            scores = step(scores, input_ids, valid, cur_len, seen)
         return scores
+
+    @property
+    def uses_history(self) -> bool:
+        """True when a step reads the token history (the repetition penalty)."""
+        return self._repetition_penalty in self.monotone_steps
+
+    @staticmethod
+    def seen_tokens(input_ids: torch.Tensor, vocab: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V + 1) bool: which of the V ids occur in input_ids (B, T) at valid positions; column V collects
+        ids at or past V (an embedding vocab larger than the lm_head) and ignored positions."""
+        ids = input_ids.clamp(max=vocab).masked_fill(input_ids < 0, vocab)  # (B, T)
+        if valid is not None:
+            ids = ids.masked_fill(~valid, vocab)
+        return torch.zeros(input_ids.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device).scatter_(1, ids, True)
+
+    @staticmethod
+    def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Add one new token per row, tokens (B,), to a `seen_tokens` mask in place."""
+        seen.scatter_(1, tokens.clamp(0, seen.shape[1] - 1)[:, None], True)
 
     def sample(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return sample_next_token(scores, self.params, generator)
 
     def choose(self, input_ids: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
         """Raw logits (B, V) -> next tokens (B,): every step, then argmax or a draw."""
-        return self.sample(self(input_ids, logits, valid), generator)
+        return self.sample(self(input_ids, logits, valid, seen=seen), generator)
 
-    # Each step: (scores (B, V), input_ids (B, T), valid (B, T) | None, cur_len) -> (B, V)
+    # Each step: (scores (B, V), input_ids (B, T), valid (B, T) | None, cur_len, seen (B, V + 1) | None) -> (B, V)
 
-    def _repetition_penalty(self, scores, input_ids, valid, cur_len):
-        B, V = scores.shape
-        # Ids at or past V (embedding vocab larger than lm_head) and ignored positions go to a spare column V.
-        ids = input_ids.clamp(max=V).masked_fill(input_ids < 0, V)  # (B, T)
-        if valid is not None:
-            ids = ids.masked_fill(~valid, V)
-        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=scores.device).scatter_(1, ids, True)[:, :V]
+    def _repetition_penalty(self, scores, input_ids, valid, cur_len, seen):
+        V = scores.shape[-1]
+        if seen is None or seen.shape[1] != V + 1:
+            seen = self.seen_tokens(input_ids, V, valid)
+        seen = seen[:, :V]
         penalty = self.params.repetition_penalty
         penalized = torch.where(scores < 0, scores * penalty, scores / penalty)  # matches HF
         return torch.where(seen, penalized, scores)
 
-    def _min_length(self, scores, input_ids, valid, cur_len):
+    def _min_length(self, scores, input_ids, valid, cur_len, seen):
         V = scores.shape[-1]
         key = (V, scores.device)
         if key not in self._eos_mask:  # built once per (vocab, device), on the first step
@@ -299,15 +158,15 @@ class LogitsPipeline:
         blocked = self._eos_mask[key] & (cur_len < self.eos_until)  # cur_len a 0-d device tensor: no sync
         return scores.masked_fill(blocked, -math.inf)
 
-    def _temperature(self, scores, input_ids, valid, cur_len):
+    def _temperature(self, scores, input_ids, valid, cur_len, seen):
         return scores / self.params.temperature  # a division, not a multiply by 1/T: matches HF
 
-    def _top_k(self, scores, input_ids, valid, cur_len):
+    def _top_k(self, scores, input_ids, valid, cur_len, seen):
         k = min(max(self.params.top_k, self.keep), scores.shape[-1])
         kth = torch.topk(scores, k).values[..., -1:]  # (B, 1); ties with the k-th are kept
         return scores.masked_fill(scores < kth, -math.inf)
 
-    def _top_p(self, scores, input_ids, valid, cur_len):
+    def _top_p(self, scores, input_ids, valid, cur_len, seen):
         sorted_scores, order = torch.sort(scores, descending=False)  # (B, V), same sort as HF for ties
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative <= (1 - self.params.top_p)
@@ -315,7 +174,7 @@ class LogitsPipeline:
         drop = drop.scatter(1, order, drop)
         return scores.masked_fill(drop, -math.inf)
 
-    def _min_p(self, scores, input_ids, valid, cur_len):
+    def _min_p(self, scores, input_ids, valid, cur_len, seen):
         probs = torch.softmax(scores, dim=-1)  # (B, V)
         threshold = self.params.min_p * probs.amax(dim=-1, keepdim=True)  # (B, 1)
         drop = probs < threshold

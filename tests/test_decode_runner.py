@@ -1,4 +1,4 @@
-"""The decode engine's static (CUDA-graph) step and the image-feature cache, checked on the CPU.
+"""The decode runner's static (CUDA-graph) step and the image-feature cache, checked on the CPU.
 
 The static step is what the GPU captures into a graph; run eagerly here it must give the same logits as
 the dynamic step, for padded batches and sliding windows too. The feature cache must never change results.
@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from llava_next.model.anyres import AnyresGeometry
-from llava_next.generation.generate import Prefill
+from llava_next.generation.kv_cache import CacheAttention
+from llava_next.generation.prefill import Prefill
 from llava_next.compat.modeling import LlavaNextForConditionalGeneration
+from llava_next.model.layers import KERNELS, rms_norm
 from tiny import IMAGE_TOKEN, save_tiny
 
 
@@ -20,14 +22,16 @@ def _static_step(model, tokens, positions, cache):
     slot = torch.tensor([cache.length])
     cache.static = True
     cache.length += 1
-    hidden = decoder.decode_static(decoder.embed_tokens(tokens[:, None]), positions[:, None], slot, cache)
+    meta = CacheAttention.static_step(cache, decoder.windows, slot)
+    hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], meta)
     cache.static = False
     return model.lm_head(hidden[:, -1])
 
 
 def _dynamic_step(model, tokens, positions, cache):
     decoder = model.model.language_model
-    hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], None, cache=cache)
+    meta = CacheAttention.append(cache, decoder.windows, 1)
+    hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], meta)
     return model.lm_head(hidden[:, -1])
 
 
@@ -88,16 +92,10 @@ def test_feature_cache_reuses_images_without_changing_results(tmp_path):
 
 @pytest.mark.parametrize("mode", ["eager", "static"])
 def test_prefix_reuse_continues_a_conversation_exactly(tmp_path, mode):
-    from llava_next.model import decoder as decoder_module
-    from llava_next.generation.runner import DecodeEngine
-
     folder, reference = save_tiny(tmp_path / "m", "llama")
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)
-    model.__dict__["_decode_engine"] = DecodeEngine(model, mode=mode)  # "static": the pooled GPU-path caches
-    try:
-        _two_turns(model, reference)
-    finally:
-        decoder_module.STATIC_KERNELS.update(decoder_module.EAGER_KERNELS)
+    model.decode_runner(mode=mode)  # "static": the pooled GPU-path caches
+    _two_turns(model, reference)
 
 
 def _two_turns(model, reference):
@@ -109,7 +107,7 @@ def _two_turns(model, reference):
     first = model.generate(input_ids=turn1, max_new_tokens=6, reuse_prefix=True, **image)
     assert torch.equal(first, reference.generate(input_ids=turn1, max_new_tokens=6, **image))
     turn2 = torch.cat([first, torch.tensor([[70, 80, 90]])], dim=1)  # the answer, then a new question
-    engine = model.__dict__["_decode_engine"]
+    engine = model.decode_runner()
     remembered_cache = engine._last[1]
     second = model.generate(input_ids=turn2, max_new_tokens=6, reuse_prefix=True, **image)
     assert engine._last[1] is remembered_cache  # the cache was continued, not rebuilt
@@ -138,47 +136,36 @@ def test_fused_projections_keep_logits(tmp_path):
 def test_static_engine_with_compiled_kernels_matches_transformers(tmp_path):
     """The GPU decode path (pooled static cache, fused projections, torch.compile'd kernels), minus the CUDA
     graph itself, run on the CPU: a padded batch with images must still give transformers' tokens."""
-    from llava_next.model import decoder as decoder_module
-    from llava_next.generation.runner import DecodeEngine
-
     folder, reference = save_tiny(tmp_path / "m", "mistral", text_overrides=dict(sliding_window=700))
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)
-    model.__dict__["_decode_engine"] = DecodeEngine(model, mode="static")
-    try:
-        assert decoder_module.STATIC_KERNELS["rms_norm"] is not decoder_module.rms_norm  # compiled
-        geometry = AnyresGeometry()
-        sizes = [(300, 500), (336, 336)]
-        rows = [[1, 7] + [IMAGE_TOKEN] * geometry.num_image_tokens(h, w) + [8, 9] for h, w in sizes] + [[1, 5, 6]]
-        width = max(map(len, rows))
-        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        tiles = [geometry.num_tiles(h, w) for h, w in sizes]
-        pixels = torch.zeros(2, max(tiles), 3, 336, 336)
-        for i, n in enumerate(tiles):
-            pixels[i, :n] = torch.randn(n, 3, 336, 336)
-        kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=torch.tensor(sizes),
-                      max_new_tokens=12)
-        assert torch.equal(model.generate(**kwargs), reference.generate(**kwargs))
-        assert model.model.language_model.layers[0].mlp.gate_up_proj is not None  # the fused path ran
-    finally:
-        decoder_module.STATIC_KERNELS.update(decoder_module.EAGER_KERNELS)
+    runner = model.decode_runner(mode="static")
+    assert runner.kernels["rms_norm"] is not rms_norm  # compiled, for this runner only
+    assert KERNELS["rms_norm"] is rms_norm  # the shared table is untouched
+    geometry = AnyresGeometry()
+    sizes = [(300, 500), (336, 336)]
+    rows = [[1, 7] + [IMAGE_TOKEN] * geometry.num_image_tokens(h, w) + [8, 9] for h, w in sizes] + [[1, 5, 6]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    tiles = [geometry.num_tiles(h, w) for h, w in sizes]
+    pixels = torch.zeros(2, max(tiles), 3, 336, 336)
+    for i, n in enumerate(tiles):
+        pixels[i, :n] = torch.randn(n, 3, 336, 336)
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=torch.tensor(sizes),
+                  max_new_tokens=12)
+    assert torch.equal(model.generate(**kwargs), reference.generate(**kwargs))
+    assert model.model.language_model.layers[0].mlp.gate_up_proj is not None  # the fused path ran
 
 
 def test_a_second_static_engine_on_a_fused_model_still_matches_transformers(tmp_path):
     """Engines are rebuilt (another mode, another device); fusing the projections again must be a no-op."""
-    from llava_next.model import decoder as decoder_module
-    from llava_next.generation.runner import DecodeEngine
-
     folder, reference = save_tiny(tmp_path / "m", "mistral")
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)
     ids, mask = _padded_batch()
     expected = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
-    try:
-        for _ in range(2):
-            model.__dict__["_decode_engine"] = DecodeEngine(model, mode="static")
-            assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8), expected)
-    finally:
-        decoder_module.STATIC_KERNELS.update(decoder_module.EAGER_KERNELS)
+    for _ in range(2):
+        model.decode_runner(mode="static")
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8), expected)
 
 
 def _image_prompt(h: int, w: int, question: int = 0):

@@ -1,0 +1,178 @@
+"""generate()'s arguments: names and kinds checked, then resolved into a GenerationPlan before any forward pass.
+
+Priority as transformers': explicit keyword arguments > a `generation_config=` argument > the checkpoint's
+generation_config.json > transformers' defaults. A typo or an unknown name is refused (transformers'
+`_validate_model_kwargs`); the prompt (image tokens included) plus `max_new_tokens` is checked against the
+context (ContextLengthError); `num_beams` is capped (MAX_BEAMS) so one call cannot exhaust memory.
+
+Leaves out: the generation_config object itself (compat/generation_config.py); generate() only reads it as a
+mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llava_next.errors import ContextLengthError, GenerationArgumentError
+from llava_next.sampling.params import HF_DEFAULTS, UNSUPPORTED, SamplingParams, check_number, validate_max_new_tokens
+from llava_next.sampling.stopping import StopStrings, eos_token_tensor
+
+# transformers GenerationConfig bookkeeping fields: they never change a token.
+BOOKKEEPING = ("transformers_version", "_from_model_config")
+MAX_BEAMS = 64  # beams per prompt; each beam is a full KV cache and a row of every decode step
+
+# generate() keyword arguments that are about the loop, not about picking tokens.
+_LOOP_ARGS = ("max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "stop_strings",
+              "streamer", "tokenizer", "generator", "return_dict_in_generate", "output_scores", "output_logits",
+              "use_cache", "num_beams", "length_penalty", "early_stopping", "output_attentions",
+              "output_hidden_states", "generation_config", "cache_implementation", "max_time", "reuse_prefix")
+# transformers GenerationConfig fields that change no token here: bookkeeping, compile and cache settings, and
+# assisted-decoding knobs that only act with an assistant model (refused in sampling.UNSUPPORTED).
+_IGNORED = BOOKKEEPING + ("decoder_start_token_id", "is_assistant",
+                "disable_compile", "compile_config", "cache_config", "max_cache_len", "low_memory",
+                "prefill_chunk_size", "continuous_batching_config", "num_assistant_tokens",
+                "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+                "target_lookbehind", "assistant_ensemble_weight", "max_matching_ngram_size")
+# Model inputs transformers' generate() passes on to forward(): checked, or refused unless None.
+_MODEL_KWARGS = ("position_ids", "past_key_values", "vision_feature_layer", "vision_feature_select_strategy")
+# Every keyword generate() takes besides its named inputs; a name outside this set (a typo) is refused.
+GENERATION_ARGUMENTS = frozenset(_LOOP_ARGS) | set(HF_DEFAULTS) | set(UNSUPPORTED) | set(_IGNORED)
+
+
+@dataclass
+class GenerationPlan:
+    """Everything resolved from arguments + generation_config before any forward pass."""
+
+    max_new_tokens: int
+    eos: torch.Tensor | None
+    pad_token_id: int
+    sampling: SamplingParams
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    stop: StopStrings | None = None
+    deadline: float | None = None  # time.monotonic() past which generation stops (max_time)
+
+    def out_of_time(self) -> bool:
+        """transformers' MaxTimeCriteria, on the host: True once max_time has passed since generate() began."""
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def _merged_generation_config(model, kwargs) -> dict:
+    config = dict(getattr(model, "generation_config", None) or {})
+    override = kwargs.get("generation_config")
+    if override is not None:
+        items = override.to_dict() if hasattr(override, "to_dict") else dict(override)
+        config.update({k: v for k, v in items.items() if v is not None})
+    return config
+
+
+def check_generate_kwargs(model, kwargs: dict) -> None:
+    """Refuse unknown names (typos) and arguments of the wrong kind before any work, as transformers'
+    `_validate_model_kwargs` does; a None value means "not given", as there."""
+    unknown = sorted(k for k, v in kwargs.items()
+                     if v is not None and k not in GENERATION_ARGUMENTS and k not in _MODEL_KWARGS)
+    if unknown:
+        raise GenerationArgumentError(f"generate() got arguments it does not use: {unknown} (check for typos)")
+    for name in ("position_ids", "past_key_values"):
+        if kwargs.get(name) is not None:
+            raise GenerationArgumentError(f"`{name}` is not supported by generate(): positions come from "
+                                          "attention_mask and the KV cache is generate()'s own")
+    model.model._check_overrides(kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"))
+    if kwargs.get("output_hidden_states"):
+        raise GenerationArgumentError("`output_hidden_states=True` is not supported by generate(); run "
+                                      "model(sequences, output_hidden_states=True) on its output instead")
+    if kwargs.get("output_attentions"):
+        raise GenerationArgumentError("`output_attentions=True` is not supported: attention runs in fused kernels "
+                                      "that never form the attention weights")
+    config = kwargs.get("generation_config")
+    if config is not None and not isinstance(config, dict) and not hasattr(config, "to_dict"):
+        raise GenerationArgumentError(f"`generation_config` must be a GenerationConfig or a dict, got {config!r}")
+    streamer = kwargs.get("streamer")
+    if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+        raise GenerationArgumentError(f"`streamer` must have put() and end() methods, got {streamer!r}")
+    generator = kwargs.get("generator")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise GenerationArgumentError(f"`generator` must be a torch.Generator, got {generator!r}")
+        if generator.device.type != model.device.type:
+            raise GenerationArgumentError(f"`generator` is on {generator.device}, the model on {model.device}")
+    strings = kwargs.get("stop_strings")
+    if strings is not None:
+        if not isinstance(strings, (str, list, tuple)) or not all(isinstance(x, str) for x in strings):
+            raise GenerationArgumentError(f"`stop_strings` must be a string or a list of strings, got {strings!r}")
+        if kwargs.get("tokenizer") is None:
+            raise GenerationArgumentError("stop_strings needs tokenizer= (e.g. processor.tokenizer)")
+
+
+def plan_generation(model, prompt_len: int, kwargs: dict, embedded_prompt: bool = False) -> GenerationPlan:
+    """Check the arguments, then resolve lengths, special ids and sampling settings (transformers' priority order).
+
+    embedded_prompt: the prompt came as inputs_embeds alone, so (as transformers) the output holds only the new
+    tokens and min_length does not count the prompt."""
+    start = time.monotonic()  # transformers' MaxTimeCriteria counts from here, before the prefill
+    check_generate_kwargs(model, kwargs)
+    gen = _merged_generation_config(model, kwargs)
+
+    def pick(name, default=None):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        return gen.get(name, default) if gen.get(name) is not None else default
+
+    max_new, max_length = pick("max_new_tokens"), pick("max_length")
+    if max_length is not None:
+        check_number("max_length", max_length, integer=True)
+    context = model.config.text_config.max_position_embeddings
+    if max_new is None and max_length is None:
+        max_new = max(1, min(20, context - prompt_len))  # transformers: 20 new tokens when nothing is set
+    elif max_new is None:
+        max_new = max_length - prompt_len
+        if max_new <= 0:
+            raise GenerationArgumentError(
+                f"the prompt has {prompt_len} tokens, already at max_length={max_length}; set max_new_tokens instead"
+            )
+    max_new = validate_max_new_tokens(max_new)
+    if prompt_len + max_new > context:
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens (image tokens included) + max_new_tokens={max_new} exceeds the model's "
+            f"context of {context} tokens; shorten the prompt, use fewer or smaller images, or lower max_new_tokens"
+        )
+    text_cfg = model.config.text_config
+    eos_id = pick("eos_token_id", text_cfg.eos_token_id)
+    eos = eos_token_tensor(eos_id, device=model.device)
+    pad = pick("pad_token_id", text_cfg.pad_token_id)
+    if pad is None:
+        pad = int(eos[0]) if eos is not None else 0  # as transformers: pad with the (first) EOS id
+    vocab = model.get_input_embeddings().num_embeddings  # finished rows feed the pad id back in
+    check_number("pad_token_id", pad, integer=True)
+    if not 0 <= pad < vocab:
+        raise GenerationArgumentError(f"`pad_token_id` must be a token id in 0..{vocab - 1}, got {pad}")
+    num_beams = pick("num_beams", 1)
+    check_number("num_beams", num_beams, integer=True)
+    if not 1 <= num_beams <= MAX_BEAMS:
+        raise GenerationArgumentError(f"`num_beams` must be between 1 and {MAX_BEAMS}, got {num_beams}")
+    length_penalty = pick("length_penalty", 1.0)
+    check_number("length_penalty", length_penalty)
+    early_stopping = pick("early_stopping", False)
+    if early_stopping not in (True, False, "never"):
+        raise GenerationArgumentError(f"`early_stopping` must be True, False or 'never', got {early_stopping!r}")
+    sampling_kwargs = {k: v for k, v in kwargs.items() if k not in _LOOP_ARGS}
+    gen_sampling = {k: v for k, v in gen.items() if k not in _LOOP_ARGS}
+    sampling = SamplingParams.from_generate_kwargs(sampling_kwargs, gen_sampling)
+    if embedded_prompt:
+        sampling = dataclasses.replace(sampling, min_length=max(sampling.min_length - prompt_len, 0))
+    stop = None if kwargs.get("stop_strings") is None else StopStrings(kwargs["tokenizer"], kwargs["stop_strings"])
+    max_time = pick("max_time")
+    if max_time is not None:
+        check_number("max_time", max_time)
+        if max_time <= 0:
+            raise GenerationArgumentError(f"`max_time` must be > 0 seconds, got {max_time}")
+    deadline = None if max_time is None else start + max_time
+    return GenerationPlan(max_new, eos, pad, sampling, num_beams, float(length_penalty), early_stopping, stop,
+                          deadline)
+
+

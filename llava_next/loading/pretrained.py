@@ -1,0 +1,96 @@
+"""from_pretrained: config + files + (quantization) + strict streamed load + one cast, as transformers' loader.
+
+kwargs as transformers' `from_pretrained`: config fields override config.json, hub options go to the hub,
+transformers' no-op loading options are ignored, anything else is a TypeError before any download. Returns
+the model and the generation settings (the `generation_config=` argument or generation_config.json), which
+the caller (compat/modeling.py) turns into its GenerationConfig.
+
+Leaves out: tensor-parallel loading (parallel/), pre-quantized checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from llava_next.config import LlavaNextConfig, pop_config_overrides
+from llava_next.loading.hub import MODEL_PATTERNS, hub_options, read_json, resolve_folder
+from llava_next.loading.placement import normalise_device_map, resolve_dtype
+from llava_next.loading.quantization import mark_quantized, prepare_quantized, refuse_prequantized
+from llava_next.loading.weights import _tensor_files, canonical_name, finish_build, iter_checkpoint, load_state
+from llava_next.model.attention import check_backend
+
+
+def load_tensors(model, tensors, dtype: torch.dtype, device_map, quantization_config=None,
+                 source: str = "checkpoint") -> list[str]:
+    """Stream (name, tensor) pairs into a meta-built model; with a quantization config, the Linear layers
+    transformers quantizes are swapped for bitsandbytes ones first and quantized as their weights arrive.
+    Returns the quantized module names."""
+    if quantization_config is None:
+        load_state(model, tensors, dtype, device_map, source=source)
+        return []
+    assign, config, names = prepare_quantized(model, dtype, device_map, quantization_config)
+    load_state(model, refuse_prequantized(tensors), dtype, device_map, source=source, assign=assign)
+    mark_quantized(model, config, names)
+    return names
+
+
+def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_map=None, device=None,
+                    quantization_config=None, attn_implementation=None, allow_pickle: bool = False,
+                    config: LlavaNextConfig | str | None = None, generation_config=None,
+                    use_safetensors: bool | None = None, **kwargs):
+    """Build `cls` from a folder or hub id: config, meta-device build, streamed strict load, one cast.
+
+    kwargs as transformers' `from_pretrained`: config fields (`vision_feature_layer=-3`, ...) override
+    config.json (not allowed with `config=`, as in transformers), hub options go to the hub, transformers'
+    no-op loading options (`low_cpu_mem_usage`, `trust_remote_code`, ...) are ignored, anything else is a
+    TypeError before any download. `use_safetensors=False` asks for pickle weights: it needs allow_pickle=True.
+    """
+    where = f"{cls.__name__}.from_pretrained"
+    overrides = pop_config_overrides(kwargs)
+    hub = hub_options(kwargs, where)
+    if overrides and isinstance(config, LlavaNextConfig):
+        raise TypeError(f"{where} got config= and config field(s) {', '.join(map(repr, sorted(overrides)))}; "
+                        "set them on the config instead (config.replace(...) or LlavaNextConfig.from_pretrained(..., "
+                        "field=value))")
+    if use_safetensors is False and not allow_pickle:
+        raise ValueError(f"{where}: use_safetensors=False asks for pickle weights (*.bin), which can run arbitrary "
+                         "code; pass allow_pickle=True as well if you trust the checkpoint")
+    if use_safetensors:
+        allow_pickle = False  # as transformers: safetensors or nothing
+    if hasattr(generation_config, "to_diff_dict"):  # transformers' GenerationConfig
+        generation_config = generation_config.to_diff_dict()
+    if generation_config is not None and not isinstance(generation_config, Mapping):
+        raise TypeError(f"generation_config must be a GenerationConfig or a dict, got {type(generation_config).__name__}")
+    if config is not None and not isinstance(config, (LlavaNextConfig, str, os.PathLike)):
+        raise TypeError(f"config must be a LlavaNextConfig or a folder/hub id, got {type(config).__name__}")
+
+    patterns = MODEL_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
+    folder = resolve_folder(name_or_path, allow_patterns=patterns, **hub)
+    if isinstance(config, (str, os.PathLike)):
+        config = LlavaNextConfig.from_pretrained(config, **hub, **overrides)
+    elif config is None:
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"config.json not found in {str(name_or_path)!r}")
+        raw = read_json(config_path)
+        if "auto_map" in raw:
+            raw.pop("auto_map")  # NOTE: remote code is never imported
+        config = LlavaNextConfig.from_dict(raw, **overrides)
+    target_dtype = resolve_dtype(torch_dtype if dtype is None else dtype, config)
+    backend = check_backend(attn_implementation)
+    device_map = normalise_device_map(device_map, device, canonical_name)
+    with torch.device("meta"):
+        model = cls(config)
+    files = _tensor_files(folder, allow_pickle)
+    load_tensors(model, iter_checkpoint(files), target_dtype, device_map, quantization_config, str(name_or_path))
+    finish_build(model, backend)
+    gen_path = folder / "generation_config.json"
+    if generation_config is not None:
+        generation = dict(generation_config)
+    else:
+        generation = read_json(gen_path) if gen_path.is_file() else None
+    model.name_or_path = str(name_or_path)
+    return model.eval(), generation

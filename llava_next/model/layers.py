@@ -1,0 +1,99 @@
+"""The decoder's building blocks: RMSNorm, rotary embeddings, the activation table and fused projections.
+
+Numerics follow transformers: RMSNorm normalises in fp32, casts back, then scales by the weight in the
+activation dtype; RoPE is rotate-half with cos/sin computed in fp32 and cast to the activation dtype.
+`KERNELS` is the read-only table of the elementwise pieces; a decode runner may pass its own table of compiled
+versions to `Decoder.forward` (nothing here changes at run time).
+
+Leaves out: rope types other than default/linear/llama3 (no published LLaVA-NeXT checkpoint uses them).
+"""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llava_next.config import TextConfig
+
+ACTIVATIONS = MappingProxyType({"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+                                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")})
+
+
+def rope_inverse_frequencies(cfg: TextConfig) -> torch.Tensor:
+    """(Hd/2,) fp32 inverse frequencies, with the rope type's scaling."""
+    rope = cfg.rope_parameters
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()  # matches HF: normalise in fp32
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)  # matches HF: cast back, then scale in the activation dtype
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+# The elementwise pieces of a decoder step, by name. Read-only: a runner that wants compiled versions builds
+# its own dict with the same keys and passes it to Decoder.forward.
+KERNELS = MappingProxyType({"rms_norm": rms_norm, "rope": apply_rope, "silu_mul": silu_mul})
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (B, 1, T, Hd) for positions (B, T), computed in fp32 then cast (matches HF)."""
+    freqs = positions[..., None].float() * inv_freq.float()  # (B, T, Hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def fused_linear(parts: list[nn.Linear]) -> nn.Linear | None:
+    """One Linear whose output is the parts' outputs side by side, or None if they are not plain Linears."""
+    if not all(type(p) is nn.Linear for p in parts):
+        return None  # e.g. quantized layers: keep them as they are
+    weight = torch.cat([p.weight for p in parts], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, kernels=KERNELS) -> torch.Tensor:
+        return kernels["rms_norm"](x, self.weight, self.eps)
