@@ -36,6 +36,7 @@ _EXPORTS = {
     "CheckpointError": "errors",
     "UnsafeCheckpointError": "errors",
     "ChatTemplateError": "errors",
+    "DeviceUnavailableError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)

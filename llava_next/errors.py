@@ -35,3 +35,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 class ChatTemplateError(LlavaNextError, ValueError):
     """A chat template is missing, failed to render, or tried to escape its sandbox."""
+
+
+class DeviceUnavailableError(LlavaNextError, ValueError):
+    """A device was asked for that this machine does not have (e.g. "cuda" without a CUDA GPU or build)."""

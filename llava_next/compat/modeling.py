@@ -28,6 +28,7 @@ from llava_next.generation.feature_cache import ImageFeatureCache
 from llava_next.generation.generate import generate
 from llava_next.generation.outputs import ModelOutput
 from llava_next.generation.runner import DecodeRunner
+from llava_next.loading.placement import check_available
 from llava_next.loading.pretrained import load_pretrained
 from llava_next.model.attention import DenseAttention
 from llava_next.model.llava_next import LlavaNextCore
@@ -59,7 +60,23 @@ def _tensor(name: str, value, dims: int, what: str, device: torch.device | None 
     return value
 
 
-class LlavaNextModel(LlavaNextCore):
+class _CheckedMoves:
+    """`.to(device)` / `.cuda()` refuse a device this machine lacks with one clear DeviceUnavailableError
+    (torch would raise an AssertionError from deep inside) before anything moves."""
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            check_available(device, f".to({str(device)!r}) asks for {device}")
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None):
+        check_available(torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda"),
+                        ".cuda() asks for a CUDA device")
+        return super().cuda(device)
+
+
+class LlavaNextModel(_CheckedMoves, LlavaNextCore):
     """Vision tower + projector + image_newline + decoder; forward returns `last_hidden_state`."""
 
     def __init__(self, config: LlavaNextConfig):
@@ -315,7 +332,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return loss
 
 
-class LlavaNextForConditionalGeneration(nn.Module):
+class LlavaNextForConditionalGeneration(_CheckedMoves, nn.Module):
     """LlavaNextModel + lm_head; forward returns logits (and loss with labels); `generate` decodes."""
 
     def __init__(self, config: LlavaNextConfig):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llava_next.config import LlavaNextConfig
+from llava_next.errors import DeviceUnavailableError
 
 
 def resolve_dtype(dtype, config: LlavaNextConfig) -> torch.dtype:
@@ -49,9 +50,19 @@ def as_device(dev) -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device_map: {dev!r} is not a device (use 'auto', 'cpu', 'cuda', 'cuda:N', an int, "
                          "or a dict of module name -> device)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device_map asks for {dev!r} but CUDA is not available on this machine")
+    check_available(device, f"device_map asks for {dev!r}")
     return device
+
+
+def check_available(device: torch.device, what: str) -> None:
+    """DeviceUnavailableError when `device` is a CUDA device this machine (or this torch build) lacks."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"{what}, but CUDA is not available on this machine (torch "
+                                     f"{torch.__version__}); use 'cpu'")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(f"{what}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def map_devices(device_map: dict) -> set[torch.device]:

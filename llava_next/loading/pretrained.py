@@ -11,6 +11,7 @@ Leaves out: tensor-parallel loading (parallel/), pre-quantized checkpoints.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -21,6 +22,32 @@ from llava_next.loading.placement import normalise_device_map, resolve_dtype
 from llava_next.loading.quantization import mark_quantized, prepare_quantized, refuse_prequantized
 from llava_next.loading.weights import _tensor_files, canonical_name, finish_build, iter_checkpoint, load_state
 from llava_next.model.attention import check_backend
+
+
+def progress_wanted() -> bool:
+    """A loading bar on a terminal, as transformers shows; off when stderr is not a terminal or when
+    HF_HUB_DISABLE_PROGRESS_BARS is set (the hub's switch); LLAVA_NEXT_PROGRESS=1 forces it on (logs, tests)."""
+    if os.environ.get("LLAVA_NEXT_PROGRESS") == "1":
+        return True
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    return sys.stderr.isatty()
+
+
+def with_progress(tensors, files, source: str):
+    """(name, tensor) pairs as they stream, with a tqdm bar over the checkpoint's bytes when progress_wanted()."""
+    if not progress_wanted():
+        yield from tensors
+        return
+    from tqdm.auto import tqdm
+
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading weights ({len(files)} file(s))",
+              file=sys.stderr) as bar:
+        for name, tensor in tensors:
+            bar.update(tensor.numel() * tensor.element_size())
+            yield name, tensor
+        bar.update(total - bar.n)  # the files' headers: the bar ends at 100%
 
 
 def load_tensors(model, tensors, dtype: torch.dtype, device_map, quantization_config=None,
@@ -85,7 +112,8 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
     with torch.device("meta"):
         model = cls(config)
     files = _tensor_files(folder, allow_pickle)
-    load_tensors(model, iter_checkpoint(files), target_dtype, device_map, quantization_config, str(name_or_path))
+    tensors = with_progress(iter_checkpoint(files), files, str(name_or_path))
+    load_tensors(model, tensors, target_dtype, device_map, quantization_config, str(name_or_path))
     finish_build(model, backend)
     gen_path = folder / "generation_config.json"
     if generation_config is not None:
