@@ -123,43 +123,10 @@ def plan_generation(model, prompt_len: int, kwargs: dict, embedded_prompt: bool 
             return kwargs[name]
         return gen.get(name, default) if gen.get(name) is not None else default
 
-    max_new, max_length = pick("max_new_tokens"), pick("max_length")
-    if max_length is not None:
-        check_number("max_length", max_length, integer=True)
-    context = model.config.text_config.max_position_embeddings
-    if max_new is None and max_length is None:
-        max_new = max(1, min(20, context - prompt_len))  # transformers: 20 new tokens when nothing is set
-    elif max_new is None:
-        max_new = max_length - prompt_len
-        if max_new <= 0:
-            raise GenerationArgumentError(
-                f"the prompt has {prompt_len} tokens, already at max_length={max_length}; set max_new_tokens instead"
-            )
-    max_new = validate_max_new_tokens(max_new)
-    if prompt_len + max_new > context:
-        raise ContextLengthError(
-            f"prompt of {prompt_len} tokens (image tokens included) + max_new_tokens={max_new} exceeds the model's "
-            f"context of {context} tokens; shorten the prompt, use fewer or smaller images, or lower max_new_tokens"
-        )
-    text_cfg = model.config.text_config
-    eos_id = pick("eos_token_id", text_cfg.eos_token_id)
-    eos = eos_token_tensor(eos_id, device=model.device)
-    pad = pick("pad_token_id", text_cfg.pad_token_id)
-    if pad is None:
-        pad = int(eos[0]) if eos is not None else 0  # as transformers: pad with the (first) EOS id
-    vocab = model.get_input_embeddings().num_embeddings  # finished rows feed the pad id back in
-    check_number("pad_token_id", pad, integer=True)
-    if not 0 <= pad < vocab:
-        raise GenerationArgumentError(f"`pad_token_id` must be a token id in 0..{vocab - 1}, got {pad}")
-    num_beams = pick("num_beams", 1)
-    check_number("num_beams", num_beams, integer=True)
-    if not 1 <= num_beams <= MAX_BEAMS:
-        raise GenerationArgumentError(f"`num_beams` must be between 1 and {MAX_BEAMS}, got {num_beams}")
-    length_penalty = pick("length_penalty", 1.0)
-    check_number("length_penalty", length_penalty)
-    early_stopping = pick("early_stopping", False)
-    if early_stopping not in (True, False, "never"):
-        raise GenerationArgumentError(f"`early_stopping` must be True, False or 'never', got {early_stopping!r}")
+    max_new = _max_new_tokens(pick("max_new_tokens"), pick("max_length"), prompt_len,
+                              model.config.text_config.max_position_embeddings)
+    eos, pad = _special_ids(model, pick)
+    num_beams, length_penalty, early_stopping = _beam_settings(pick)
     sampling_kwargs = {k: v for k, v in kwargs.items() if k not in _LOOP_ARGS}
     gen_sampling = {k: v for k, v in gen.items() if k not in _LOOP_ARGS}
     sampling = SamplingParams.from_generate_kwargs(sampling_kwargs, gen_sampling)
@@ -172,7 +139,53 @@ def plan_generation(model, prompt_len: int, kwargs: dict, embedded_prompt: bool 
         if max_time <= 0:
             raise GenerationArgumentError(f"`max_time` must be > 0 seconds, got {max_time}")
     deadline = None if max_time is None else start + max_time
-    return GenerationPlan(max_new, eos, pad, sampling, num_beams, float(length_penalty), early_stopping, stop,
-                          deadline)
+    return GenerationPlan(max_new, eos, pad, sampling, num_beams, length_penalty, early_stopping, stop, deadline)
 
 
+def _max_new_tokens(max_new, max_length, prompt_len: int, context: int) -> int:
+    """max_new_tokens from it or max_length (transformers: 20 when neither is set), checked against the context."""
+    if max_length is not None:
+        check_number("max_length", max_length, integer=True)
+    if max_new is None and max_length is None:
+        max_new = max(1, min(20, context - prompt_len))
+    elif max_new is None:
+        max_new = max_length - prompt_len
+        if max_new <= 0:
+            raise GenerationArgumentError(
+                f"the prompt has {prompt_len} tokens, already at max_length={max_length}; set max_new_tokens instead"
+            )
+    max_new = validate_max_new_tokens(max_new)
+    if prompt_len + max_new > context:
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens (image tokens included) + max_new_tokens={max_new} exceeds the model's "
+            f"context of {context} tokens; shorten the prompt, use fewer or smaller images, or lower max_new_tokens"
+        )
+    return max_new
+
+
+def _special_ids(model, pick) -> tuple[torch.Tensor | None, int]:
+    """(EOS ids on the model's device or None, pad id): as transformers, pad falls back to the first EOS id."""
+    text_cfg = model.config.text_config
+    eos = eos_token_tensor(pick("eos_token_id", text_cfg.eos_token_id), device=model.device)
+    pad = pick("pad_token_id", text_cfg.pad_token_id)
+    if pad is None:
+        pad = int(eos[0]) if eos is not None else 0
+    vocab = model.get_input_embeddings().num_embeddings  # finished rows feed the pad id back in
+    check_number("pad_token_id", pad, integer=True)
+    if not 0 <= pad < vocab:
+        raise GenerationArgumentError(f"`pad_token_id` must be a token id in 0..{vocab - 1}, got {pad}")
+    return eos, pad
+
+
+def _beam_settings(pick) -> tuple[int, float, bool | str]:
+    """num_beams (1..MAX_BEAMS), length_penalty, early_stopping (True, False or "never")."""
+    num_beams = pick("num_beams", 1)
+    check_number("num_beams", num_beams, integer=True)
+    if not 1 <= num_beams <= MAX_BEAMS:
+        raise GenerationArgumentError(f"`num_beams` must be between 1 and {MAX_BEAMS}, got {num_beams}")
+    length_penalty = pick("length_penalty", 1.0)
+    check_number("length_penalty", length_penalty)
+    early_stopping = pick("early_stopping", False)
+    if early_stopping not in (True, False, "never"):
+        raise GenerationArgumentError(f"`early_stopping` must be True, False or 'never', got {early_stopping!r}")
+    return num_beams, float(length_penalty), early_stopping
