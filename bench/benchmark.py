@@ -1,4 +1,4 @@
-"""`llava-next bench`: ours against transformers in one process, after a correctness gate.
+"""bench/benchmark.py (formerly `llava-next bench`): ours against transformers in one process, after a correctness gate.
 
 Protocol (shared/BENCHMARKS.md): one seeded random model of the chosen shape is built with transformers and
 its tensors are handed to ours (same weights, no copy where dtype and device agree); a gate checks logits and
@@ -359,7 +359,7 @@ def preprocessing_workload(device, runs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="llava-next bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="bench/benchmark.py", description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
