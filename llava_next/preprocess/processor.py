@@ -37,7 +37,7 @@ from llava_next.errors import ImageTokenMismatchError
 from llava_next.loading.hub import read_json
 from llava_next.preprocess.image_processor import DEFAULTS as IMAGE_SETTINGS
 from llava_next.preprocess.image_processor import LlavaNextImageProcessor, flatten_images
-from llava_next.preprocess.images import load_image
+from llava_next.preprocess.images import DEFAULT_MAX_PIXELS, load_image
 from llava_next.preprocess.tokenizer import Tokenizer, pop_tokenizer_settings
 
 PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja"]
@@ -168,6 +168,7 @@ class LlavaNextProcessor:
             images, text = None, images
         if images is None and text is None:
             raise ValueError("give at least one of images= or text=")
+        allow_local_network = bool(kwargs.pop("allow_local_network", False))
         text_kwargs, image_kwargs = self._split_kwargs(kwargs)
         texts = None
         if text is not None:
@@ -178,6 +179,11 @@ class LlavaNextProcessor:
             else:
                 raise ValueError("text must be a string or a list of strings")
         flat_images = flatten_images(images) if images is not None else []
+        # URLs and paths are fetched here, with the caller's local-network choice (the image processor's own
+        # loading refuses local addresses)
+        flat_images = [load_image(im, max_pixels=getattr(self.image_processor, "max_pixels", DEFAULT_MAX_PIXELS),
+                                  allow_local_network=allow_local_network) if isinstance(im, str) else im
+                       for im in flat_images]
         if texts is not None:
             placeholders = sum(t.count(self.image_token) for t in texts)
             if placeholders != len(flat_images):
@@ -257,6 +263,8 @@ class LlavaNextProcessor:
         variables = template_variables(template)
         processor_kwargs = dict(processor_kwargs or {})
         processor_kwargs.update({k: v for k, v in kwargs.items() if k not in variables})
+        allow_local_network = bool(processor_kwargs.pop("allow_local_network", kwargs.pop("allow_local_network", False)))
+        kwargs.pop("allow_local_network", None)
         conversations, batched = normalize_conversations(conversation)
         prompts = render_chat_template(
             conversations, template, add_generation_prompt=add_generation_prompt,
@@ -273,7 +281,7 @@ class LlavaNextProcessor:
         if images is not None:
             batch_images = images if batched else [images]
         else:
-            batch_images = [_images_in(conv) for conv in conversations]
+            batch_images = [_images_in(conv, allow_local_network) for conv in conversations]
         has_images = any(im is not None for ims in batch_images for im in ims)
         out = self(images=batch_images if has_images else None, text=prompts if batched else prompts[0],
                    return_tensors=return_tensors, **processor_kwargs)
@@ -308,7 +316,7 @@ class AutoProcessor:
         return LlavaNextProcessor.from_pretrained(name_or_path, **kwargs)
 
 
-def _images_in(conversation: list[dict]) -> list:
+def _images_in(conversation: list[dict], allow_local_network: bool = False) -> list:
     """Image sources of a conversation's content parts, loaded, in order (transformers' keys and order)."""
     found = []
     for message in conversation:
@@ -319,14 +327,14 @@ def _images_in(conversation: list[dict]) -> list:
             if isinstance(block, dict) and block.get("type") == "image":
                 for key in ("image", "url", "path", "base64"):
                     if key in block:
-                        found.append(_load(block[key], key))
+                        found.append(_load(block[key], key, allow_local_network))
     return found
 
 
-def _load(source, key: str):
+def _load(source, key: str, allow_local_network: bool = False):
     if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
         source = "data:image/png;base64," + source  # a bare base64 payload; the decoder sniffs the real format
-    return load_image(source)
+    return load_image(source, allow_local_network=allow_local_network)
 
 
 def _looks_like_text(value) -> bool:
