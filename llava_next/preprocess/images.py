@@ -230,6 +230,7 @@ def address_blocked(address: str) -> str | None:
                 return f"{inner} (embedded in the IPv6 address)"
             if ip in _IPV4_COMPATIBLE:
                 return "a deprecated IPv4-compatible IPv6 address"
+            return None  # IPv4-mapped, 6to4 or NAT64 form of a public IPv4 address
     for test, reason in ((ip.is_unspecified, "unspecified"), (ip.is_loopback, "loopback"),
                          (ip.is_link_local, "link-local (cloud metadata)"), (ip.is_multicast, "multicast"),
                          (ip.is_private, "private"), (ip.is_reserved, "reserved")):
