@@ -187,6 +187,40 @@ def check_llava(raw: dict) -> None:
         _check_int("", raw, "image_seq_length", optional=True)
 
 
+class ListTuple(tuple):
+    """An immutable list: a tuple (hashable, safe to share) that compares equal to the same values as a list,
+    as transformers' list-valued config fields do (`config.image_grid_pinpoints == [[336, 672], ...]`)."""
+
+    def __eq__(self, other):
+        if isinstance(other, list):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+    def __repr__(self):
+        return repr(list(self))
+
+
+def as_list_tuple(value):
+    """Lists and tuples (nested) as ListTuple; anything else unchanged."""
+    if isinstance(value, (list, tuple)):
+        return ListTuple(as_list_tuple(v) for v in value)
+    return value
+
+
+def _jsonable(value):
+    """Tuples (ListTuple included) as lists, recursively: what transformers' to_dict gives."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def _split(cls, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Known dataclass fields of `cls` in `raw`, and everything else (kept as `extra`)."""
     names = {f.name for f in fields(cls)}
@@ -256,7 +290,7 @@ class TextConfig:
         if not merged.get("layer_types"):
             kind = "sliding_attention" if merged.get("sliding_window") is not None else "full_attention"
             merged["layer_types"] = [kind] * n_layers
-        merged["layer_types"] = tuple(merged["layer_types"])
+        merged["layer_types"] = as_list_tuple(merged["layer_types"])
         known, extra = _split(cls, merged)
         return cls(**known, extra=extra)
 
@@ -333,11 +367,23 @@ class LlavaNextConfig:
     tie_word_embeddings: bool = False
     image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
     image_seq_length: int = 576
+    pad_token_id: int | None = None
     dtype: str | None = None  # the checkpoint's dtype ("float16", ...), used by dtype="auto"
     model_type: str = "llava_next"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # transformers accepts sub-configs as dicts, and list-valued fields as lists
+        if isinstance(self.text_config, dict):
+            object.__setattr__(self, "text_config", TextConfig.from_dict(self.text_config))
+        if isinstance(self.vision_config, dict):
+            object.__setattr__(self, "vision_config", VisionConfig.from_dict(self.vision_config))
+        if self.image_grid_pinpoints is None:
+            object.__setattr__(self, "image_grid_pinpoints", DEFAULT_PINPOINTS)
+        check_pinpoints(self.image_grid_pinpoints)
+        object.__setattr__(self, "image_grid_pinpoints", as_list_tuple(self.image_grid_pinpoints))
+        if isinstance(self.vision_feature_layer, (list, tuple)):
+            object.__setattr__(self, "vision_feature_layer", as_list_tuple(self.vision_feature_layer))
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
@@ -372,11 +418,7 @@ class LlavaNextConfig:
         dtype = check_dtype(dtype)
         if "image_token_id" in raw and "image_token_index" not in raw:
             raw["image_token_index"] = raw.pop("image_token_id")
-        if isinstance(raw.get("vision_feature_layer"), list):
-            raw["vision_feature_layer"] = tuple(raw["vision_feature_layer"])
-        if raw.get("image_grid_pinpoints") is not None:
-            raw["image_grid_pinpoints"] = tuple(tuple(int(x) for x in p) for p in raw["image_grid_pinpoints"])
-        else:
+        if raw.get("image_grid_pinpoints") is None:
             raw.pop("image_grid_pinpoints", None)
         known, extra = _split(cls, raw)
         known.pop("text_config", None), known.pop("vision_config", None), known.pop("dtype", None)
@@ -402,11 +444,17 @@ class LlavaNextConfig:
         return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, sub-configs as dicts, list-valued fields as lists (as transformers' to_dict)."""
         out = asdict(self)
         for sub in ("text_config", "vision_config"):
             out[sub].update(out[sub].pop("extra"))
         out.update(out.pop("extra"))
-        return out
+        return _jsonable(out)
+
+    def to_json_string(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def replace(self, **changes) -> "LlavaNextConfig":
         return replace(self, **changes)
@@ -428,6 +476,22 @@ class LlavaNextConfig:
     def get_text_config(self) -> TextConfig:
         return self.text_config
 
+
+_dataclass_init = LlavaNextConfig.__init__
+
+
+def _init_with_aliases(self, *args, image_token_id=None, **kwargs):
+    """transformers' attribute_map: `image_token_id` is another name of `image_token_index`."""
+    if image_token_id is not None:
+        if kwargs.get("image_token_index", image_token_id) != image_token_id:
+            raise ValueError("image_token_id and image_token_index (the same field) differ; give one")
+        kwargs["image_token_index"] = image_token_id
+    _dataclass_init(self, *args, **kwargs)
+
+
+_init_with_aliases.__doc__ = _dataclass_init.__doc__
+LlavaNextConfig.__init__ = _init_with_aliases
+ATTRIBUTE_MAP = {"image_token_id": "image_token_index"}
 
 # Names `from_pretrained` may override (transformers: any attribute of the config), and the dtype spellings.
 CONFIG_OVERRIDES = frozenset({f.name for f in fields(LlavaNextConfig)} - {"extra", "model_type", "dtype"}

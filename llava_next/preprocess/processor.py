@@ -14,6 +14,9 @@ Checkpoint layouts read by `from_pretrained`: the hub's (processor_config.json w
 preprocessor_config.json, chat_template.json, tokenizer files) and the one transformers 5.x saves
 (processor_config.json with a nested "image_processor", chat_template.jinja).
 
+`save_pretrained` writes transformers 5.x's layout (processor_config.json with the image processor nested, named
+chat templates under additional_chat_templates/) and returns the written config file in a list, as transformers.
+
 Leaves out: videos and audio, `return_assistant_tokens_mask`, `return_mm_token_type_ids`, control-token
 sanitizing, and processor classes other than LLaVA-NeXT's.
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 from llava_next.model.anyres import AnyresGeometry
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.preprocess.chat_template import (
+    CHAT_TEMPLATE_DIR,
     load_chat_template,
     normalize_conversations,
     render_chat_template,
@@ -40,7 +44,7 @@ from llava_next.preprocess.image_processor import LlavaNextImageProcessor, flatt
 from llava_next.preprocess.images import DEFAULT_MAX_PIXELS, load_image
 from llava_next.preprocess.tokenizer import Tokenizer, pop_tokenizer_settings
 
-PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja"]
+PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja", "additional_chat_templates/*.jinja"]
 # `from_pretrained` kwargs that override processor_config.json (the __init__ arguments other than the parts).
 PROCESSOR_SETTINGS = frozenset({"patch_size", "vision_feature_select_strategy", "chat_template", "image_token",
                                 "num_additional_image_tokens"})
@@ -75,6 +79,8 @@ class LlavaNextProcessor:
         if self.image_token_id is None or tokenizer.backend_tokenizer.token_to_id(self.image_token) is None:
             raise ValueError(f"the image token {self.image_token!r} is not in the tokenizer's vocabulary")
         tokenizer.protected_token_ids = frozenset({self.image_token_id})
+        if getattr(tokenizer, "chat_template", None) is None and chat_template is not None:
+            tokenizer.chat_template = chat_template  # transformers: the tokenizer carries the template too
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -89,6 +95,8 @@ class LlavaNextProcessor:
         """
         from llava_next.loading.hub import hub_options, resolve_folder
 
+        given_image_processor = kwargs.pop("image_processor", None)  # transformers: parts given as instances
+        given_tokenizer = kwargs.pop("tokenizer", None)
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in PROCESSOR_SETTINGS}
         tokenizer_settings = pop_tokenizer_settings(kwargs)
         if "image_token" in settings:  # transformers passes it to the tokenizer too, whose own image token wins
@@ -97,8 +105,11 @@ class LlavaNextProcessor:
         hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
         folder = resolve_folder(name_or_path, allow_patterns=PROCESSOR_FILES, **hub)
         config = {**read_json(folder / "processor_config.json", required=False), **settings}
-        tokenizer = Tokenizer.from_pretrained(folder, **tokenizer_settings)
-        if (folder / "preprocessor_config.json").is_file():
+        tokenizer = given_tokenizer if given_tokenizer is not None else Tokenizer.from_pretrained(
+            folder, **tokenizer_settings)
+        if given_image_processor is not None:
+            image_processor = given_image_processor
+        elif (folder / "preprocessor_config.json").is_file():
             image_processor = LlavaNextImageProcessor.from_pretrained(folder, **image_settings)
         elif isinstance(config.get("image_processor"), dict):  # layout written by transformers 5.x
             image_processor = LlavaNextImageProcessor.from_dict(config["image_processor"], **image_settings)
@@ -117,30 +128,43 @@ class LlavaNextProcessor:
             num_additional_image_tokens=config.get("num_additional_image_tokens", 0),
         )
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write the hub layout: tokenizer files, preprocessor_config.json, processor_config.json, chat template."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder)
-        self.image_processor.save_pretrained(folder)
-        config = {
+    def to_dict(self) -> dict:
+        """processor_config.json's content as transformers 5.x writes it (the image processor nested in it)."""
+        return {
+            "image_processor": self.image_processor.to_dict(),
             "image_token": self.image_token,
             "num_additional_image_tokens": self.num_additional_image_tokens,
             "patch_size": self.patch_size,
             "processor_class": "LlavaNextProcessor",
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
         }
-        (folder / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        Path(json_file_path).write_text(self.to_json_string(), encoding="utf-8")
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> list[str]:
+        """Write transformers 5.x's layout: tokenizer files, processor_config.json (image processor nested),
+        chat_template.jinja and named templates under additional_chat_templates/. Returns [processor_config.json],
+        as transformers does."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
         templates = self.chat_template
         if isinstance(templates, str):
             templates = {"default": templates}
+        named = folder / CHAT_TEMPLATE_DIR
         for name, template in (templates or {}).items():
-            path = folder / "chat_template.jinja" if name == "default" else folder / "chat_templates" / f"{name}.jinja"
-            if path.parent != folder and path.parent.resolve() != (folder / "chat_templates").resolve():
+            path = folder / "chat_template.jinja" if name == "default" else named / f"{name}.jinja"
+            if path.parent != folder and path.parent.resolve() != named.resolve():
                 raise ValueError(f"invalid chat template name {name!r}")
             path.parent.mkdir(exist_ok=True)
             path.write_text(template, encoding="utf-8")
-        return folder
+        config_file = folder / "processor_config.json"
+        self.to_json_file(config_file)
+        return [str(config_file)]
 
     # ------------------------------------------------------------------ image tokens
 
