@@ -7,6 +7,12 @@ Both the legacy (`rope_theta`, `rope_scaling`, `torch_dtype`) and the newer (`ro
 forms are read. Unknown fields are kept in `extra` and never used. `from_pretrained(..., **kwargs)` applies
 kwargs naming config fields on top of the file, as transformers does (`CONFIG_OVERRIDES`).
 
+Every value the model is built from is checked when the config is read (`check_text`, `check_vision`,
+`check_llava`), before anything is allocated: unknown activations or dtypes, integer/bool dtypes, sizes that are
+not positive integers, head counts that do not divide, layer counts and sizes beyond `LIMITS` (generous caps:
+1024 layers, hidden 65536, vocabulary 2**20, ...), degenerate pinpoints. Each is a `CheckpointError` naming the
+field and its value.
+
 Leaves out: runtime knobs (dtype to load in, device, attention backend): those are arguments, not config.
 """
 
@@ -16,6 +22,9 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+import math
+
+from llava_next.errors import CheckpointError
 from llava_next.model.anyres import DEFAULT_PINPOINTS, AnyresGeometry
 from llava_next.loading.hub import HUB_OPTIONS, IGNORED_OPTIONS, read_json
 
@@ -47,6 +56,169 @@ LLAVA_NEXT_VISION_DEFAULTS = dict(intermediate_size=4096, hidden_size=1024, patc
 _BOOKKEEPING = {"architectures", "transformers_version", "_name_or_path", "output_hidden_states", "return_dict",
                 "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
                 "output_attentions", "use_cache", "torch_dtype", "dtype", "model_type", "vocab_size_text"}
+
+
+# Activations the model implements (model/decoder.py ACTIVATIONS, model/vision.py VISION_ACTIVATIONS, the
+# projector's table in compat/modeling.py); a test checks these names against those tables.
+TEXT_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
+PROJECTOR_ACTIVATIONS = TEXT_ACTIVATIONS
+# Checkpoint dtypes a model can be loaded in (config "dtype"/"torch_dtype"; integer and bool types are refused).
+CHECKPOINT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# Generous caps on what a config may ask for, far above every released model (Qwen-110B: 80 layers, hidden 8192,
+# vocab 152064), refused before any tensor is built. Tensor sizes follow from these.
+LIMITS = dict(num_hidden_layers=1024, hidden_size=65536, intermediate_size=1 << 20, vocab_size=1 << 20,
+              num_attention_heads=4096, num_key_value_heads=4096, head_dim=4096, max_position_embeddings=1 << 24,
+              image_size=8192, patch_size=8192, num_channels=16, projection_dim=65536, pinpoints=1024,
+              pinpoint_side=16384)
+
+
+def _bad(where: str, name: str, value, what: str) -> CheckpointError:
+    text = repr(value)
+    return CheckpointError(f"config {where}{name} = {text[:60] + '...' if len(text) > 60 else text}: {what}")
+
+
+def _check_int(where: str, raw: dict, name: str, minimum: int = 1, optional: bool = False) -> None:
+    value = raw.get(name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(where, name, value, "must be an integer")
+    if value < minimum:
+        raise _bad(where, name, value, f"must be >= {minimum}")
+    limit = LIMITS.get(name)
+    if limit is not None and value > limit:
+        raise _bad(where, name, value, f"is over the limit of {limit} (llava_next.config.LIMITS)")
+
+
+def _check_float(where: str, raw: dict, name: str, positive: bool = True) -> None:
+    value = raw.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            positive and value <= 0):
+        raise _bad(where, name, value, "must be a finite positive number" if positive else "must be a number")
+
+
+def _check_choice(where: str, raw: dict, name: str, choices) -> None:
+    value = raw.get(name)
+    if not isinstance(value, str) or value not in choices:
+        raise _bad(where, name, value, f"must be one of {', '.join(choices)}")
+
+
+def check_text(raw: dict) -> None:
+    """The decoder fields of a merged text_config dict (defaults applied): a CheckpointError naming the first bad one."""
+    w = "text_config."
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings"):
+        _check_int(w, raw, name)
+    _check_int(w, raw, "num_key_value_heads", optional=True)
+    _check_int(w, raw, "head_dim", optional=True)
+    _check_choice(w, raw, "hidden_act", TEXT_ACTIVATIONS)
+    _check_float(w, raw, "rms_norm_eps")
+    heads, kv = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    if heads % kv:
+        raise _bad(w, "num_key_value_heads", kv, f"must divide num_attention_heads ({heads})")
+    if raw.get("head_dim") is None and raw["hidden_size"] % heads:
+        raise _bad(w, "num_attention_heads", heads, f"must divide hidden_size ({raw['hidden_size']})")
+    if (raw.get("head_dim") or raw["hidden_size"] // heads) % 2:
+        raise _bad(w, "head_dim", raw.get("head_dim") or raw["hidden_size"] // heads, "must be even (rotary)")
+    _check_int(w, raw, "sliding_window", optional=True)
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling")
+    if rope is not None and not isinstance(rope, dict):
+        raise _bad(w, "rope_parameters", rope, "must be an object")
+    theta = (rope or {}).get("rope_theta", raw.get("rope_theta"))
+    if theta is not None:
+        _check_float(w, {"rope_theta": theta}, "rope_theta")
+    types = raw.get("layer_types")
+    if types is not None and (not isinstance(types, (list, tuple)) or len(types) != raw["num_hidden_layers"] or
+                              any(t not in ("full_attention", "sliding_attention") for t in types)):
+        raise _bad(w, "layer_types", types, "must list 'full_attention'/'sliding_attention' once per layer")
+
+
+def check_vision(raw: dict) -> None:
+    """The CLIP tower fields of a merged vision_config dict: a CheckpointError naming the first bad one."""
+    w = "vision_config."
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                 "image_size", "patch_size"):
+        _check_int(w, raw, name)
+    _check_int(w, raw, "projection_dim", optional=True)
+    _check_choice(w, raw, "hidden_act", VISION_ACTIVATIONS)
+    _check_float(w, raw, "layer_norm_eps")
+    if raw["hidden_size"] % raw["num_attention_heads"]:
+        raise _bad(w, "num_attention_heads", raw["num_attention_heads"],
+                   f"must divide hidden_size ({raw['hidden_size']})")
+    if raw["patch_size"] > raw["image_size"]:
+        raise _bad(w, "patch_size", raw["patch_size"], f"must not exceed image_size ({raw['image_size']})")
+
+
+def check_pinpoints(pinpoints, where: str = "") -> None:
+    """image_grid_pinpoints: a non-empty list of [height, width] pairs of positive integers (capped)."""
+    if not isinstance(pinpoints, (list, tuple)) or not pinpoints:
+        raise _bad(where, "image_grid_pinpoints", pinpoints, "must be a non-empty list of [height, width] pairs")
+    if len(pinpoints) > LIMITS["pinpoints"]:
+        raise _bad(where, "image_grid_pinpoints", f"<{len(pinpoints)} pairs>",
+                   f"has more than {LIMITS['pinpoints']} pairs")
+    for pair in pinpoints:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or any(
+                isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= LIMITS["pinpoint_side"] for x in pair):
+            raise _bad(where, "image_grid_pinpoints", pair,
+                       f"each pinpoint must be [height, width], integers in 1..{LIMITS['pinpoint_side']}")
+
+
+def check_dtype(value) -> str | None:
+    """The checkpoint dtype as a name ("float16", ...), None when absent; a CheckpointError otherwise."""
+    if value is None or value == "auto":
+        return None
+    name = str(value).removeprefix("torch.") if isinstance(value, str) or type(value).__name__ == "dtype" else None
+    if name not in CHECKPOINT_DTYPES:
+        raise _bad("", "dtype", value, f"must be one of {', '.join(CHECKPOINT_DTYPES)}")
+    return name
+
+
+def check_llava(raw: dict) -> None:
+    """The LLaVA-NeXT glue fields of a config.json dict (sub-configs are checked by their own from_dict)."""
+    if "projector_hidden_act" in raw:
+        _check_choice("", raw, "projector_hidden_act", PROJECTOR_ACTIVATIONS)
+    if raw.get("image_grid_pinpoints") is not None:
+        check_pinpoints(raw["image_grid_pinpoints"])
+    for name in ("image_token_index", "image_token_id"):
+        if raw.get(name) is not None:
+            _check_int("", raw, name, minimum=0)
+    if "image_seq_length" in raw:
+        _check_int("", raw, "image_seq_length", optional=True)
+
+
+class ListTuple(tuple):
+    """An immutable list: a tuple (hashable, safe to share) that compares equal to the same values as a list,
+    as transformers' list-valued config fields do (`config.image_grid_pinpoints == [[336, 672], ...]`)."""
+
+    def __eq__(self, other):
+        if isinstance(other, list):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+    def __repr__(self):
+        return repr(list(self))
+
+
+def as_list_tuple(value):
+    """Lists and tuples (nested) as ListTuple; anything else unchanged."""
+    if isinstance(value, (list, tuple)):
+        return ListTuple(as_list_tuple(v) for v in value)
+    return value
+
+
+def _jsonable(value):
+    """Tuples (ListTuple included) as lists, recursively: what transformers' to_dict gives."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def _split(cls, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,6 +264,7 @@ class TextConfig:
         if model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"unsupported text model_type {model_type!r}: expected llama, mistral or qwen2")
         merged = {**DEFAULTS[model_type], **raw, "model_type": model_type}
+        check_text(merged)  # before anything below (or the model) is built from these values
         # RoPE: the newer `rope_parameters`, else legacy `rope_scaling` + `rope_theta` (as transformers merges them).
         rope = dict(merged.pop("rope_parameters", None) or merged.pop("rope_scaling", None) or {})
         merged.pop("rope_scaling", None)
@@ -117,7 +290,7 @@ class TextConfig:
         if not merged.get("layer_types"):
             kind = "sliding_attention" if merged.get("sliding_window") is not None else "full_attention"
             merged["layer_types"] = [kind] * n_layers
-        merged["layer_types"] = tuple(merged["layer_types"])
+        merged["layer_types"] = as_list_tuple(merged["layer_types"])
         known, extra = _split(cls, merged)
         return cls(**known, extra=extra)
 
@@ -165,7 +338,9 @@ class VisionConfig:
         model_type = raw.get("model_type", "clip_vision_model")
         if model_type != "clip_vision_model":
             raise ValueError(f"unsupported vision model_type {model_type!r}: expected clip_vision_model")
-        known, extra = _split(cls, {**DEFAULTS["clip_vision_model"], **raw, "model_type": model_type})
+        merged = {**DEFAULTS["clip_vision_model"], **raw, "model_type": model_type}
+        check_vision(merged)
+        known, extra = _split(cls, merged)
         return cls(**known, extra=extra)
 
     @property
@@ -192,11 +367,23 @@ class LlavaNextConfig:
     tie_word_embeddings: bool = False
     image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
     image_seq_length: int = 576
+    pad_token_id: int | None = None
     dtype: str | None = None  # the checkpoint's dtype ("float16", ...), used by dtype="auto"
     model_type: str = "llava_next"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # transformers accepts sub-configs as dicts, and list-valued fields as lists
+        if isinstance(self.text_config, dict):
+            object.__setattr__(self, "text_config", TextConfig.from_dict(self.text_config))
+        if isinstance(self.vision_config, dict):
+            object.__setattr__(self, "vision_config", VisionConfig.from_dict(self.vision_config))
+        if self.image_grid_pinpoints is None:
+            object.__setattr__(self, "image_grid_pinpoints", DEFAULT_PINPOINTS)
+        check_pinpoints(self.image_grid_pinpoints)
+        object.__setattr__(self, "image_grid_pinpoints", as_list_tuple(self.image_grid_pinpoints))
+        if isinstance(self.vision_feature_layer, (list, tuple)):
+            object.__setattr__(self, "vision_feature_layer", as_list_tuple(self.vision_feature_layer))
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
@@ -220,17 +407,18 @@ class LlavaNextConfig:
             return replace(cls.from_dict(raw), **instances)
         if raw.get("model_type", "llava_next") != "llava_next":
             raise ValueError(f"not a LLaVA-NeXT config: model_type is {raw.get('model_type')!r}")
+        for sub in ("text_config", "vision_config"):
+            if raw.get(sub) is not None and not isinstance(raw[sub], dict):
+                raise _bad("", sub, raw[sub], "must be an object")
+        check_llava(raw)
         text = TextConfig.from_dict(raw.pop("text_config", None) or {})
         vision = VisionConfig.from_dict(raw.pop("vision_config", None))
         dtype = raw.pop("dtype", None) or raw.pop("torch_dtype", None)
         raw.pop("torch_dtype", None)
+        dtype = check_dtype(dtype)
         if "image_token_id" in raw and "image_token_index" not in raw:
             raw["image_token_index"] = raw.pop("image_token_id")
-        if isinstance(raw.get("vision_feature_layer"), list):
-            raw["vision_feature_layer"] = tuple(raw["vision_feature_layer"])
-        if raw.get("image_grid_pinpoints") is not None:
-            raw["image_grid_pinpoints"] = tuple(tuple(int(x) for x in p) for p in raw["image_grid_pinpoints"])
-        else:
+        if raw.get("image_grid_pinpoints") is None:
             raw.pop("image_grid_pinpoints", None)
         known, extra = _split(cls, raw)
         known.pop("text_config", None), known.pop("vision_config", None), known.pop("dtype", None)
@@ -256,11 +444,17 @@ class LlavaNextConfig:
         return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, sub-configs as dicts, list-valued fields as lists (as transformers' to_dict)."""
         out = asdict(self)
         for sub in ("text_config", "vision_config"):
             out[sub].update(out[sub].pop("extra"))
         out.update(out.pop("extra"))
-        return out
+        return _jsonable(out)
+
+    def to_json_string(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def replace(self, **changes) -> "LlavaNextConfig":
         return replace(self, **changes)
@@ -282,6 +476,22 @@ class LlavaNextConfig:
     def get_text_config(self) -> TextConfig:
         return self.text_config
 
+
+_dataclass_init = LlavaNextConfig.__init__
+
+
+def _init_with_aliases(self, *args, image_token_id=None, **kwargs):
+    """transformers' attribute_map: `image_token_id` is another name of `image_token_index`."""
+    if image_token_id is not None:
+        if kwargs.get("image_token_index", image_token_id) != image_token_id:
+            raise ValueError("image_token_id and image_token_index (the same field) differ; give one")
+        kwargs["image_token_index"] = image_token_id
+    _dataclass_init(self, *args, **kwargs)
+
+
+_init_with_aliases.__doc__ = _dataclass_init.__doc__
+LlavaNextConfig.__init__ = _init_with_aliases
+ATTRIBUTE_MAP = {"image_token_id": "image_token_index"}
 
 # Names `from_pretrained` may override (transformers: any attribute of the config), and the dtype spellings.
 CONFIG_OVERRIDES = frozenset({f.name for f in fields(LlavaNextConfig)} - {"extra", "model_type", "dtype"}

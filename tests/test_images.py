@@ -321,14 +321,15 @@ def _no_proxy(monkeypatch):
 
 def test_http_fetch(server):
     expected = np.asarray(photo())
-    assert np.array_equal(np.asarray(load_image(server + "/cat.png")), expected)
-    assert np.array_equal(np.asarray(load_image(server + "/redirect")), expected)
+    local = dict(allow_local_network=True)  # the test server is on loopback
+    assert np.array_equal(np.asarray(load_image(server + "/cat.png", **local)), expected)
+    assert np.array_equal(np.asarray(load_image(server + "/redirect", **local)), expected)
     with pytest.raises(InvalidImageError, match="404"):
-        load_image(server + "/missing.png")
+        load_image(server + "/missing.png", **local)
     with pytest.raises(InvalidImageError, match="(?i)redirect"):
-        load_image(server + "/to-file")
+        load_image(server + "/to-file", **local)
     with pytest.raises(InvalidImageError, match="limit"):
-        load_image(server + "/cat.png", max_bytes=1000)
+        load_image(server + "/cat.png", max_bytes=1000, **local)
 
 
 @pytest.mark.parametrize("route,timeout,bound", [("/slow", 0.4, 2.0), ("/slow-headers", 0.5, 1.5)],
@@ -337,7 +338,7 @@ def test_http_total_timeout(server, route, timeout, bound):
     """The total timeout covers the whole request: a body or headers sent a byte at a time are cut off."""
     start = time.perf_counter()
     with pytest.raises(InvalidImageError, match="longer than"):
-        load_image(server + route, timeout=timeout, connect_timeout=1.0)
+        load_image(server + route, timeout=timeout, connect_timeout=1.0, allow_local_network=True)
     assert time.perf_counter() - start < bound
 
 
@@ -348,7 +349,8 @@ def test_http_silent_server_times_out():
     try:
         start = time.perf_counter()
         with pytest.raises(InvalidImageError, match="could not download"):
-            load_image(f"http://127.0.0.1:{silent.getsockname()[1]}/x.png", connect_timeout=0.3, timeout=5)
+            load_image(f"http://127.0.0.1:{silent.getsockname()[1]}/x.png", connect_timeout=0.3, timeout=5,
+                       allow_local_network=True)
         assert time.perf_counter() - start < 2.0
     finally:
         silent.close()

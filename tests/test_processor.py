@@ -306,5 +306,5 @@ def test_from_pretrained_hub_kwargs_reach_the_hub_only(monkeypatch):
     processor = AutoProcessor.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf", padding_side="left", use_fast=True,
                                               trust_remote_code=True, revision="r", cache_dir="/tmp/c", token=None)
     assert processor.tokenizer.padding_side == "left"
-    assert calls == [{"allow_patterns": ["*.json", "*.jinja", "chat_templates/*.jinja"], "revision": "r",
+    assert calls == [{"allow_patterns": ["*.json", "*.jinja", "chat_templates/*.jinja", "additional_chat_templates/*.jinja"], "revision": "r",
                       "cache_dir": "/tmp/c"}]

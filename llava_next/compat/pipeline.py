@@ -66,6 +66,8 @@ def pipeline(task: str | None = None, model=None, config=None, tokenizer=None, f
     `from_pretrained`. Other keyword arguments are defaults for every call (generation arguments such as
     max_new_tokens, return_full_text, batch_size, ...). `trust_remote_code` is accepted and ignored: remote code is
     never run. `config`, `tokenizer`, `feature_extractor`, `image_processor` and `pipeline_class` are refused.
+    `allow_local_network=True` lets image URLs (and chat `url` parts) reach loopback, private and link-local
+    addresses; by default they are refused (see `preprocess.images`).
     """
     if task is None:
         task = TASKS[0]
@@ -114,18 +116,31 @@ def pipeline(task: str | None = None, model=None, config=None, tokenizer=None, f
 
 
 def resolve_device(device) -> torch.device:
-    """transformers' rule: None -> CUDA 0 when available, else CPU; int -> CUDA index (-1: CPU); str/device as is."""
+    """transformers' rule: None -> CUDA 0 when available, else CPU; int -> CUDA index (-1: CPU); str/device as is.
+
+    A CUDA device asked for explicitly (`device=0`, `"cuda"`, `"cuda:1"`) where there is no such device is a
+    RuntimeError saying so (the kind torch raises for a missing CUDA), never a silent fall-back to the CPU.
+    """
     if device is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(device, str):
-        return torch.device(device)
     if isinstance(device, int) and not isinstance(device, bool):
-        if device < 0:
-            return torch.device("cpu")
-        return torch.device(f"cuda:{device}" if torch.cuda.is_available() else "cpu")
-    raise ValueError(f"device must be an int, a string or a torch.device, got {device!r}")
+        resolved = torch.device("cpu") if device < 0 else torch.device(f"cuda:{device}")
+    elif isinstance(device, (str, torch.device)):
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"device {device!r} is not a device torch knows: {e}") from None
+    else:
+        raise ValueError(f"device must be an int, a string or a torch.device, got {device!r}")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RuntimeError(f"device={device!r} asks for CUDA, but CUDA is not available here (no GPU, or a "
+                               "CPU-only torch build); pass device='cpu' or device=-1")
+        if resolved.index is not None and resolved.index >= count:
+            raise RuntimeError(f"device={device!r} asks for CUDA device {resolved.index}, but only {count} "
+                               f"CUDA device(s) are available")
+    return resolved
 
 
 class ImageTextToTextPipeline:
@@ -163,7 +178,8 @@ class ImageTextToTextPipeline:
 
     def _sanitize(self, max_new_tokens=None, generate_kwargs=None, timeout=None, return_full_text=None,
                   return_tensors=None, return_type=None, clean_up_tokenization_spaces=None, stop_sequence=None,
-                  continue_final_message=None, skip_special_tokens=None, processor_kwargs=None, **kwargs) -> dict:
+                  continue_final_message=None, skip_special_tokens=None, processor_kwargs=None,
+                  allow_local_network=None, **kwargs) -> dict:
         """Split call arguments into preprocess / generate / postprocess settings (transformers' rules)."""
         pre, post = {}, {}
         generate = dict(generate_kwargs or {})
@@ -175,6 +191,8 @@ class ImageTextToTextPipeline:
         pre["template_kwargs"] = kwargs  # template variables; the rest reaches the processor
         if timeout is not None:
             pre["timeout"] = timeout
+        if allow_local_network is not None:  # image URLs may reach loopback/private addresses (off by default)
+            pre["allow_local_network"] = bool(allow_local_network)
         if continue_final_message is not None:
             pre["continue_final_message"] = post["continue_final_message"] = continue_final_message
         if processor_kwargs is not None:
@@ -288,9 +306,11 @@ class ImageTextToTextPipeline:
     # ------------------------------------------------------------------ steps
 
     def preprocess(self, item, timeout=None, continue_final_message=None, processor_kwargs=None,
-                   template_kwargs=None) -> dict:
+                   template_kwargs=None, allow_local_network=False) -> dict:
         """One input -> {"inputs": BatchFeature (1 or more rows), "text": what "input_text" reports}."""
         processor_kwargs = dict(processor_kwargs or {})
+        if allow_local_network:
+            processor_kwargs["allow_local_network"] = True
         template_kwargs = dict(template_kwargs or {})
         if isinstance(item, _Chat):
             if continue_final_message is None:  # a chat ending with an assistant turn is a prefill
@@ -305,7 +325,7 @@ class ImageTextToTextPipeline:
         text = item["text"]
         images = item.get("images")
         if images is not None:
-            images = _load_images(images, timeout)
+            images = _load_images(images, timeout, bool(processor_kwargs.pop("allow_local_network", False)))
         if isinstance(text, (list, tuple)) and len(text) > 1:
             processor_kwargs.setdefault("padding", True)
             processor_kwargs.setdefault("padding_side", "left")
@@ -408,13 +428,13 @@ def _as_dict_inputs(images):
             for c in candidates]
 
 
-def _load_images(images, timeout):
+def _load_images(images, timeout, allow_local_network: bool = False):
     """Paths, URLs and PIL images, in the nesting given (one image, a list, a list of lists)."""
     if isinstance(images, (list, tuple)):
-        return [_load_images(image, timeout) for image in images]
+        return [_load_images(image, timeout, allow_local_network) for image in images]
     if timeout is not None and isinstance(images, str):
-        return load_image(images, timeout=timeout)
-    return load_image(images)
+        return load_image(images, timeout=timeout, allow_local_network=allow_local_network)
+    return load_image(images, allow_local_network=allow_local_network)
 
 
 def _batches(prepared: list[dict], size: int):

@@ -53,6 +53,27 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
+def _top_k(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (0: no top-k filter), got {text}")
+    return value
+
+
+def _penalty(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (1: no penalty), got {text}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--image", action="append", default=[], metavar="PATH|URL",
@@ -60,8 +81,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens to generate at most (256)")
     p.add_argument("--temperature", type=_temperature, default=None,
                    help="sample at this temperature (0 or unset: greedy)")
-    p.add_argument("--top-p", type=_finite_float, default=None, help="nucleus sampling threshold (turns sampling on)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (turns sampling on)")
+    p.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling threshold in (0, 1] (turns sampling on)")
+    p.add_argument("--top-k", type=_top_k, default=None, help="sample from the k most likely tokens (turns sampling on)")
+    p.add_argument("--repetition-penalty", type=_penalty, default=None, help="repetition penalty > 0 (1: none)")
+    p.add_argument("--allow-local-network", action="store_true",
+                   help="let http(s) image URLs reach loopback, private and link-local addresses")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
@@ -127,6 +151,8 @@ def generation_kwargs(args) -> dict:
     """generate() arguments from the sampling flags: greedy unless a temperature > 0, top-p or top-k is given."""
     sample = (args.temperature is not None and args.temperature > 0) or args.top_p is not None or args.top_k is not None
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": sample}
+    if getattr(args, "repetition_penalty", None) is not None:
+        kwargs["repetition_penalty"] = args.repetition_penalty
     if sample:
         for name in ("temperature", "top_p", "top_k"):
             if getattr(args, name) is not None:
@@ -134,10 +160,10 @@ def generation_kwargs(args) -> dict:
     return kwargs
 
 
-def load_images(sources: list[str]) -> list:
+def load_images(sources: list[str], allow_local_network: bool = False) -> list:
     from llava_next.preprocess.images import load_image
 
-    return [load_image(source) for source in sources]
+    return [load_image(source, allow_local_network=allow_local_network) for source in sources]
 
 
 def render_prompt(processor, messages: list[dict]) -> str:
@@ -181,7 +207,7 @@ def answer(processor, model, messages: list[dict], images: list, args, reuse_pre
 
 
 def cmd_generate(args) -> int:
-    images = load_images(args.image)
+    images = load_images(args.image, args.allow_local_network)
     processor, model = load(args)
     answer(processor, model, [user_message(args.prompt, len(images))], images, args)
     return 0
@@ -193,7 +219,8 @@ def cmd_chat(args) -> int:
     interactive = sys.stdin.isatty()
     messages: list[dict] = []
     images: list = []  # every image of the conversation, in order
-    pending = load_images(args.image)  # images for the next user turn
+    pending = load_images(args.image, args.allow_local_network)  # images for the next user turn
+    interrupted = False
     _say(CHAT_HELP)
     while True:
         try:
@@ -215,7 +242,7 @@ def cmd_chat(args) -> int:
                 _say("usage: /image PATH")
                 continue
             try:
-                pending.append(load_images([source])[0])
+                pending.append(load_images([source], args.allow_local_network)[0])
             except (OSError, ValueError) as exc:
                 _say(f"error: {_one_line(exc)}")
                 continue
@@ -226,10 +253,16 @@ def cmd_chat(args) -> int:
             continue
         turn = [*messages, user_message(line, len(pending))]
         try:
-            reply = answer(processor, model, turn, [*images, *pending], args, reuse_prefix=True)
+            reply = answer(processor, model, turn, [*images, *pending], args, reuse_prefix=not interrupted)
         except ValueError as exc:  # too long for the context, bad arguments: the turn is dropped, the chat goes on
             _say(f"error: {_one_line(exc)}")
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer only: the turn is dropped, the chat goes on
+            print(flush=True)
+            _say("(answer interrupted; the chat goes on: /quit to leave)")
+            interrupted = True  # the next turn prefills from scratch rather than trusting a half-written cache
+            continue
+        interrupted = False
         messages = [*turn, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
         images, pending = [*images, *pending], []
     return 0

@@ -135,3 +135,44 @@ def read_json(path: str | os.PathLike, required: bool = True) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_shard_index(folder: str | os.PathLike) -> list[Path] | None:
+    """The shard files `model.safetensors.index.json` names, as paths inside `folder` (None without an index).
+
+    A CheckpointError naming the problem when the index is not JSON, has no `weight_map` object, maps a tensor
+    to something other than a file name, or names a file outside the folder (`../x`, an absolute path, a link
+    leading out) or one that is missing.
+    """
+    from llava_next.errors import CheckpointError
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        data = read_json(index)
+    except (ValueError, OSError, UnicodeError) as exc:
+        raise CheckpointError(f"{index}: cannot read the shard index: {exc}") from None
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' is missing or not a non-empty object of tensor -> shard file")
+    root = folder.resolve()
+    shards, outside, missing = [], [], []
+    for name in sorted({v for v in weight_map.values() if isinstance(v, str)}):
+        path = folder / name
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name or \
+                path.resolve().parent != root:
+            outside.append(name)
+        elif not path.is_file():
+            missing.append(name)
+        else:
+            shards.append(path)
+    if any(not isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' values must be shard file names (strings)")
+    if outside:
+        raise CheckpointError(f"{index}: 'weight_map' names shard files outside the checkpoint folder: "
+                              f"{', '.join(map(repr, outside[:5]))}; shards must be plain file names in the folder")
+    if missing:
+        raise CheckpointError(f"{folder}: shards listed in model.safetensors.index.json are missing: {missing}")
+    return shards

@@ -61,14 +61,10 @@ def skip_reason(name: str, model: nn.Module) -> str | None:
 
 
 def _tensor_files(folder: Path, allow_pickle: bool) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{folder}: shards listed in model.safetensors.index.json are missing: {missing}")
-        return [folder / s for s in shards]
+    from llava_next.loading.hub import read_shard_index
+
+    if (shards := read_shard_index(folder)) is not None:  # checked: a weight_map of files inside the folder
+        return shards
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files

@@ -45,7 +45,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llava_next.errors import ChatTemplateError
 from llava_next.loading.hub import read_json
 
-CHAT_TEMPLATE_FILES = ["chat_template.json", "chat_template.jinja", "chat_templates/*.jinja", "tokenizer_config.json"]
+CHAT_TEMPLATE_FILES = ["chat_template.json", "chat_template.jinja", "additional_chat_templates/*.jinja",
+                       "chat_templates/*.jinja", "tokenizer_config.json"]
+# Where transformers 5.x writes named (non-default) templates; `chat_templates/` is read too (older saves).
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 MAX_TEMPLATE_STEPS = 250_000
@@ -55,13 +58,19 @@ MAX_TEMPLATE_INT_BITS = 100_000
 
 # ---------------------------------------------------------------------- finding the template
 
-def load_chat_template(folder: str | os.PathLike) -> str | dict[str, str] | None:
-    """The checkpoint's template: one string, a {name: template} dict when there are several, or None."""
+def load_chat_template(folder: str | os.PathLike, processor_json: bool = True) -> str | dict[str, str] | None:
+    """The checkpoint's template: one string, a {name: template} dict when there are several, or None.
+
+    Named templates come from `additional_chat_templates/*.jinja` (transformers 5.x) and `chat_templates/*.jinja`.
+    `processor_json=False` skips the processor's legacy chat_template.json (what a tokenizer reads).
+    """
     folder = Path(folder)
     legacy = folder / "chat_template.json"
-    if legacy.is_file():
+    if processor_json and legacy.is_file():
         return _read_json(legacy).get("chat_template")
-    templates = {p.stem: p.read_text(encoding="utf-8") for p in sorted((folder / "chat_templates").glob("*.jinja"))}
+    templates = {}
+    for sub in ("chat_templates", CHAT_TEMPLATE_DIR):  # the newer folder wins a name clash
+        templates.update({p.stem: p.read_text(encoding="utf-8") for p in sorted((folder / sub).glob("*.jinja"))})
     if (folder / "chat_template.jinja").is_file():
         templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if not templates and (folder / "tokenizer_config.json").is_file():

@@ -44,6 +44,7 @@ from llava_next.preprocess.images import DEFAULT_MAX_PIXELS, check_pixels, load_
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIG_NAME = "preprocessor_config.json"
+PROCESSOR_CONFIG_NAME = "processor_config.json"  # transformers >= 5.x nests the settings here ("image_processor")
 
 # Every setting with its default (the llava-hf checkpoints' preprocessor_config.json), in transformers' names.
 DEFAULTS: dict = {
@@ -308,19 +309,34 @@ class LlavaNextImageProcessor:
         if path.is_file():
             config_path = path
         else:
-            config_path = resolve_file(name_or_path, CONFIG_NAME, **kwargs)  # OSError naming it when missing
+            config_path = resolve_file(name_or_path, CONFIG_NAME, required=False, **kwargs)
+            if config_path is None:  # transformers >= 5.x: the settings nested in processor_config.json
+                nested = resolve_file(name_or_path, PROCESSOR_CONFIG_NAME, required=False, **kwargs)
+                config = read_json(nested) if nested is not None else {}
+                if not isinstance(config.get("image_processor"), dict):
+                    raise FileNotFoundError(
+                        f"{CONFIG_NAME} not found in {str(name_or_path)!r}, and no 'image_processor' entry in "
+                        f"its {PROCESSOR_CONFIG_NAME}")
+                return cls.from_dict(config["image_processor"], **overrides)
         try:
             config = read_json(config_path)
         except (OSError, ValueError) as e:
             raise OSError(f"cannot read {config_path}: {e}") from e
         return cls.from_dict(config, **overrides)
 
-    def save_pretrained(self, folder) -> Path:
+    def save_pretrained(self, folder, **kwargs) -> list[str]:
+        """Write preprocessor_config.json; the written files as a list, as transformers returns them."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        self.to_json_file(path)
+        return [str(path)]
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path) -> None:
+        Path(json_file_path).write_text(self.to_json_string(), encoding="utf-8")
 
     def geometry(self, s: dict | None = None) -> AnyresGeometry:
         """The pinpoint choice for these settings (patch_size=1: only best_resolution/grid/num_tiles are used)."""

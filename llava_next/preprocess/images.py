@@ -4,6 +4,15 @@ Sources: PIL images, numpy arrays and torch tensors (HWC or CHW, uint8 or float 
 grayscale), raw bytes, local paths, `file://` URLs, `data:image/...;base64,` URLs (strict base64) and http(s) URLs
 (connect and total timeout, byte cap, redirects only to http(s)). Every other scheme is refused.
 
+Local network (RELIABILITY.md): an http(s) fetch refuses loopback, private (RFC 1918, CGNAT 100.64/10, fc00::/7),
+link-local and metadata (169.254/16, fe80::/10), unspecified, multicast, reserved and every other non-global
+address, and IPv6 forms that embed one (IPv4-mapped, IPv4-compatible, 6to4, NAT64), unless the caller passes
+`allow_local_network=True`. The check runs on the addresses the resolver returns (so `2130706433`, `0x7f000001`,
+`0177.0.0.1`, `127.1`, `[::ffff:7f00:1]`, `localhost` and names that resolve to local addresses are all caught),
+on every hop of a redirect, and the socket connects to the very address that was checked (one look-up per
+connection: no DNS rebinding between check and connect). Environment proxies are not used (a proxy would hide
+the real destination). Local paths and `file://` URLs are the caller's own choice and are read.
+
 Safety rules (RELIABILITY.md), all checked before pixels are decoded:
 - formats are an allow-list (JPEG, PNG, WEBP, GIF, BMP, TIFF); anything else is refused;
 - width * height from the header is checked against `max_pixels` (default 64 MP) before `.load()`, so a tiny PNG
@@ -19,9 +28,10 @@ transformers' `load_image`.
 named "A" or a `transparency` entry means alpha, composited on white; every other mode goes through Pillow's
 `convert("RGB")`, which clips high-bit-depth modes (I;16, I, F) to 0..255 rather than rescaling them.
 
-Leaves out: ICC colour management (profiles are ignored, as transformers does), and the server-side rules for
-URLs (fetching off by default, private/loopback addresses refused after DNS resolution), which belong to the
-server.
+Error messages never echo a file's bytes or its size: only the source name (cut short) and what was wrong.
+
+Leaves out: ICC colour management (profiles are ignored, as transformers does), HTTP proxies, and the server-side
+rules (fetching off by default, files only under a configured folder), which belong to the server.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import base64
 import binascii
 import http.client
 import io
+import ipaddress
 import os
 import re
 import socket
@@ -142,20 +153,19 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, so
         raise InvalidImageError(f"{source}: refused as a decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
         raise InvalidImageError(
-            f"{source}: not an image in an allowed format ({', '.join(ALLOWED_FORMATS)}); "
-            f"{len(data):,} bytes starting {data[:8]!r}"
-        ) from e
-    except Exception as e:  # header parse errors
-        raise InvalidImageError(f"{source}: unreadable image header: {e}") from e
+            f"{source}: not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except Exception:  # header parse errors; Pillow's message may quote the data, so it is not repeated
+        raise InvalidImageError(f"{source}: unreadable image header") from None
     try:
         check_pixels(image.width, image.height, max_pixels)  # BEFORE any pixel is decoded
         image.load()  # first frame only; truncated data raises here
     except InvalidImageError as e:
         image.close()
         raise InvalidImageError(f"{source}: {e}") from None
-    except Exception as e:
+    except Exception:
         image.close()
-        raise InvalidImageError(f"{source}: truncated or corrupt {image.format} data: {e}") from e
+        raise InvalidImageError(f"{source}: truncated or corrupt {image.format} data") from None
     return to_rgb(_apply_exif(image))
 
 
@@ -176,7 +186,7 @@ def _read_file(path: str, max_bytes: int | None) -> bytes:
         raise InvalidImageError(f"not a regular file: {_short(path, 200)}")
     size = os.path.getsize(path)
     if max_bytes is not None and size > max_bytes:
-        raise InvalidImageError(f"{path}: file is {size:,} bytes, over the limit of {max_bytes:,}; pass max_bytes=")
+        raise InvalidImageError(f"{_short(path, 200)}: file is over the limit of {max_bytes:,} bytes; pass max_bytes=")
     with open(path, "rb") as f:
         return f.read()
 
@@ -194,8 +204,86 @@ def _decode_data_url(url: str) -> bytes:
         raise InvalidImageError(f"data URL has invalid base64 ({e}): {_short(url)!r}") from e
 
 
+# NAT64 prefixes (RFC 6052 well-known, RFC 8215 local-use): the last 32 bits are an IPv4 address.
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d form
+
+
+def address_blocked(address: str) -> str | None:
+    """Why `address` (an IP address as the resolver returns it) is not a public one; None when it is public.
+
+    Refused: loopback, private (RFC 1918, CGNAT 100.64/10, fc00::/7), link-local (169.254/16 with the cloud
+    metadata address, fe80::/10), unspecified, multicast, reserved and every other non-global range, and an IPv6
+    address embedding any of these (IPv4-mapped, IPv4-compatible, 6to4, NAT64).
+    """
+    try:
+        ip = ipaddress.ip_address(str(address).split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return "not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and not (ip.is_loopback or ip.is_unspecified):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and (any(ip in net for net in _NAT64) or ip in _IPV4_COMPATIBLE):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            inner = address_blocked(str(embedded))
+            if inner is not None:
+                return f"{inner} (embedded in the IPv6 address)"
+            if ip in _IPV4_COMPATIBLE:
+                return "a deprecated IPv4-compatible IPv6 address"
+            return None  # IPv4-mapped, 6to4 or NAT64 form of a public IPv4 address
+    for test, reason in ((ip.is_unspecified, "unspecified"), (ip.is_loopback, "loopback"),
+                         (ip.is_link_local, "link-local (cloud metadata)"), (ip.is_multicast, "multicast"),
+                         (ip.is_private, "private"), (ip.is_reserved, "reserved")):
+        if test:
+            return reason
+    if not ip.is_global:
+        return "not a public address"
+    return None
+
+
+def _resolve(host: str, port: int) -> list[tuple]:
+    """The resolver's answers for (host, port), TCP only: [(family, type, proto, canonname, sockaddr), ...]."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+def _connect_checked(address: tuple, timeout, source_address, allow_local_network: bool) -> socket.socket:
+    """`socket.create_connection` with a check of every resolved address, connecting to the checked one only.
+
+    Resolving once and connecting to the sockaddr that was checked means a second look-up (DNS rebinding) can
+    never swap the destination between the check and the connection.
+    """
+    host, port = address
+    try:
+        infos = _resolve(host, port)
+    except (OSError, UnicodeError) as e:
+        raise OSError(f"cannot resolve host {_short(str(host))!r}: {e}") from e
+    if not allow_local_network:
+        for info in infos:
+            reason = address_blocked(info[4][0])
+            if reason is not None:
+                raise InvalidImageError(
+                    f"refused to fetch from host {_short(str(host))!r}: it is {info[4][0]}, a {reason} address; "
+                    "pass allow_local_network=True to allow loopback, private and link-local addresses"
+                )
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not None and timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            error = e
+            sock.close()
+    raise error if error is not None else OSError(f"no address found for {_short(str(host))!r}")
+
+
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to http(s): never to file:, ftp: or anything else."""
+    """Follow redirects only to http(s): never to file:, ftp: or anything else. Each hop connects through
+    `_connect_checked`, so a redirect to a local address is refused like a first request to it."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         scheme = urllib.parse.urlsplit(newurl).scheme.lower()
@@ -240,14 +328,18 @@ class _Deadline:
         self._timer.cancel()
 
 
-def _watched(base: type, deadline: _Deadline) -> type:
-    """`base` (HTTPConnection or HTTPSConnection) watched by `deadline`, its socket timeout cut to the time left."""
+def _watched(base: type, deadline: _Deadline, allow_local_network: bool) -> type:
+    """`base` (HTTPConnection or HTTPSConnection) watched by `deadline`, its socket timeout cut to the time left,
+    connecting through `_connect_checked` (HTTPS then wraps that socket with the host name for SNI and the
+    certificate check, as usual)."""
 
     class Watched(base):
         def connect(self):
             self.timeout = min(self.timeout, deadline.remaining())
             if self.timeout <= 0:
                 raise socket.timeout("no time left to connect")
+            self._create_connection = lambda address, timeout, source_address=None: _connect_checked(
+                address, timeout, source_address, allow_local_network)
             super().connect()
             deadline.watch(self)
 
@@ -255,33 +347,39 @@ def _watched(base: type, deadline: _Deadline) -> type:
 
 
 class _HttpHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline):
+    def __init__(self, deadline: _Deadline, allow_local_network: bool):
         super().__init__()
-        self.deadline = deadline
+        self.deadline, self.allow_local_network = deadline, allow_local_network
 
     def http_open(self, req):
-        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+        return self.do_open(_watched(http.client.HTTPConnection, self.deadline, self.allow_local_network), req)
 
 
 class _HttpsHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline):
+    def __init__(self, deadline: _Deadline, allow_local_network: bool):
         super().__init__()
-        self.deadline = deadline
+        self.deadline, self.allow_local_network = deadline, allow_local_network
 
     def https_open(self, req):
-        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
+        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline, self.allow_local_network), req,
+                            context=self._context)
 
 
 def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-              max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes:
+              max_bytes: int | None = DEFAULT_MAX_BYTES, allow_local_network: bool = False) -> bytes:
     """Download an http(s) URL: at most `max_bytes`, `connect_timeout` to connect and per read, `timeout` in all.
+
+    Local-network addresses are refused (see the module docstring) unless `allow_local_network=True`; the check
+    runs on each connection of the request (redirects too), on the address it then connects to.
 
     The total deadline covers the status line, headers, redirects and body: a watchdog shuts the connection down
     when it is up. Connecting (TCP, TLS handshake) gets at most the time left, per socket operation; DNS look-ups
     are bounded by the system resolver only.
     """
     deadline = _Deadline(timeout)
-    opener = urllib.request.build_opener(_HttpOnlyRedirects, _HttpHandler(deadline), _HttpsHandler(deadline))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HttpOnlyRedirects,
+                                         _HttpHandler(deadline, bool(allow_local_network)),
+                                         _HttpsHandler(deadline, bool(allow_local_network)))
     chunks, total = [], 0
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "llava_next", "Accept": "image/*"})
@@ -314,8 +412,11 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: fl
 
 
 def load_image(source, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-               max_bytes: int | None = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+               max_bytes: int | None = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               allow_local_network: bool = False) -> Image.Image:
     """One RGB `PIL.Image.Image` from any supported source (see the module docstring).
+
+    `allow_local_network=True` lets an http(s) URL reach loopback, private and link-local addresses.
 
     Raises InvalidImageError (bad data, format, size, URL or scheme) or FileNotFoundError (missing path).
     """
@@ -348,7 +449,8 @@ def load_image(source, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: flo
         return decode_image(_read_file(source, max_bytes), max_pixels=max_pixels, source=_short(source, 200))
     scheme = scheme_match.group(1).lower()
     if scheme in ("http", "https"):
-        data = fetch_url(source, timeout=timeout, connect_timeout=connect_timeout, max_bytes=max_bytes)
+        data = fetch_url(source, timeout=timeout, connect_timeout=connect_timeout, max_bytes=max_bytes,
+                         allow_local_network=allow_local_network)
         return decode_image(data, max_pixels=max_pixels, source=_short(source))
     if scheme == "file":
         parts = urllib.parse.urlsplit(source)

@@ -14,6 +14,9 @@ Checkpoint layouts read by `from_pretrained`: the hub's (processor_config.json w
 preprocessor_config.json, chat_template.json, tokenizer files) and the one transformers 5.x saves
 (processor_config.json with a nested "image_processor", chat_template.jinja).
 
+`save_pretrained` writes transformers 5.x's layout (processor_config.json with the image processor nested, named
+chat templates under additional_chat_templates/) and returns the written config file in a list, as transformers.
+
 Leaves out: videos and audio, `return_assistant_tokens_mask`, `return_mm_token_type_ids`, control-token
 sanitizing, and processor classes other than LLaVA-NeXT's.
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 from llava_next.model.anyres import AnyresGeometry
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.preprocess.chat_template import (
+    CHAT_TEMPLATE_DIR,
     load_chat_template,
     normalize_conversations,
     render_chat_template,
@@ -37,10 +41,10 @@ from llava_next.errors import ImageTokenMismatchError
 from llava_next.loading.hub import read_json
 from llava_next.preprocess.image_processor import DEFAULTS as IMAGE_SETTINGS
 from llava_next.preprocess.image_processor import LlavaNextImageProcessor, flatten_images
-from llava_next.preprocess.images import load_image
+from llava_next.preprocess.images import DEFAULT_MAX_PIXELS, load_image
 from llava_next.preprocess.tokenizer import Tokenizer, pop_tokenizer_settings
 
-PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja"]
+PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja", "additional_chat_templates/*.jinja"]
 # `from_pretrained` kwargs that override processor_config.json (the __init__ arguments other than the parts).
 PROCESSOR_SETTINGS = frozenset({"patch_size", "vision_feature_select_strategy", "chat_template", "image_token",
                                 "num_additional_image_tokens"})
@@ -75,6 +79,8 @@ class LlavaNextProcessor:
         if self.image_token_id is None or tokenizer.backend_tokenizer.token_to_id(self.image_token) is None:
             raise ValueError(f"the image token {self.image_token!r} is not in the tokenizer's vocabulary")
         tokenizer.protected_token_ids = frozenset({self.image_token_id})
+        if getattr(tokenizer, "chat_template", None) is None and chat_template is not None:
+            tokenizer.chat_template = chat_template  # transformers: the tokenizer carries the template too
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -89,6 +95,8 @@ class LlavaNextProcessor:
         """
         from llava_next.loading.hub import hub_options, resolve_folder
 
+        given_image_processor = kwargs.pop("image_processor", None)  # transformers: parts given as instances
+        given_tokenizer = kwargs.pop("tokenizer", None)
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in PROCESSOR_SETTINGS}
         tokenizer_settings = pop_tokenizer_settings(kwargs)
         if "image_token" in settings:  # transformers passes it to the tokenizer too, whose own image token wins
@@ -97,8 +105,11 @@ class LlavaNextProcessor:
         hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
         folder = resolve_folder(name_or_path, allow_patterns=PROCESSOR_FILES, **hub)
         config = {**read_json(folder / "processor_config.json", required=False), **settings}
-        tokenizer = Tokenizer.from_pretrained(folder, **tokenizer_settings)
-        if (folder / "preprocessor_config.json").is_file():
+        tokenizer = given_tokenizer if given_tokenizer is not None else Tokenizer.from_pretrained(
+            folder, **tokenizer_settings)
+        if given_image_processor is not None:
+            image_processor = given_image_processor
+        elif (folder / "preprocessor_config.json").is_file():
             image_processor = LlavaNextImageProcessor.from_pretrained(folder, **image_settings)
         elif isinstance(config.get("image_processor"), dict):  # layout written by transformers 5.x
             image_processor = LlavaNextImageProcessor.from_dict(config["image_processor"], **image_settings)
@@ -117,30 +128,43 @@ class LlavaNextProcessor:
             num_additional_image_tokens=config.get("num_additional_image_tokens", 0),
         )
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write the hub layout: tokenizer files, preprocessor_config.json, processor_config.json, chat template."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder)
-        self.image_processor.save_pretrained(folder)
-        config = {
+    def to_dict(self) -> dict:
+        """processor_config.json's content as transformers 5.x writes it (the image processor nested in it)."""
+        return {
+            "image_processor": self.image_processor.to_dict(),
             "image_token": self.image_token,
             "num_additional_image_tokens": self.num_additional_image_tokens,
             "patch_size": self.patch_size,
             "processor_class": "LlavaNextProcessor",
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
         }
-        (folder / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        Path(json_file_path).write_text(self.to_json_string(), encoding="utf-8")
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> list[str]:
+        """Write transformers 5.x's layout: tokenizer files, processor_config.json (image processor nested),
+        chat_template.jinja and named templates under additional_chat_templates/. Returns [processor_config.json],
+        as transformers does."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
         templates = self.chat_template
         if isinstance(templates, str):
             templates = {"default": templates}
+        named = folder / CHAT_TEMPLATE_DIR
         for name, template in (templates or {}).items():
-            path = folder / "chat_template.jinja" if name == "default" else folder / "chat_templates" / f"{name}.jinja"
-            if path.parent != folder and path.parent.resolve() != (folder / "chat_templates").resolve():
+            path = folder / "chat_template.jinja" if name == "default" else named / f"{name}.jinja"
+            if path.parent != folder and path.parent.resolve() != named.resolve():
                 raise ValueError(f"invalid chat template name {name!r}")
             path.parent.mkdir(exist_ok=True)
             path.write_text(template, encoding="utf-8")
-        return folder
+        config_file = folder / "processor_config.json"
+        self.to_json_file(config_file)
+        return [str(config_file)]
 
     # ------------------------------------------------------------------ image tokens
 
@@ -168,6 +192,7 @@ class LlavaNextProcessor:
             images, text = None, images
         if images is None and text is None:
             raise ValueError("give at least one of images= or text=")
+        allow_local_network = bool(kwargs.pop("allow_local_network", False))
         text_kwargs, image_kwargs = self._split_kwargs(kwargs)
         texts = None
         if text is not None:
@@ -178,6 +203,11 @@ class LlavaNextProcessor:
             else:
                 raise ValueError("text must be a string or a list of strings")
         flat_images = flatten_images(images) if images is not None else []
+        # URLs and paths are fetched here, with the caller's local-network choice (the image processor's own
+        # loading refuses local addresses)
+        flat_images = [load_image(im, max_pixels=getattr(self.image_processor, "max_pixels", DEFAULT_MAX_PIXELS),
+                                  allow_local_network=allow_local_network) if isinstance(im, str) else im
+                       for im in flat_images]
         if texts is not None:
             placeholders = sum(t.count(self.image_token) for t in texts)
             if placeholders != len(flat_images):
@@ -257,6 +287,8 @@ class LlavaNextProcessor:
         variables = template_variables(template)
         processor_kwargs = dict(processor_kwargs or {})
         processor_kwargs.update({k: v for k, v in kwargs.items() if k not in variables})
+        allow_local_network = bool(processor_kwargs.pop("allow_local_network", kwargs.pop("allow_local_network", False)))
+        kwargs.pop("allow_local_network", None)
         conversations, batched = normalize_conversations(conversation)
         prompts = render_chat_template(
             conversations, template, add_generation_prompt=add_generation_prompt,
@@ -273,7 +305,7 @@ class LlavaNextProcessor:
         if images is not None:
             batch_images = images if batched else [images]
         else:
-            batch_images = [_images_in(conv) for conv in conversations]
+            batch_images = [_images_in(conv, allow_local_network) for conv in conversations]
         has_images = any(im is not None for ims in batch_images for im in ims)
         out = self(images=batch_images if has_images else None, text=prompts if batched else prompts[0],
                    return_tensors=return_tensors, **processor_kwargs)
@@ -308,7 +340,7 @@ class AutoProcessor:
         return LlavaNextProcessor.from_pretrained(name_or_path, **kwargs)
 
 
-def _images_in(conversation: list[dict]) -> list:
+def _images_in(conversation: list[dict], allow_local_network: bool = False) -> list:
     """Image sources of a conversation's content parts, loaded, in order (transformers' keys and order)."""
     found = []
     for message in conversation:
@@ -319,14 +351,14 @@ def _images_in(conversation: list[dict]) -> list:
             if isinstance(block, dict) and block.get("type") == "image":
                 for key in ("image", "url", "path", "base64"):
                     if key in block:
-                        found.append(_load(block[key], key))
+                        found.append(_load(block[key], key, allow_local_network))
     return found
 
 
-def _load(source, key: str):
+def _load(source, key: str, allow_local_network: bool = False):
     if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
         source = "data:image/png;base64," + source  # a bare base64 payload; the decoder sniffs the real format
-    return load_image(source)
+    return load_image(source, allow_local_network=allow_local_network)
 
 
 def _looks_like_text(value) -> bool:

@@ -87,6 +87,7 @@ class Tokenizer:
     """A checkpoint's tokenizer: `tokenizer(text)`, `decode(ids)` and the special-token attributes of transformers."""
 
     model_input_names = ("input_ids", "attention_mask")
+    chat_template: str | dict | None = None  # the checkpoint's template(s), as transformers' tokenizer carries it
 
     def __init__(self, backend: Backend, config: dict | None = None, name_or_path: str = ""):
         self.config = dict(config or {})
@@ -146,6 +147,8 @@ class Tokenizer:
         from llava_next.loading.hub import hub_options, resolve_folder
 
         overrides = pop_tokenizer_settings(kwargs)
+        for name in CALL_DEFAULTS_IGNORED:  # transformers stores these in init_kwargs; they change nothing here
+            kwargs.pop(name, None)
         hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
         folder = resolve_folder(name_or_path, allow_patterns=TOKENIZER_FILES, **hub)
         tokenizer_file = folder / "tokenizer.json"
@@ -165,7 +168,11 @@ class Tokenizer:
                     str(i): {"content": t, "normalized": t not in special, "special": t in special} for t, i in added.items()
                 }
         config.update(overrides)
-        return cls(Backend.from_file(str(tokenizer_file)), config, name_or_path=str(name_or_path))
+        tokenizer = cls(Backend.from_file(str(tokenizer_file)), config, name_or_path=str(name_or_path))
+        from llava_next.preprocess.chat_template import load_chat_template
+
+        tokenizer.chat_template = load_chat_template(folder, processor_json=False)
+        return tokenizer
 
     def _register_special_tokens(self, cfg: dict, extra: list) -> None:
         """Add the config's added tokens and the special tokens the backend does not know yet (transformers' __init__)."""
@@ -452,6 +459,10 @@ TOKENIZER_SETTINGS = frozenset({
     "extra_special_tokens", "additional_special_tokens",
     "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
 })
+
+
+# `from_pretrained` kwargs transformers accepts (and keeps in init_kwargs) that have no effect on loading.
+CALL_DEFAULTS_IGNORED = ("padding", "max_length", "truncation", "return_tensors", "stride")
 
 
 def pop_tokenizer_settings(kwargs: dict) -> dict:
