@@ -85,3 +85,33 @@ CONTROL_TOKENS: dict[str, list[str]] = {
     "72b": ["<|im_start|>", "<|im_end|>"],
     "110b": ["<|im_start|>", "<|im_end|>"],
 }
+
+# A multi-line template in the style of hand-written hub .jinja files: block tags on their own lines, indented,
+# some with `{%-` / `-%}`. Its output depends on jinja2's trim_blocks (the newline after `%}`) and lstrip_blocks
+# (the indentation before `{%`), which the one-line llava-hf templates above never exercise.
+MULTILINE_TEMPLATE = """{#- A system prompt first, if any -#}
+{% for message in messages %}
+    {% if message['role'] == 'system' %}
+<<SYS>>
+{{ message['content'][0]['text'] }}
+<</SYS>>
+
+    {% elif message['role'] == 'user' %}
+[INST]
+        {% for content in message['content'] | selectattr('type', 'equalto', 'image') %}
+  <image>
+        {% endfor %}
+        {%- for content in message['content'] | selectattr('type', 'equalto', 'text') %}
+    {{ content['text'] }}
+        {% endfor -%}
+ [/INST]
+    {% else %}
+        {{- ' ' + message['content'][0]['text'] + '</s>' }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+    {% if messages[-1]['role'] == 'user' %}
+ASSISTANT:
+    {%- endif %}
+{% endif %}
+"""

@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from chat_templates import CHAT_TEMPLATES, CONTROL_TOKENS
+from hub_files import write_hub_preprocessor_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fixtures are local folders; never reach for the network
 
@@ -81,6 +82,9 @@ def write_hub_folder(folder: Path, family: str, chat_template: str | None = None
     folder.mkdir(parents=True, exist_ok=True)
     write_hub_processor_files(folder, _hub_tokenizer(family), chat_template or CHAT_TEMPLATES[family],
                               CONTROL_TOKENS[family], PADDING_SIDE.get(family, "right"))
+    # The image settings from the literal hub file, not from the library's constants (the demo writer is checked
+    # against the same literal in test_image_processor.py).
+    write_hub_preprocessor_config(folder)
     # With model_type llava_next, transformers loads tokenizer.json as is (its TokenizersBackend), as on the hub.
     _write_json(folder / "config.json", {
         "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",

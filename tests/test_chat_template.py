@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from chat_templates import CHAT_TEMPLATES, FAMILIES
+from chat_templates import CHAT_TEMPLATES, FAMILIES, MULTILINE_TEMPLATE
 from processor_fixtures import make_processor_folder, reference_processor, shared_processor_folder
 from llava_next.preprocess.chat_template import load_chat_template, render_chat_template
 from llava_next.errors import ChatTemplateError
@@ -58,6 +58,50 @@ def test_batched_and_continue_final_message_match_transformers(pair):
     assert ours.apply_chat_template(partial, continue_final_message=True) == expected
     with pytest.raises(ChatTemplateError):
         ours.apply_chat_template(partial, continue_final_message=True, add_generation_prompt=True)
+
+
+def _jinja_flags_matter(conversation, add_generation_prompt):
+    """The multi-line template renders differently with trim_blocks or lstrip_blocks off (plain jinja2), so the
+    byte comparisons below do check both flags."""
+    import jinja2
+
+    def render(**flags):
+        return jinja2.Environment(**flags).from_string(MULTILINE_TEMPLATE).render(
+            messages=conversation, add_generation_prompt=add_generation_prompt)
+
+    both = render(trim_blocks=True, lstrip_blocks=True)
+    assert render(trim_blocks=False, lstrip_blocks=True) != both
+    assert render(trim_blocks=True, lstrip_blocks=False) != both
+
+
+@pytest.mark.parametrize("name", [n for n in CONVERSATIONS if n != "string_content"])
+def test_multiline_template_matches_transformers(name):
+    """Block tags on their own lines, indented, with and without `{%-`/`-%}`: whitespace control
+    (trim_blocks, lstrip_blocks) must be transformers' to the byte, passed as chat_template=."""
+    folder = shared_processor_folder("vicuna")
+    ours, ref = LlavaNextProcessor.from_pretrained(folder), reference_processor(folder)
+    conversation = CONVERSATIONS[name]
+    for add_generation_prompt in (False, True):
+        _jinja_flags_matter(conversation, add_generation_prompt)
+        expected = ref.apply_chat_template(conversation, chat_template=MULTILINE_TEMPLATE,
+                                           add_generation_prompt=add_generation_prompt)
+        got = ours.apply_chat_template(conversation, chat_template=MULTILINE_TEMPLATE,
+                                       add_generation_prompt=add_generation_prompt)
+        assert got.encode("utf-8") == expected.encode("utf-8"), (name, add_generation_prompt)
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+def test_multiline_template_from_files_matches_transformers(tmp_path, layout):
+    """The same template read from the folder (chat_template.json, or the chat_template.jinja transformers
+    writes), rendered for a batch, must be byte-identical too."""
+    folder = make_processor_folder(tmp_path, "mistral", layout, chat_template=MULTILINE_TEMPLATE)
+    ours, ref = LlavaNextProcessor.from_pretrained(folder), reference_processor(folder)
+    assert ours.chat_template == ref.chat_template == MULTILINE_TEMPLATE
+    batch = [CONVERSATIONS["system"], CONVERSATIONS["multi_image"], CONVERSATIONS["unicode"]]
+    expected = ref.apply_chat_template(batch, add_generation_prompt=True)
+    assert [t.encode("utf-8") for t in ours.apply_chat_template(batch, add_generation_prompt=True)] == \
+        [t.encode("utf-8") for t in expected]
+    assert render_chat_template(batch, MULTILINE_TEMPLATE, add_generation_prompt=True) == expected
 
 
 def test_known_renderings():

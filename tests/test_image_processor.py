@@ -6,10 +6,14 @@ Pillow mode, numpy/torch layouts; batches, other settings and pinpoints, config 
 
 from __future__ import annotations
 
+import atexit
 import base64
 import functools
 import json
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +24,7 @@ from llava_next.model.anyres import AnyresGeometry
 from llava_next.errors import InvalidImageError
 from llava_next.preprocess.image_processor import LlavaNextImageProcessor
 from llava_next.preprocess.image_processor_fast import LlavaNextImageProcessorFast
+from hub_files import HUB_PREPROCESSOR_CONFIG, write_hub_preprocessor_config
 
 EXACT_TOL = 1e-5
 FAST_MAD = 0.02
@@ -36,10 +41,18 @@ def reference_class():
 
 
 @functools.lru_cache(maxsize=None)
+def hub_folder() -> Path:
+    """A folder holding the literal llava-hf preprocessor_config.json (tests/hub_files.py), made once."""
+    root = Path(tempfile.mkdtemp(prefix="llava_next_hub_preprocessor_"))
+    atexit.register(shutil.rmtree, root, True)
+    return write_hub_preprocessor_config(root / "llava-v1.6-mistral-7b-hf")
+
+
+@functools.lru_cache(maxsize=None)
 def reference():
-    """transformers' processor with the llava-hf checkpoint settings, built from our to_dict()."""
-    config = {k: v for k, v in LlavaNextImageProcessor().to_dict().items() if k != "image_processor_type"}
-    return reference_class()(**config)
+    """transformers' processor loaded from the literal hub preprocessor_config.json: an oracle that shares
+    nothing with our defaults (CLIP_MEAN, to_dict), which the catalogue tests compare with."""
+    return reference_class().from_pretrained(str(hub_folder()))
 
 
 EXACT, FAST = LlavaNextImageProcessor(), LlavaNextImageProcessorFast()
@@ -134,6 +147,74 @@ def test_fast_deviation_overall():
     print(f"\nfast vs exact over {len(CASES)} images: MAD {mad:.2e}, worst image MAD {worst_mad:.2e}, max {worst:.4f}")
     assert mad <= FAST_MAD / 10  # in practice ~1e-4
     assert worst <= 0.05  # two 8-bit levels at most (one level is ~0.015); a wrong pass order gives ~0.3
+
+
+# ----- the hub preprocessor_config.json, loaded by both libraries -----
+
+HUB_IMAGES = ("photo-chelsea", "photo-astronaut", "random-500x316", "random-1x3000", "mode-L", "mode-RGBA")
+
+
+def test_reference_reads_the_hub_file():
+    """The oracle really is the hub file: transformers' processor holds its literal values."""
+    ref = reference()
+    assert [float(v) for v in ref.image_mean] == HUB_PREPROCESSOR_CONFIG["image_mean"]
+    assert [float(v) for v in ref.image_std] == HUB_PREPROCESSOR_CONFIG["image_std"]
+    assert [list(p) for p in ref.image_grid_pinpoints] == HUB_PREPROCESSOR_CONFIG["image_grid_pinpoints"]
+    assert ref.rescale_factor == HUB_PREPROCESSOR_CONFIG["rescale_factor"]
+
+
+@pytest.mark.parametrize("cls", [LlavaNextImageProcessor, LlavaNextImageProcessorFast])
+def test_default_settings_are_the_hub_file(cls):
+    """Our defaults (no config file at all) are the llava-hf checkpoints' values, compared with the literal file."""
+    settings = cls().to_dict()
+    for key, value in HUB_PREPROCESSOR_CONFIG.items():
+        if key in ("aspect_ratio_setting", "processor_class"):  # bookkeeping keys the hub file adds
+            continue
+        assert settings[key] == value, key
+
+
+@pytest.mark.parametrize("name", HUB_IMAGES)
+def test_both_libraries_load_the_hub_folder(name):
+    """Ours (exact and fast) and transformers' (AutoImageProcessor) all load the same literal hub folder."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import AutoImageProcessor
+
+        theirs = AutoImageProcessor.from_pretrained(str(hub_folder()))
+    exact = LlavaNextImageProcessor.from_pretrained(hub_folder())
+    fast = LlavaNextImageProcessorFast.from_pretrained(str(hub_folder()))
+    assert isinstance(fast, LlavaNextImageProcessorFast)
+    assert list(exact.image_mean) == list(fast.image_mean) == HUB_PREPROCESSOR_CONFIG["image_mean"]
+    image, kwargs = CASES[name]
+    ref = theirs(image, return_tensors="np", **kwargs)
+    ours = exact(image, return_tensors="np", **kwargs)
+    assert ours["pixel_values"].shape == ref["pixel_values"].shape
+    assert np.abs(ours["pixel_values"] - ref["pixel_values"]).max() <= EXACT_TOL
+    assert np.array_equal(ours["image_sizes"], np.asarray(ref["image_sizes"]))
+    quick = fast(image, return_tensors="np", **kwargs)
+    assert quick["pixel_values"].shape == ref["pixel_values"].shape
+    assert np.abs(quick["pixel_values"] - ref["pixel_values"]).mean() <= FAST_MAD
+
+
+@pytest.mark.parametrize("name", HUB_IMAGES)
+def test_fast_defaults_match_transformers_on_the_hub_file(name):
+    """The fast processor with no config file against transformers on the hub file (not only against ours)."""
+    image, kwargs = CASES[name]
+    ref = reference()(image, return_tensors="np", **kwargs)
+    fast = FAST(image, return_tensors="np", **kwargs)
+    assert fast["pixel_values"].shape == ref["pixel_values"].shape
+    assert np.abs(fast["pixel_values"] - ref["pixel_values"]).mean() <= FAST_MAD
+
+
+def test_demo_and_fixture_folders_write_the_hub_preprocessor_config(tmp_path):
+    """The hub files our demo checkpoint (and the processor test fixtures) write carry the literal hub values."""
+    from tokenizers import Tokenizer, models
+
+    from llava_next.entrypoints.demo import write_hub_processor_files
+
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    write_hub_processor_files(tmp_path, tokenizer, "{{ messages }}")
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text()) == HUB_PREPROCESSOR_CONFIG
 
 
 # ----- batches -----

@@ -48,10 +48,27 @@ def hf_model(config, seed: int = 0):
 
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():  # larger random weights than HF's init, so greedy argmaxes are not near-ties
+    randomize(model)
+    return model
+
+
+def randomize(model):
+    """Every parameter random, none at HF's constant init: a norm weight of 1, a bias or `image_newline` of 0
+    would let an implementation that drops it pass the parity tests. Matrices are larger than HF's init, so
+    greedy argmaxes are not near-ties; norm weights are 1 + N(0, 0.1) (same sign, visibly not 1), biases
+    N(0, 0.05), image_newline N(0, 0.5) (of the order of the projected features it sits between)."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.15 if "vision" in name else 0.1)
+            elif name.endswith("image_newline"):
+                p.normal_(0, 0.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.05)
+            elif "norm" in name:  # RMSNorm / LayerNorm weights (CLIP's pre_layrnorm too)
+                p.normal_(1.0, 0.1)
+            else:  # CLIP's class_embedding
+                p.normal_(0, 0.15)
     return model
 
 
