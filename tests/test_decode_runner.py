@@ -10,29 +10,10 @@ import pytest
 import torch
 
 from llava_next.model.anyres import AnyresGeometry
-from llava_next.generation.kv_cache import CacheAttention
 from llava_next.generation.prefill import Prefill
 from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 from llava_next.model.layers import KERNELS, rms_norm
 from tiny import IMAGE_TOKEN, save_tiny
-
-
-def _static_step(model, tokens, positions, cache):
-    decoder = model.model.language_model
-    slot = torch.tensor([cache.length])
-    cache.static = True
-    cache.length += 1
-    meta = CacheAttention.static_step(cache, decoder.windows, slot)
-    hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], meta)
-    cache.static = False
-    return model.lm_head(hidden[:, -1])
-
-
-def _dynamic_step(model, tokens, positions, cache):
-    decoder = model.model.language_model
-    meta = CacheAttention.append(cache, decoder.windows, 1)
-    hidden = decoder(decoder.embed_tokens(tokens[:, None]), positions[:, None], meta)
-    return model.lm_head(hidden[:, -1])
 
 
 def _padded_batch():
@@ -44,22 +25,28 @@ def _padded_batch():
 
 
 def test_static_step_equals_dynamic_step(tmp_path):
+    """The runner's two decode steps, called as generate() calls them: "eager" (the filled slots of a fresh
+    cache) and "static" (a pooled cache read over all its slots, masked: what the GPU captures as a graph)."""
     # A sliding window shorter than the sequence exercises the window mask of the static step.
     folder, _ = save_tiny(tmp_path / "m", "mistral", text_overrides=dict(sliding_window=6))
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)
     ids, mask = _padded_batch()
     with torch.inference_mode():
         runs = []
-        for step_fn in (_dynamic_step, _static_step):
+        for mode in ("eager", "static"):
+            runner = model.decode_runner(mode=mode)
             prefill = Prefill(model, ids, mask, None, None, None, extra_slots=8)
             cache, logits, position = prefill.cache, prefill.logits, prefill.next_position
+            assert cache.max_len % 512 == 0 and (mode == "static") == any(c is cache for c, _ in runner._pool.values())
             out = []
             for _ in range(6):
                 tokens = logits.argmax(-1)
-                logits = step_fn(model, tokens, position, cache)
+                logits = runner.step(tokens, position, cache)
                 position = position + 1
                 out.append(logits)
+            assert cache.length == ids.shape[1] + 6  # the runner claimed one slot per step
             runs.append(torch.stack(out))
+        model.decode_runner(mode=None)
     assert torch.allclose(runs[0], runs[1], atol=1e-5, rtol=0), (runs[0] - runs[1]).abs().max()
 
 
@@ -225,3 +212,28 @@ def test_prefix_reuse_is_dropped_when_decoder_weights_change(tmp_path):
     turn2 = dict(inputs, input_ids=torch.cat([first, torch.tensor([[70, 80, 90]])], dim=1))
     assert torch.equal(model.generate(**turn2, max_new_tokens=6, reuse_prefix=True),
                        reference.generate(**turn2, max_new_tokens=6))
+
+
+def test_static_kv_cache_slots_rows_and_truncation():
+    """StaticKVCache's own bookkeeping, through its methods: reserve, row_view + filled, reorder, truncate."""
+    from llava_next.generation.kv_cache import StaticKVCache
+
+    cache = StaticKVCache(num_layers=1, batch=2, num_kv_heads=1, max_len=8, head_dim=2, dtype=torch.float32,
+                          device="cpu")
+    slots = cache.reserve(3, torch.tensor([[False, True, True], [True, True, True]]))
+    assert slots.tolist() == [0, 1, 2] and cache.length == 3 and cache.has_padding
+    k = torch.arange(12.0).view(2, 1, 3, 2)
+    keys, _ = cache.write(0, slots, k, -k)
+    assert torch.equal(keys, k)  # the filled part only
+    row = cache.row_view(slice(1, 2), 3)  # row 1 alone, from slot 3 on
+    row_slots = row.reserve(2)
+    row.write(0, row_slots, torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    cache.filled(5)
+    assert cache.key_valid[1].tolist() == [True] * 5 + [False] * 3 and torch.equal(cache.keys[0, 1, 0, 3:5], torch.ones(2, 2))
+    assert cache.key_valid[0, 3:5].tolist() == [False, False]  # the other row was not touched
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.keys[0, 0, :, :5], cache.keys[0, 1, :, :5]) and cache.key_valid[0].tolist() == cache.key_valid[1].tolist()
+    cache.truncate(2)
+    assert cache.length == 2 and not cache.key_valid[:, 2:].any()
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        cache.reserve(7)

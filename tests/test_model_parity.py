@@ -403,3 +403,16 @@ def test_every_position_of_a_padded_batch_matches_transformers(mistral, side):
     # generate() samples the first new token at the last position, a padding one for right-padded rows
     assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5),
                        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0))
+
+
+@pytest.mark.parametrize("backbone", ["mistral", "qwen2"])
+def test_real_rope_theta_parity(tiny_pair, backbone):
+    """rope_theta = 1e6, the published Mistral-7B-v0.2 / Qwen2 value (the other fixtures use 1e4 or 5e5): logits
+    of an image prompt and greedy tokens as transformers'."""
+    ours, hf = tiny_pair(backbone, text_overrides=dict(rope_theta=1e6))
+    assert ours.config.text_config.rope_theta == hf.config.text_config.rope_parameters["rope_theta"] == 1e6
+    ids, pv, sizes = one_image_inputs(ours, size=(640, 480), seed=3)
+    assert_parity(ours, hf, ids, pv, sizes)
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, pixel_values=pv, image_sizes=sizes, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours.generate(input_ids=ids, pixel_values=pv, image_sizes=sizes, max_new_tokens=12), expected)
