@@ -40,6 +40,7 @@ import jinja2
 import jinja2.ext
 import jinja2.meta
 import jinja2.nodes
+import jinja2.runtime
 import jinja2.utils
 import numpy as np
 from jinja2.compiler import CodeGenerator
@@ -202,10 +203,13 @@ def _check_format(fmt, args) -> None:
 def _precheck_call(func, args, kwargs) -> None:
     """Size checks of str methods that build big strings from small arguments (center, ljust, rjust, zfill,
     expandtabs, replace, format), before they run."""
+    if isinstance(func, jinja2.runtime.Macro):  # the common case, kept cheap (recursive macros call a lot)
+        return
     target = getattr(func, "__wrapped__", func)  # the sandbox wraps str.format
-    receiver, name = getattr(target, "__self__", None), getattr(target, "__name__", "")
+    receiver = getattr(target, "__self__", None)
     if not isinstance(receiver, str):
         return
+    name = target.__name__
     first = args[0] if args else next(iter(kwargs.values()), None)
     if name in ("center", "ljust", "rjust", "zfill"):
         _check_width(first, f"a {name}() width")
