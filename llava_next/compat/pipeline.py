@@ -126,10 +126,7 @@ def resolve_device(device) -> torch.device:
     if isinstance(device, int) and not isinstance(device, bool):
         resolved = torch.device("cpu") if device < 0 else torch.device(f"cuda:{device}")
     elif isinstance(device, (str, torch.device)):
-        try:
-            resolved = torch.device(device)
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"device {device!r} is not a device torch knows: {e}") from None
+        resolved = torch.device(device)  # an unknown name: torch's RuntimeError
     else:
         raise ValueError(f"device must be an int, a string or a torch.device, got {device!r}")
     if resolved.type == "cuda":

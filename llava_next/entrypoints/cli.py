@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", help="folder to create")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
     demo.add_argument("--force", action="store_true", help="overwrite a non-empty folder")
+    demo.add_argument("--quiet", action="store_true",
+                      help="no RANDOM WEIGHTS warning here (generate and chat print it when they load the checkpoint)")
     return parser
 
 
@@ -272,7 +274,7 @@ def cmd_demo_checkpoint(args) -> int:
     from llava_next.entrypoints.demo import build_demo_checkpoint
 
     try:
-        folder = build_demo_checkpoint(args.dir, seed=args.seed, overwrite=args.force)
+        folder = build_demo_checkpoint(args.dir, seed=args.seed, overwrite=args.force, quiet=args.quiet)
     except FileExistsError as exc:  # the library's message names its overwrite=True argument
         raise CliError(f"{args.dir!r} is not empty; choose another folder or pass --force to overwrite it") from exc
     print(f"Wrote the demo checkpoint to {folder}")

@@ -63,16 +63,28 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_att
 
 
 def mistral_sentencepiece_file() -> Path:
-    """mistral-common's copy of the Mistral-7B v1 sentencepiece model (32,000 pieces)."""
+    """mistral-common's copy of the Mistral-7B v1 sentencepiece model (32,000 pieces), found from the installed
+    distribution's files without importing mistral_common (a data file is all that is needed)."""
+    import importlib.metadata
+    import importlib.util
+
+    hint = "pip install mistral-common (or the llava_next[dev] extra)"
+    candidates = []
     try:
-        import mistral_common
-    except ImportError as exc:
-        raise ImportError("the demo checkpoint needs mistral-common for the real Mistral tokenizer: "
-                          "pip install mistral-common (or the llava_next[dev] extra)") from exc
-    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed mistral-common")
-    return path
+        candidates.append(Path(importlib.metadata.distribution("mistral-common").locate_file(
+            "mistral_common/data/tokenizer.model.v1")))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    spec = importlib.util.find_spec("mistral_common") if "mistral_common" not in sys.modules else None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidates.append(Path(location) / "data" / "tokenizer.model.v1")
+    for path in candidates:
+        if path.is_file():
+            return path
+    if not candidates:
+        raise ImportError(f"the demo checkpoint needs mistral-common for the real Mistral tokenizer file: {hint}")
+    raise FileNotFoundError(f"mistral_common/data/tokenizer.model.v1 is missing from the installed mistral-common "
+                            f"(looked at {', '.join(map(str, candidates))}); reinstall it: {hint}")
 
 
 def generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:

@@ -11,11 +11,13 @@ that fails, or tries to leave the sandbox (`__class__`, ...), raises `ChatTempla
 Cost limits, per render, also `ChatTemplateError`: `MAX_TEMPLATE_STEPS` loop iterations and calls (all loops and
 macros together), `MAX_TEMPLATE_TEXT` characters (or items) for a `*` repetition, a call's result, a namespace
 value and the rendered output, and `MAX_TEMPLATE_INT_BITS` for `*` / `**` on integers. Real chat templates are
-orders of magnitude below these. Not bounded: a single filter call with a huge width or replacement (`center`,
-`indent`, `replace`, `format`) can still build one large string before the output cap sees it.
+orders of magnitude below these. Filters and str methods that build a large value from small arguments
+(`center`, `indent`, `format`, `%`, `batch`, `slice`, `replace`, `ljust`/`rjust`/`zfill`, `expandtabs`,
+`lipsum`) are checked against `MAX_TEMPLATE_TEXT` from their arguments, before they allocate; `range` is
+jinja's sandboxed one (at most 100,000 items).
 
 Where a template lives, in transformers' order: chat_template.json (legacy processor file), else
-chat_template.jinja plus chat_templates/*.jinja, else the tokenizer's chat_template.jinja or the
+chat_template.jinja plus additional_chat_templates/*.jinja (and the older chat_templates/*.jinja), else the tokenizer's chat_template.jinja or the
 "chat_template" key of tokenizer_config.json (a string, or a list of {"name", "template"}).
 
 Leaves out: `return_assistant_tokens_mask` (the generation tag is rendered but not tracked), tools given as
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from datetime import datetime
 from functools import lru_cache
@@ -37,6 +40,7 @@ import jinja2
 import jinja2.ext
 import jinja2.meta
 import jinja2.nodes
+import jinja2.runtime
 import jinja2.utils
 import numpy as np
 from jinja2.compiler import CodeGenerator
@@ -162,6 +166,108 @@ def _take_steps(eval_ctx, count: int = 1) -> None:
         raise ChatTemplateError(f"the chat template ran more than {MAX_TEMPLATE_STEPS:,} loop iterations and calls")
 
 
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")
+_NESTED_BRACE_SPEC = re.compile(r"\{[^{}]*:[^{}]*\{")
+
+
+def _check_width(width, what: str) -> None:
+    """A width, count or padding argument, refused before anything of that size is built."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        return  # the callee raises its own TypeError
+    if width > MAX_TEMPLATE_TEXT:
+        raise ChatTemplateError(f"the chat template asked for {what} of {width:,}, over the limit of "
+                                f"{MAX_TEMPLATE_TEXT:,}")
+
+
+def _check_format(fmt, args) -> None:
+    """printf-style (`%`, |format) and str.format() strings: widths and precisions, written or taken from `*` /
+    nested `{}` arguments, over the size limit are refused before the string is formatted."""
+    if not isinstance(fmt, str):
+        return
+    star = False
+    for match in _PERCENT_SPEC.finditer(fmt):
+        for group in match.groups():
+            if group == "*":
+                star = True
+            elif group:
+                _check_width(int(group), "a format width")
+    for match in _BRACE_SPEC.finditer(fmt):
+        for digits in re.findall(r"\d+", match.group(1)):
+            _check_width(int(digits), "a format width")
+    if star or _NESTED_BRACE_SPEC.search(fmt):
+        for value in args:
+            _check_width(value, "a format width")
+
+
+def _precheck_call(func, args, kwargs) -> None:
+    """Size checks of str methods that build big strings from small arguments (center, ljust, rjust, zfill,
+    expandtabs, replace, format), before they run."""
+    if isinstance(func, jinja2.runtime.Macro):  # the common case, kept cheap (recursive macros call a lot)
+        return
+    target = getattr(func, "__wrapped__", func)  # the sandbox wraps str.format
+    receiver = getattr(target, "__self__", None)
+    if not isinstance(receiver, str):
+        return
+    name = target.__name__
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if name in ("center", "ljust", "rjust", "zfill"):
+        _check_width(first, f"a {name}() width")
+    elif name == "expandtabs":
+        _check_width((first if isinstance(first, int) else 8) * receiver.count("\t"), "expandtabs() padding")
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        count = receiver.count(args[0]) if args[0] else len(receiver) + 1
+        _check_size(len(receiver) + count * max(0, len(args[1]) - len(args[0])), "a replace() result")
+    elif name in ("format", "format_map"):
+        _check_format(receiver, [*args, *kwargs.values()] if name == "format" else list(first.values())
+                      if isinstance(first, Mapping) else [])
+
+
+def _bounded_filters(filters: dict) -> dict:
+    """Jinja's filters that allocate by an argument (center, indent, format, batch, slice, replace), checked first."""
+    center, indent, fmt, batch, slice_, replace = (filters[n] for n in ("center", "indent", "format", "batch",
+                                                                         "slice", "replace"))
+
+    def checked_center(value, width=80):
+        _check_width(width, "a center width")
+        return center(value, width)
+
+    def checked_indent(s, width=4, *args, **kwargs):
+        _check_width(width if isinstance(width, int) else len(str(width)), "an indent width")
+        lines = str(s).count("\n") + 1
+        _check_size(len(str(s)) + lines * (width if isinstance(width, int) else len(str(width))), "an indent result")
+        return indent(s, width, *args, **kwargs)
+
+    def checked_format(value, *args, **kwargs):
+        _check_format(value, [*args, *kwargs.values()])
+        return fmt(value, *args, **kwargs)
+
+    def checked_batch(value, linecount, *args, **kwargs):
+        _check_width(linecount, "a batch size")
+        return batch(value, linecount, *args, **kwargs)
+
+    def checked_slice(value, slices, *args, **kwargs):
+        _check_width(slices, "a slice count")
+        return slice_(value, slices, *args, **kwargs)
+
+    def checked_replace(eval_ctx, s, old, new, count=None):
+        if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
+            n = s.count(old) if old else len(s) + 1
+            _check_size(len(s) + n * max(0, len(new) - len(old)), "a replace result")
+        return replace(eval_ctx, s, old, new, count)
+
+    checked_replace = jinja2.pass_eval_context(checked_replace)
+    return dict(center=checked_center, indent=checked_indent, format=checked_format, batch=checked_batch,
+                slice=checked_slice, replace=checked_replace)
+
+
+def _bounded_lipsum(lipsum):
+    def checked_lipsum(n=5, *args, **kwargs):
+        _check_width(n * 1000, "lorem ipsum text")
+        return lipsum(n, *args, **kwargs)
+    return checked_lipsum
+
+
 @jinja2.pass_eval_context
 def _loop_budget(eval_ctx, iterable):
     """Every `{% for %}` iterates through this filter (see _BudgetCodeGenerator), one step per item."""
@@ -197,7 +303,7 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     once instead of rendering as an empty string; templates that stay inside the sandbox render identically."""
 
     code_generator_class = _BudgetCodeGenerator
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def unsafe_undefined(self, obj, attribute):
         raise jinja2.exceptions.SecurityError(
@@ -213,6 +319,9 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
                     _check_size(len(seq) * n, "a repetition")
             if ints and left.bit_length() + right.bit_length() > MAX_TEMPLATE_INT_BITS:
                 raise ChatTemplateError(f"the chat template multiplied integers past {MAX_TEMPLATE_INT_BITS:,} bits")
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left, right if isinstance(right, tuple) else
+                          list(right.values()) if isinstance(right, Mapping) else [right])
         elif operator == "**" and ints and abs(left) > 1 and right * left.bit_length() > MAX_TEMPLATE_INT_BITS:
             raise ChatTemplateError(f"the chat template raised an integer past {MAX_TEMPLATE_INT_BITS:,} bits")
         return super().call_binop(context, operator, left, right)
@@ -220,6 +329,7 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
         """A sandboxed call (function, method or macro) that costs one step; its text result is size-checked."""
         _take_steps(__context.eval_ctx)
+        _precheck_call(__obj, args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
         if isinstance(result, (str, list, tuple)):
             _check_size(len(result), "a value")
@@ -231,6 +341,8 @@ def compile_template(template: str) -> jinja2.Template:
     """Compile once per template string; a syntax error becomes a ChatTemplateError."""
     env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters.update(_bounded_filters(env.filters))
+    env.globals["lipsum"] = _bounded_lipsum(env.globals["lipsum"])
     env.filters["tojson"] = _tojson
     env.filters["_loop_budget"] = _loop_budget
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
