@@ -53,7 +53,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 LLAVA_NEXT_VISION_DEFAULTS = dict(intermediate_size=4096, hidden_size=1024, patch_size=14, image_size=336,
                                   num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
 # Fields transformers writes into every config that carry no model facts.
-_BOOKKEEPING = {"architectures", "transformers_version", "_name_or_path", "output_hidden_states", "return_dict",
+_TRANSFORMERS_ONLY_KEYS = {"architectures", "transformers_version", "_name_or_path", "output_hidden_states", "return_dict",
                 "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
                 "output_attentions", "use_cache", "torch_dtype", "dtype", "model_type", "vocab_size_text"}
 
@@ -225,7 +225,7 @@ def _split(cls, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Known dataclass fields of `cls` in `raw`, and everything else (kept as `extra`)."""
     names = {f.name for f in fields(cls)}
     known = {k: v for k, v in raw.items() if k in names and k != "extra"}
-    extra = {k: v for k, v in raw.items() if k not in names and k not in _BOOKKEEPING}
+    extra = {k: v for k, v in raw.items() if k not in names and k not in _TRANSFORMERS_ONLY_KEYS}
     return known, extra
 
 

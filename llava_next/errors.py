@@ -37,5 +37,6 @@ class ChatTemplateError(LlavaNextError, ValueError):
     """A chat template is missing, failed to render, or tried to escape its sandbox."""
 
 
-class DeviceUnavailableError(LlavaNextError, ValueError):
-    """A device was asked for that this machine does not have (e.g. "cuda" without a CUDA GPU or build)."""
+class DeviceUnavailableError(LlavaNextError, ValueError, RuntimeError):
+    """A device was asked for that this machine does not have (e.g. "cuda" without a CUDA GPU or build).
+    Also a RuntimeError, the kind torch raises for a missing CUDA, so code written for transformers still catches it."""

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 
 import torch
 
+from llava_next.errors import DeviceUnavailableError
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.generation.args import BOOKKEEPING, GENERATION_ARGUMENTS, check_generate_kwargs
 from llava_next.preprocess.images import load_image
@@ -132,10 +133,10 @@ def resolve_device(device) -> torch.device:
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise RuntimeError(f"device={device!r} asks for CUDA, but CUDA is not available here (no GPU, or a "
+            raise DeviceUnavailableError(f"device={device!r} asks for CUDA, but CUDA is not available here (no GPU, or a "
                                "CPU-only torch build); pass device='cpu' or device=-1")
         if resolved.index is not None and resolved.index >= count:
-            raise RuntimeError(f"device={device!r} asks for CUDA device {resolved.index}, but only {count} "
+            raise DeviceUnavailableError(f"device={device!r} asks for CUDA device {resolved.index}, but only {count} "
                                f"CUDA device(s) are available")
     return resolved
 

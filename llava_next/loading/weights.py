@@ -16,7 +16,6 @@ quantization (quantization.py's assign hook, handed in by pretrained.py: this fi
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

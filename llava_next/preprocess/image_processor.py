@@ -39,6 +39,7 @@ from llava_next.model.anyres import DEFAULT_PINPOINTS, AnyresGeometry
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.loading.hub import read_json, resolve_file
 from llava_next.errors import InvalidImageError
+from llava_next.preprocess.arrays import array_to_chw
 from llava_next.preprocess.images import DEFAULT_MAX_PIXELS, check_pixels, load_image, to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -164,59 +165,6 @@ def _rescale_normalize(x: np.ndarray, s: dict) -> np.ndarray:
     return x
 
 
-def channel_layout(shape: tuple, input_data_format: str | None) -> str:
-    """"channels_first" or "channels_last" for a 3-D image shape, inferred as transformers does (first wins a tie)."""
-    if len(shape) != 3:
-        raise InvalidImageError(f"an image must have 2 or 3 dimensions, got shape {shape}")
-    if input_data_format is not None:
-        return input_data_format
-    if shape[0] in (1, 3, 4):
-        return "channels_first"
-    if shape[-1] in (1, 3, 4):
-        return "channels_last"
-    raise InvalidImageError(f"cannot tell the channel axis of an image of shape {shape}: need 1, 3 or 4 channels")
-
-
-def array_layout(shape: tuple, input_data_format: str | None, max_pixels: int | None) -> str:
-    """The channel layout of an array/tensor image (2-D: grayscale, "channels_first" once a channel axis is added),
-    after refusing an empty one or one over `max_pixels`, from the shape alone (nothing is copied yet)."""
-    if len(shape) == 2:
-        shape, input_data_format = (1, *shape), "channels_first"
-    layout = channel_layout(shape, input_data_format)
-    height, width = shape[1:] if layout == "channels_first" else shape[:2]
-    check_pixels(width, height, max_pixels)
-    return layout
-
-
-def _array_to_chw(array, do_convert_rgb: bool, input_data_format: str | None,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """transformers' numpy path: infer channels (1, 3 or 4; first wins a tie), 1 -> 3 channels, RGBA -> white."""
-    input_data_format = array_layout(tuple(array.shape), input_data_format, max_pixels)
-    if hasattr(array, "detach"):  # torch.Tensor; numpy has no bfloat16 (its values are exact in float32)
-        array = array.detach().cpu()
-        array = (array.float() if str(array.dtype) == "torch.bfloat16" else array).numpy()
-    array = np.asarray(array)
-    if array.dtype.kind not in "buif":  # complex, object, strings, ...
-        raise InvalidImageError(f"unsupported image dtype {array.dtype}: use uint8, another integer type or float")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InvalidImageError("the image holds NaN or infinite values")
-    if array.ndim == 2:
-        array = array[None]  # grayscale (H, W) -> (1, H, W)
-    hwc = array if input_data_format == "channels_last" else np.moveaxis(array, 0, -1)
-    if do_convert_rgb:
-        if hwc.shape[-1] == 1:
-            hwc = np.repeat(hwc, 3, axis=-1)
-        elif hwc.shape[-1] == 4:
-            integer = np.issubdtype(hwc.dtype, np.integer)
-            if not integer and (hwc.min() < 0.0 or hwc.max() > 1.0):
-                raise ValueError(f"a float RGBA image must lie in [0, 1], got [{hwc.min()}, {hwc.max()}]")
-            white = 255 if integer else 1.0
-            alpha = hwc[..., 3:4] / white
-            blend = alpha * hwc[..., :3] + (1 - alpha) * white
-            hwc = np.round(blend).astype(hwc.dtype) if integer else blend.astype(hwc.dtype)
-    return np.moveaxis(hwc, -1, 0)
-
-
 def image_to_chw(image, do_convert_rgb: bool = True, input_data_format: str | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """One input image (PIL, array, tensor, path, URL or bytes) as a (C, H, W) array, RGB when asked.
@@ -230,7 +178,7 @@ def image_to_chw(image, do_convert_rgb: bool = True, input_data_format: str | No
         array = np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
         return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     if isinstance(image, np.ndarray) or hasattr(image, "detach"):
-        return _array_to_chw(image, do_convert_rgb, input_data_format, max_pixels)
+        return array_to_chw(image, do_convert_rgb, input_data_format, max_pixels)
     raise InvalidImageError(f"unsupported image type {type(image).__name__}: expected a PIL image, numpy array, "
                             "torch tensor, path, URL or bytes")
 

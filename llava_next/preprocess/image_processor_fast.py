@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from llava_next.preprocess.batch_feature import BatchFeature
-from llava_next.errors import InvalidImageError
+from llava_next.preprocess.arrays import tensor_to_chw
 from llava_next.preprocess.image_processor import (
     LlavaNextImageProcessor,
     _center_crop,
-    array_layout,
     base_and_tile_size,
     fit_size,
     image_to_chw,
@@ -87,35 +86,6 @@ def _resize(x: torch.Tensor, height: int, width: int, resample: int = 3) -> torc
     return x
 
 
-def _tensor_to_chw(t: torch.Tensor, device: torch.device, do_convert_rgb: bool, input_data_format: str | None,
-                   max_pixels: int | None) -> torch.Tensor:
-    """A tensor image as (C, H, W) on `device`: channels inferred like transformers, 1 -> 3, RGBA on white.
-
-    Empty, too large (`max_pixels`), complex and NaN/inf images are refused before anything is copied."""
-    input_data_format = array_layout(tuple(t.shape), input_data_format, max_pixels)
-    if t.is_complex():
-        raise InvalidImageError(f"unsupported image dtype {t.dtype}: use uint8, another integer type or float")
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise InvalidImageError("the image holds NaN or infinite values")
-    t = t.detach().to(device)
-    if t.ndim == 2:
-        t = t[None]
-    if input_data_format == "channels_last":
-        t = t.permute(2, 0, 1)
-    if do_convert_rgb:
-        if t.shape[0] == 1:
-            t = t.expand(3, -1, -1)
-        elif t.shape[0] == 4:
-            integer = not t.is_floating_point()
-            if not integer and (t.min() < 0 or t.max() > 1):
-                raise ValueError(f"a float RGBA image must lie in [0, 1], got [{t.min().item()}, {t.max().item()}]")
-            white = 255.0 if integer else 1.0
-            alpha = t[3:4].double() / white
-            blend = alpha * t[:3].double() + (1 - alpha) * white
-            t = blend.round().to(t.dtype) if integer else blend.to(t.dtype)
-    return t
-
-
 def _unit_scale(t: torch.Tensor) -> float:
     """255 for a float image in [0, 1] (transformers scales it to 8 bits to resize), else 1 (values in 0..255)."""
     if t.dtype == torch.uint8:
@@ -149,7 +119,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessor):
         chw, scales = [], []  # each (C, H, W) uint8 on device; the unit scale per image
         for image in flat:
             if isinstance(image, torch.Tensor):
-                t = _tensor_to_chw(image, device, s["do_convert_rgb"], input_data_format, self.max_pixels)
+                t = tensor_to_chw(image, device, s["do_convert_rgb"], input_data_format, self.max_pixels)
             else:
                 t = image_to_chw(image, s["do_convert_rgb"], input_data_format, self.max_pixels)
                 t = torch.from_numpy(np.ascontiguousarray(t)).to(device)

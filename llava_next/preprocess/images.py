@@ -151,7 +151,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, so
         image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))  # reads the header only
     except Image.DecompressionBombError as e:
         raise InvalidImageError(f"{source}: refused as a decompression bomb: {e}") from e
-    except UnidentifiedImageError as e:
+    except UnidentifiedImageError:
         raise InvalidImageError(
             f"{source}: not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
         ) from None
