@@ -106,6 +106,7 @@ def main(argv=None):
     parser.add_argument("--workloads", default="forced,mixed")
     parser.add_argument("--results", default=None, help="append a section to this RESULTS.md")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
     import transformers
@@ -114,7 +115,11 @@ def main(argv=None):
 
     theirs, ours = build_models(args.shape, "cpu", torch.float32)
     llm = llava_next.LLM(ours, max_num_seqs=max(16, args.requests), max_num_batched_tokens=4096)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     env = {"stage": "env", "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "cpus": __import__("os").cpu_count(), "loadavg_at_start": " ".join(load),
            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
            "requests": args.requests, "new_tokens": args.new_tokens, "shape": args.shape}
@@ -144,7 +149,10 @@ def main(argv=None):
         useful = sum(lengths)
         times = {"engine": [], "generate": [], "transformers": []}
         splits = {"engine": [], "generate_prefill": [], "transformers_prefill": []}
-        for run in range(args.runs + 1):  # run 0 warms up
+        warm = requests(ours, 2, seed=99)  # warm-up on two requests (the gate already ran every path once)
+        run_engine(llm, warm, [4, 4])
+        run_generate_one_by_one(ours, warm, [4, 4])
+        for run in range(1, args.runs + 1):
             reqs = requests(ours, args.requests, seed=100 + run * 7 + (workload == "mixed"))
             t_engine, split, _ = run_engine(llm, reqs, lengths)
             t_gen, _ = run_generate_one_by_one(ours, reqs, lengths)
@@ -153,8 +161,6 @@ def main(argv=None):
             if not args.skip_transformers:
                 t_hf = run_padded(theirs, reqs, lengths)
                 t_hf1 = run_padded(theirs, reqs, lengths, new_override=1)
-            if run == 0:
-                continue
             times["engine"].append(t_engine)
             times["generate"].append(t_gen)
             times["transformers"].append(t_hf)
@@ -184,7 +190,8 @@ def main(argv=None):
 
 def write_results(path: Path, env, gate, results, args):
     lines = [f"\n## Engine C1 (CPU, {env['shape']} shape) — {env['date']}\n",
-             f"Machine: {env['machine']}, {env['threads']} torch threads; torch {env['torch']}, transformers "
+             f"Machine: {env['machine']}, {env['cpus']} CPUs, {env['threads']} torch threads, load average at start "
+             f"{env['loadavg_at_start']} (other jobs shared the CPUs); torch {env['torch']}, transformers "
              f"{env['transformers']}, Python {env['python']}. `python bench/bench_engine.py --runs {args.runs}`: "
              f"{env['requests']} requests (W5 sizes cycled), medians of {args.runs} runs, fresh images per run. "
              f"Gate: ours == transformers {gate['transformers_equals_ours_batch']}, engine == generate() alone "
