@@ -40,3 +40,19 @@ class ChatTemplateError(LlavaNextError, ValueError):
 class DeviceUnavailableError(LlavaNextError, ValueError, RuntimeError):
     """A device was asked for that this machine does not have (e.g. "cuda" without a CUDA GPU or build).
     Also a RuntimeError, the kind torch raises for a missing CUDA, so code written for transformers still catches it."""
+
+
+class SamplingParamsError(GenerationArgumentError):
+    """An engine `SamplingParams` field is out of range or of the wrong type (the message names the field)."""
+
+
+class TooManyImagesError(LlavaNextError, ValueError):
+    """A prompt carries more images than the engine's `limit_mm_per_prompt` allows."""
+
+
+class KVCacheCapacityError(LlavaNextError, ValueError):
+    """A request could never fit the engine's KV-cache pool, even running alone."""
+
+
+class EngineDeadError(LlavaNextError, RuntimeError):
+    """The engine's background thread failed: open streams end with this error and new requests are refused."""
