@@ -36,6 +36,16 @@ _EXPORTS = {
     "CheckpointError": "errors",
     "UnsafeCheckpointError": "errors",
     "ChatTemplateError": "errors",
+    "SamplingParamsError": "errors",
+    "TooManyImagesError": "errors",
+    "KVCacheCapacityError": "errors",
+    "EngineDeadError": "errors",
+    "SamplingParams": "engine.params",
+    "LLM": "engine.llm",
+    "LLMEngine": "engine.llm_engine",
+    "AsyncEngine": "engine.driver",
+    "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -35,3 +35,19 @@ class UnsafeCheckpointError(CheckpointError):
 
 class ChatTemplateError(LlavaNextError, ValueError):
     """A chat template is missing, failed to render, or tried to escape its sandbox."""
+
+
+class SamplingParamsError(GenerationArgumentError):
+    """An engine `SamplingParams` field is out of range or of the wrong type (the message names the field)."""
+
+
+class TooManyImagesError(LlavaNextError, ValueError):
+    """A prompt carries more images than the engine's `limit_mm_per_prompt` allows."""
+
+
+class KVCacheCapacityError(LlavaNextError, ValueError):
+    """A request could never fit the engine's KV-cache pool, even running alone."""
+
+
+class EngineDeadError(LlavaNextError, RuntimeError):
+    """The engine's background thread failed: open streams end with this error and new requests are refused."""

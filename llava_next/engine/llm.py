@@ -1,0 +1,159 @@
+"""`LLM`: vLLM's offline API over the engine: `generate(prompts, sampling_params)` and `chat(messages)`.
+
+`LLM(model)` takes a checkpoint folder / hub id (loaded here: the weights through loading.pretrained into
+model_runner.EngineModel, the processor through preprocess.processor.LlavaNextProcessor) or an already built
+model object with `.model` (a LlavaNextCore) and `.lm_head` (then pass `processor=` for text prompts).
+Results come back in the order of the inputs, one RequestOutput each; `use_tqdm` shows a bar over requests.
+
+Chat messages use OpenAI's content parts: {"type": "text", "text"}, {"type": "image_url", "image_url":
+{"url": "data:..." | path | URL}}, {"type": "image", "image": PIL}; they are rendered by the processor's chat
+template (add_generation_prompt=True) and the images go with the prompt in order.
+
+Leaves out: beam search, embeddings/score APIs, LoRA, `llm.encode`, prompt logprobs.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from llava_next.engine.llm_engine import LLMEngine
+from llava_next.engine.model_runner import EngineModel
+from llava_next.engine.params import SamplingParams
+from llava_next.errors import ModelInputError
+from llava_next.preprocess.images import load_image
+
+_counter = itertools.count()
+
+
+def _dtype(dtype):
+    if dtype in (None, "auto"):
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "half": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be 'auto', a torch dtype or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+class LLM:
+    def __init__(self, model, dtype="auto", device=None, max_model_len=None, max_num_seqs=None,
+                 max_num_batched_tokens=None, kv_cache_memory_bytes=None, block_size: int = 16,
+                 enable_prefix_caching: bool = True, limit_mm_per_prompt=None, tensor_parallel_size: int = 1,
+                 seed: int = 0, processor=None, **engine_args):
+        if tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported by LLM yet")
+        if isinstance(model, torch.nn.Module):
+            built = model
+            if device is not None:
+                built = built.to(device)
+            if _dtype(dtype) is not None:
+                built = built.to(_dtype(dtype))
+        else:
+            from llava_next.loading.pretrained import load_pretrained
+            from llava_next.preprocess.processor import LlavaNextProcessor
+
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            built, generation = load_pretrained(EngineModel, model, dtype=_dtype(dtype) or "auto",
+                                                device_map=str(device))
+            built.generation_config = generation or {}
+            if processor is None:
+                processor = LlavaNextProcessor.from_pretrained(model)
+        self.model, self.processor = built, processor
+        self.llm_engine = LLMEngine(built, processor, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                    max_num_batched_tokens=max_num_batched_tokens,
+                                    kv_cache_memory_bytes=kv_cache_memory_bytes, block_size=block_size,
+                                    enable_prefix_caching=enable_prefix_caching,
+                                    limit_mm_per_prompt=limit_mm_per_prompt, seed=seed, **engine_args)
+
+    def get_tokenizer(self):
+        return None if self.processor is None else self.processor.tokenizer
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):
+        """One RequestOutput per prompt, in order. Every prompt is validated before any runs: one bad prompt
+        fails the call (a typed ValueError) and nothing is queued."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        engine = self.llm_engine
+        prepared = [engine.prepare(p, sp) for p, sp in zip(prompts, params)]
+        return self._run(prepared, use_tqdm)
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True):
+        """messages: one conversation (a list of {"role", "content"}) or a list of them."""
+        if self.processor is None:
+            raise ModelInputError("chat() needs a processor (its chat template)")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self._render(conv, chat_template, add_generation_prompt) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _render(self, conversation, chat_template, add_generation_prompt) -> dict:
+        images, rendered = [], []
+        for message in conversation:
+            if not isinstance(message, dict) or "role" not in message:
+                raise ModelInputError("each chat message must be a dict with 'role' and 'content'")
+            content = message.get("content")
+            if isinstance(content, str) or content is None:
+                rendered.append({"role": message["role"], "content": [{"type": "text", "text": content or ""}]})
+                continue
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append({"type": "text", "text": part.get("text", "")})
+                elif kind == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    images.append(load_image(url))
+                    parts.append({"type": "image"})
+                elif kind == "image":
+                    images.append(load_image(part.get("image") if "image" in part else part.get("url")))
+                    parts.append({"type": "image"})
+                else:
+                    raise ModelInputError(f"unknown content part type {kind!r} (text, image_url, image)")
+            rendered.append({"role": message["role"], "content": parts})
+        text = self.processor.apply_chat_template(rendered, chat_template=chat_template,
+                                                  add_generation_prompt=add_generation_prompt)
+        return {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
+
+    def _run(self, prepared, use_tqdm: bool):
+        engine = self.llm_engine
+        ids = [f"llm-{next(_counter)}" for _ in prepared]
+        for request_id, p in zip(ids, prepared):
+            engine.add_request(request_id, p)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        done = {}
+        try:
+            while len(done) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for request_id in ids:
+                if request_id not in done:
+                    engine.abort(request_id)
+            engine.step()  # report and free the aborted requests
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[i] for i in ids]

@@ -1,0 +1,455 @@
+"""LLMEngine: requests in, a step at a time, outputs with new tokens out (vLLM's LLMEngine, in one process).
+
+`prepare(prompt, params)` does everything that can fail on a bad request, before any model work and without
+touching the engine's state (thread-safe, CPU only, so a server can run it in a thread pool): tokenizing,
+expanding `<image>` through the processor, preprocessing images into tiles and hashing their pixels, and every
+check: prompt + max_tokens beyond `max_model_len` (ContextLengthError), more images than
+`limit_mm_per_prompt` (TooManyImagesError), placeholders that do not match the images
+(ImageTokenMismatchError), a request that could never fit the KV pool (KVCacheCapacityError), bad token ids
+(ModelInputError), bad sampling values (SamplingParamsError, when SamplingParams is built).
+
+A prompt is a string, `{"prompt": str, "multi_modal_data": {"image": PIL | [PIL]}}`, or
+`{"prompt_token_ids": [...], "multi_modal_data": ...}` whose ids already hold every image's placeholders. An
+image may also be given preprocessed as `{"pixel_values": (tiles, 3, S, S) tensor, "image_size": (H, W)}`.
+
+`step()` schedules (scheduler.py), runs the model (model_runner.py), appends each sampled token, detokenizes
+(the whole output is decoded again, so the text always equals decoding all tokens), applies stop rules (EOS,
+stop token ids, stop strings after min_tokens, max_tokens, the context) and returns one RequestOutput per
+request that got a token or finished this step. Finished and aborted requests release their blocks in the
+step that ends them. The engine object itself is single-threaded: driver.py owns it from one thread.
+
+Leaves out: priorities, LoRA, prompt logprobs, tensor parallelism (tensor_parallel_size must be 1), a fused GPU
+paged kernel and CUDA graphs (the reference kernel runs everywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+
+import numpy as np
+import torch
+
+from llava_next.engine.block_pool import BlockPool
+from llava_next.engine.encoder_cache import EncoderCache
+from llava_next.engine.model_runner import ModelRunner
+from llava_next.engine.outputs import CompletionOutput, RequestOutput
+from llava_next.engine.paged_attention import PagedKVCache
+from llava_next.engine.params import SamplingParams
+from llava_next.engine.request import ImageItem, PreparedRequest, Sequence
+from llava_next.errors import (ContextLengthError, ImageTokenMismatchError, InvalidImageError, KVCacheCapacityError,
+                               ModelInputError, TooManyImagesError)
+
+DEFAULT_IMAGE_LIMIT = 8  # images per prompt when limit_mm_per_prompt is not given
+CPU_KV_BYTES_CAP = 2 << 30  # a CPU pool is sized for max_model_len x max_num_seqs, at most this many bytes
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None  # default 16 on CPU, 128 on GPU
+    max_num_batched_tokens: int | None = None  # default 2048 on CPU, 8192 on GPU
+    kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None  # exact pool size (tests); overrides kv_cache_memory_bytes
+    gpu_memory_utilization: float = 0.9
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    limit_mm_per_prompt: dict | int | None = None
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    eos_token_id: int | list[int] | None = None
+    encoder_cache_tokens: int | None = None
+
+    def check(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
+                     "num_kv_blocks", "encoder_cache_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported by this engine yet (parallel/ shards a model)")
+
+
+def _image_limit(limit) -> int:
+    if limit is None:
+        return DEFAULT_IMAGE_LIMIT
+    if isinstance(limit, dict):
+        unknown = set(limit) - {"image"}
+        if unknown:
+            raise ValueError(f"limit_mm_per_prompt: only 'image' is supported, got {sorted(unknown)}")
+        limit = limit.get("image", DEFAULT_IMAGE_LIMIT)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit_mm_per_prompt must be a non-negative int or {{'image': int}}, got {limit!r}")
+    return limit
+
+
+def mm_hash(tiles: torch.Tensor, size: tuple[int, int]) -> str:
+    """Content hash of one preprocessed image: its tiles' bytes, dtype, shape and original size."""
+    h = hashlib.blake2b(digest_size=16)
+    arr = tiles.detach().cpu().contiguous()
+    h.update(f"{tuple(arr.shape)}|{arr.dtype}|{size[0]}x{size[1]}|".encode())
+    h.update(arr.numpy().tobytes() if arr.dtype != torch.bfloat16 else arr.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Group:
+    """The n sequences of one request."""
+
+    def __init__(self, request_id: str, prepared: PreparedRequest, seqs: list[Sequence]):
+        self.request_id, self.prepared, self.seqs = request_id, prepared, seqs
+
+
+class LLMEngine:
+    def __init__(self, model, processor=None, **engine_args):
+        args = EngineArgs(**engine_args)
+        args.check()
+        self.args = args
+        self.model, self.processor = model, processor
+        self.config = model.config
+        text = self.config.text_config
+        self.geometry = model.model.geometry
+        self.image_token_id = self.config.image_token_index
+        self.vocab_size = model.model.language_model.embed_tokens.num_embeddings
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.max_model_len = min(args.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
+        on_gpu = self.device.type == "cuda"
+        self.max_num_seqs = args.max_num_seqs or (128 if on_gpu else 16)
+        self.max_num_batched_tokens = args.max_num_batched_tokens or (8192 if on_gpu else 2048)
+        self.image_limit = _image_limit(args.limit_mm_per_prompt)
+        self.eos_token_ids = self._eos_ids(args.eos_token_id)
+        self.block_size = args.block_size
+        num_blocks = self._num_blocks(args, text)
+        self.kv_cache = PagedKVCache(text.num_hidden_layers, num_blocks, args.block_size, text.num_key_value_heads,
+                                     text.head_dim, self.dtype, self.device)
+        self.pool = BlockPool(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.encoder_cache = EncoderCache(args.encoder_cache_tokens or max(4 * self.max_num_batched_tokens, 16384))
+        from llava_next.engine.scheduler import Scheduler
+
+        self.scheduler = Scheduler(self.pool, self.encoder_cache, self.max_num_seqs, self.max_num_batched_tokens,
+                                   self.max_model_len)
+        self.runner = ModelRunner(model, self.kv_cache, self.encoder_cache, args.seed)
+        self.groups: dict[str, _Group] = {}
+        self._arrivals = 0
+        self._aborted: list[_Group] = []
+        self.step_times = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
+
+    # -- set-up --------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return None if self.processor is None else self.processor.tokenizer
+
+    def _eos_ids(self, given) -> tuple[int, ...]:
+        if given is None:
+            gen = getattr(self.model, "generation_config", None)
+            given = getattr(gen, "eos_token_id", None) if gen is not None else None
+            if isinstance(gen, dict):
+                given = gen.get("eos_token_id")
+        if given is None:
+            given = self.config.text_config.eos_token_id
+        if given is None and self.tokenizer is not None:
+            given = self.tokenizer.eos_token_id
+        if given is None:
+            return ()
+        return tuple(int(i) for i in ([given] if isinstance(given, int) else given))
+
+    def _num_blocks(self, args: EngineArgs, text) -> int:
+        per_block = PagedKVCache.bytes_per_block(text.num_hidden_layers, args.block_size, text.num_key_value_heads,
+                                                 text.head_dim, self.dtype)
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks
+        if args.kv_cache_memory_bytes is not None:
+            budget = args.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._profile_gpu_budget(args)
+        else:
+            wanted = -(-self.max_model_len // args.block_size) * self.max_num_seqs * per_block
+            budget = min(wanted, CPU_KV_BYTES_CAP)
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(f"the KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+        return int(blocks)
+
+    def _profile_gpu_budget(self, args: EngineArgs) -> int:
+        """Free device memory after a worst-case forward (the budget of tokens, the most images), as vLLM."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        with torch.inference_mode():
+            vision = self.config.vision_config
+            n_images = max(1, min(self.image_limit, 2))
+            tiles = torch.zeros(n_images * self.geometry.num_tiles(1008, 1008), 3, vision.image_size,
+                                vision.image_size, device=self.device, dtype=self.dtype)
+            self.model.model.encode_images(tiles, [(1008, 1008)] * n_images)
+            probe = PagedKVCache(self.config.text_config.num_hidden_layers, 1 + -(-self.max_num_batched_tokens //
+                                 args.block_size), args.block_size, self.config.text_config.num_key_value_heads,
+                                 self.config.text_config.head_dim, self.dtype, self.device)
+            from llava_next.engine.paged_attention import PagedAttention
+
+            T = self.max_num_batched_tokens
+            meta = PagedAttention(probe, self.model.model.language_model.windows,
+                                  [(0, T, list(range(probe.num_blocks)))], self.device)
+            decoder = self.model.model.language_model
+            embeds = torch.zeros(1, T, self.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
+            hidden = decoder(embeds, torch.arange(T, device=self.device)[None], meta)
+            self.model.lm_head(hidden[0, -self.max_num_seqs:])
+            del probe, meta, hidden, embeds, tiles
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free
+        return int(total * args.gpu_memory_utilization - used_by_others - peak)
+
+    # -- preparing requests (thread-safe) -----------------------------------------------------------------
+    def prepare(self, prompt, params: SamplingParams | None = None) -> PreparedRequest:
+        """Validate and preprocess one prompt (see the module docstring); raises a typed ValueError."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be llava_next.SamplingParams, got {type(params).__name__}")
+        params = dataclasses.replace(params)  # a private, re-validated copy
+        text, ids, images = self._parse_prompt(prompt)
+        if len(images) > self.image_limit:
+            raise TooManyImagesError(f"the prompt has {len(images)} images; at most {self.image_limit} are allowed "
+                                     f"per prompt (limit_mm_per_prompt)")
+        if ids is None:
+            ids, tiles = self._process(text, images)
+        else:
+            ids = self._check_ids(ids)
+            tiles = [self._preprocessed(im) for im in images]
+        items = self._spans(ids, tiles)
+        n = len(ids)
+        if n == 0:
+            raise ModelInputError("the prompt is empty: give at least one token")
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - n
+        if n + params.max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens (image tokens included) and max_tokens is {params.max_tokens}: "
+                f"{n + params.max_tokens} > max_model_len {self.max_model_len}; shorten the prompt, use fewer or "
+                "smaller images, or lower max_tokens")
+        if params.max_tokens < 1:
+            raise ContextLengthError(f"the prompt has {n} tokens: no room is left in max_model_len "
+                                     f"{self.max_model_len} to generate")
+        blocks = -(-(n + params.max_tokens) // self.block_size)
+        if blocks > self.pool.num_blocks:
+            raise KVCacheCapacityError(
+                f"the request needs {blocks} KV blocks ({n} prompt + {params.max_tokens} new tokens) but the pool "
+                f"holds {self.pool.num_blocks}; lower max_tokens or raise kv_cache_memory_bytes")
+        return PreparedRequest(text, ids, items, params)
+
+    def _parse_prompt(self, prompt):
+        if isinstance(prompt, str):
+            return prompt, None, []
+        if not isinstance(prompt, dict):
+            raise ModelInputError(f"a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got "
+                                  f"{type(prompt).__name__}")
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+        if unknown:
+            raise ModelInputError(f"unknown prompt keys {sorted(unknown)}")
+        mm = prompt.get("multi_modal_data") or {}
+        if not isinstance(mm, dict) or set(mm) - {"image"}:
+            raise ModelInputError("multi_modal_data must be a dict with one key, 'image'")
+        images = mm.get("image", [])
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+            raise ModelInputError("a prompt dict needs exactly one of 'prompt' or 'prompt_token_ids'")
+        if "prompt" in prompt:
+            if not isinstance(prompt["prompt"], str):
+                raise ModelInputError("'prompt' must be a string")
+            return prompt["prompt"], None, images
+        return None, prompt["prompt_token_ids"], images
+
+    def _check_ids(self, ids) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ModelInputError("prompt_token_ids must be a list of ints")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ModelInputError(f"prompt_token_ids hold ids outside the vocabulary (0..{self.vocab_size - 1}): "
+                                  f"{bad[:5]}")
+        return list(ids)
+
+    def _preprocessed(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        if isinstance(image, dict):
+            if set(image) != {"pixel_values", "image_size"}:
+                raise InvalidImageError("a preprocessed image is {'pixel_values': tensor, 'image_size': (H, W)}")
+            tiles = torch.as_tensor(image["pixel_values"])
+            size = tuple(int(v) for v in image["image_size"])
+            if tiles.dim() == 5 and tiles.shape[0] == 1:
+                tiles = tiles[0]
+            return tiles, size
+        if self.processor is None:
+            raise InvalidImageError("images other than {'pixel_values', 'image_size'} dicts need a processor")
+        out = self.processor.image_processor.preprocess([image], return_tensors=None, do_pad=False)
+        return torch.from_numpy(np.asarray(out["pixel_values"][0])), tuple(int(v) for v in out["image_sizes"][0])
+
+    def _process(self, text: str, images) -> tuple[list[int], list]:
+        if self.processor is None:
+            raise ModelInputError("a text prompt needs the engine's processor; give prompt_token_ids instead")
+        tok = self.processor.tokenizer
+        kwargs = {}
+        if tok.bos_token is not None and text.startswith(tok.bos_token):
+            kwargs["add_special_tokens"] = False  # a chat template already wrote BOS
+        if any(isinstance(im, dict) for im in images):
+            if not all(isinstance(im, dict) for im in images):
+                raise InvalidImageError("mix of preprocessed and raw images in one prompt")
+            prepared = [self._preprocessed(im) for im in images]
+            counts = iter(self.geometry.num_image_tokens(h, w) for _, (h, w) in prepared)
+            placeholders = text.count(self.processor.image_token)
+            if placeholders != len(prepared):
+                raise ImageTokenMismatchError(f"the prompt has {placeholders} {self.processor.image_token} "
+                                              f"placeholder(s) but {len(prepared)} image(s) were given")
+            encoded = tok([self.processor._expand(text, counts)], **kwargs)
+            return list(encoded["input_ids"][0]), prepared
+        out = self.processor(images=images or None, text=text, do_pad=False, **kwargs) if images else \
+            self.processor(text=text, **kwargs)
+        ids = list(out["input_ids"][0])
+        tiles = [(torch.from_numpy(np.asarray(pv)), tuple(int(v) for v in hw))
+                 for pv, hw in zip(out.get("pixel_values", []) if images else [], out.get("image_sizes", []) if images else [])]
+        return ids, tiles
+
+    def _spans(self, ids: list[int], images) -> list[ImageItem]:
+        """Each image's contiguous run of placeholders, in order; ImageTokenMismatchError otherwise."""
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        expected = []
+        vision = self.config.vision_config
+        for tiles, (h, w) in images:
+            if h < 1 or w < 1:
+                raise InvalidImageError(f"image sizes must be positive, got {(h, w)}")
+            want = (self.geometry.num_tiles(h, w), vision.num_channels, vision.image_size, vision.image_size)
+            if tuple(tiles.shape) != want or not tiles.is_floating_point():
+                raise InvalidImageError(f"an image of size {(h, w)} needs float tiles of shape {want}, got "
+                                        f"{tuple(tiles.shape)} {tiles.dtype}")
+            if not bool(tiles.isfinite().all()):
+                raise InvalidImageError("pixel values hold NaN or infinite values")
+            expected.append(self.geometry.num_image_tokens(h, w))
+        if len(positions) != sum(expected):
+            raise ImageTokenMismatchError(f"the prompt holds {len(positions)} image tokens, the {len(images)} "
+                                          f"image(s) give {sum(expected)} features")
+        items, cursor = [], 0
+        for (tiles, size), length in zip(images, expected):
+            span = positions[cursor: cursor + length]
+            if span[-1] - span[0] != length - 1:
+                raise ImageTokenMismatchError(f"image {len(items)}'s {length} placeholders are not contiguous")
+            items.append(ImageItem(tiles.float() if tiles.dtype == torch.float64 else tiles, size, span[0], length,
+                                   mm_hash(tiles, size)))
+            cursor += length
+        return items
+
+    # -- the request lifecycle (engine thread) ------------------------------------------------------------
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        """Queue a request (a prompt or a PreparedRequest); raises the typed errors of prepare()."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prepared = prompt if isinstance(prompt, PreparedRequest) else self.prepare(prompt, params)
+        p = prepared.params
+        seqs = []
+        for i in range(p.n):
+            self._arrivals += 1
+            seqs.append(Sequence(request_id, i, prepared, p.child(i), self.eos_token_ids, self._arrivals))
+        self.groups[request_id] = _Group(request_id, prepared, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its blocks are freed, the next step reports it once with finish_reason "abort"."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return
+        for seq in group.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+                self.runner.sampler.forget(seq)
+        self._aborted.append(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def num_requests(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def stats(self) -> dict:
+        running, waiting = self.num_requests()
+        return dict(num_running=running, num_waiting=waiting, kv_blocks_used=self.pool.num_used,
+                    kv_blocks_total=self.pool.num_blocks, prefix_cache_hit_tokens=self.pool.hit_tokens,
+                    prefix_cache_queried_tokens=self.pool.queried_tokens,
+                    num_preemptions=self.scheduler.num_preemptions, images_encoded=self.encoder_cache.num_encoded,
+                    **self.step_times)
+
+    def step(self) -> list[RequestOutput]:
+        touched: dict[str, _Group] = {g.request_id: g for g in self._aborted}
+        self._aborted = []
+        step = self.scheduler.schedule()
+        if not step.is_empty:
+            t0 = time.perf_counter()
+            seqs, tokens, logprobs = self.runner.execute(step)
+            for seq, _, num_new in step.scheduled:
+                self.scheduler.update(seq, num_new)
+            for seq, token, lp in zip(seqs, tokens, logprobs):
+                self._append(seq, token, lp)
+                touched[seq.request_id] = self.groups[seq.request_id]
+            kind = "decode_s" if all(n == 1 for _, _, n in step.scheduled) else "prefill_s"
+            self.step_times[kind] += time.perf_counter() - t0
+            self.step_times["steps"] += 1
+        outputs = []
+        for group in touched.values():
+            out = self._output(group)
+            outputs.append(out)
+            if out.finished:
+                self.groups.pop(group.request_id, None)
+        return outputs
+
+    # -- outputs -------------------------------------------------------------------------------------------
+    def _append(self, seq: Sequence, token: int, logprobs) -> None:
+        seq.token_ids.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprobs)
+        p = seq.params
+        n_out = seq.num_output_tokens
+        reason = stop_reason = None
+        if token in seq.eos_token_ids and n_out > p.min_tokens - 1:
+            reason = "stop"
+        elif token in seq.stop_token_ids and n_out > p.min_tokens - 1:
+            reason, stop_reason = "stop", token
+        if self.tokenizer is not None:
+            previous = len(seq.text)
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=p.skip_special_tokens)
+            if reason is None and p.stop and n_out >= p.min_tokens:
+                longest = max(len(s) for s in p.stop)
+                start = max(0, min(previous, len(seq.text)) - longest + 1)
+                found = [(seq.text.find(s, start), s) for s in p.stop]
+                found = [(i, s) for i, s in found if i != -1]
+                if found:
+                    cut, string = min(found)
+                    seq.text = seq.text[:cut]
+                    reason, stop_reason = "stop", string
+        if reason is None and (n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason, stop_reason)
+            self.runner.sampler.forget(seq)
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        out_ids = seq.output_ids
+        visible = len(seq.text)
+        if not seq.finished and seq.params.stop:  # hold back what could still become a stop string
+            visible = max(seq.sent_text, len(seq.text) - max(len(s) for s in seq.params.stop) + 1)
+        new_ids, new_text = out_ids[seq.sent_tokens:], seq.text[seq.sent_text:visible]
+        seq.sent_tokens, seq.sent_text = len(out_ids), visible
+        return CompletionOutput(seq.index, seq.text[:visible] if not seq.finished else seq.text, list(out_ids),
+                                None if seq.logprobs is None else list(seq.logprobs), seq.finish_reason,
+                                seq.stop_reason, new_ids, new_text)
+
+    def _output(self, group: _Group) -> RequestOutput:
+        completions = [self._completion(s) for s in group.seqs]
+        first = group.seqs[0]
+        return RequestOutput(group.request_id, group.prepared.prompt, list(group.prepared.prompt_token_ids),
+                             completions, all(s.finished for s in group.seqs), first.num_cached_tokens or 0)

@@ -1,0 +1,47 @@
+"""What the engine returns: vLLM's `RequestOutput` and `CompletionOutput`, and `Logprob`.
+
+Every output carries the cumulative state of a request (all token ids and the whole text so far). For
+streaming, each CompletionOutput also carries the piece added since the previous output of that request:
+`new_token_ids` and `new_text` (text held back while it could still become a stop string is released later,
+so the concatenation of `new_text` pieces is always `text`).
+
+Leaves out: prompt logprobs, metrics objects (timestamps live on the engine's requests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Logprob:
+    """One candidate token's log-probability under the model's raw distribution, its rank (1 = most likely)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None = None  # per generated token: sampled token + top-`logprobs`
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None for EOS)
+    new_token_ids: list[int] = dataclasses.field(default_factory=list)  # added since the previous output
+    new_text: str = ""  # text added since the previous output
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (the first completion's)

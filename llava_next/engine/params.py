@@ -1,0 +1,130 @@
+"""vLLM's per-request `SamplingParams` for the engine (distinct from sampling/params.py, generate()'s settings).
+
+Fields and meanings are vLLM's: `temperature=0` is greedy, `top_k` 0 or -1 is off, `stop` strings are cut from
+the text (not included), `stop_token_ids` end a completion like EOS, `max_tokens=None` means "up to the
+context". Validated on construction (`SamplingParamsError`, a ValueError naming the field), with caps that
+bound one request's cost: n <= 16, logprobs <= 20, at most 16 stop strings of at most 256 characters.
+
+`to_internal()` maps the fields onto sampling/params.SamplingParams so the engine reuses the logits pipeline
+generate() uses (repetition penalty, EOS suppression for min_tokens, temperature, top-k, top-p, min-p).
+
+Leaves out: best_of, beam search, guided decoding, logit_bias, prompt_logprobs, include_stop_str_in_output,
+bad_words, truncate_prompt_tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from llava_next.errors import SamplingParamsError
+from llava_next.sampling.params import SamplingParams as InternalParams
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_SEED = 2**63 - 1
+
+
+def _number(name: str, value: Any, integer: bool = False, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise SamplingParamsError(f"SamplingParams.{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise SamplingParamsError(f"SamplingParams.{name} must be finite, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise SamplingParamsError(f"SamplingParams.{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise SamplingParamsError(f"SamplingParams.{name} must be <= {high}, got {value!r}")
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How one request is sampled and when it stops (vLLM's fields and defaults)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise SamplingParamsError naming the first bad field; normalises `stop` to a list."""
+        _number("n", self.n, integer=True, low=1, high=MAX_N)
+        _number("temperature", self.temperature, low=0.0)
+        _number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _number("top_k", self.top_k, integer=True, low=-1)
+        _number("min_p", self.min_p, low=0.0, high=1.0)
+        if self.seed is not None:
+            _number("seed", self.seed, integer=True, low=-MAX_SEED - 1, high=MAX_SEED)
+        if self.max_tokens is not None:
+            _number("max_tokens", self.max_tokens, integer=True, low=1)
+        _number("min_tokens", self.min_tokens, integer=True, low=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamsError(f"SamplingParams.min_tokens ({self.min_tokens}) must be <= max_tokens "
+                                      f"({self.max_tokens})")
+        if self.logprobs is not None:
+            _number("logprobs", self.logprobs, integer=True, low=0, high=MAX_LOGPROBS)
+        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
+        stop = self.stop
+        if stop is not None:
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+                raise SamplingParamsError(f"SamplingParams.stop must be a string or a list of strings, got {self.stop!r}")
+            if len(stop) > MAX_STOP_STRINGS:
+                raise SamplingParamsError(f"SamplingParams.stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS}")
+            for s in stop:
+                if not s or len(s) > MAX_STOP_LENGTH:
+                    raise SamplingParamsError(f"SamplingParams.stop strings must hold 1 to {MAX_STOP_LENGTH} "
+                                              f"characters, got one of {len(s)}")
+            self.stop = list(stop)
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            if not isinstance(ids, (list, tuple)) or len(ids) > 64 or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise SamplingParamsError(f"SamplingParams.stop_token_ids must be a list of at most 64 token ids, "
+                                          f"got {ids!r}")
+            self.stop_token_ids = list(ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])
+
+    def to_internal(self) -> InternalParams:
+        """generate()'s SamplingParams for the logits pipeline (min_tokens as min_new_tokens)."""
+        sample = not self.greedy
+        return InternalParams(do_sample=sample, temperature=self.temperature if sample else 1.0,
+                              top_k=max(self.top_k, 0) if sample else 0, top_p=self.top_p if sample else 1.0,
+                              min_p=self.min_p if sample else 0.0, repetition_penalty=self.repetition_penalty,
+                              min_new_tokens=self.min_tokens)
+
+    def child(self, index: int) -> "SamplingParams":
+        """The params of completion `index` of an n > 1 request: n = 1, seed + index (vLLM's parallel sampling)."""
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed)
