@@ -143,3 +143,82 @@ def test_tp_plan_without_a_process_group_is_a_clear_error(tiny_checkpoint, monke
         LlavaNextForConditionalGeneration.from_pretrained(folder, tp_plan="auto")
     with pytest.raises(ValueError, match="only 'auto'"):
         LlavaNextForConditionalGeneration.from_pretrained(folder, tp_plan={"layers.*": "colwise"})
+
+
+# -- the engine: LLM(path, tensor_parallel_size=2) starts and owns its worker process -------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    from llava_next.entrypoints.demo import build_demo_checkpoint
+
+    return build_demo_checkpoint(tmp_path_factory.mktemp("tp_demo") / "ckpt", quiet=True)
+
+
+def _mixed_prompts():
+    import numpy as np
+    from PIL import Image
+
+    def image(h, w, seed):
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    a, b = image(300, 400, 1), image(500, 200, 2)
+    return [
+        "[INST] Describe nothing. [/INST]",
+        {"prompt": "[INST] <image>\nWhat is this? [/INST]", "multi_modal_data": {"image": a}},
+        {"prompt": "[INST] <image>\n<image>\nCompare. [/INST]", "multi_modal_data": {"image": [a, b]}},
+        {"prompt": "[INST] <image>\nAgain. [/INST]", "multi_modal_data": {"image": b}},
+    ]
+
+
+def _params():
+    from llava_next import SamplingParams
+
+    return [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 9, 10)] + \
+        [SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)]
+
+
+def _tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_engine_tp2_gives_the_tokens_of_one_process_and_stops_when_a_worker_dies(demo_folder):
+    import threading
+
+    import llava_next
+    from llava_next.errors import EngineDeadError
+
+    # a small token budget: the image prompts are prefilled in chunks, decodes and prefills share steps
+    one = llava_next.LLM(str(demo_folder), max_num_batched_tokens=512)
+    expected = _tokens(one.generate(_mixed_prompts(), _params(), use_tqdm=False))
+    del one
+    llm = llava_next.LLM(str(demo_folder), max_num_batched_tokens=512, tensor_parallel_size=2)
+    try:
+        assert llm.llm_engine.kv_heads == 1  # 2 KV heads over 2 ranks: this rank's pool holds one
+        got = _tokens(llm.generate(_mixed_prompts(), _params(), use_tqdm=False))
+        assert got == expected
+        decoder = llm.model.model.language_model
+        assert decoder.layers[0].self_attn.heads == 2 and decoder.tensor_parallel.world == 2
+
+        worker = llm._tp_leader.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)  # our own child, by pid
+        worker.join(timeout=10)
+        result = {}
+
+        def call():
+            try:
+                llm.generate(_mixed_prompts()[:2], _params()[:2], use_tqdm=False)
+            except BaseException as exc:  # noqa: BLE001 - the test inspects it
+                result["error"] = exc
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "generate() hung after a worker died"
+        assert isinstance(result.get("error"), EngineDeadError), result
+        assert "rank 1" in str(result["error"]) and str(worker.pid) in str(result["error"])
+    finally:
+        llm.shutdown()
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # shutdown left no process group behind in this process
