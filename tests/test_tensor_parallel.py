@@ -55,7 +55,7 @@ def tp_results(tiny_checkpoint, tmp_path_factory):
     folders = {name: str(tiny_checkpoint(backbone, **kwargs)[0]) for name, (backbone, kwargs) in FIXTURES.items()}
     out = tmp_path_factory.mktemp("tp_out")
     spec = out / "spec.json"
-    spec.write_text(json.dumps({"fixtures": folders, "out": str(out), "fused": "mistral"}))
+    spec.write_text(json.dumps({"fixtures": folders, "out": str(out), "fused": "mistral", "tp_size": "qwen2"}))
     start = time.perf_counter()
     launch(Path(__file__).with_name("tp_worker.py"), [str(spec)])
     print(f"torch.distributed.run, {WORLD} ranks, {len(folders)} checkpoints: {time.perf_counter() - start:.1f} s")
@@ -101,6 +101,7 @@ def test_each_rank_holds_its_share_of_the_layers(tp_results, single, name):
         share = got["elements"] / full
         limit = 0.56 if name == "mistral_kv1" else 0.51  # replicated K/V (1 head) and norms
         assert 0.49 < share < limit, (name, got["elements"], full)
+        assert got["read_elements"] == got["elements"]  # read from the files: its slices, nothing more
 
 
 def test_kv_heads_per_rank(tp_results):

@@ -38,6 +38,16 @@ def layer_elements(model) -> int:
     return sum(p.numel() for p in model.model.language_model.layers.parameters())
 
 
+def read_layer_elements(folder, tp, text_config) -> int:
+    """Elements of the decoder layers' tensors this rank reads from the files (its slices only)."""
+    from llava_next.loading.weights import _tensor_files
+    from llava_next.parallel.loading import read_sharded
+    from llava_next.parallel.tensor_parallel import layer_slicer
+
+    tensors = read_sharded(_tensor_files(Path(folder), False), layer_slicer(tp, text_config))
+    return sum(t.numel() for key, t in tensors if "language_model" in key and ".layers." in key)
+
+
 def run(model, rank: int, runner_mode: str | None = None, sample: bool = True) -> dict:
     inputs = prompt()
     with torch.no_grad():
@@ -62,9 +72,13 @@ def main():
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(spec["out"])
     for name, folder in spec["fixtures"].items():
-        model = LlavaNextForConditionalGeneration.from_pretrained(folder, tp_plan="auto")
-        rank = model.tensor_parallel.rank
-        torch.save(run(model, rank), out / f"{name}.rank{rank}.pt")
+        # both spellings of transformers' options: tp_plan="auto" and tp_size=<world>
+        options = {"tp_size": dist.get_world_size()} if name == spec.get("tp_size") else {"tp_plan": "auto"}
+        model = LlavaNextForConditionalGeneration.from_pretrained(folder, **options)
+        tp = model.tensor_parallel
+        result = run(model, tp.rank)
+        result["read_elements"] = read_layer_elements(folder, tp, model.config.text_config)
+        torch.save(result, out / f"{name}.rank{tp.rank}.pt")
     if spec.get("fused"):
         tp = from_env()
         model = LlavaNextForConditionalGeneration.from_pretrained(spec["fixtures"][spec["fused"]])
