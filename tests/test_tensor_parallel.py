@@ -187,6 +187,7 @@ def test_engine_tp2_gives_the_tokens_of_one_process_and_stops_when_a_worker_dies
     import threading
 
     import llava_next
+    from llava_next import SamplingParams
     from llava_next.errors import EngineDeadError
 
     # a small token budget: the image prompts are prefilled in chunks, decodes and prefills share steps
@@ -202,22 +203,27 @@ def test_engine_tp2_gives_the_tokens_of_one_process_and_stops_when_a_worker_dies
         assert decoder.layers[0].self_attn.heads == 2 and decoder.tensor_parallel.world == 2
 
         worker = llm._tp_leader.procs[0]
-        os.kill(worker.pid, signal.SIGKILL)  # our own child, by pid
-        worker.join(timeout=10)
         result = {}
 
         def call():
             try:
-                llm.generate(_mixed_prompts()[:2], _params()[:2], use_tqdm=False)
+                long = SamplingParams(max_tokens=5000, ignore_eos=True)
+                llm.generate(["[INST] Go on. [/INST]"] * 2, long, use_tqdm=False)
             except BaseException as exc:  # noqa: BLE001 - the test inspects it
                 result["error"] = exc
 
         thread = threading.Thread(target=call, daemon=True)
         thread.start()
+        time.sleep(1.5)  # mid-generation: rank 0 is inside a step's broadcasts / all-reduces
+        assert thread.is_alive(), result
+        os.kill(worker.pid, signal.SIGKILL)  # our own child, by pid
         thread.join(timeout=60)
         assert not thread.is_alive(), "generate() hung after a worker died"
-        assert isinstance(result.get("error"), EngineDeadError), result
-        assert "rank 1" in str(result["error"]) and str(worker.pid) in str(result["error"])
+        error = result.get("error")
+        assert isinstance(error, EngineDeadError), result
+        assert "rank 1" in str(error) and str(worker.pid) in str(error)
+        with pytest.raises(EngineDeadError, match="rank 1"):  # and every later call, at once
+            llm.generate(_mixed_prompts()[:1], _params()[:1], use_tqdm=False)
     finally:
         llm.shutdown()
     import torch.distributed as dist

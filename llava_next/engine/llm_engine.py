@@ -409,9 +409,9 @@ class LLMEngine:
             t0 = time.perf_counter()
             try:
                 seqs, tokens, logprobs = self.runner.execute(step)
-            except RuntimeError as exc:
-                if self.tp_leader is not None:
-                    self.tp_leader.raise_if_dead(exc)  # EngineDeadError naming the worker, when one died
+            except BaseException as exc:
+                if self.tp_leader is not None:  # the ranks are out of step: stop them, EngineDeadError
+                    self.tp_leader.step_failed(exc)
                 raise
             for seq, _, num_new in step.scheduled:
                 self.scheduler.update(seq, num_new)

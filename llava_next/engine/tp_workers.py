@@ -11,10 +11,14 @@ first new position, number of new tokens and block ids: what `PagedAttention` ne
 two all-reduces per layer. The followers never run the vision tower, the lm_head or the sampler: rank 0's
 tokens are the only ones, so sampling needs no synchronisation.
 
-A worker that dies stops the engine: every broadcast first checks the workers' exit codes, a collective that
-fails because a peer went away is turned into EngineDeadError naming the rank, its pid and exit code, and the
-process group has a timeout (TIMEOUT_S) so a stuck peer ends in an error, never a hang. `stop()` sends the
-workers a stop plan, joins them and kills any left by pid.
+A worker that dies stops the engine: every broadcast first checks the workers' exit codes; a step that fails on
+rank 0 for any reason (a collective broken by a peer that went away, or rank 0's own error) leaves the ranks
+out of step, so the workers are stopped and the step raises EngineDeadError, naming the dead worker (rank, pid,
+exit code) when there is one; later calls raise it at once. Rank 0's process group has a timeout (TIMEOUT_S)
+so a stuck, living peer also ends in an error, never a hang; a worker that fails while starting is reported
+as soon as it exits. `stop()` sends the workers a stop plan, joins them and kills any left, by pid. The
+workers are spawned, so a script that creates `LLM(..., tensor_parallel_size=N)` must guard its entry point
+with `if __name__ == "__main__":` (as with vLLM and torch.multiprocessing).
 
 Leaves out: several machines (the rendezvous is 127.0.0.1), pipeline parallelism, running the vision tower on
 the followers (rank 0's embeddings are broadcast instead: T x D values per step, ~0.1 ms per 8k-token prefill
@@ -138,7 +142,7 @@ class TPLeader:
 
     # -- liveness ---------------------------------------------------------------------------------------------
     def _dead_workers(self) -> list[str]:
-        return [f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+        return [f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
                 for rank, p in enumerate(self.procs, start=1) if not p.is_alive()]
 
     def check_alive(self):
@@ -147,18 +151,27 @@ class TPLeader:
             if dead:
                 self.dead = "; ".join(dead)
         if self.dead is not None:
-            raise EngineDeadError(f"tensor-parallel worker {self.dead}: the engine is stopped; create a new LLM")
+            raise EngineDeadError(f"tensor parallel: {self.dead}; the engine is stopped, create a new LLM")
         if self.stopped:
             raise EngineDeadError("this tensor-parallel engine was shut down")
 
-    def raise_if_dead(self, exc: BaseException):
-        """Called with an exception from a step: if a worker is gone, raise EngineDeadError from it."""
-        for p in self.procs:
-            p.join(timeout=2) if not p.is_alive() else None
+    def step_failed(self, exc: BaseException):
+        """A step (or a broadcast) on rank 0 raised `exc`. The ranks are now out of step (a follower may sit in
+        a collective rank 0 will never join), so the engine is over: the workers are stopped, and an Exception
+        becomes EngineDeadError naming a dead worker if there is one (a KeyboardInterrupt is left to propagate)."""
+        if isinstance(exc, EngineDeadError):
+            raise exc
+        # a dying peer's sockets (and its sentinel pipe) close a moment before the kernel reports its exit:
+        # give it up to 2 s to become reapable
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and all(p.is_alive() for p in self.procs):
+            time.sleep(0.01)
         dead = self._dead_workers()
-        if dead and not self.stopped:
-            self.dead = self.dead or "; ".join(dead)
-            raise EngineDeadError(f"tensor-parallel worker {self.dead}: the engine is stopped ({type(exc).__name__}: "
+        if self.dead is None:
+            self.dead = "; ".join(dead) if dead else f"rank 0 failed mid-step ({type(exc).__name__}: {exc})"
+        self.stop()
+        if isinstance(exc, Exception):
+            raise EngineDeadError(f"tensor parallel: {self.dead}; the engine is stopped ({type(exc).__name__}: "
                                   f"{exc})") from exc
 
     def _send(self, plan, embeds: torch.Tensor | None = None):
@@ -167,8 +180,8 @@ class TPLeader:
             dist.broadcast_object_list([plan], src=0)
             if embeds is not None:
                 dist.broadcast(embeds.contiguous(), src=0)
-        except RuntimeError as exc:
-            self.raise_if_dead(exc)
+        except BaseException as exc:
+            self.step_failed(exc)
             raise
 
     # -- the plan ---------------------------------------------------------------------------------------------
@@ -186,14 +199,14 @@ class TPLeader:
         if self.stopped:
             return
         self.stopped = True
-        if self.dead is None and not self._dead_workers():
+        if self.dead is None and not self._dead_workers():  # in step: the workers wait for a plan
             try:
                 dist.broadcast_object_list([("stop",)], src=0)
             except RuntimeError:
                 pass
-        for p in self.procs:
-            p.join(timeout=JOIN_S)
-        for p in self.procs:
+            for p in self.procs:
+                p.join(timeout=JOIN_S)
+        for p in self.procs:  # out of step (or slow to stop): they may sit in a collective forever
             if p.is_alive():
                 p.kill()  # by pid, our own child
                 p.join(timeout=5)
@@ -231,6 +244,6 @@ def start(path, world: int, dtype=None, device: str | torch.device | None = None
         dead = leader._dead_workers()
         leader.stop()
         if dead:
-            raise EngineDeadError(f"tensor-parallel worker {'; '.join(dead)} while starting") from exc
+            raise EngineDeadError(f"tensor parallel: {'; '.join(dead)} while starting") from exc
         raise
     return leader, model, generation
