@@ -69,3 +69,12 @@ def test_preemption_by_recompute_is_exact(tiny_pair, backbone):
     assert engine.scheduler.num_preemptions > 0
     assert engine.pool.num_used == 0
     assert engine.pool.num_allocated == engine.pool.num_released
+
+
+def test_sliding_window_is_respected(tiny_pair):
+    """Mistral with a 300-token window: prompts of 1,500-3,100 tokens, chunks of 128, decodes past the window."""
+    model, _ = tiny_pair("mistral", text_overrides={"sliding_window": 300})
+    assert set(model.model.language_model.windows) == {300}
+    prompts = [case(sizes, seed) for sizes, seed in MIXED[:3]]
+    engine = LLMEngine(model, None, block_size=16, max_num_batched_tokens=128)
+    _check_all(model, run(engine, prompts, GREEDY, stagger=2), prompts)
