@@ -1,5 +1,5 @@
 """The engine's import arrows (LAYOUT.md): engine/* stands on model/, sampling/, preprocess/, loading/,
-config and errors only; never generation/, compat/, entrypoints/, fastapi, ray or transformers."""
+parallel/ (tensor parallel workers), config and errors only; never generation/, compat/, entrypoints/, fastapi, ray or transformers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[1] / "llava_next" / "engine"
 ALLOWED = ("llava_next.engine", "llava_next.model", "llava_next.sampling", "llava_next.preprocess",
-           "llava_next.loading", "llava_next.config", "llava_next.errors")
+           "llava_next.loading", "llava_next.parallel", "llava_next.config", "llava_next.errors")
 FORBIDDEN_TOP = {"transformers", "fastapi", "ray", "mistral_common", "bench", "uvicorn"}
 
 

@@ -56,6 +56,22 @@ class _CheckedMoves:
         return super().cuda(device)
 
 
+def _load(cls, name_or_path, kwargs):
+    """load_pretrained, with transformers' tensor-parallel options (`tp_plan="auto"`, `tp_size=N`): under
+    torch.distributed.run each rank builds its shard of the decoder and reads only its slices (parallel/)."""
+    tp_plan, tp_size = kwargs.pop("tp_plan", None), kwargs.pop("tp_size", None)
+    if tp_plan is None and tp_size is None:
+        return load_pretrained(cls, name_or_path, **kwargs)
+    from llava_next.parallel.loading import ShardedLoad
+    from llava_next.parallel.tensor_parallel import from_env
+
+    tp = from_env(tp_plan or "auto", tp_size)
+    model, generation = load_pretrained(cls, name_or_path, tensor_parallel=ShardedLoad(tp), **kwargs)
+    if hasattr(model, "tensor_parallel"):
+        model.tensor_parallel = tp
+    return model, generation
+
+
 class LlavaNextModel(_CheckedMoves, LlavaNextCore):
     """Vision tower + projector + image_newline + decoder; forward returns `last_hidden_state`."""
 
@@ -67,7 +83,7 @@ class LlavaNextModel(_CheckedMoves, LlavaNextCore):
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextModel":
         """transformers' from_pretrained (loading/pretrained.py); the base model keeps no generation config."""
-        return load_pretrained(cls, name_or_path, **kwargs)[0]
+        return _load(cls, name_or_path, kwargs)[0]
 
     # -- input checks -------------------------------------------------------------------------------------
     def check_inputs(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None,
@@ -202,11 +218,12 @@ class LlavaNextForConditionalGeneration(_CheckedMoves, nn.Module):
         self.generation_config = GenerationConfig()
         self.generation_lock = threading.Lock()  # serialises generate() on this model (see the module docstring)
         self._runner: DecodeRunner | None = None
+        self.tensor_parallel = None  # parallel.tensor_parallel.TensorParallel when loaded with tp_plan / tp_size
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextForConditionalGeneration":
         """transformers' from_pretrained (loading/pretrained.py), with the checkpoint's generation_config.json."""
-        model, generation = load_pretrained(cls, name_or_path, **kwargs)
+        model, generation = _load(cls, name_or_path, kwargs)
         model.generation_config = GenerationConfig(**(generation or {}))
         return model
 
@@ -257,4 +274,6 @@ class LlavaNextForConditionalGeneration(_CheckedMoves, nn.Module):
 
     def generate(self, input_ids=None, **kwargs):
         """transformers' generate (generation/generate.py; beam search with num_beams > 1)."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.sync_rng(kwargs.get("generator"))  # every rank samples rank 0's draws
         return generate(self, input_ids=input_ids, **kwargs)

@@ -9,11 +9,17 @@ Chat messages use OpenAI's content parts: {"type": "text", "text"}, {"type": "im
 {"url": "data:..." | path | URL}}, {"type": "image", "image": PIL}; they are rendered by the processor's chat
 template (add_generation_prompt=True) and the images go with the prompt in order.
 
+`LLM(path, tensor_parallel_size=N)` (N > 1) starts N - 1 worker processes (tp_workers.py): this process is
+rank 0 and schedules, the workers follow; each rank loads only its slices of the decoder. `shutdown()` (also
+at garbage collection and interpreter exit) stops them; a worker's death makes every later call raise
+EngineDeadError. `kv_cache_memory_bytes` is per rank.
+
 Leaves out: beam search, embeddings/score APIs, LoRA, `llm.encode`, prompt logprobs.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 
 import torch
@@ -44,9 +50,26 @@ class LLM:
                  max_num_batched_tokens=None, kv_cache_memory_bytes=None, block_size: int = 16,
                  enable_prefix_caching: bool = True, limit_mm_per_prompt=None, tensor_parallel_size: int = 1,
                  seed: int = 0, processor=None, **engine_args):
-        if tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported by LLM yet")
-        if isinstance(model, torch.nn.Module):
+        self._tp_leader = None
+        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
+                or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
+        if tensor_parallel_size > 1:
+            if isinstance(model, torch.nn.Module):
+                raise ValueError("tensor_parallel_size > 1 needs a checkpoint path or hub id, not a built model: "
+                                 "each rank loads only its own slices of the weights")
+            from llava_next.engine import tp_workers
+            from llava_next.loading.hub import MODEL_PATTERNS, resolve_folder
+            from llava_next.preprocess.processor import LlavaNextProcessor
+
+            folder = resolve_folder(model, allow_patterns=MODEL_PATTERNS)  # downloaded once, read by every rank
+            self._tp_leader, built, generation = tp_workers.start(folder, tensor_parallel_size,
+                                                                 _dtype(dtype) or "auto", device)
+            built.generation_config = generation or {}
+            if processor is None:
+                processor = LlavaNextProcessor.from_pretrained(model)
+            atexit.register(self._tp_leader.stop)  # the leader, not self: an unused LLM can still be collected
+        elif isinstance(model, torch.nn.Module):
             built = model
             if device is not None:
                 built = built.to(device)
@@ -64,11 +87,30 @@ class LLM:
             if processor is None:
                 processor = LlavaNextProcessor.from_pretrained(model)
         self.model, self.processor = built, processor
-        self.llm_engine = LLMEngine(built, processor, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                    max_num_batched_tokens=max_num_batched_tokens,
-                                    kv_cache_memory_bytes=kv_cache_memory_bytes, block_size=block_size,
-                                    enable_prefix_caching=enable_prefix_caching,
-                                    limit_mm_per_prompt=limit_mm_per_prompt, seed=seed, **engine_args)
+        try:
+            self.llm_engine = LLMEngine(built, processor, tp_leader=self._tp_leader,
+                                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                                        max_num_seqs=max_num_seqs,
+                                        max_num_batched_tokens=max_num_batched_tokens,
+                                        kv_cache_memory_bytes=kv_cache_memory_bytes, block_size=block_size,
+                                        enable_prefix_caching=enable_prefix_caching,
+                                        limit_mm_per_prompt=limit_mm_per_prompt, seed=seed, **engine_args)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self):
+        """Stop the tensor-parallel workers (no-op with one process); the LLM cannot generate afterwards."""
+        leader, self._tp_leader = getattr(self, "_tp_leader", None), None
+        if leader is not None:
+            atexit.unregister(leader.stop)
+            leader.stop()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass
 
     def get_tokenizer(self):
         return None if self.processor is None else self.processor.tokenizer

@@ -18,7 +18,12 @@ stop token ids, stop strings after min_tokens, max_tokens, the context) and retu
 request that got a token or finished this step. Finished and aborted requests release their blocks in the
 step that ends them. The engine object itself is single-threaded: driver.py owns it from one thread.
 
-Leaves out: priorities, LoRA, prompt logprobs, tensor parallelism (tensor_parallel_size must be 1), a fused GPU
+Tensor parallelism: given a `tp_leader` (tp_workers.py; LLM(tensor_parallel_size=N) builds it), this engine
+is rank 0: its model's decoder is sharded, the KV pool holds this rank's KV heads, the pool size it decides
+is sent to the followers, and each step's plan is broadcast to them (model_runner.py). A worker's death ends
+a step with EngineDeadError.
+
+Leaves out: priorities, LoRA, prompt logprobs, a fused GPU
 paged kernel and CUDA graphs (the reference kernel runs everywhere).
 """
 
@@ -69,8 +74,9 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported by this engine yet (parallel/ shards a model)")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}")
 
 
 def _image_limit(limit) -> int:
@@ -103,9 +109,16 @@ class _Group:
 
 
 class LLMEngine:
-    def __init__(self, model, processor=None, **engine_args):
+    def __init__(self, model, processor=None, tp_leader=None, **engine_args):
         args = EngineArgs(**engine_args)
         args.check()
+        world = 1 if tp_leader is None else tp_leader.world
+        if args.tensor_parallel_size != world:
+            raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} but the model runs on {world} "
+                             "rank(s); use LLM(model_path, tensor_parallel_size=N), which starts the workers")
+        self.tp_leader = tp_leader
+        # KV heads this rank holds (per rank when the decoder is sharded)
+        self.kv_heads = model.model.language_model.layers[0].self_attn.kv_heads
         self.args = args
         self.model, self.processor = model, processor
         self.config = model.config
@@ -123,7 +136,9 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids(args.eos_token_id)
         self.block_size = args.block_size
         num_blocks = self._num_blocks(args, text)
-        self.kv_cache = PagedKVCache(text.num_hidden_layers, num_blocks, args.block_size, text.num_key_value_heads,
+        if tp_leader is not None:
+            tp_leader.setup(num_blocks, args.block_size)  # every rank's pool: the same blocks, its own heads
+        self.kv_cache = PagedKVCache(text.num_hidden_layers, num_blocks, args.block_size, self.kv_heads,
                                      text.head_dim, self.dtype, self.device)
         self.pool = BlockPool(num_blocks, args.block_size, args.enable_prefix_caching)
         self.encoder_cache = EncoderCache(args.encoder_cache_tokens or max(4 * self.max_num_batched_tokens, 16384))
@@ -131,7 +146,7 @@ class LLMEngine:
 
         self.scheduler = Scheduler(self.pool, self.encoder_cache, self.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
-        self.runner = ModelRunner(model, self.kv_cache, self.encoder_cache, args.seed)
+        self.runner = ModelRunner(model, self.kv_cache, self.encoder_cache, args.seed, tp_leader)
         self.groups: dict[str, _Group] = {}
         self._arrivals = 0
         self._aborted: list[_Group] = []
@@ -157,7 +172,7 @@ class LLMEngine:
         return tuple(int(i) for i in ([given] if isinstance(given, int) else given))
 
     def _num_blocks(self, args: EngineArgs, text) -> int:
-        per_block = PagedKVCache.bytes_per_block(text.num_hidden_layers, args.block_size, text.num_key_value_heads,
+        per_block = PagedKVCache.bytes_per_block(text.num_hidden_layers, args.block_size, self.kv_heads,
                                                  text.head_dim, self.dtype)
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks
@@ -185,7 +200,7 @@ class LLMEngine:
                                 vision.image_size, device=self.device, dtype=self.dtype)
             self.model.model.encode_images(tiles, [(1008, 1008)] * n_images)
             probe = PagedKVCache(self.config.text_config.num_hidden_layers, 1 + -(-self.max_num_batched_tokens //
-                                 args.block_size), args.block_size, self.config.text_config.num_key_value_heads,
+                                 args.block_size), args.block_size, self.kv_heads,
                                  self.config.text_config.head_dim, self.dtype, self.device)
             from llava_next.engine.paged_attention import PagedAttention
 
@@ -194,6 +209,8 @@ class LLMEngine:
                                   [(0, T, list(range(probe.num_blocks)))], self.device)
             decoder = self.model.model.language_model
             embeds = torch.zeros(1, T, self.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
+            if self.tp_leader is not None:  # the followers run the same worst-case forward
+                self.tp_leader.profile(embeds, probe.num_blocks, args.block_size)
             hidden = decoder(embeds, torch.arange(T, device=self.device)[None], meta)
             self.model.lm_head(hidden[0, -self.max_num_seqs:])
             del probe, meta, hidden, embeds, tiles
@@ -390,7 +407,12 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step.is_empty:
             t0 = time.perf_counter()
-            seqs, tokens, logprobs = self.runner.execute(step)
+            try:
+                seqs, tokens, logprobs = self.runner.execute(step)
+            except BaseException as exc:
+                if self.tp_leader is not None:  # the ranks are out of step: stop them, EngineDeadError
+                    self.tp_leader.step_failed(exc)
+                raise
             for seq, _, num_new in step.scheduled:
                 self.scheduler.update(seq, num_new)
             for seq, token, lp in zip(seqs, tokens, logprobs):

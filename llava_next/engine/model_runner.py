@@ -11,7 +11,10 @@ and applies the lm_head only to the last position of sequences that reached thei
 `EngineModel` is the small module a checkpoint loads into (parameter names `model.*` and `lm_head.weight`)
 when the engine is built from a path.
 
-Leaves out: CUDA graphs for pure-decode steps and torch.compile (eager everywhere), tensor parallelism.
+Under tensor parallelism (tp_workers.py) rank 0's runner hands each step's pieces and embeddings to the
+`tp_leader` right before the decoder forward, so the follower ranks run the same forward on their shards.
+
+Leaves out: CUDA graphs for pure-decode steps and torch.compile (eager everywhere).
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ class EngineModel(nn.Module):
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, encoder_cache: EncoderCache, seed: int = 0):
+    def __init__(self, model, cache: PagedKVCache, encoder_cache: EncoderCache, seed: int = 0, tp_leader=None):
         self.model = model
+        self.tp_leader = tp_leader  # tp_workers.TPLeader when the decoder is sharded over worker processes
         self.core = model.model
         self.decoder = self.core.language_model
         self.cache, self.encoder_cache = cache, encoder_cache
@@ -93,6 +97,8 @@ class ModelRunner:
             row += num_new
         meta = PagedAttention(self.cache, self.decoder.windows, pieces, self.device)
         pos = torch.cat(positions).to(self.device)[None]  # (1, T)
+        if self.tp_leader is not None:
+            self.tp_leader.step(pieces, embeds[None])  # the followers run this forward on their shards
         hidden = self.decoder(embeds[None], pos, meta)  # (1, T, D)
         if not samplers:
             return [], [], []

@@ -115,14 +115,14 @@ class DecodeRunner:
         """An empty cache with room for `length` tokens (pooled and graph-backed on GPU, fresh on CPU)."""
         text = self.model.config.text_config
         device = self.model.device
+        # the layers' own KV head count: per rank when the decoder is tensor-parallel (parallel/)
+        kv_heads = self.model.model.language_model.layers[0].self_attn.kv_heads
         size = -(-length // BUCKET) * BUCKET  # slack lets a conversation's next turn continue in place
         if not self.static:
-            return StaticKVCache(text.num_hidden_layers, batch, text.num_key_value_heads, size, text.head_dim,
-                                 dtype, device)
+            return StaticKVCache(text.num_hidden_layers, batch, kv_heads, size, text.head_dim, dtype, device)
         key = (batch, size, dtype)
         if key not in self._pool:
-            cache = StaticKVCache(text.num_hidden_layers, batch, text.num_key_value_heads, size, text.head_dim,
-                                  dtype, device)
+            cache = StaticKVCache(text.num_hidden_layers, batch, kv_heads, size, text.head_dim, dtype, device)
             self._pool[key] = (cache, _CapturedStep(self, cache, graphs=self.use_graphs))
         cache, _ = self._pool[key]
         if self._last is not None and self._last[1] is cache:

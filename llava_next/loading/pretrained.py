@@ -5,7 +5,10 @@ transformers' no-op loading options are ignored, anything else is a TypeError be
 the model and the generation settings (the `generation_config=` argument or generation_config.json), which
 the caller (compat/modeling.py) turns into its GenerationConfig.
 
-Leaves out: tensor-parallel loading (parallel/), pre-quantized checkpoints.
+`tensor_parallel=` is a hook from parallel/loading.py (`device`, `prepare(model)` after the meta build,
+`tensors(files)` streaming only the rank's slices); this file never imports parallel/.
+
+Leaves out: the tensor-parallel rewrite itself (parallel/), pre-quantized checkpoints.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def load_tensors(model, tensors, dtype: torch.dtype, device_map, quantization_co
 def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_map=None, device=None,
                     quantization_config=None, attn_implementation=None, allow_pickle: bool = False,
                     config: LlavaNextConfig | str | None = None, generation_config=None,
-                    use_safetensors: bool | None = None, **kwargs):
+                    use_safetensors: bool | None = None, tensor_parallel=None, **kwargs):
     """Build `cls` from a folder or hub id: config, meta-device build, streamed strict load, one cast.
 
     kwargs as transformers' `from_pretrained`: config fields (`vision_feature_layer=-3`, ...) override
@@ -108,12 +111,22 @@ def load_pretrained(cls, name_or_path, *, dtype=None, torch_dtype=None, device_m
         config = LlavaNextConfig.from_dict(raw, **overrides)
     target_dtype = resolve_dtype(torch_dtype if dtype is None else dtype, config)
     backend = check_backend(attn_implementation)
+    if tensor_parallel is not None:
+        if quantization_config is not None or device_map not in (None, "auto") or device is not None:
+            raise ValueError(f"{where}: tp_plan/tp_size place each rank on its own device (cuda:LOCAL_RANK or cpu); "
+                             "device_map=, device= and quantization_config= cannot be combined with it")
+        device_map = str(tensor_parallel.device)
     device_map = normalise_device_map(device_map, device, canonical_name)
     with torch.device("meta"):
         model = cls(config)
     files = _tensor_files(folder, allow_pickle)
-    tensors = with_progress(iter_checkpoint(files), files, str(name_or_path))
-    load_tensors(model, tensors, target_dtype, device_map, quantization_config, str(name_or_path))
+    if tensor_parallel is not None:
+        tensor_parallel.prepare(model)
+        tensors = with_progress(tensor_parallel.tensors(files), files, str(name_or_path))
+        load_state(model, tensors, target_dtype, device_map, source=str(name_or_path))
+    else:
+        tensors = with_progress(iter_checkpoint(files), files, str(name_or_path))
+        load_tensors(model, tensors, target_dtype, device_map, quantization_config, str(name_or_path))
     finish_build(model, backend)
     gen_path = folder / "generation_config.json"
     if generation_config is not None:
