@@ -45,6 +45,7 @@ from pathlib import Path
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 COLUMNS = ("image", "text", "error", "worker")
 MAX_ERROR_CHARS = 300
+WAIT_FOR_WORKERS_S = 900  # every actor must have loaded its engine by then, else the job fails (never hangs)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -366,17 +367,29 @@ class Progress:
         self.total, self.done, self.new, self.errors = total, done, 0, 0
         self.start = time.perf_counter()
         self.last = 0.0
+        self.first = None  # (time, rows) of the first batch: the rate after it leaves out start-up
+        self.end = None
 
     def update(self, rows: int, errors: int) -> None:
-        self.done, self.new, self.errors = self.done + rows, self.new + rows, self.errors + errors
         now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, rows)
+        self.end = now
+        self.done, self.new, self.errors = self.done + rows, self.new + rows, self.errors + errors
         if self.enabled and (now - self.last >= 0.5 or self.done >= self.total):
             self.last = now
             self.stream.write(f"\r{self.done}/{self.total} rows, {self.rate():.2f} rows/s, {self.errors} errors")
             self.stream.flush()
 
     def rate(self) -> float:
-        return self.new / max(time.perf_counter() - self.start, 1e-9)
+        """Rows per second since the job started (actor start-up and model loading included)."""
+        return self.new / max((self.end or time.perf_counter()) - self.start, 1e-9)
+
+    def steady_rate(self) -> float | None:
+        """Rows per second after the first batch arrived (None with fewer than two batches)."""
+        if self.first is None or self.end is None or self.end <= self.first[0]:
+            return None
+        return (self.new - self.first[1]) / (self.end - self.first[0])
 
     def close(self) -> None:
         if self.enabled and self.last:
@@ -408,6 +421,8 @@ def _quiet_ray_data(ray, interactive: bool) -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours replaces them
+    # start work only when every actor has its engine (fair spread; too few CPUs/GPUs is an error, not a hang)
+    ctx.wait_for_min_actors_s = WAIT_FOR_WORKERS_S
     if not interactive:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
@@ -451,11 +466,13 @@ def run(args, stream=None) -> int:
                 write_part(out, rows, run_id, index)
                 progress.update(len(rows), sum(r["error"] is not None for r in rows))
         progress.close()
-        n_rows, added = merge(out)
+        n_rows, _ = merge(out)
     finally:
         if started:
             ray.shutdown()
-    stream.write(f"{out}: {n_rows} rows ({added} new, {total - len(todo)} already written, "
-                 f"{progress.errors} new errors), {progress.rate():.2f} rows/s\n")
+    steady = progress.steady_rate()
+    steady = "" if steady is None else f", {steady:.2f} after the first batch"
+    stream.write(f"{out}: {n_rows} rows; captioned {progress.new} now ({progress.errors} errors, "
+                 f"{progress.rate():.2f} rows/s{steady}), skipped {total - len(todo)} already written\n")
     stream.flush()
     return 0
