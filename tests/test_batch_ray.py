@@ -271,3 +271,20 @@ def test_llava_next_never_imports_ray():
             "assert 'ray' not in sys.modules, 'ray imported'")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_progress_on_a_terminal_only():
+    from llava_next.entrypoints.batch.ray_job import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        progress = Progress(total=10, done=4, stream=stream)
+        progress.update(2, 0)
+        progress.update(4, 1)
+        progress.close()
+    assert "\r10/10 rows" in tty.getvalue() and "rows/s, 1 errors" in tty.getvalue() and tty.getvalue().endswith("\n")
+    assert pipe.getvalue() == ""

@@ -24,6 +24,11 @@ What it implements:
   sorted by `image`. A rerun after a kill merges the earlier parts too. Progress (rows done / total, rows/s)
   goes to stderr when it is a terminal; nothing but a final summary line otherwise.
 
+Resume matches inputs by the path as found, so rerun with the same --input spelling (a relative folder and its
+absolute path are different inputs). Ray's start-up lines and its one "constructor arguments in the object
+store" log line still reach stderr. Ray runs its workers at nice 15: on a shared machine set
+RAY_worker_niceness=0 to run them at normal priority.
+
 Leaves out: retrying error rows on a rerun (they count as written; delete them from OUT to retry), more than
 one image or prompt per row, a directory of parquet files or webdataset shards as input, parquet inputs without
 a `path` column beyond what fits in the driver (they are read there to number their rows), remote filesystems
@@ -42,10 +47,17 @@ import time
 import uuid
 from pathlib import Path
 
+from llava_next.errors import LlavaNextError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 COLUMNS = ("image", "text", "error", "worker")
 MAX_ERROR_CHARS = 300
 WAIT_FOR_WORKERS_S = 900  # every actor must have loaded its engine by then, else the job fails (never hangs)
+
+
+class BatchJobError(LlavaNextError):
+    """The Ray job failed (an actor died, the cluster went away): the rows flushed so far stay in OUT.parts/
+    and a rerun of the same command resumes from them."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -460,11 +472,16 @@ def run(args, stream=None) -> int:
                 ds, args.model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                 num_workers=args.num_workers, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                 image_column=image_column, path_column="path")
-            for index, batch in enumerate(captioned.iter_batches(batch_size=None, batch_format="pyarrow")):
-                rows = [{"image": str(r["path"]), "text": r["text"], "error": r["error"], "worker": r["worker"]}
-                        for r in batch.to_pylist()]
-                write_part(out, rows, run_id, index)
-                progress.update(len(rows), sum(r["error"] is not None for r in rows))
+            try:
+                for index, batch in enumerate(captioned.iter_batches(batch_size=None, batch_format="pyarrow")):
+                    rows = [{"image": str(r["path"]), "text": r["text"], "error": r["error"],
+                             "worker": r["worker"]} for r in batch.to_pylist()]
+                    write_part(out, rows, run_id, index)
+                    progress.update(len(rows), sum(r["error"] is not None for r in rows))
+            except ray.exceptions.RayError as exc:
+                progress.close()
+                raise BatchJobError(f"the Ray job failed after {progress.new} rows ({_one_line(exc)}); they are "
+                                    f"kept in {_parts_dir(out)}: rerun the same command to resume") from exc
         progress.close()
         n_rows, _ = merge(out)
     finally:
