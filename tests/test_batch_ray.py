@@ -20,12 +20,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-
 from test_pipeline import full_checkpoint
 
 from llava_next.entrypoints.cli import main
@@ -214,7 +212,7 @@ def test_rerun_captions_only_new_images_and_keeps_rows(first_run, folder, checkp
 
     err = batch(checkpoint, cluster, f"{folder.parent}/*/*.*[gfp]", resumed, capsys)  # png, jpg, webp, bmp, gif
 
-    assert f"captioned 2 now (0 errors" in err and f"skipped {len(lines)} already written" in err
+    assert "captioned 2 now (0 errors" in err and f"skipped {len(lines)} already written" in err
     new_lines = resumed.read_text(encoding="utf-8").splitlines(keepends=True)
     assert new_lines[:len(lines) - 1] == lines[:-1]  # earlier rows byte for byte, in place
     tail = [json.loads(line) for line in new_lines[len(lines) - 1:]]
@@ -269,7 +267,8 @@ def test_llava_next_never_imports_ray():
     code = ("import sys; import llava_next, llava_next.entrypoints.cli, llava_next.entrypoints.batch.ray_job; "
             "from llava_next.entrypoints.cli import build_parser; build_parser(); "
             "assert 'ray' not in sys.modules, 'ray imported'")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stderr
 
 

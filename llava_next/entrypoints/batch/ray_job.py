@@ -68,7 +68,7 @@ def _one_line(exc: BaseException) -> str:
 def _import_ray():
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as exc:
         raise ImportError("llava-next batch needs Ray Data: pip install 'llava_next[ray]'") from exc
     return ray
@@ -120,7 +120,7 @@ class Captioner:
         try:
             outputs = self.llm.chat([self._conversation(im) for im in images], self.params, use_tqdm=False)
             return [(out.outputs[0].text, None) for out in outputs]
-        except Exception:  # noqa: BLE001 - isolate the failing image below
+        except Exception:  # isolate the failing image below
             if len(images) == 1:
                 raise
         results = []
@@ -209,10 +209,10 @@ def caption_dataset(ds, model: str, prompt: str, *, max_tokens: int = 64, temper
     resources.update(map_batches_kwargs)
     return ds.map_batches(
         Captioner,
-        fn_constructor_kwargs=dict(model=str(model), prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-                                   top_p=top_p, seed=seed, dtype=dtype, device=device, image_column=image_column,
-                                   path_column=path_column, keep_image_column=keep_image_column,
-                                   engine_kwargs=engine_kwargs),
+        fn_constructor_kwargs={"model": str(model), "prompt": prompt, "max_tokens": max_tokens,
+                               "temperature": temperature, "top_p": top_p, "seed": seed, "dtype": dtype,
+                               "device": device, "image_column": image_column, "path_column": path_column,
+                               "keep_image_column": keep_image_column, "engine_kwargs": engine_kwargs},
         batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_workers), **resources)
 
@@ -324,8 +324,7 @@ def write_part(out: Path, rows: list[dict], run_id: str, index: int) -> None:
     final = parts / f"part-{run_id}-{index:06d}.jsonl"
     tmp = parts / f".{final.name}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -345,8 +344,7 @@ def merge(out: Path) -> tuple[int, int]:
     out.parent.mkdir(parents=True, exist_ok=True)
     if _output_format(str(out)) == "jsonl":
         with open(tmp, "w", encoding="utf-8") as f:
-            for line, _ in old:
-                f.write(line)
+            f.writelines(line for line, _ in old)
             for row in added:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
