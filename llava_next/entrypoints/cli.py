@@ -3,6 +3,8 @@
     llava-next generate --image cat.png --prompt "What is shown in this image?"   (streams the answer)
     llava-next chat [--image PATH]             interactive: /image PATH, /reset, /quit
     llava-next demo-checkpoint DIR             an offline checkpoint with RANDOM weights (llava_next.entrypoints.demo)
+    llava-next batch MODEL --input DIR|GLOB|FILE.parquet --prompt TEXT --output OUT.jsonl|OUT.parquet
+                                               caption a dataset on Ray Data (llava_next.entrypoints.batch.ray_job)
 
 `--model` is a checkpoint folder or a hub id (default llava-hf/llava-v1.6-mistral-7b-hf). Bad input (a missing
 folder or image, an unreachable hub, an out-of-range argument) ends with one line on stderr, `llava-next: error:
@@ -94,7 +96,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-next", description="LLaVA-NeXT (LLaVA-1.6) in pure PyTorch.")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,demo-checkpoint}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,demo-checkpoint,batch}")
     sub.required = True
     gen = sub.add_parser("generate", help="answer one prompt about images, streaming the answer")
     _add_model_args(gen)
@@ -107,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="overwrite a non-empty folder")
     demo.add_argument("--quiet", action="store_true",
                       help="no RANDOM WEIGHTS warning here (generate and chat print it when they load the checkpoint)")
+    batch = sub.add_parser("batch", help="caption a folder, glob or parquet file of images on Ray Data (resumable)")
+    batch.add_argument("model", help="checkpoint folder or hub id")
+    batch.add_argument("--input", required=True, help="a folder of images, a glob, or a .parquet file")
+    batch.add_argument("--prompt", required=True, help="the instruction, sent with each image")
+    batch.add_argument("--output", required=True, help="OUT.jsonl or OUT.parquet; a rerun skips rows already there")
+    batch.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens per caption at most (64)")
+    batch.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy")
+    batch.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    batch.add_argument("--num-workers", type=_positive_int, default=1, help="Ray actors, one engine each (1)")
+    batch.add_argument("--batch-size", type=_positive_int, default=8, help="images per engine call (8)")
+    batch.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
+    batch.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda: one GPU per worker")
     return parser
 
 
@@ -282,6 +296,13 @@ def cmd_demo_checkpoint(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from llava_next.entrypoints.batch.ray_job import run
+
+    args.dtype = DTYPES[args.dtype]
+    return run(args)
+
+
 # ---------------------------------------------------------------------- entry point
 
 
@@ -293,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        command = {"generate": cmd_generate, "chat": cmd_chat, "demo-checkpoint": cmd_demo_checkpoint}[args.command]
+        command = {"generate": cmd_generate, "chat": cmd_chat, "demo-checkpoint": cmd_demo_checkpoint,
+                   "batch": cmd_batch}[args.command]
         return command(args)
     except KeyboardInterrupt:
         _say("interrupted")
