@@ -86,7 +86,7 @@ def _generate(model, input_ids, attention_mask, pixel_values, image_sizes, input
             streamer.put(prompt.cpu())
         pick = _token_picker(processors, screen, kwargs.get("generator"), valid, seen,
                              scores if want_scores else None, raw_logits if want_logits else None)
-        length = _decode_loop(model, plan, prefill, sequences, P, pick, seen, streamer, head=screen is None)
+        length = _decode_loop(model, plan, prefill, sequences, P, pick, seen, valid, streamer, head=screen is None)
         if streamer is not None:
             streamer.end()
         if reuse:  # remember what the cache holds (prompt + all but the last new token) for the next turn
@@ -128,8 +128,8 @@ def _token_picker(processors: LogitsPipeline, screen, generator, valid, seen, sc
     return pick
 
 
-def _decode_loop(model, plan, prefill: Prefill, sequences: torch.Tensor, prompt_len: int, pick, seen, streamer,
-                 head: bool) -> int:
+def _decode_loop(model, plan, prefill: Prefill, sequences: torch.Tensor, prompt_len: int, pick, seen, valid,
+                 streamer, head: bool) -> int:
     """Fill sequences[:, prompt_len:] token by token until every row stopped or the budget is spent; returns
     the filled length. Finished rows get pad_token_id."""
     B = sequences.shape[0]
@@ -142,8 +142,8 @@ def _decode_loop(model, plan, prefill: Prefill, sequences: torch.Tensor, prompt_
         tokens = torch.where(unfinished, pick(out, sequences[:, :length]), pad)  # (B,)
         sequences[:, length] = tokens
         length += 1
-        if seen is not None:
-            LogitsPipeline.mark_seen(seen, tokens)
+        if seen is not None:  # valid: transformers ignores each row's first leading-pad-many positions
+            LogitsPipeline.mark_seen(seen, tokens, None if valid is None else valid[:, length - 1])
         if streamer is not None:
             streamer.put(tokens.cpu())
         unfinished &= ~eos_reached(tokens, eos)

@@ -123,9 +123,14 @@ class LogitsPipeline:
         return torch.zeros(input_ids.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device).scatter_(1, ids, True)
 
     @staticmethod
-    def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Add one new token per row, tokens (B,), to a `seen_tokens` mask in place."""
-        seen.scatter_(1, tokens.clamp(0, seen.shape[1] - 1)[:, None], True)
+    def mark_seen(seen: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add one new token per row, tokens (B,), to a `seen_tokens` mask in place; rows where valid (B,) is
+        False are not counted (their position is ignored, as in seen_tokens)."""
+        spare = seen.shape[1] - 1
+        ids = tokens.clamp(0, spare)
+        if valid is not None:
+            ids = ids.masked_fill(~valid, spare)
+        seen.scatter_(1, ids[:, None], True)
 
     def sample(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return sample_next_token(scores, self.params, generator)
