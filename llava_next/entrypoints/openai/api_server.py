@@ -29,6 +29,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -88,10 +89,12 @@ class ServerState:
             logger.warning("shutdown: ending %d unfinished request(s)", self.serving.end_all())
 
     def close(self) -> None:
+        start = time.monotonic()
         if self.engine is not None:
             self.engine.shutdown(timeout=5.0)
         if self.serving is not None:
             self.serving.executor.shutdown(wait=False, cancel_futures=True)
+        logger.info("engine stopped in %.2f s", time.monotonic() - start)
 
 
 def _error_response(error: APIError):
@@ -320,7 +323,9 @@ def make_server(app, state: ServerState, host: str = "127.0.0.1", port: int = 80
 
         async def shutdown(self, sockets=None):
             await state.drain()  # in-flight requests finish (or are ended) while the listener still answers 503
+            start = time.monotonic()
             await super().shutdown(sockets)
+            logger.info("uvicorn shutdown took %.2f s", time.monotonic() - start)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=max(1, int(state.shutdown_timeout + 0.999)),
@@ -360,10 +365,6 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
 
     if args.tensor_parallel_size != 1:
         raise error_cls("--tensor-parallel-size > 1 is not supported by the engine yet")
-    from llava_next.engine.llm import LLM
-
-    if args.quantization and "quantization" not in inspect.signature(LLM.__init__).parameters:
-        raise error_cls(f"--quantization {args.quantization} is not supported by the engine yet")
     if args.max_queued_requests < 0:
         raise error_cls("--max-queued-requests must be >= 0")
     if args.limit_mm_per_prompt is not None and args.limit_mm_per_prompt < 0:
@@ -380,7 +381,11 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
             raise error_cls(f"--chat-template {args.chat_template}: {exc.strerror or exc}") from exc
     if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
         raise error_cls(f"--allowed-local-media-path {args.allowed_local_media_path}: not a folder")
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    from llava_next.engine.llm import LLM  # torch: after the cheap checks
+
+    if args.quantization and "quantization" not in inspect.signature(LLM.__init__).parameters:
+        raise error_cls(f"--quantization {args.quantization} is not supported by the engine yet")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = args.served_model_name or [args.model]
     state = ServerState(names, args.api_key, args.max_request_bytes, args.shutdown_timeout)
     media = MediaPolicy(frozenset(args.allowed_media_domains), args.allowed_local_media_path)
@@ -410,8 +415,16 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
             server.should_exit = True
 
     print(f"llava-next: loading {args.model} ...", file=sys.stderr, flush=True)
-    threading.Thread(target=load, name="llava-next-load", daemon=True).start()
+    loader = threading.Thread(target=load, name="llava-next-load", daemon=True)
+    loader.start()
     run(server, sock)
     if state.load_error is not None:
         raise error_cls(f"could not load {args.model}: {state.load_error}")
-    return 0
+    if loader.is_alive():
+        print("llava-next: stopped while loading the model", file=sys.stderr, flush=True)
+    # Everything is closed: skip the interpreter's teardown, which takes seconds with torch loaded (and aborts
+    # when the loader thread is still inside torch), so the exit stays within --shutdown-timeout.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
