@@ -70,7 +70,7 @@ class BlockPool:
             self.ref_count[block] = 1
             out.append(block)
         self.num_allocated += n
-        return out
+        return sorted(out)  # blocks freed together come back adjacent: one slice of the pool (paged_attention)
 
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """The cached blocks of the longest prefix of `hashes` (not yet referenced: call `touch`)."""

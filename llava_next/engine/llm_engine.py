@@ -440,8 +440,12 @@ class LLMEngine:
     def _completion(self, seq: Sequence) -> CompletionOutput:
         out_ids = seq.output_ids
         visible = len(seq.text)
-        if not seq.finished and seq.params.stop:  # hold back what could still become a stop string
-            visible = max(seq.sent_text, len(seq.text) - max(len(s) for s in seq.params.stop) + 1)
+        if not seq.finished:
+            if seq.params.stop:  # hold back what could still become a stop string
+                visible = len(seq.text) - max(len(s) for s in seq.params.stop) + 1
+            if seq.text.endswith("\ufffd"):  # an incomplete UTF-8 character: its next byte token may fix it
+                visible = min(visible, len(seq.text.rstrip("\ufffd")))
+            visible = max(seq.sent_text, visible)
         new_ids, new_text = out_ids[seq.sent_tokens:], seq.text[seq.sent_text:visible]
         seq.sent_tokens, seq.sent_text = len(out_ids), visible
         return CompletionOutput(seq.index, seq.text[:visible] if not seq.finished else seq.text, list(out_ids),

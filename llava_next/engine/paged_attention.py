@@ -6,11 +6,11 @@ keys and values wherever their blocks lie.
 
 `PagedAttention` is the decoder's attention metadata (model/attention.py) for one engine step: the batch is
 flattened (B = 1, T = every scheduled token of every sequence, no padding). Each layer writes its T new
-keys/values at `slot_mapping` (T,), then every sequence attends over its own pages: the decodes of the step
-together (their pages gathered into one (n, Hkv, S_max, Hd) batch, padding masked), each prefill chunk alone
-(its pages gathered, SDPA with the causal offset: query at position p sees keys 0..p). A sliding window
-(Mistral) masks keys more than `window` positions back. Exact on the CPU in fp32: the same SDPA calls
-generate() makes, over the same keys.
+keys/values at `slot_mapping` (T,), then every sequence attends over its own pages: its context [0, end) is
+read as runs of adjacent blocks (one slice, a view, when its blocks are adjacent, as blocks allocated together
+are; otherwise the runs are concatenated), and SDPA runs with the causal offset (a query at position p sees
+keys 0..p; a decode query sees every key, unmasked). A sliding window (Mistral) masks keys more than
+`window` positions back. Exact on the CPU in fp32: the same SDPA calls generate() makes, over the same keys.
 
 Leaves out: a fused paged kernel (FlexAttention/Triton; gather + SDPA moves each context once more per step),
 KV quantization, freeing blocks that slid out of the window.
@@ -44,6 +44,20 @@ class PagedKVCache:
         return slots[start - first * bs: end - first * bs]
 
 
+def slot_runs(block_ids: list[int], block_size: int, end: int) -> list[tuple[int, int]]:
+    """Positions [0, end) of a sequence as runs of consecutive slots [(first, last + 1), ...]: blocks allocated
+    together are usually adjacent, so a context is one or a few slices (views, no gather)."""
+    runs: list[list[int]] = []
+    for i, block in enumerate(block_ids[: -(-end // block_size)]):
+        a = block * block_size
+        b = a + min(block_size, end - i * block_size)
+        if runs and runs[-1][1] == a:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    return [(a, b) for a, b in runs]
+
+
 class PagedAttention:
     """Attention metadata of one flattened step.
 
@@ -53,62 +67,31 @@ class PagedAttention:
     def __init__(self, cache: PagedKVCache, windows, pieces: list[tuple[int, int, list[int]]],
                  device: torch.device):
         self.cache = cache
-        slot_mapping, decode_rows, decode_slots, decode_len, self.chunks = [], [], [], [], []
+        bs = cache.block_size
+        slot_mapping, self.pieces = [], []
         row = 0
         for start, num_new, blocks in pieces:
             end = start + num_new
-            slots = cache.slots(blocks, 0, end)  # (end,) every position the sequence can see
-            slot_mapping.append(slots[start:])
-            if num_new == 1:
-                decode_rows.append(row)
-                decode_slots.append(slots)
-                decode_len.append(end)
-            else:
-                positions = torch.arange(start, end, device=device)
-                self.chunks.append((row, row + num_new, slots.to(device),
-                                    causal_masks(windows, positions, None, end)))
+            slot_mapping.append(cache.slots(blocks, start, end))
+            positions = torch.arange(start, end, device=device)
+            self.pieces.append((row, row + num_new, slot_runs(blocks, bs, end),
+                                causal_masks(windows, positions, None, end)))
             row += num_new
         self.num_tokens = row
         self.slot_mapping = torch.cat(slot_mapping).to(device)  # (T,)
-        self.decode = None
-        if decode_rows:
-            S = max(decode_len)
-            n = len(decode_rows)
-            padded = torch.zeros(n, S, dtype=torch.long)
-            for i, s in enumerate(decode_slots):
-                padded[i, : s.shape[0]] = s
-            lengths = torch.tensor(decode_len)
-            key_idx = torch.arange(S)
-            masks = {}
-            for window in windows:
-                valid = key_idx[None] < lengths[:, None]  # (n, S)
-                if window is not None:
-                    valid = valid & (lengths[:, None] - 1 - key_idx[None] < window)
-                masks[window] = None if bool(valid.all()) else valid[:, None, None, :].to(device)  # (n, 1, 1, S)
-            self.decode = (torch.tensor(decode_rows, device=device), padded.to(device), masks)
 
     def attend(self, layer, q, k, v, window, scale, backend):
-        """q (1, H, T, Hd), new k/v (1, Hkv, T, Hd) -> (1, H, T, Hd)."""
+        """q (1, H, T, Hd), new k/v (1, Hkv, T, Hd) -> (1, H, T, Hd): each sequence over its own pages."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]  # (Hkv, slots, Hd)
         keys.index_copy_(1, self.slot_mapping, k[0])
         values.index_copy_(1, self.slot_mapping, v[0])
-        if self.decode is not None and not self.chunks and self.decode[0].shape[0] == self.num_tokens:
-            return self._decodes(q, keys, values, window, scale, backend).transpose(0, 2)  # pure decode step
-        out = torch.empty_like(q)
-        if self.decode is not None:
-            rows = self.decode[0]
-            out[:, :, rows] = self._decodes(q, keys, values, window, scale, backend).transpose(0, 2)
-        for first, last, slots, masks in self.chunks:
-            kr, vr = keys[:, slots][None], values[:, slots][None]  # (1, Hkv, S, Hd)
-            out[:, :, first:last] = attend(q[:, :, first:last], kr, vr, masks[window], scale, backend)
-        return out
-
-    def _decodes(self, q, keys, values, window, scale, backend):
-        """The step's one-token queries together: (n, H, 1, Hd) over their padded pages."""
-        rows, padded, masks = self.decode
-        qd = q[0, :, rows][:, :, None].transpose(0, 1)  # (n, H, 1, Hd)
-        n, S = padded.shape
-        flat = padded.reshape(-1)
-        kd = keys[:, flat].view(keys.shape[0], n, S, -1).transpose(0, 1)  # (n, Hkv, S, Hd)
-        vd = values[:, flat].view(values.shape[0], n, S, -1).transpose(0, 1)
-        return attend(qd, kd, vd, masks[window], scale, backend)  # (n, H, 1, Hd)
+        outs = []
+        for first, last, runs, masks in self.pieces:
+            if len(runs) == 1:  # one slice of the pool: a view
+                (a, b), = runs
+                kr, vr = keys[:, a:b], values[:, a:b]  # (Hkv, S, Hd)
+            else:
+                kr = torch.cat([keys[:, a:b] for a, b in runs], dim=1)
+                vr = torch.cat([values[:, a:b] for a, b in runs], dim=1)
+            outs.append(attend(q[:, :, first:last], kr[None], vr[None], masks[window], scale, backend))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

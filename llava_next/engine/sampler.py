@@ -20,9 +20,9 @@ from llava_next.sampling.logits import LogitsPipeline
 
 
 def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy with no penalties: an argmax (after EOS/stop ids are masked while min_tokens holds them back)."""
     p = seq.params
-    return (p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-            and (p.min_tokens == 0 or not (seq.eos_token_ids or seq.stop_token_ids)))
+    return p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
 
 
 class Sampler:
@@ -48,7 +48,13 @@ class Sampler:
         tokens = [0] * len(seqs)
         greedy_rows = [i for i, s in enumerate(seqs) if _plain_greedy(s)]
         if greedy_rows:
-            picked = logits[greedy_rows].argmax(-1).tolist()
+            rows = logits[greedy_rows]
+            for j, i in enumerate(greedy_rows):  # min_tokens: EOS and stop ids get -inf (the pipeline's rule)
+                seq = seqs[i]
+                if seq.num_output_tokens < seq.params.min_tokens and (seq.eos_token_ids or seq.stop_token_ids):
+                    stops = sorted(set(seq.eos_token_ids) | set(seq.stop_token_ids))
+                    rows[j, [t for t in stops if t < rows.shape[-1]]] = float("-inf")
+            picked = rows.argmax(-1).tolist()
             for i, t in zip(greedy_rows, picked):
                 tokens[i] = t
         for i, seq in enumerate(seqs):

@@ -49,10 +49,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, encoder_cache: EncoderCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, lookahead_tokens: int = 128):
         self.pool, self.encoder_cache = pool, encoder_cache
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len
+        # While at least a quarter of the pool is free, a sequence that needs blocks takes enough for up to this
+        # many tokens more (never past its max_tokens), so its pages stay adjacent (one slice to attend over).
+        self.lookahead_tokens = lookahead_tokens
         self.block_size = pool.block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # arrival order
@@ -80,6 +83,15 @@ class Scheduler:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def _lookahead(self, seq: Sequence, num_tokens: int, need: int, free: int) -> int:
+        """Extra blocks to take with `need` while the pool is roomy (0 when a quarter of it is no longer free)."""
+        if need <= 0 or not self.lookahead_tokens:
+            return 0
+        final = seq.prompt_len + (seq.max_tokens or 0)
+        target = self._blocks_for(min(final, num_tokens + self.lookahead_tokens))
+        extra = max(0, target - self._blocks_for(num_tokens))
+        return extra if free - need - extra >= self.pool.num_blocks // 4 else 0
+
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` blocks for `num_tokens` positions; False (nothing allocated) when the pool is short."""
         need = self._blocks_for(num_tokens) - len(seq.block_ids)
@@ -87,6 +99,7 @@ class Scheduler:
             return True
         if need > self.pool.num_free:
             return False
+        need += self._lookahead(seq, num_tokens, need, self.pool.num_free)
         seq.block_ids.extend(self.pool.allocate(need))
         return True
 
@@ -143,6 +156,7 @@ class Scheduler:
                 self.pool.touch(hits)
                 seq.block_ids = list(hits)
                 seq.num_hashed_blocks = len(hits)
+                need += self._lookahead(seq, computed + num_new, need, self.pool.num_free)
                 seq.block_ids.extend(self.pool.allocate(need))
                 seq.num_computed_tokens = computed
                 if seq.num_cached_tokens is None:  # reported once, at first scheduling (as vLLM)
