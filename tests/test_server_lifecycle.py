@@ -93,7 +93,7 @@ def test_sigterm_with_streams_in_flight_exits_zero(tiny_checkpoint, tiny_root):
         for t in [*threads, short]:
             t.join(10)
         assert code == 0, proc.stderr.read()[-2000:]
-        assert elapsed < 6 + 2, elapsed
+        assert elapsed < 6 + 4, elapsed  # the timeout, plus a margin for a loaded machine
         assert results["short"][-1] == "data: [DONE]"
         assert json.loads(results["short"][-2][6:])["choices"][0]["finish_reason"] == "length"
         for i in range(2):

