@@ -12,9 +12,12 @@ The report (text, and JSON with --json) has completed/failed requests, request t
 p50/p99 (mean too) of TTFT, TPOT, ITL and e2e in milliseconds.
 
 `--overhead CHECKPOINT` instead measures the server's cost over the offline engine: the same chat request,
-sent --overhead-runs times one after another, first through `llava_next.LLM(...).chat` in this process, then
-through a `llava-next serve` subprocess (non-streamed, the openai client); it reports both p50s and their
-difference (the engine and its prefix cache are the same in both).
+--overhead-runs times, alternating between `llava_next.LLM(...).chat` and the full server path (the openai
+client, HTTP on 127.0.0.1, FastAPI, the thread pool, AsyncEngine's thread) served by uvicorn in a thread of
+this process on its own engine of the same checkpoint. Alternating and one process keep the comparison fair on
+a small shared machine (a server subprocess measured against the offline engine in another process mostly
+measures the two processes' torch threads competing for the cores). It reports both p50s, their difference
+and the p50 of the paired differences.
 
 Leaves out: goodput/SLO accounting, dataset files (ShareGPT etc.), multi-turn sessions, the completions API.
 """
@@ -31,10 +34,11 @@ import os
 import random
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llava_next, not an installed one
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge every box of "
          "mixed pickled vegetables near the old harbour at dawn").split()
@@ -157,10 +161,14 @@ def free_port() -> int:
 
 def run_overhead(args) -> dict:
     """p50 latency of one non-streamed chat request: offline engine vs the server (see the module docstring)."""
-    import httpx
+    import threading
+
     import openai
 
     from llava_next import LLM, SamplingParams
+    from llava_next.engine.driver import AsyncEngine
+    from llava_next.entrypoints.openai import api_server
+    from llava_next.entrypoints.openai.media import MediaPolicy
 
     rng = random.Random(args.seed)
     content = [{"type": "text", "text": "Describe the picture in detail."}]
@@ -169,49 +177,47 @@ def run_overhead(args) -> dict:
         content.insert(0, {"type": "image_url", "image_url": {"url": png_data_url(w, h, rng)}})
     messages = [{"role": "user", "content": content}]
     runs = args.overhead_runs
-
-    llm = LLM(args.overhead, dtype="float32", device="cpu")
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    llm = LLM(args.overhead, dtype="float32", device="cpu")  # the offline engine
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    llm.chat(messages, params, use_tqdm=False)  # warm-up
-    offline = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        out = llm.chat(messages, params, use_tqdm=False)
-        offline.append(time.perf_counter() - t)
-    offline_text = out[0].outputs[0].text
-    del llm
 
-    port = free_port()
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llava_next.entrypoints.cli", "serve", args.overhead, "--port",
-                             str(port), "--served-model-name", "bench", "--dtype", "float32", "--device", "cpu"],
-                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.DEVNULL)
+    # the server: its own engine on the same checkpoint, uvicorn in a thread of this process
+    served_llm = LLM(args.overhead, dtype="float32", device="cpu")
+    state = api_server.ServerState(["bench"])
+    api_server.make_serving(AsyncEngine(served_llm.llm_engine), state, media=MediaPolicy(),
+                            max_num_seqs=served_llm.llm_engine.max_num_seqs)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = api_server.make_server(api_server.build_app(state), state, "127.0.0.1", sock.getsockname()[1])
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="none", max_retries=0,
+                           timeout=120)
+    body = dict(model="bench", messages=messages, max_tokens=args.max_tokens, temperature=0,
+                extra_body={"ignore_eos": True})
+    offline, served, diffs = [], [], []
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-        body = dict(model="bench", messages=messages, max_tokens=args.max_tokens, temperature=0,
-                    extra_body={"ignore_eos": True})
-        client.chat.completions.create(**body)  # warm-up (and the connection)
-        served = []
-        for _ in range(runs):
+        client.chat.completions.create(**body)  # warm-ups (and the connection)
+        llm.chat(messages, params, use_tqdm=False)
+        for _ in range(runs):  # interleaved, so drifts in the machine's load hit both alike
+            t = time.perf_counter()
+            out = llm.chat(messages, params, use_tqdm=False)
+            offline.append(time.perf_counter() - t)
             t = time.perf_counter()
             r = client.chat.completions.create(**body)
             served.append(time.perf_counter() - t)
-        same = r.choices[0].message.content == offline_text
+            diffs.append(served[-1] - offline[-1])
+        same = r.choices[0].message.content == out[0].outputs[0].text
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.should_exit = True
+        thread.join(30)
     off50, srv50 = pct(offline, 0.5), pct(served, 0.5)
     return {"runs": runs, "max_tokens": args.max_tokens, "image": args.overhead_image or None,
             "offline_p50_ms": off50 * 1000, "server_p50_ms": srv50 * 1000, "overhead_p50_ms": (srv50 - off50) * 1000,
+            "paired_overhead_p50_ms": pct(diffs, 0.5) * 1000,
             "offline_p99_ms": pct(offline, 0.99) * 1000, "server_p99_ms": pct(served, 0.99) * 1000,
             "same_text": same}
 
@@ -237,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--overhead", default=None, metavar="CHECKPOINT", help="measure server vs offline instead")
     p.add_argument("--overhead-runs", type=int, default=30)
+    p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the overhead run")
     p.add_argument("--overhead-image", default=None, metavar="WxH", help="add an image to the overhead request")
     args = p.parse_args(argv)
     if args.overhead:
