@@ -131,6 +131,8 @@ def test_backpressure_gives_exactly_the_expected_503s(folder):
             cm.__exit__(None, None, None)
         assert wait_until(lambda: s.metrics()["llava_next_num_requests_admitted"] == 0, 2)
         assert httpx.post(url, json=_long_body(False, 3), timeout=30).status_code == 200
+        too_many = httpx.post(url, json={**_long_body(False, 3), "n": 3}, timeout=10)  # can never fit: 400, not 503
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
         m = s.metrics()
         assert m['llava_next_requests_total{endpoint="/v1/chat/completions",status="503"}'] == 7
     finally:

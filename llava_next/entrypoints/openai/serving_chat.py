@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,8 @@ from llava_next.entrypoints.openai.errors import APIError, bad_request, clean, f
 from llava_next.entrypoints.openai.media import MediaPolicy
 from llava_next.errors import EngineDeadError, SamplingParamsError
 
+logger = logging.getLogger("llava_next.server")
+
 
 class Admission:
     """The server's bound on work: sequences admitted (running + waiting in the engine, or about to be)."""
@@ -42,6 +45,9 @@ class Admission:
         self.limit, self.used = limit, 0
 
     def acquire(self, n: int) -> None:
+        if n > self.limit:  # could never be admitted: not worth a retry
+            raise bad_request(f"n={n} is more than this server admits at once ({self.limit} sequences)", "n",
+                              "invalid_parameter")
         if self.used + n > self.limit:
             raise APIError(503, f"the server is at capacity ({self.limit} sequences running or queued); retry later",
                            "service_unavailable", None, "server_overloaded", {"Retry-After": "1"})
@@ -162,7 +168,7 @@ class OpenAIServing:
         params = self.sampling_params(req, max_tokens, logprobs)
         messages, urls = self._conversation(req)
         return await self._serve("chat", req, params, arrival, request,
-                                 lambda: self._prepare_chat(messages, urls, params))
+                                 lambda: self._prepare_chat(messages, urls, params), len(urls))
 
     # -- completions ---------------------------------------------------------------------------------------
     async def completion(self, req: P.CompletionRequest, request):
@@ -185,7 +191,8 @@ class OpenAIServing:
                                  lambda: self.llm.prepare(engine_prompt, params))
 
     # -- the common path -----------------------------------------------------------------------------------
-    async def _serve(self, kind: str, req, params: SamplingParams, arrival: float, request, prepare):
+    async def _serve(self, kind: str, req, params: SamplingParams, arrival: float, request, prepare,
+                     num_urls: int = 0):
         if not self.engine.healthy:
             raise from_library(EngineDeadError("the engine is not running"))
         self.admission.acquire(params.n)  # no await before this line: the count is exact
@@ -196,12 +203,15 @@ class OpenAIServing:
             loop = asyncio.get_running_loop()
             try:
                 prepared = await asyncio.wait_for(loop.run_in_executor(self.executor, prepare),
-                                                  self.media.timeout + 30.0)
+                                                  self.media.timeout * max(1, num_urls) + 20.0)
             except asyncio.TimeoutError:
                 raise bad_request("preparing the request took too long (image download or decoding)", "messages",
                                   "timeout") from None
             except Exception as exc:  # typed library errors -> 4xx; anything else -> 500 without details
-                raise from_library(exc) from None
+                error = from_library(exc)
+                if error.status >= 500:
+                    logger.error("preparing %s failed", request_id, exc_info=exc)
+                raise error from None
             self.active[request_id] = active
             stream = self.engine.submit(request_id, prepared)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
