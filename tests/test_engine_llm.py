@@ -10,7 +10,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import llava_next

@@ -1,0 +1,202 @@
+"""Preparing a request: everything that can fail on a bad prompt, before any model work (thread-safe, CPU only).
+
+`RequestPreparer.prepare(prompt, params)` tokenizes, expands `<image>` through the processor, preprocesses
+images into tiles and hashes their pixels (`mm_hash`: blake2b of the tiles' bytes, shape, dtype and the
+original size), finds each image's span of placeholders, and checks: prompt + max_tokens beyond
+`max_model_len` (ContextLengthError), more images than `limit_mm_per_prompt` (TooManyImagesError),
+placeholders that do not match the images (ImageTokenMismatchError), tiles of the wrong shape or with NaN
+(InvalidImageError), a request that could never fit the KV pool (KVCacheCapacityError), ids outside the
+vocabulary or an empty prompt (ModelInputError). It reads only its own settings and the processor, so a server
+may call it from many threads while the engine thread steps.
+
+A prompt is a string, `{"prompt": str, "multi_modal_data": {"image": PIL | [PIL]}}`, or
+`{"prompt_token_ids": [...], "multi_modal_data": ...}` whose ids already hold every image's placeholders. An
+image may also be given preprocessed as `{"pixel_values": (tiles, 3, S, S) tensor, "image_size": (H, W)}`.
+
+Leaves out: videos, image embeddings as input, prompt truncation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import torch
+
+from llava_next.engine.params import SamplingParams
+from llava_next.engine.request import ImageItem, PreparedRequest
+from llava_next.errors import (ContextLengthError, ImageTokenMismatchError, InvalidImageError, KVCacheCapacityError,
+                               ModelInputError, TooManyImagesError)
+
+DEFAULT_IMAGE_LIMIT = 8  # images per prompt when limit_mm_per_prompt is not given
+
+
+def image_limit(limit) -> int:
+    if limit is None:
+        return DEFAULT_IMAGE_LIMIT
+    if isinstance(limit, dict):
+        unknown = set(limit) - {"image"}
+        if unknown:
+            raise ValueError(f"limit_mm_per_prompt: only 'image' is supported, got {sorted(unknown)}")
+        limit = limit.get("image", DEFAULT_IMAGE_LIMIT)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit_mm_per_prompt must be a non-negative int or {{'image': int}}, got {limit!r}")
+    return limit
+
+def mm_hash(tiles: torch.Tensor, size: tuple[int, int]) -> str:
+    """Content hash of one preprocessed image: its tiles' bytes, dtype, shape and original size."""
+    h = hashlib.blake2b(digest_size=16)
+    arr = tiles.detach().cpu().contiguous()
+    h.update(f"{tuple(arr.shape)}|{arr.dtype}|{size[0]}x{size[1]}|".encode())
+    h.update(arr.numpy().tobytes() if arr.dtype != torch.bfloat16 else arr.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+
+class RequestPreparer:
+    """The checks and preprocessing of LLMEngine.prepare, over the engine's fixed settings."""
+
+    def __init__(self, config, processor, vocab_size: int, max_model_len: int, image_limit: int, block_size: int,
+                 num_blocks: int):
+        self.config, self.processor = config, processor
+        self.geometry = config.geometry
+        self.image_token_id = config.image_token_index
+        self.vocab_size, self.max_model_len, self.image_limit = vocab_size, max_model_len, image_limit
+        self.block_size, self.num_blocks = block_size, num_blocks
+
+    def prepare(self, prompt, params: SamplingParams | None = None) -> PreparedRequest:
+        """Validate and preprocess one prompt (see the module docstring); raises a typed ValueError."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be llava_next.SamplingParams, got {type(params).__name__}")
+        params = dataclasses.replace(params)  # a private, re-validated copy
+        text, ids, images = self._parse_prompt(prompt)
+        if len(images) > self.image_limit:
+            raise TooManyImagesError(f"the prompt has {len(images)} images; at most {self.image_limit} are allowed "
+                                     f"per prompt (limit_mm_per_prompt)")
+        if ids is None:
+            ids, tiles = self._process(text, images)
+        else:
+            ids = self._check_ids(ids)
+            tiles = [self._preprocessed(im) for im in images]
+        items = self._spans(ids, tiles)
+        n = len(ids)
+        if n == 0:
+            raise ModelInputError("the prompt is empty: give at least one token")
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - n
+        if n + params.max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens (image tokens included) and max_tokens is {params.max_tokens}: "
+                f"{n + params.max_tokens} > max_model_len {self.max_model_len}; shorten the prompt, use fewer or "
+                "smaller images, or lower max_tokens")
+        if params.max_tokens < 1:
+            raise ContextLengthError(f"the prompt has {n} tokens: no room is left in max_model_len "
+                                     f"{self.max_model_len} to generate")
+        blocks = -(-(n + params.max_tokens) // self.block_size)
+        if blocks > self.num_blocks:
+            raise KVCacheCapacityError(
+                f"the request needs {blocks} KV blocks ({n} prompt + {params.max_tokens} new tokens) but the pool "
+                f"holds {self.num_blocks}; lower max_tokens or raise kv_cache_memory_bytes")
+        return PreparedRequest(text, ids, items, params)
+
+    def _parse_prompt(self, prompt):
+        if isinstance(prompt, str):
+            return prompt, None, []
+        if not isinstance(prompt, dict):
+            raise ModelInputError(f"a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got "
+                                  f"{type(prompt).__name__}")
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+        if unknown:
+            raise ModelInputError(f"unknown prompt keys {sorted(unknown)}")
+        mm = prompt.get("multi_modal_data") or {}
+        if not isinstance(mm, dict) or set(mm) - {"image"}:
+            raise ModelInputError("multi_modal_data must be a dict with one key, 'image'")
+        images = mm.get("image", [])
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+            raise ModelInputError("a prompt dict needs exactly one of 'prompt' or 'prompt_token_ids'")
+        if "prompt" in prompt:
+            if not isinstance(prompt["prompt"], str):
+                raise ModelInputError("'prompt' must be a string")
+            return prompt["prompt"], None, images
+        return None, prompt["prompt_token_ids"], images
+
+    def _check_ids(self, ids) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ModelInputError("prompt_token_ids must be a list of ints")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ModelInputError(f"prompt_token_ids hold ids outside the vocabulary (0..{self.vocab_size - 1}): "
+                                  f"{bad[:5]}")
+        return list(ids)
+
+    def _preprocessed(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        if isinstance(image, dict):
+            if set(image) != {"pixel_values", "image_size"}:
+                raise InvalidImageError("a preprocessed image is {'pixel_values': tensor, 'image_size': (H, W)}")
+            tiles = torch.as_tensor(image["pixel_values"])
+            size = tuple(int(v) for v in image["image_size"])
+            if tiles.dim() == 5 and tiles.shape[0] == 1:
+                tiles = tiles[0]
+            return tiles, size
+        if self.processor is None:
+            raise InvalidImageError("images other than {'pixel_values', 'image_size'} dicts need a processor")
+        out = self.processor.image_processor.preprocess([image], return_tensors=None, do_pad=False)
+        return torch.from_numpy(np.asarray(out["pixel_values"][0])), tuple(int(v) for v in out["image_sizes"][0])
+
+    def _process(self, text: str, images) -> tuple[list[int], list]:
+        if self.processor is None:
+            raise ModelInputError("a text prompt needs the engine's processor; give prompt_token_ids instead")
+        tok = self.processor.tokenizer
+        kwargs = {}
+        if tok.bos_token is not None and text.startswith(tok.bos_token):
+            kwargs["add_special_tokens"] = False  # a chat template already wrote BOS
+        if any(isinstance(im, dict) for im in images):
+            if not all(isinstance(im, dict) for im in images):
+                raise InvalidImageError("mix of preprocessed and raw images in one prompt")
+            prepared = [self._preprocessed(im) for im in images]
+            counts = iter(self.geometry.num_image_tokens(h, w) for _, (h, w) in prepared)
+            placeholders = text.count(self.processor.image_token)
+            if placeholders != len(prepared):
+                raise ImageTokenMismatchError(f"the prompt has {placeholders} {self.processor.image_token} "
+                                              f"placeholder(s) but {len(prepared)} image(s) were given")
+            encoded = tok([self.processor._expand(text, counts)], **kwargs)
+            return list(encoded["input_ids"][0]), prepared
+        out = self.processor(images=images or None, text=text, do_pad=False, **kwargs) if images else \
+            self.processor(text=text, **kwargs)
+        ids = list(out["input_ids"][0])
+        tiles = [(torch.from_numpy(np.asarray(pv)), tuple(int(v) for v in hw))
+                 for pv, hw in zip(out.get("pixel_values", []) if images else [], out.get("image_sizes", []) if images else [])]
+        return ids, tiles
+
+    def _spans(self, ids: list[int], images) -> list[ImageItem]:
+        """Each image's contiguous run of placeholders, in order; ImageTokenMismatchError otherwise."""
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        expected = []
+        vision = self.config.vision_config
+        for tiles, (h, w) in images:
+            if h < 1 or w < 1:
+                raise InvalidImageError(f"image sizes must be positive, got {(h, w)}")
+            want = (self.geometry.num_tiles(h, w), vision.num_channels, vision.image_size, vision.image_size)
+            if tuple(tiles.shape) != want or not tiles.is_floating_point():
+                raise InvalidImageError(f"an image of size {(h, w)} needs float tiles of shape {want}, got "
+                                        f"{tuple(tiles.shape)} {tiles.dtype}")
+            if not bool(tiles.isfinite().all()):
+                raise InvalidImageError("pixel values hold NaN or infinite values")
+            expected.append(self.geometry.num_image_tokens(h, w))
+        if len(positions) != sum(expected):
+            raise ImageTokenMismatchError(f"the prompt holds {len(positions)} image tokens, the {len(images)} "
+                                          f"image(s) give {sum(expected)} features")
+        items, cursor = [], 0
+        for (tiles, size), length in zip(images, expected):
+            span = positions[cursor: cursor + length]
+            if span[-1] - span[0] != length - 1:
+                raise ImageTokenMismatchError(f"image {len(items)}'s {length} placeholders are not contiguous")
+            items.append(ImageItem(tiles.float() if tiles.dtype == torch.float64 else tiles, size, span[0], length,
+                                   mm_hash(tiles, size)))
+            cursor += length
+        return items
