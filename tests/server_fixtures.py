@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import processor_fixtures
 
 MODEL = "tiny-llava"

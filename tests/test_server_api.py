@@ -16,8 +16,14 @@ import httpx
 import openai
 import pytest
 import torch
-
-from server_fixtures import MODEL, ThreadServer, data_url, full_checkpoint, image_message, png_bytes
+from server_fixtures import (
+    MODEL,
+    ThreadServer,
+    data_url,
+    full_checkpoint,
+    image_message,
+    png_bytes,
+)
 
 SIZES = [(40, 60), (300, 200)]
 

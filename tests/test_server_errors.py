@@ -14,8 +14,13 @@ import zlib
 import httpx
 import openai
 import pytest
-
-from server_fixtures import MODEL, ThreadServer, data_url, full_checkpoint, image_message, png_bytes
+from server_fixtures import (
+    MODEL,
+    ThreadServer,
+    data_url,
+    full_checkpoint,
+    png_bytes,
+)
 
 MAX_BODY = 1 << 20
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
@@ -42,7 +47,7 @@ def img(url):
 
 
 def nested(depth):
-    return '{"model": "%s", "messages": %s}' % (MODEL, "[" * depth + "]" * depth)
+    return f'{{"model": "{MODEL}", "messages": {"[" * depth + "]" * depth}}}'
 
 
 B = "invalid_json"
@@ -60,7 +65,7 @@ CORPUS = [
     ("top-null", CHAT, b"null", 400, B),
     ("nested-64", CHAT, nested(64), 400, B),
     ("nested-100k", CHAT, nested(100_000), 400, B),
-    ("lone-surrogate", CHAT, '{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % MODEL, 400, B),
+    ("lone-surrogate", CHAT, '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, B),
     ("invalid-utf8", CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, B),
     ("nan", CHAT, '{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, B),
     ("infinity", CHAT, '{"messages": [{"role": "user", "content": "x"}], "max_tokens": Infinity}', 400, B),

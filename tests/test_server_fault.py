@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import httpx
-
 from server_fixtures import MODEL, ThreadServer, full_checkpoint, wait_until
 
 

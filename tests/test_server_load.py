@@ -17,8 +17,15 @@ import time
 
 import httpx
 import pytest
-
-from server_fixtures import MODEL, ThreadServer, data_url, full_checkpoint, image_message, png_bytes, wait_until
+from server_fixtures import (
+    MODEL,
+    ThreadServer,
+    data_url,
+    full_checkpoint,
+    image_message,
+    png_bytes,
+    wait_until,
+)
 
 IMAGE_SIZES = [(20, 30), (60, 80), (300, 200), (336, 336), (100, 700), (700, 100)]
 TEXTS = ["Hello", "What is two plus two?", "Write a haiku about the sea.", "List three colours.",

@@ -21,9 +21,15 @@ import time
 
 import httpx
 import pytest
+from server_fixtures import (
+    MODEL,
+    ThreadServer,
+    full_checkpoint,
+    image_message,
+    png_bytes,
+)
 
 from llava_next.entrypoints.openai.media import MediaPolicy, is_public_address, parse_ip
-from server_fixtures import MODEL, ThreadServer, full_checkpoint, image_message, png_bytes
 
 PNG = png_bytes(30, 40, seed=3)
 
@@ -203,7 +209,7 @@ def test_byte_cap_and_deadline(setup):
 
 
 def test_local_files_only_under_the_allowed_folder(setup):
-    server, victim, _, media_dir, outside = setup
+    server, _, _, media_dir, outside = setup
     assert ask(server, (media_dir / "cat.png").as_uri()).status_code == 200
     for url in ((outside / "o.png").as_uri(), (media_dir / "escape.png").as_uri(),
                 f"file://{media_dir}/../{outside.name}/o.png", "file:///etc/passwd", "file://otherhost/etc/passwd",

@@ -409,7 +409,7 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
             print(f"llava-next: serving {names[0]!r} at http://{args.host}:{sock.getsockname()[1]} "
                   f"(max_model_len {llm.llm_engine.max_model_len}, max_num_seqs {llm.llm_engine.max_num_seqs})",
                   file=sys.stderr, flush=True)
-        except BaseException as exc:  # reported as one line by the CLI after the server stops
+        except BaseException as exc:  # noqa: BLE001 (reported as one line by the CLI after the server stops)
             state.load_error = " ".join(str(exc).split()) or type(exc).__name__
             state.phase = "failed"
             server.should_exit = True

@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import re
 
-from llava_next.errors import (ContextLengthError, EngineDeadError, ImageTokenMismatchError, InvalidImageError,
-                               KVCacheCapacityError, SamplingParamsError, TooManyImagesError)
+from llava_next.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    ImageTokenMismatchError,
+    InvalidImageError,
+    KVCacheCapacityError,
+    SamplingParamsError,
+    TooManyImagesError,
+)
 
 MAX_MESSAGE = 300
 _FIELD = re.compile(r"SamplingParams\.(\w+)")

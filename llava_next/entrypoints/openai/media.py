@@ -41,8 +41,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from llava_next.errors import InvalidImageError
 from llava_next.preprocess import images as image_io

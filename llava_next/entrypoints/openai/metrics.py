@@ -15,7 +15,7 @@ Leaves out: multi-process collection, per-model labels (one model per server), q
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,7 +33,7 @@ class _EngineCollector:
     def collect(self):
         try:
             s = self.stats()
-        except Exception:  # a dead engine still gets scraped
+        except Exception:  # noqa: BLE001 (a dead engine still gets scraped)
             s = {"healthy": False}
         gauges = (("num_requests_running", "num_running", "Sequences running in the engine"),
                   ("num_requests_waiting", "num_waiting", "Sequences waiting in the engine"),

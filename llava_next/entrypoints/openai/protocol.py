@@ -19,7 +19,7 @@ Leaves out: audio, tool calls, function calling, structured outputs, `logit_bias
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,7 +56,7 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class SystemMessage(BaseModel):
@@ -81,7 +81,7 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
 
 
-Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage], Field(discriminator="role")]
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
 
 
 class StreamOptions(BaseModel):

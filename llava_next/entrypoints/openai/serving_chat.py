@@ -31,7 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from llava_next.engine.params import SamplingParams
 from llava_next.entrypoints.openai import protocol as P
-from llava_next.entrypoints.openai.errors import APIError, bad_request, clean, from_library
+from llava_next.entrypoints.openai.errors import (
+    APIError,
+    bad_request,
+    clean,
+    from_library,
+)
 from llava_next.entrypoints.openai.media import MediaPolicy
 from llava_next.errors import EngineDeadError, SamplingParamsError
 
