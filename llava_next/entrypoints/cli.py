@@ -5,6 +5,7 @@
     llava-next demo-checkpoint DIR             an offline checkpoint with RANDOM weights (llava_next.entrypoints.demo)
     llava-next batch MODEL --input DIR|GLOB|FILE.parquet --prompt TEXT --output OUT.jsonl|OUT.parquet
                                                caption a dataset on Ray Data (llava_next.entrypoints.batch.ray_job)
+    llava-next serve MODEL [--port 8000] ...   the OpenAI-compatible server (llava_next.entrypoints.openai)
 
 `--model` is a checkpoint folder or a hub id (default llava-hf/llava-v1.6-mistral-7b-hf). Bad input (a missing
 folder or image, an unreachable hub, an out-of-range argument) ends with one line on stderr, `llava-next: error:
@@ -96,7 +97,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-next", description="LLaVA-NeXT (LLaVA-1.6) in pure PyTorch.")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,demo-checkpoint,batch}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,demo-checkpoint,serve,batch}")
     sub.required = True
     gen = sub.add_parser("generate", help="answer one prompt about images, streaming the answer")
     _add_model_args(gen)
@@ -121,6 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch-size", type=_positive_int, default=8, help="images per engine call (8)")
     batch.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
     batch.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda: one GPU per worker")
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (needs the 'serve' extra)")
+    serve.add_argument("model", help="checkpoint folder or hub id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (8000)")
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="model name(s) clients use (default: MODEL as given)")
+    serve.add_argument("--api-key", default=os.environ.get("LLAVA_NEXT_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                            "(default: $LLAVA_NEXT_API_KEY, else none)")
+    serve.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    serve.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (the model's)")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=None, help="sequences run at once (16 CPU, 128 GPU)")
+    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, help="tokens per engine step")
+    serve.add_argument("--max-queued-requests", type=int, default=64,
+                       help="sequences waiting beyond --max-num-seqs before 503 (64)")
+    serve.add_argument("--limit-mm-per-prompt", type=int, default=None, metavar="N", help="images per prompt (8)")
+    serve.add_argument("--allowed-media-domains", nargs="*", default=[], metavar="D",
+                       help="host names whose http(s) image URLs may be fetched (default: none; public "
+                            "addresses only, always)")
+    serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="allow file:// image URLs under this folder (default: none)")
+    serve.add_argument("--quantization", default=None, choices=["bitsandbytes-4bit", "bitsandbytes-8bit", "8bit"],
+                       help="load the weights quantized (bitsandbytes)")
+    serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1, help="GPUs per model (1)")
+    serve.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds to finish in-flight requests after SIGTERM (30)")
+    serve.add_argument("--max-request-bytes", type=_positive_int, default=32 * 1024 * 1024,
+                       help="largest request body (32 MiB)")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -296,6 +328,15 @@ def cmd_demo_checkpoint(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """`llava-next serve`: the server imports fastapi/uvicorn, so only this command needs the 'serve' extra."""
+    try:
+        from llava_next.entrypoints.openai.api_server import serve_from_args
+    except ImportError as exc:
+        raise CliError(f"serve needs the 'serve' extra (pip install 'llava_next[serve]'): {exc}") from exc
+    return serve_from_args(args, CliError)
+
+
 def cmd_batch(args) -> int:
     from llava_next.entrypoints.batch.ray_job import run
 
@@ -315,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = {"generate": cmd_generate, "chat": cmd_chat, "demo-checkpoint": cmd_demo_checkpoint,
-                   "batch": cmd_batch}[args.command]
+                   "serve": cmd_serve, "batch": cmd_batch}[args.command]
         return command(args)
     except KeyboardInterrupt:
         _say("interrupted")

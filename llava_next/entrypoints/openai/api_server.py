@@ -1,0 +1,430 @@
+"""The OpenAI-compatible HTTP server: FastAPI app factory, request guard, routes, lifecycle, uvicorn runner.
+
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`.
+One process: uvicorn (one worker) runs the app on the asyncio loop; the engine runs in its own thread
+(llava_next.engine.driver.AsyncEngine); image fetching, decoding, templating and tokenization run in a thread
+pool (serving_chat.py), so the loop only parses, routes and streams.
+
+Before any route runs, a plain ASGI guard (`_Guard`) answers: 401 for a missing or wrong API key on every path
+but `/health` (`Authorization: Bearer KEY`, compared with `hmac.compare_digest`, case-sensitive); 503 while
+the model loads or the server drains; for POST, 415 unless the content type is JSON and 413 when the declared
+Content-Length is over the limit (the body is not read). The body is then read with a byte count (413 past the
+limit, for chunked uploads too) and parsed with `read_json` (400 for invalid UTF-8/JSON, NaN/Infinity, lone
+surrogates, nesting deeper than `MAX_DEPTH`, a top level that is not an object). Every error, 404/405 for
+unknown routes included, is `{"error": {"message", "type", "param", "code"}}`; an unexpected exception is a
+500 with a fixed message (logged, never returned).
+
+`/health` is 200 only while the engine thread is alive and healthy and the server is serving; 503 while
+loading, draining or after an engine fault. SIGTERM (or SIGINT): the server stops admitting (503), lets
+in-flight requests finish until `shutdown_timeout` minus a margin, then aborts the rest (their streams end with
+an error event and `[DONE]`), stops the engine and exits 0.
+
+Leaves out: TLS termination (put a proxy in front), CORS, several API keys, the Responses/embeddings/audio
+APIs, multiple workers or models per server.
+"""
+
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from llava_next.entrypoints.openai import protocol as P
+from llava_next.entrypoints.openai.errors import APIError, bad_request, from_validation
+from llava_next.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger("llava_next.server")
+
+MAX_BODY_BYTES = 32 * 1024 * 1024  # data: URLs of a few large images
+MAX_DEPTH = 32
+
+
+class ServerState:
+    """What the routes and the lifecycle share. `serving` (OpenAIServing) is None until the model is loaded."""
+
+    def __init__(self, served_model_names: list[str], api_key: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 30.0):
+        self.names = list(served_model_names)
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.shutdown_timeout = shutdown_timeout
+        self.phase = "loading"  # loading | serving | draining | failed
+        self.serving = None
+        self.engine = None
+        self.metrics = ServerMetrics(self._stats, self._admitted)
+        self.load_error: str | None = None
+
+    def _stats(self) -> dict:
+        return self.engine.stats() if self.engine is not None else {"healthy": False}
+
+    def _admitted(self) -> int:
+        return self.serving.admission.used if self.serving is not None else 0
+
+    def attach(self, serving) -> None:
+        self.serving, self.engine = serving, serving.engine
+        if self.phase == "loading":
+            self.phase = "serving"
+
+    def healthy(self) -> bool:
+        engine = self.engine
+        if self.phase != "serving" or engine is None or not engine.healthy:
+            return False
+        thread = getattr(engine, "_thread", None)
+        return thread is None or thread.is_alive()
+
+    async def drain(self) -> None:
+        """Stop admitting; wait for in-flight requests until the deadline's margin, then end the rest."""
+        self.phase = "draining"
+        margin = min(2.0, 0.2 * self.shutdown_timeout)
+        end = time.monotonic() + max(0.0, self.shutdown_timeout - margin)
+        while self.serving is not None and self.serving.active and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if self.serving is not None and self.serving.active:
+            logger.warning("shutdown: ending %d unfinished request(s)", self.serving.end_all())
+
+    def close(self) -> None:
+        start = time.monotonic()
+        if self.engine is not None:
+            self.engine.shutdown(timeout=5.0)
+        if self.serving is not None:
+            self.serving.executor.shutdown(wait=False, cancel_futures=True)
+        logger.info("engine stopped in %.2f s", time.monotonic() - start)
+
+
+def _error_response(error: APIError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class _Guard:
+    """Auth, phase, content type and declared size, before routing (plain ASGI: no per-request task)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        error = self._check(scope)
+        if error is not None:
+            self.state.metrics.answered(_endpoint(scope["path"]), error.status)
+            return await _error_response(error)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _check(self, scope) -> APIError | None:
+        state, path = self.state, scope["path"]
+        headers = {}
+        for key, value in scope["headers"]:
+            headers.setdefault(key.lower(), value)
+        if path != "/health" and state.api_key is not None:
+            given = headers.get(b"authorization", b"")
+            expected = b"Bearer " + state.api_key.encode("utf-8")
+            if not hmac.compare_digest(given, expected):
+                return APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
+                                None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        if scope["method"] == "POST":
+            if state.phase in ("loading", "draining", "failed"):
+                return APIError(503, f"the server is {state.phase}; retry later", "service_unavailable", None,
+                                f"server_{state.phase}", {"Retry-After": "5"})
+            kind = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+            if kind != b"application/json":
+                return APIError(415, "the request body must be JSON (Content-Type: application/json)",
+                                "invalid_request_error", None, "unsupported_media_type")
+            length = headers.get(b"content-length")
+            if length is not None:
+                if not length.strip().isdigit():
+                    return bad_request("invalid Content-Length header", None, "invalid_request")
+                if int(length) > state.max_body_bytes:
+                    return APIError(413, f"the request body is over the limit of {state.max_body_bytes:,} bytes",
+                                    "invalid_request_error", None, "request_too_large")
+        return None
+
+
+def _endpoint(path: str) -> str:
+    return path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics") else "other"
+
+
+async def read_json(request, limit: int) -> dict:
+    """The body as a JSON object: counted while read (413), strict JSON (400)."""
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise APIError(413, f"the request body is over the limit of {limit:,} bytes", "invalid_request_error",
+                           None, "request_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise bad_request("the request body is empty; send a JSON object", None, "invalid_json")
+
+    def constant(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(body, parse_constant=constant)
+    except RecursionError:
+        raise bad_request(f"the JSON body is nested too deeply (at most {MAX_DEPTH} levels)", None,
+                          "invalid_json") from None
+    except UnicodeDecodeError:
+        raise bad_request("the request body is not valid UTF-8", None, "invalid_json") from None
+    except ValueError as exc:
+        message = str(exc).split(":", 1)[0]  # json's message without the document
+        raise bad_request(f"the request body is not valid JSON ({message[:80]})", None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    stack = [(data, 1)]
+    while stack:  # depth and strings in one walk
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"the JSON body is nested too deeply (at most {MAX_DEPTH} levels)", None, "invalid_json")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            for text in (key, item):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise bad_request("the request holds a lone UTF-16 surrogate (invalid Unicode)", None,
+                                          "invalid_json") from None
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+    return data
+
+
+def build_app(state: ServerState):
+    """The FastAPI application over `state` (its `serving` may be attached later, when the model is loaded)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from pydantic import ValidationError
+    from starlette.exceptions import HTTPException
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, state.close)
+
+    app = FastAPI(title="llava_next", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    class _Stream(StreamingResponse):
+        """SSE whose cleanup runs even when its generator never started (client gone before the first byte)."""
+
+        def __init__(self, events, close):
+            super().__init__(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self._close = close
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self._close(abort=True)  # a no-op when the generator already closed itself
+
+    async def handle(endpoint: str, request: Request, model_cls, method):
+        status = 500
+        try:
+            body = await read_json(request, state.max_body_bytes)
+            try:
+                req = model_cls.model_validate(body)
+            except ValidationError as exc:
+                raise from_validation(exc.errors(include_url=False, include_input=False)) from None
+            if state.serving is None:
+                raise APIError(503, "the model is loading; retry later", "service_unavailable", None,
+                               "server_loading", {"Retry-After": "5"})
+            result = await method(req, request)
+            status = 200
+            if isinstance(result, tuple):
+                return _Stream(*result)
+            return Response(result.model_dump_json(), media_type="application/json")
+        except APIError as error:
+            status = error.status
+            return _error_response(error)
+        except Exception:  # a bug: log it, never return it
+            logger.exception("unexpected error in %s", endpoint)
+            return _error_response(APIError(500, "internal server error", "server_error", None, "internal_error"))
+        finally:
+            state.metrics.answered(endpoint, status)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handle("/v1/chat/completions", request, P.ChatCompletionRequest,
+                            lambda req, r: state.serving.chat(req, r))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle("/v1/completions", request, P.CompletionRequest,
+                            lambda req, r: state.serving.completion(req, r))
+
+    @app.get("/v1/models")
+    async def models():
+        created = state.serving.created if state.serving is not None else int(time.time())
+        body = P.ModelList(data=[P.ModelCard(id=name, created=created) for name in state.names])
+        state.metrics.answered("/v1/models", 200)
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.get("/health")
+    async def health():
+        if state.healthy():
+            return JSONResponse({"status": "ok"})
+        reason = state.phase if state.phase != "serving" else "engine_unhealthy"
+        return _error_response(APIError(503, f"not ready: {reason}", "service_unavailable", None, reason,
+                                        {"Retry-After": "5"}))
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        kinds = {404: ("not_found_error", "the route does not exist"), 405: ("invalid_request_error",
+                                                                             "method not allowed on this route")}
+        kind, message = kinds.get(exc.status_code, ("invalid_request_error", "invalid request"))
+        state.metrics.answered("other", exc.status_code)
+        return _error_response(APIError(exc.status_code, message, kind, None, None))
+
+    @app.exception_handler(Exception)
+    async def crash(request, exc: Exception):
+        logger.exception("unexpected error")
+        return _error_response(APIError(500, "internal server error", "server_error", None, "internal_error"))
+
+    return _Guard(app, state)
+
+
+# ---------------------------------------------------------------------- running it
+
+
+def make_serving(engine, state: ServerState, *, media, max_num_seqs: int | None = None,
+                 max_queued_requests: int = 64, chat_template: str | None = None):
+    """OpenAIServing over an AsyncEngine, attached to `state`."""
+    from llava_next.entrypoints.openai.serving_chat import OpenAIServing
+
+    serving = OpenAIServing(engine, state.names, media, state.metrics,
+                            max_num_seqs=max_num_seqs or engine.engine.max_num_seqs,
+                            max_queued_requests=max_queued_requests, chat_template=chat_template)
+    state.attach(serving)
+    return serving
+
+
+def make_server(app, state: ServerState, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
+    """A uvicorn.Server whose SIGTERM/SIGINT starts the drain (see the module docstring)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if state.phase != "failed":
+                state.phase = "draining"  # new requests get 503 at once
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None):
+            await state.drain()  # in-flight requests finish (or are ended) while the listener still answers 503
+            start = time.monotonic()
+            await super().shutdown(sockets)
+            logger.info("uvicorn shutdown took %.2f s", time.monotonic() - start)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=max(1, int(state.shutdown_timeout + 0.999)),
+                            timeout_keep_alive=5)
+    return Server(config)
+
+
+def run(server, sock: socket.socket | None = None) -> None:
+    """Run until a signal; a re-raised SIGTERM/SIGINT (uvicorn does that at exit) is swallowed so we exit 0."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock] if sock is not None else None)
+
+
+_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_from_args(args, error_cls=RuntimeError) -> int:
+    """`llava-next serve`: check the flags, listen at once (/health is 503 while the model loads), load the model
+    in a background thread, serve until SIGTERM/SIGINT, exit 0 after the drain."""
+    import inspect
+    import sys
+    from pathlib import Path
+
+    from llava_next.entrypoints.openai.media import MediaPolicy
+
+    if args.tensor_parallel_size != 1:
+        raise error_cls("--tensor-parallel-size > 1 is not supported by the engine yet")
+    if args.max_queued_requests < 0:
+        raise error_cls("--max-queued-requests must be >= 0")
+    if args.limit_mm_per_prompt is not None and args.limit_mm_per_prompt < 0:
+        raise error_cls("--limit-mm-per-prompt must be >= 0")
+    if not (args.shutdown_timeout > 0):
+        raise error_cls("--shutdown-timeout must be > 0")
+    if not 0 <= args.port <= 65535:
+        raise error_cls(f"--port must be in 0..65535, got {args.port}")
+    template = None
+    if args.chat_template is not None:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise error_cls(f"--chat-template {args.chat_template}: {exc.strerror or exc}") from exc
+    if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
+        raise error_cls(f"--allowed-local-media-path {args.allowed_local_media_path}: not a folder")
+    from llava_next.engine.llm import LLM  # torch: after the cheap checks
+
+    if args.quantization and "quantization" not in inspect.signature(LLM.__init__).parameters:
+        raise error_cls(f"--quantization {args.quantization} is not supported by the engine yet")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = args.served_model_name or [args.model]
+    state = ServerState(names, args.api_key, args.max_request_bytes, args.shutdown_timeout)
+    media = MediaPolicy(frozenset(args.allowed_media_domains), args.allowed_local_media_path)
+    server = make_server(build_app(state), state, args.host, args.port, args.log_level)
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as exc:
+        raise error_cls(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+
+    def load() -> None:
+        try:
+            from llava_next.engine.driver import AsyncEngine
+
+            extra = {"quantization": args.quantization} if args.quantization else {}
+            llm = LLM(args.model, dtype=_DTYPES[args.dtype], device=args.device, max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      limit_mm_per_prompt=args.limit_mm_per_prompt, **extra)
+            make_serving(AsyncEngine(llm.llm_engine), state, media=media,
+                         max_num_seqs=llm.llm_engine.max_num_seqs, max_queued_requests=args.max_queued_requests,
+                         chat_template=template)
+            print(f"llava-next: serving {names[0]!r} at http://{args.host}:{sock.getsockname()[1]} "
+                  f"(max_model_len {llm.llm_engine.max_model_len}, max_num_seqs {llm.llm_engine.max_num_seqs})",
+                  file=sys.stderr, flush=True)
+        except BaseException as exc:  # noqa: BLE001 (reported as one line by the CLI after the server stops)
+            state.load_error = " ".join(str(exc).split()) or type(exc).__name__
+            state.phase = "failed"
+            server.should_exit = True
+
+    print(f"llava-next: loading {args.model} ...", file=sys.stderr, flush=True)
+    loader = threading.Thread(target=load, name="llava-next-load", daemon=True)
+    loader.start()
+    run(server, sock)
+    if state.load_error is not None:
+        raise error_cls(f"could not load {args.model}: {state.load_error}")
+    if loader.is_alive():
+        print("llava-next: stopped while loading the model", file=sys.stderr, flush=True)
+    # Everything is closed: skip the interpreter's teardown, which takes seconds with torch loaded (and aborts
+    # when the loader thread is still inside torch), so the exit stays within --shutdown-timeout.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,322 @@
+"""OpenAI's wire format for the server: request, response, stream-chunk, usage and error models (pydantic v2).
+
+Requests are strict (`strict=True`: `"max_tokens": "5"` or `"stream": 1` is a 400, not coerced) and closed
+(`extra="forbid"`: a typo such as `max_token` is a 400 naming it, not silently ignored). Fields OpenAI clients
+send that change nothing here (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`) are accepted
+and ignored; fields whose feature is not built (`response_format` other than text, `tools`, `tool_choice` other
+than "none", `logit_bias`, `audio`, `modalities`, `prediction`, `echo`, `suffix`, `best_of` != n) are refused by
+`unsupported()` with a 400 "not supported". vLLM's sampling extras (`top_k`, `min_p`, `min_tokens`,
+`ignore_eos`, `repetition_penalty`, `stop_token_ids`, `skip_special_tokens`) sit at the top level of the body.
+
+Responses are built as OpenAI documents them (`openai-python` types): `chat.completion`,
+`chat.completion.chunk` (`usage` present, as null, on every chunk only when `stream_options.include_usage`),
+`text_completion`, `list` of `model`, usage with `prompt_tokens_details.cached_tokens`, and errors as
+`{"error": {"message", "type", "param", "code"}}` with a string `code` (OpenAI's convention, not vLLM's int).
+
+Leaves out: audio, tool calls, function calling, structured outputs, `logit_bias`, prompt logprobs, batched
+`/v1/completions` prompts (one prompt per request).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TOKENS_CAP = 1 << 31  # larger is a schema error; smaller but beyond the context is context_length_exceeded
+MAX_N = 16  # the engine's cap (engine/params.py)
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+MAX_STOP = 16
+MAX_MESSAGES = 1024
+
+_REQUEST = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+_RESPONSE = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------- requests
+
+
+class TextPart(BaseModel):
+    model_config = _REQUEST
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = _REQUEST
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = _REQUEST
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class SystemMessage(BaseModel):
+    model_config = _REQUEST
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(BaseModel):
+    model_config = _REQUEST
+    role: Literal["user"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    model_config = _REQUEST
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+
+
+class StreamOptions(BaseModel):
+    model_config = _REQUEST
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's; accepted, usage is sent at the end only
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields both endpoints share (OpenAI's ranges, vLLM's extras)."""
+
+    model_config = _REQUEST
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_CAP)
+    ignore_eos: bool = False
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
+    skip_special_tokens: bool = True
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[Annotated[int, Field(ge=0)]] | list[str] | list[list[Annotated[int, Field(ge=0)]]]
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_CAP)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+
+def unsupported(request: SamplingFields) -> tuple[str, str] | None:
+    """(param, message) for the first field whose feature is not built; None when every field is usable."""
+    if request.logit_bias:
+        return "logit_bias", "logit_bias is not supported"
+    if isinstance(request, ChatCompletionRequest):
+        fmt = request.response_format
+        if fmt is not None and fmt.get("type") != "text":
+            return "response_format", "response_format (JSON mode, json_schema) is not supported"
+        if request.tools or request.functions:
+            return "tools", "tools and function calling are not supported"
+        if request.tool_choice not in (None, "none") or request.function_call not in (None, "none"):
+            return "tool_choice", "tool_choice is not supported"
+        if request.modalities not in (None, ["text"]) or request.audio is not None:
+            return "modalities", "audio output is not supported"
+        if request.prediction is not None:
+            return "prediction", "predicted outputs are not supported"
+        if request.web_search_options is not None:
+            return "web_search_options", "web search is not supported"
+    else:
+        if request.echo:
+            return "echo", "echo is not supported"
+        if request.suffix:
+            return "suffix", "suffix (insertion) is not supported"
+        if request.best_of is not None and request.best_of != request.n:
+            return "best_of", "best_of other than n is not supported"
+    stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
+    if len(stop) > MAX_STOP:
+        return "stop", f"stop holds {len(stop)} strings; at most {MAX_STOP} are allowed"
+    return None
+
+
+# ---------------------------------------------------------------------- responses
+
+
+class PromptTokensDetails(BaseModel):
+    model_config = _RESPONSE
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    model_config = _RESPONSE
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprob(BaseModel):
+    model_config = _RESPONSE
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    model_config = _RESPONSE
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = _RESPONSE
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    model_config = _RESPONSE
+    index: int
+    message: ChatMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    model_config = _RESPONSE
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    model_config = _RESPONSE
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    model_config = _RESPONSE
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    model_config = _RESPONSE
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    model_config = _RESPONSE
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    model_config = _RESPONSE
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    model_config = _RESPONSE
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    model_config = _RESPONSE
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llava_next"
+
+
+class ModelList(BaseModel):
+    model_config = _RESPONSE
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    model_config = _RESPONSE
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    model_config = _RESPONSE
+    error: ErrorInfo
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))

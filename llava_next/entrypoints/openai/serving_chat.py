@@ -1,0 +1,418 @@
+"""`/v1/chat/completions` and `/v1/completions` on the engine: validation, admission, rendering, streaming.
+
+Order of work for one request (cheap checks first, so a bad or unlucky request costs nothing):
+1. schema (protocol.py, strict pydantic), unsupported features, model name (404), SamplingParams (400);
+2. messages: roles and parts, `<image>` typed as text (400), image count against the engine's per-prompt limit
+   (before anything is fetched);
+3. admission (`Admission`): `running + waiting` (sequences, n per request, counted by the server at once,
+   without awaiting) beyond `max_num_seqs + max_queued_requests` is a 503 with Retry-After;
+4. in a worker thread: images fetched and decoded by media.MediaPolicy, the chat template rendered, and
+   `LLMEngine.prepare` (tokens, image placeholders, `context_length_exceeded` before any encoder work);
+5. `AsyncEngine.submit`; a stream is then SSE (`data: {chunk}` ... `data: [DONE]`), else one JSON body.
+
+Text deltas are the engine's `new_text` pieces, whose concatenation is exactly the decode of all output tokens
+(the engine re-decodes the whole output each step and holds back a possible stop string). A client that goes
+away aborts its engine request: streaming through the response generator's `finally`, non-streaming by racing
+the result against the ASGI disconnect message. While draining (SIGTERM), requests still running when the
+drain deadline comes are aborted; their streams end with an error event and `[DONE]`, non-streamed ones get 503.
+
+Leaves out: tool calls, structured output, `echo`, batched completion prompts, prompt logprobs, continuous
+usage stats, `n > 1` via prefix sharing beyond what the engine does itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from llava_next.engine.params import SamplingParams
+from llava_next.entrypoints.openai import protocol as P
+from llava_next.entrypoints.openai.errors import (
+    APIError,
+    bad_request,
+    clean,
+    from_library,
+)
+from llava_next.entrypoints.openai.media import MediaPolicy
+from llava_next.errors import EngineDeadError, SamplingParamsError
+
+logger = logging.getLogger("llava_next.server")
+
+
+class Admission:
+    """The server's bound on work: sequences admitted (running + waiting in the engine, or about to be)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def acquire(self, n: int) -> None:
+        if n > self.limit:  # could never be admitted: not worth a retry
+            raise bad_request(f"n={n} is more than this server admits at once ({self.limit} sequences)", "n",
+                              "invalid_parameter")
+        if self.used + n > self.limit:
+            raise APIError(503, f"the server is at capacity ({self.limit} sequences running or queued); retry later",
+                           "service_unavailable", None, "server_overloaded", {"Retry-After": "1"})
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+class _Active:
+    """One admitted request, for the drain (SIGTERM) logic."""
+
+    def __init__(self, request_id: str):
+        self.request_id, self.shutdown = request_id, False
+
+
+async def _disconnected(request) -> None:
+    """Return when the client closes its connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class OpenAIServing:
+    def __init__(self, engine, served_model_names: list[str], media: MediaPolicy, metrics, *,
+                 max_num_seqs: int, max_queued_requests: int, chat_template: str | None = None,
+                 executor: ThreadPoolExecutor | None = None):
+        self.engine = engine  # AsyncEngine
+        self.llm = engine.engine  # LLMEngine
+        self.names = list(served_model_names)
+        self.media, self.metrics = media, metrics
+        self.chat_template = chat_template
+        self.admission = Admission(max_num_seqs + max_queued_requests)
+        self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="llava-next-prep")
+        self.active: dict[str, _Active] = {}
+        self.created = int(time.time())
+        self.tokenizer = self.llm.tokenizer
+        self.processor = self.llm.processor
+        self.image_limit = getattr(self.llm, "image_limit", 8)
+        self.image_token = getattr(self.processor, "image_token", "<image>")
+
+    # -- shared checks -------------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.names:
+            raise APIError(404, f"the model {clean(name, 80)!r} does not exist; this server serves "
+                                f"{self.names[0]!r}", "not_found_error", "model", "model_not_found")
+
+    def sampling_params(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        greedy_default = req.temperature is None  # OpenAI's default temperature is 1.0
+        try:
+            return SamplingParams(
+                n=req.n, temperature=1.0 if greedy_default else float(req.temperature),
+                top_p=1.0 if req.top_p is None else float(req.top_p), top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos, max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
+                repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+                presence_penalty=float(req.presence_penalty or 0.0),
+                frequency_penalty=float(req.frequency_penalty or 0.0),
+                skip_special_tokens=req.skip_special_tokens)
+        except SamplingParamsError as exc:
+            raise from_library(exc) from None
+
+    def _common(self, req) -> None:
+        problem = P.unsupported(req)
+        if problem is not None:
+            raise bad_request(problem[1], problem[0], "unsupported_parameter")
+        self.check_model(req.model)
+
+    # -- chat ----------------------------------------------------------------------------------------------
+    def _conversation(self, req: P.ChatCompletionRequest) -> tuple[list[dict], list[str]]:
+        """(messages for the chat template, image URLs in order); 400 for what the template cannot take."""
+        messages, urls = [], []
+        for i, m in enumerate(req.messages):
+            content = m.content
+            if content is None:
+                content = ""
+            parts = []
+            if isinstance(content, str):
+                parts.append({"type": "text", "text": content})
+            else:
+                for part in content:
+                    if isinstance(part, P.TextPart):
+                        parts.append({"type": "text", "text": part.text})
+                    else:
+                        urls.append(part.image_url.url)
+                        parts.append({"type": "image"})
+            for part in parts:
+                if part["type"] == "text" and self.image_token in part["text"]:
+                    raise bad_request(f"messages[{i}] holds the image placeholder {self.image_token!r} as text; "
+                                      "send images as image_url parts", f"messages.{i}.content", "invalid_content")
+            role = "system" if m.role == "developer" else m.role
+            messages.append({"role": role, "content": parts})
+        if len(urls) > self.image_limit:
+            raise bad_request(f"the request has {len(urls)} images; at most {self.image_limit} are allowed per "
+                              "prompt (--limit-mm-per-prompt)", "messages", "too_many_images")
+        return messages, urls
+
+    def _prepare_chat(self, messages: list[dict], urls: list[str], params: SamplingParams):
+        """Worker thread: images, template, engine.prepare."""
+        images = [self.media.load(url) for url in urls]
+        try:
+            text = self.processor.apply_chat_template(messages, chat_template=self.chat_template,
+                                                      add_generation_prompt=True)
+        except ValueError as exc:
+            raise bad_request(f"the chat template could not render the messages: {exc}", "messages",
+                              "invalid_messages") from None
+        prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else text
+        return self.llm.prepare(prompt, params)
+
+    async def chat(self, req: P.ChatCompletionRequest, request):
+        arrival = time.monotonic()
+        self._common(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs", "invalid_parameter")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling_params(req, max_tokens, logprobs)
+        messages, urls = self._conversation(req)
+        return await self._serve("chat", req, params, arrival, request,
+                                 lambda: self._prepare_chat(messages, urls, params), len(urls))
+
+    # -- completions ---------------------------------------------------------------------------------------
+    async def completion(self, req: P.CompletionRequest, request):
+        arrival = time.monotonic()
+        self._common(req)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise bad_request("batched prompts are not supported: send one prompt per request", "prompt",
+                                  "unsupported_parameter")
+            prompt = prompt[0]
+        if isinstance(prompt, list) and not prompt:
+            raise bad_request("prompt must not be empty", "prompt", "invalid_parameter")
+        if isinstance(prompt, str) and self.image_token in prompt:
+            raise bad_request(f"the prompt holds the image placeholder {self.image_token!r}; /v1/completions takes "
+                              "text only", "prompt", "invalid_content")
+        params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        engine_prompt = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        return await self._serve("completion", req, params, arrival, request,
+                                 lambda: self.llm.prepare(engine_prompt, params))
+
+    # -- the common path -----------------------------------------------------------------------------------
+    async def _serve(self, kind: str, req, params: SamplingParams, arrival: float, request, prepare,
+                     num_urls: int = 0):
+        if not self.engine.healthy:
+            raise from_library(EngineDeadError("the engine is not running"))
+        self.admission.acquire(params.n)  # no await before this line: the count is exact
+        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        active = _Active(request_id)
+        handed_over = False
+        try:
+            loop = asyncio.get_running_loop()
+            try:
+                prepared = await asyncio.wait_for(loop.run_in_executor(self.executor, prepare),
+                                                  self.media.timeout * max(1, num_urls) + 20.0)
+            except asyncio.TimeoutError:
+                raise bad_request("preparing the request took too long (image download or decoding)", "messages",
+                                  "timeout") from None
+            except Exception as exc:  # typed library errors -> 4xx; anything else -> 500 without details
+                error = from_library(exc)
+                if error.status >= 500:
+                    logger.error("preparing %s failed", request_id, exc_info=exc)
+                raise error from None
+            self.active[request_id] = active
+            stream = self.engine.submit(request_id, prepared)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            if req.stream:
+                handed_over = True
+                return self._sse(kind, request_id, stream, prepared, params, arrival, include_usage, active,
+                                 req.model or self.names[0])
+            return await self._full(kind, request_id, stream, prepared, params, arrival, request, active,
+                                    req.model or self.names[0])
+        except EngineDeadError as exc:
+            raise from_library(exc) from None
+        finally:
+            if not handed_over:
+                self.active.pop(request_id, None)
+                self.admission.release(params.n)
+
+    async def _full(self, kind, request_id, stream, prepared, params, arrival, request, active, model):
+        async def consume():
+            first, last = None, None
+            async for out in stream:
+                if first is None and any(c.token_ids for c in out.outputs):
+                    first = time.monotonic()
+                last = out
+            return first, last
+
+        task = asyncio.ensure_future(consume())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:  # the client left: free its slot now
+                self.engine.abort(request_id)
+                task.cancel()
+                raise APIError(499, "the client closed the connection", "client_closed", None, "client_closed")
+            first, out = task.result()
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+        if active.shutdown or any(c.finish_reason == "abort" for c in out.outputs):
+            raise APIError(503, "the server is shutting down; the request was not finished", "service_unavailable",
+                           None, "server_shutdown", {"Retry-After": "5"})
+        now = time.monotonic()
+        n_out = sum(len(c.token_ids) for c in out.outputs)
+        self.metrics.observe(arrival, first, now, len(out.prompt_token_ids), n_out,
+                             [c.finish_reason for c in out.outputs])
+        use = P.usage(len(out.prompt_token_ids), n_out, out.num_cached_tokens)
+        created = int(time.time())
+        if kind == "chat":
+            choices = [P.ChatChoice(index=c.index, message=P.ChatMessage(content=c.text),
+                                    logprobs=self._chat_logprobs(c.token_ids, c.logprobs, params.logprobs),
+                                    finish_reason=c.finish_reason) for c in out.outputs]
+            body = P.ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=use)
+        else:
+            choices = [P.CompletionChoice(index=c.index, text=c.text,
+                                          logprobs=self._completion_logprobs(c.token_ids, c.logprobs, params.logprobs, 0),
+                                          finish_reason=c.finish_reason) for c in out.outputs]
+            body = P.CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=use)
+        return body
+
+    def _sse(self, kind, request_id, stream, prepared, params, arrival, include_usage, active, model):
+        created = int(time.time())
+        n = params.n
+        chat = kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, usage=None) -> str:
+            body = {"id": request_id, "object": obj, "created": created, "model": model,
+                    "system_fingerprint": None, "choices": choices}
+            if include_usage:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+        state = {"open": True}
+
+        def close(abort: bool) -> None:
+            """Idempotent: abort the engine request if asked, give the slot back (also called by the response
+            when its generator never started, e.g. the client left before the first byte)."""
+            if state["open"]:
+                state["open"] = False
+                if abort:
+                    self.engine.abort(request_id)
+                self.active.pop(request_id, None)
+                self.admission.release(n)
+
+        async def events():
+            finished = False
+            first = None
+            n_out = [0] * n
+            offsets = [0] * n
+            last = None
+            try:
+                if chat:
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None} for i in range(n)])
+                async for out in stream:
+                    last = out
+                    choices = []
+                    for c in out.outputs:
+                        new = c.new_token_ids
+                        if first is None and new:
+                            first = time.monotonic()
+                        done = c.finish_reason is not None
+                        if c.finish_reason == "abort":
+                            continue
+                        if not c.new_text and not done and not (new and params.logprobs is not None):
+                            continue
+                        lp_list = None
+                        if params.logprobs is not None and new:
+                            start = len(c.token_ids) - len(new)
+                            lp_list = c.logprobs[start:] if c.logprobs else None
+                        n_out[c.index] = len(c.token_ids)
+                        if chat:
+                            delta = {"content": c.new_text} if c.new_text or not done else {}
+                            choices.append({"index": c.index, "delta": delta,
+                                            "logprobs": None if lp_list is None else self._chat_logprobs(
+                                                new, lp_list, params.logprobs).model_dump(),
+                                            "finish_reason": c.finish_reason})
+                        else:
+                            lps = None if lp_list is None else self._completion_logprobs(
+                                new, lp_list, params.logprobs, offsets[c.index]).model_dump()
+                            offsets[c.index] += len(c.new_text)
+                            choices.append({"index": c.index, "text": c.new_text, "logprobs": lps,
+                                            "finish_reason": c.finish_reason})
+                    if choices:
+                        yield chunk(choices)
+                    if out.finished:
+                        finished = True
+                if active.shutdown or (last is not None and any(c.finish_reason == "abort" for c in last.outputs)):
+                    yield _error_event(APIError(503, "the server is shutting down; the stream was ended early",
+                                                "service_unavailable", None, "server_shutdown"))
+                else:
+                    now = time.monotonic()
+                    total = sum(n_out)
+                    self.metrics.observe(arrival, first, now, prepared.num_prompt_tokens, total,
+                                         [c.finish_reason for c in last.outputs] if last else [])
+                    if include_usage:
+                        use = P.usage(prepared.num_prompt_tokens, total, last.num_cached_tokens if last else 0)
+                        yield chunk([], use.model_dump())
+                yield "data: [DONE]\n\n"
+            except EngineDeadError:
+                finished = True
+                yield _error_event(APIError(500, "the engine failed while generating", "server_error", None,
+                                            "engine_error"))
+                yield "data: [DONE]\n\n"
+            finally:
+                close(abort=not finished)  # not finished: the client went away (or the server is cancelling)
+
+        return events(), close
+
+    # -- logprobs ------------------------------------------------------------------------------------------
+    def _token(self, token_id: int, logprob) -> str:
+        text = getattr(logprob, "decoded_token", None)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _chat_logprobs(self, token_ids, logprobs, k) -> P.ChoiceLogprobs | None:
+        if k is None or logprobs is None:
+            return None
+        content = []
+        for token_id, entry in zip(token_ids, logprobs):
+            chosen = entry.get(token_id)
+            tops = sorted((lp.rank or 0, tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k)
+            top = []
+            for _, tid, lp in tops[:k]:
+                text = self._token(tid, lp)
+                top.append(P.TopLogprob(token=text, logprob=max(lp.logprob, -9999.0),
+                                        bytes=list(text.encode("utf-8", "replace"))))
+            text = self._token(token_id, chosen)
+            content.append(P.TokenLogprob(token=text, logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
+                                          bytes=list(text.encode("utf-8", "replace")), top_logprobs=top))
+        return P.ChoiceLogprobs(content=content)
+
+    def _completion_logprobs(self, token_ids, logprobs, k, offset: int) -> P.CompletionLogprobs | None:
+        if k is None or logprobs is None:
+            return None
+        tokens, values, tops, offsets = [], [], [], []
+        for token_id, entry in zip(token_ids, logprobs):
+            chosen = entry.get(token_id)
+            text = self._token(token_id, chosen)
+            tokens.append(text)
+            values.append(max(chosen.logprob, -9999.0) if chosen else None)
+            ranked = sorted((lp.rank or 0, tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k)
+            tops.append({self._token(tid, lp): max(lp.logprob, -9999.0) for _, tid, lp in ranked[:k]} if k else None)
+            offsets.append(offset)
+            offset += len(text)
+        return P.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+    # -- draining ------------------------------------------------------------------------------------------
+    def end_all(self) -> int:
+        """Abort every admitted request (the drain deadline came); their responses end with an error."""
+        for active in list(self.active.values()):
+            active.shutdown = True
+            self.engine.abort(active.request_id)
+        return len(self.active)
+
+
+def _error_event(error: APIError) -> str:
+    return f"data: {json.dumps(error.body(), separators=(',', ':'))}\n\n"

@@ -1,0 +1,258 @@
+"""Image URLs through the real server: no request ever makes it connect to a blocked address.
+
+A loopback "victim" listener on 127.0.0.1 counts every connection it accepts. The server allow-lists every
+spelling of loopback (decimal, hex, octal, short forms, IPv6 loopback and IPv4-mapped/compatible/NAT64/6to4
+forms, `localhost`), so only the address check stands between a request and the victim; each request gets a
+400 and the victim sees **zero** connections. A second test server on 127.0.0.2 plays a public image host
+(`images.test`, resolved by a test resolver; the address policy treats exactly 127.0.0.2 as public): a
+plain fetch works, while its redirects to the victim (by IP, by name, by a mapped form, through a second hop)
+are refused at the hop, and slow or oversized bodies hit the deadline and the byte cap. file:// works only
+under the allowed folder. Unit checks of the address parser cover the encodings directly.
+"""
+
+from __future__ import annotations
+
+import http.server
+import ipaddress
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from server_fixtures import (
+    MODEL,
+    ThreadServer,
+    full_checkpoint,
+    image_message,
+    png_bytes,
+)
+
+from llava_next.entrypoints.openai.media import MediaPolicy, is_public_address, parse_ip
+
+PNG = png_bytes(30, 40, seed=3)
+
+
+class Victim:
+    """A loopback listener that only counts connections."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+class ImageHost(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def make_handler(victim_port: int):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            routes = {
+                "/ip": f"http://127.0.0.1:{victim_port}/x.png",
+                "/name": f"http://localhost:{victim_port}/x.png",
+                "/mapped": f"http://[::ffff:127.0.0.1]:{victim_port}/x.png",
+                "/decimal": f"http://2130706433:{victim_port}/x.png",
+                "/userinfo": f"http://images.test@127.0.0.1:{victim_port}/x.png",
+                "/hop": "/ip",  # a first, allowed hop, then the victim
+                "/file": "file:///etc/passwd",
+                "/loop": "/loop",
+            }
+            if self.path in routes:
+                self.send_response(302)
+                self.send_header("Location", routes[self.path])
+                self.end_headers()
+            elif self.path == "/ok.png":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(PNG)))
+                self.end_headers()
+                self.wfile.write(PNG)
+            elif self.path == "/big.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(10 * 1024 * 1024))
+                self.end_headers()
+            elif self.path == "/big-undeclared.png":
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(64):
+                        self.wfile.write(b"\0" * 65536)
+                except OSError:
+                    pass
+            elif self.path == "/slow.png":
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(40):
+                        self.wfile.write(b"\0")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                except OSError:
+                    pass
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+    return Handler
+
+
+BLOCKED_HOSTS = ["127.0.0.1", "localhost", "2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0x7f.1",
+                 "127.000.000.001", "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[0:0:0:0:0:ffff:127.0.0.1]",
+                 "[::127.0.0.1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::]", "0.0.0.0", "0", "localhost.",
+                 "LOCALHOST", "[::]"]
+OTHER_BLOCKED = ["169.254.169.254", "10.0.0.1", "192.168.1.1", "172.16.0.1", "100.64.0.1", "[fe80::1]",
+                 "[fd00:ec2::254]", "[::ffff:169.254.169.254]", "224.0.0.1", "255.255.255.255", "0xa9fea9fe"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tiny_root, tmp_path_factory):
+    victim = Victim()
+    host = ImageHost(("127.0.0.2", 0), make_handler(victim.port))
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    host_port = host.server_address[1]
+    media_dir = tmp_path_factory.mktemp("media")
+    (media_dir / "cat.png").write_bytes(PNG)
+    (media_dir / "notes.txt").write_bytes(b"SECRET-CONTENTS-1234 " * 10)
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "o.png").write_bytes(PNG)
+    os.symlink(outside / "o.png", media_dir / "escape.png")
+
+    def resolver(name, port):
+        if name == "images.test":
+            return ["127.0.0.2"]
+        return [info[4][0] for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)]
+
+    def address_allowed(ip):
+        return ip == ipaddress.ip_address("127.0.0.2") or is_public_address(ip)
+
+    domains = {h.strip("[]").rstrip(".").lower() for h in BLOCKED_HOSTS + OTHER_BLOCKED} | {"images.test"}
+    policy = MediaPolicy(frozenset(domains), str(media_dir), max_bytes=1 << 20, timeout=1.5, connect_timeout=1.0,
+                         resolver=resolver, address_allowed=address_allowed)
+    server = ThreadServer(full_checkpoint(tiny_checkpoint, tiny_root), media=policy)
+    yield server, victim, host_port, media_dir, outside
+    server.stop()
+    host.shutdown()
+    victim.close()
+
+
+def ask(server, url):
+    body = {"model": MODEL, "messages": image_message("What is it?", url), "max_tokens": 2, "temperature": 0}
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+
+
+def test_every_blocked_address_form_is_refused_without_a_connection(setup):
+    server, victim, *_ = setup
+    for i, host in enumerate(BLOCKED_HOSTS):
+        schemes = ("http", "https") if i < 4 else ("http",)
+        for url in (f"{scheme}://{host}:{victim.port}/x.png" for scheme in schemes):
+            r = ask(server, url)
+            assert r.status_code == 400, (url, r.text)
+            assert r.json()["error"]["code"] == "invalid_image"
+    for host in OTHER_BLOCKED:
+        r = ask(server, f"http://{host}/latest/meta-data/")
+        assert r.status_code == 400, (host, r.text)
+    # tricks that are not in the allow-list at all
+    for url in (f"http://images.test@127.0.0.1:{victim.port}/", f"http://127.0.0.1:{victim.port}\\@images.test/",
+                f"http://127.0.0.2.nip.io:{victim.port}/", f"http://[::ffff:127.0.0.1%25lo]:{victim.port}/"):
+        assert ask(server, url).status_code == 400, url
+    assert victim.connections == 0
+
+
+def test_redirects_are_checked_at_every_hop(setup):
+    server, victim, host_port, *_ = setup
+    ok = ask(server, f"http://images.test:{host_port}/ok.png")
+    assert ok.status_code == 200, ok.text
+    for path in ("/ip", "/name", "/mapped", "/decimal", "/userinfo", "/hop", "/file", "/loop"):
+        r = ask(server, f"http://images.test:{host_port}{path}")
+        assert r.status_code == 400, (path, r.text)
+        assert "SECRET" not in r.text and "root:" not in r.text
+    assert victim.connections == 0
+
+
+def test_byte_cap_and_deadline(setup):
+    server, victim, host_port, *_ = setup
+    for path in ("/big.png", "/big-undeclared.png"):
+        r = ask(server, f"http://images.test:{host_port}{path}")
+        assert r.status_code == 400 and "limit" in r.json()["error"]["message"], r.text
+    start = time.monotonic()
+    r = ask(server, f"http://images.test:{host_port}/slow.png")
+    assert r.status_code == 400 and "longer than" in r.json()["error"]["message"], r.text
+    assert time.monotonic() - start < 3.0
+    assert victim.connections == 0
+
+
+def test_local_files_only_under_the_allowed_folder(setup):
+    server, _, _, media_dir, outside = setup
+    assert ask(server, (media_dir / "cat.png").as_uri()).status_code == 200
+    for url in ((outside / "o.png").as_uri(), (media_dir / "escape.png").as_uri(),
+                f"file://{media_dir}/../{outside.name}/o.png", "file:///etc/passwd", "file://otherhost/etc/passwd",
+                (media_dir / "missing.png").as_uri()):
+        r = ask(server, url)
+        assert r.status_code == 400, (url, r.text)
+    r = ask(server, (media_dir / "notes.txt").as_uri())
+    assert r.status_code == 400 and "SECRET" not in r.text and "1234" not in r.text
+
+
+def test_address_parser_reads_every_encoding():
+    loop = ipaddress.ip_address("127.0.0.1")
+    for text in ("127.0.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0x7f.1", "0x7F.0.0.1",
+                 "017700000001"):
+        assert parse_ip(text) == loop, text
+    assert parse_ip("example.com") is None and parse_ip("1.2.3.4.example") is None
+    for text in ("::1", "::ffff:127.0.0.1", "::ffff:7f00:1", "::127.0.0.1", "64:ff9b::7f00:1", "2002:7f00:1::",
+                 "2001:0:4136:e378:8000:63bf:80ff:fffe", "fe80::1", "fc00::1", "169.254.169.254", "10.1.2.3",
+                 "172.31.255.255", "192.168.0.1", "100.64.0.1", "0.0.0.0", "::", "ff02::1", "240.0.0.1",
+                 "::ffff:10.0.0.1", "198.18.0.1"):
+        assert not is_public_address(ipaddress.ip_address(text)), text
+    for text in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "8.8.8.8"):
+        assert is_public_address(ipaddress.ip_address(text)), text
+
+
+def test_default_policy_refuses_every_remote_url():
+    policy = MediaPolicy()
+    from llava_next.errors import InvalidImageError
+
+    for url in ("http://example.com/a.png", "https://example.com/a.png", "file:///tmp/a.png", "ftp://x/y"):
+        with pytest.raises(InvalidImageError):
+            policy.load(url)
+
+
+def test_the_victim_would_see_a_connection_if_the_check_were_off(setup):
+    """Control: the zero above is the policy's doing, not an unreachable listener."""
+    _, victim, *_ = setup
+    from llava_next.errors import InvalidImageError
+
+    before = victim.connections
+    policy = MediaPolicy(frozenset({"127.0.0.1"}), timeout=1.0, address_allowed=lambda ip: True)
+    with pytest.raises(InvalidImageError):
+        policy.load(f"http://127.0.0.1:{victim.port}/x.png")
+    time.sleep(0.3)
+    assert victim.connections == before + 1
+    victim.connections = before  # leave the count as the other tests expect
