@@ -33,7 +33,6 @@ def test_mixed_batch_at_once_matches_generate(tiny_pair, backbone):
     engine = LLMEngine(model, None, block_size=16)
     _check_all(model, run(engine, prompts, GREEDY), prompts)
     assert engine.pool.num_used == 0  # every block came back
-    assert engine.runner._screen.screened_steps > 0  # greedy on a float32 CPU head takes the int8 screen
 
 
 @pytest.mark.parametrize("block_size,budget,stagger", [(16, 97, 3), (64, 256, 2), (64, 4096, 1)])

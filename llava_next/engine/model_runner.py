@@ -6,9 +6,7 @@ tokens. The runner builds the flattened batch (ids (T,), positions (T,), the pag
 runs the CLIP tower once over the tiles of every image the step needs that the encoder cache lacks (images
 of several requests batched), writes each image's feature rows over its placeholders inside the chunk
 (a chunk may start or end inside an image), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)`
-and applies the lm_head only to the last position of sequences that reached their last token (on a float32
-CPU head, plain greedy rows through sampling/screened_head.py's int8 screen: the same tokens, a quarter of
-the lm_head traffic).
+and applies the lm_head only to the last position of sequences that reached their last token.
 
 `EngineModel` is the small module a checkpoint loads into (parameter names `model.*` and `lm_head.weight`)
 when the engine is built from a path.
@@ -31,7 +29,6 @@ from llava_next.engine.request import Sequence
 from llava_next.engine.sampler import Sampler
 from llava_next.engine.scheduler import SchedulerOutput
 from llava_next.model.llava_next import LlavaNextCore
-from llava_next.sampling.screened_head import ScreenedHead, screen_applies
 
 
 class EngineModel(nn.Module):
@@ -62,10 +59,6 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.sampler = Sampler(self.device, seed)
-        # A float32 CPU lm_head: plain greedy rows take their arg max through the int8 screen (the same tokens
-        # as the full head, sampling/screened_head.py); built on first use.
-        self.screen_head = screen_applies(model.lm_head)
-        self._screen: ScreenedHead | None = None
         self.timings = {"encoder_s": 0.0, "forward_s": 0.0}  # host-side wall time (bench)
 
     @torch.inference_mode()
@@ -109,25 +102,6 @@ class ModelRunner:
         hidden = self.decoder(embeds[None], pos, meta)  # (1, T, D)
         if not samplers:
             return [], [], []
-        rows = hidden[0, sample_rows]  # (n, D): the lm_head runs only where we sample
-        screened = [i for i, s in enumerate(samplers) if self.screen_head and self.sampler.screenable(s)]
-        if not screened:
-            tokens, logprobs = self.sampler(samplers, self.model.lm_head(rows))
-            return samplers, tokens, logprobs
-        if self._screen is None or self._screen.weight is not self.model.lm_head.weight:
-            self._screen = ScreenedHead(self.model.lm_head.weight)
-        tokens, logprobs = [0] * len(samplers), [None] * len(samplers)
-        seqs = [samplers[i] for i in screened]
-
-        def monotone(logits):
-            return self.sampler.mask_stops(seqs, logits.clone())
-
-        picked = self._screen(rows[screened], 1, monotone, lambda logits: monotone(logits).argmax(-1)).tolist()
-        for i, t in zip(screened, picked):
-            tokens[i] = t
-        rest = [i for i in range(len(samplers)) if i not in set(screened)]
-        if rest:
-            t, lp = self.sampler([samplers[i] for i in rest], self.model.lm_head(rows[rest]))
-            for i, ti, li in zip(rest, t, lp):
-                tokens[i], logprobs[i] = ti, li
+        logits = self.model.lm_head(hidden[0, sample_rows])  # (n, V): lm_head only where we sample
+        tokens, logprobs = self.sampler(samplers, logits)
         return samplers, tokens, logprobs

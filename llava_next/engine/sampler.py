@@ -48,7 +48,12 @@ class Sampler:
         tokens = [0] * len(seqs)
         greedy_rows = [i for i, s in enumerate(seqs) if _plain_greedy(s)]
         if greedy_rows:
-            rows = self.mask_stops([seqs[i] for i in greedy_rows], logits[greedy_rows])
+            rows = logits[greedy_rows]
+            for j, i in enumerate(greedy_rows):  # min_tokens: EOS and stop ids get -inf (the pipeline's rule)
+                seq = seqs[i]
+                if seq.num_output_tokens < seq.params.min_tokens and (seq.eos_token_ids or seq.stop_token_ids):
+                    stops = sorted(set(seq.eos_token_ids) | set(seq.stop_token_ids))
+                    rows[j, [t for t in stops if t < rows.shape[-1]]] = float("-inf")
             picked = rows.argmax(-1).tolist()
             for i, t in zip(greedy_rows, picked):
                 tokens[i] = t
@@ -59,21 +64,6 @@ class Sampler:
         logprobs = [self._logprobs(seq, logits[i], tokens[i]) if seq.params.logprobs is not None else None
                     for i, seq in enumerate(seqs)]
         return tokens, logprobs
-
-    @staticmethod
-    def screenable(seq: Sequence) -> bool:
-        """Plain greedy without logprobs: the token can come from the screened lm_head (only the arg max counts)."""
-        return _plain_greedy(seq) and seq.params.logprobs is None
-
-    @staticmethod
-    def mask_stops(seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor:
-        """rows (n, V) (modified in place) with EOS and stop ids at -inf for sequences under min_tokens (the
-        pipeline's min_new_tokens rule; per entry and order-keeping, as the screened head requires)."""
-        for j, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens and (seq.eos_token_ids or seq.stop_token_ids):
-                stops = sorted(set(seq.eos_token_ids) | set(seq.stop_token_ids))
-                rows[j, [t for t in stops if t < rows.shape[-1]]] = float("-inf")
-        return rows
 
     def _one(self, seq: Sequence, row: torch.Tensor) -> int:
         p = seq.params
