@@ -32,7 +32,7 @@ from llava_next.generation.runner import DecodeRunner
 from llava_next.loading.placement import check_available
 from llava_next.loading.pretrained import load_pretrained
 from llava_next.model.attention import DenseAttention
-from llava_next.model.llava_next import LlavaNextCore
+from llava_next.model.llava_next import LlavaNextCore, WithLMHead
 from llava_next.model.stamp import weights_stamp
 
 
@@ -207,14 +207,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return loss
 
 
-class LlavaNextForConditionalGeneration(_CheckedMoves, nn.Module):
+class LlavaNextForConditionalGeneration(_CheckedMoves, WithLMHead):
     """LlavaNextModel + lm_head; forward returns logits (and loss with labels); `generate` decodes."""
 
+    core = LlavaNextModel
+
     def __init__(self, config: LlavaNextConfig):
-        super().__init__()
-        self.config = config
-        self.model = LlavaNextModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        super().__init__(config)
         self.generation_config = GenerationConfig()
         self.generation_lock = threading.Lock()  # serialises generate() on this model (see the module docstring)
         self._runner: DecodeRunner | None = None
@@ -226,14 +225,6 @@ class LlavaNextForConditionalGeneration(_CheckedMoves, nn.Module):
         model, generation = _load(cls, name_or_path, kwargs)
         model.generation_config = GenerationConfig(**(generation or {}))
         return model
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     def get_image_features(self, pixel_values, image_sizes, **kwargs) -> list[torch.Tensor]:
         return self.model.get_image_features(pixel_values, image_sizes, **kwargs)

@@ -20,33 +20,17 @@ Leaves out: CUDA graphs for pure-decode steps and torch.compile (eager everywher
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from llava_next.config import LlavaNextConfig
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.paged_attention import PagedAttention, PagedKVCache
 from llava_next.engine.request import Sequence
 from llava_next.engine.sampler import Sampler
 from llava_next.engine.scheduler import SchedulerOutput
-from llava_next.model.llava_next import LlavaNextCore
+from llava_next.model.llava_next import WithLMHead
 
 
-class EngineModel(nn.Module):
+class EngineModel(WithLMHead):
     """LlavaNextCore + lm_head under transformers' names, for loading.pretrained.load_pretrained."""
-
-    def __init__(self, config: LlavaNextConfig):
-        super().__init__()
-        self.config = config
-        self.model = LlavaNextCore(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
 
 class ModelRunner:

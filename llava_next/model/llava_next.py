@@ -94,3 +94,24 @@ class LlavaNextCore(nn.Module):
             return embeds
         feats = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
         return embeds.masked_scatter(placeholders[..., None].to(embeds.device), feats)
+
+
+class WithLMHead(nn.Module):
+    """LlavaNextCore (or a subclass, `core`) as `.model` plus `.lm_head`, under transformers' names; `device` and
+    `dtype` are the head's. The transformers class (compat/) and the engine's loading wrapper both build on it."""
+
+    core = LlavaNextCore
+
+    def __init__(self, config: LlavaNextConfig):
+        super().__init__()
+        self.config = config
+        self.model = self.core(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
