@@ -72,10 +72,16 @@ def tab(browser, server):
         t.close()
 
 
-def greedy(server, messages, max_tokens):
-    r = server.chat(messages, temperature=0, top_p=1, max_tokens=max_tokens)
+def greedy(server, messages, max_tokens, **params):
+    r = server.chat(messages, **{"temperature": 0, "top_p": 1, "max_tokens": max_tokens, **params})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
+
+
+def sampled(server, messages, max_tokens, seed):
+    """The tiny checkpoint's greedy answer is one token repeated whatever the input; a seeded sample at
+    temperature 1 depends on the logits, so it tells images and prompts apart."""
+    return greedy(server, messages, max_tokens, temperature=1, seed=seed)
 
 
 def chat_200(server):
@@ -99,7 +105,15 @@ def test_upload_and_ask_streams_the_greedy_answer(tab, server):
     assert "24 completion tokens" in meta and "tokens/s" in meta
     assert tab.page.locator(".msg.user .images img").count() == 1
     assert tab.page.inner_text("#model-name") == "tiny-llava"
+    tab.settings(temperature=1, seed=7)
+    tab.page.click(".msg.assistant button:has-text('Regenerate')")
+    tab.wait_answer(2)
+    text = tab.messages()[1]["text"]
+    assert text == sampled(server, image_message(question, data_url(png)), 24, seed=7)
+    other = data_url(png_bytes(40, 56, seed=4))
+    assert text != sampled(server, image_message(question, other), 24, seed=7)  # the image changes the answer
     if os.environ.get("LLAVA_NEXT_CHAT_SCREENSHOT"):
+        tab.page.click("#toggle-settings")
         tab.page.screenshot(path=os.environ["LLAVA_NEXT_CHAT_SCREENSHOT"])
     tab.check()
 
@@ -118,12 +132,12 @@ def test_paste_and_drop_attach_images(tab, server):
     tab.page.dispatch_event("#messages", "drop", {"dataTransfer": dropped})
     tab.page.wait_for_function("() => document.querySelectorAll('#attachments .thumb').length === 2")
     assert tab.page.locator("#drop-overlay").is_hidden()
-    tab.settings(temperature=0, max_tokens=6)
+    tab.settings(temperature=1, seed=3, max_tokens=6)
     tab.ask("Compare them.")
     tab.wait_answer(2)
     user, answer = tab.messages()
     assert user["images"] == [data_url(one), data_url(two)]
-    assert answer["text"] == greedy(server, image_message("Compare them.", data_url(one), data_url(two)), 6)
+    assert answer["text"] == sampled(server, image_message("Compare them.", data_url(one), data_url(two)), 6, seed=3)
     tab.check()
 
 
@@ -164,22 +178,27 @@ def test_escape_stops_the_stream_and_frees_the_slot(tab, server):
 
 
 def test_regenerate_edit_and_reload(tab, server):
-    tab.settings(temperature=0, max_tokens=12)
+    question = [{"role": "user", "content": "Name a color.\nJust one."}]
+    tab.settings(temperature=1, seed=5, max_tokens=12)
     tab.ask("Name a color.\nJust one.")
     tab.wait_answer(2)
     first = tab.messages()[1]["text"]
-    assert first == greedy(server, [{"role": "user", "content": "Name a color.\nJust one."}], 12)
+    assert first == sampled(server, question, 12, seed=5)
     before = chat_200(server)
+    tab.settings(seed=6)
     tab.page.click(".msg.assistant button:has-text('Regenerate')")
     tab.wait_answer(2)
-    assert chat_200(server) == before + 1 and tab.messages()[1]["text"] == first
+    second = tab.messages()[1]["text"]
+    assert chat_200(server) == before + 1 and len(tab.messages()) == 2
+    assert second == sampled(server, question, 12, seed=6) != first
     tab.page.click(".msg.user button:has-text('Edit')")
     tab.page.fill(".msg.user textarea.edit", "Name an animal.")
     tab.page.click("button:has-text('Save & send')")
     tab.wait_answer(2)
     user, answer = tab.messages()
     assert user["text"] == "Name an animal."
-    assert answer["text"] == greedy(server, [{"role": "user", "content": "Name an animal."}], 12)
+    assert answer["text"] == sampled(server, [{"role": "user", "content": "Name an animal."}], 12, seed=6)
+    assert answer["text"] != second  # the edited text was sent
     tab.page.reload()
     tab.page.wait_for_selector(".msg.assistant")
     assert tab.page.inner_text(".msg.user .user-text") == "Name an animal."

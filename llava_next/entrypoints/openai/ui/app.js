@@ -13,7 +13,7 @@ const ui = {
   messages: $("messages"), prompt: $("prompt"), send: $("send"), stop: $("stop"), status: $("status"),
   list: $("conversations"), model: $("model-name"), settings: $("settings"), sidebar: $("sidebar"),
   key: $("api-key"), system: $("system-prompt"), temperature: $("temperature"), topP: $("top-p"),
-  maxTokens: $("max-tokens"), composer: $("composer"),
+  maxTokens: $("max-tokens"), seed: $("seed"), composer: $("composer"),
 };
 const data = store.loadConversations();
 const settings = store.loadSettings();
@@ -235,6 +235,7 @@ async function answer() {
     model: model || "default", messages: requestMessages(conv), temperature: Number(settings.temperature),
     top_p: Number(settings.top_p), max_tokens: Number(settings.max_tokens),
   };
+  if (settings.seed !== "" && settings.seed !== null) body.seed = Number(settings.seed);
   conv.messages.push(message);
   running = { controller: new AbortController(), message };
   draw();
@@ -317,8 +318,10 @@ function wireSettings() {
   ui.temperature.value = settings.temperature;
   ui.topP.value = settings.top_p;
   ui.maxTokens.value = settings.max_tokens;
+  ui.seed.value = settings.seed;
   ui.key.addEventListener("change", () => { apiKey = ui.key.value.trim(); store.saveKey(apiKey); loadModel(); });
-  const fields = [[ui.system, "system"], [ui.temperature, "temperature"], [ui.topP, "top_p"], [ui.maxTokens, "max_tokens"]];
+  const fields = [[ui.system, "system"], [ui.temperature, "temperature"], [ui.topP, "top_p"], [ui.maxTokens, "max_tokens"],
+    [ui.seed, "seed"]];
   for (const [field, name] of fields) {
     field.addEventListener("input", () => {
       settings[name] = field.type === "number" ? (field.value === "" ? store.DEFAULTS[name] : Number(field.value)) : field.value;

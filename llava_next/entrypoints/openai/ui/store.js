@@ -7,7 +7,7 @@
 const CONVERSATIONS = "llava-next-chat/conversations/v1";
 const SETTINGS = "llava-next-chat/settings/v1";
 const KEY = "llava-next-chat/api-key";
-export const DEFAULTS = { temperature: 0.7, top_p: 1, max_tokens: 512, system: "" };
+export const DEFAULTS = { temperature: 0.7, top_p: 1, max_tokens: 512, system: "", seed: "" };
 
 function read(storage, name, fallback) {
   try {
