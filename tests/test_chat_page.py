@@ -180,7 +180,12 @@ def test_escape_stops_the_stream_and_frees_the_slot(tab, server):
 def test_regenerate_edit_and_reload(tab, server):
     question = [{"role": "user", "content": "Name a color.\nJust one."}]
     tab.settings(temperature=1, seed=5, max_tokens=12)
-    tab.ask("Name a color.\nJust one.")
+    tab.page.click("#prompt")
+    tab.page.keyboard.type("Name a color.")
+    tab.page.keyboard.press("Shift+Enter")  # a new line, not a send
+    tab.page.keyboard.type("Just one.")
+    assert tab.page.locator(".msg").count() == 0
+    tab.page.keyboard.press("Enter")
     tab.wait_answer(2)
     first = tab.messages()[1]["text"]
     assert first == sampled(server, question, 12, seed=5)
