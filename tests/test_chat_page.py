@@ -26,10 +26,11 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-from chat_page_fixtures import CHROMIUM, Served, Tab, data_url, launch
+from chat_page_fixtures import CHROMIUM, Served, Tab, data_url, launch, status
 from server_fixtures import full_checkpoint, image_message, png_bytes, wait_until
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
@@ -212,7 +213,7 @@ def test_regenerate_edit_and_reload(tab, server):
     assert tab.page.locator("#conversations li").count() == 2 and tab.page.locator(".msg").count() == 0
     with tab.page.expect_download() as download:
         tab.page.click("#export")
-    exported = json.loads(open(download.value.path(), encoding="utf-8").read())
+    exported = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
     assert [c["messages"] for c in exported] == [[], [user, answer]]
     tab.page.click("#conversations li.current button[aria-label^='Delete']")
     assert tab.page.locator("#conversations li").count() == 1
@@ -318,17 +319,10 @@ def test_headers_csp_and_no_ui(server, tiny_checkpoint, tiny_root):
     assert "access-control-allow-origin" not in pre.headers
     plain = Served(full_checkpoint(tiny_checkpoint, tiny_root), "--no-ui")
     try:
-        assert wait_until(lambda: _status(plain.url + "/health") is not None, 60, 0.1)
-        assert _status(plain.url + "/") == 404 and _status(plain.url + "/ui/app.js") == 404
+        assert wait_until(lambda: status(plain.url + "/health") is not None, 60, 0.1)
+        assert status(plain.url + "/") == 404 and status(plain.url + "/ui/app.js") == 404
     finally:
         plain.stop()
-
-
-def _status(url):
-    try:
-        return httpx.get(url, timeout=2).status_code
-    except httpx.HTTPError:
-        return None
 
 
 def test_phone_viewport(browser, server):
@@ -348,6 +342,8 @@ def test_phone_viewport(browser, server):
         assert page.evaluate("document.scrollingElement.scrollWidth") <= 390
         box = page.locator("#send").bounding_box()
         assert box["x"] + box["width"] <= 390 and box["y"] + box["height"] <= 800
+        if os.environ.get("LLAVA_NEXT_CHAT_SCREENSHOT"):
+            page.screenshot(path=os.environ["LLAVA_NEXT_CHAT_SCREENSHOT"].replace(".png", "-phone.png"))
         t.check()
     finally:
         t.close()

@@ -61,7 +61,7 @@ function metaLine(meta) {
   const parts = [];
   if (meta.usage) {
     const u = meta.usage;
-    parts.push(`${u.prompt_tokens} prompt + ${u.completion_tokens} completion tokens`);
+    parts.push(`${u.prompt_tokens} prompt + ${u.completion_tokens} completion tokens in ${meta.seconds.toFixed(2)} s`);
     if (meta.tps) parts.push(`${meta.tps.toFixed(1)} tokens/s`);
   }
   if (meta.ttft !== undefined) parts.push(`first token ${meta.ttft.toFixed(2)} s`);
@@ -262,7 +262,7 @@ async function answer() {
         message.meta = {
           ...message.meta, usage: event.usage, seconds: (end - start) / 1000,
           ttft: first === null ? undefined : (first - start) / 1000,
-          tps: first !== null && n > 1 && end > first ? (n - 1) / ((end - first) / 1000) : undefined,
+          tps: n / ((end - start) / 1000),  // end to end, from sending to the last token
         };
       }
     }
