@@ -131,7 +131,8 @@ class Tab:
     def wait_answer(self, count: int) -> None:
         """Until the conversation holds `count` messages and nothing streams."""
         self.page.wait_for_function(
-            "([n]) => document.querySelectorAll('#messages .msg').length === n && !document.querySelector('#stop:not([hidden])')",
+            "([n]) => document.querySelectorAll('#messages .msg').length === n"
+            " && !document.querySelector('#stop:not([hidden])')",
             arg=[count])
 
     def stored(self) -> dict:
@@ -150,5 +151,52 @@ class Tab:
         self.context.close()
 
 
+def greedy(server, messages, max_tokens, **params):
+    r = server.chat(messages, **{"temperature": 0, "top_p": 1, "max_tokens": max_tokens, **params})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def sampled(server, messages, max_tokens, seed):
+    """The tiny checkpoint's greedy answer is one token repeated whatever the input; a seeded sample at
+    temperature 1 depends on the logits, so it tells images and prompts apart."""
+    return greedy(server, messages, max_tokens, temperature=1, seed=seed)
+
+
+def chat_200(server):
+    return server.metrics().get('llava_next_requests_total{endpoint="/v1/chat/completions",status="200"}', 0)
+
+
 def data_url(data: bytes, mime="image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+class PageServer:
+    """The real app and uvicorn in a thread with no model attached (phase "loading"): the page and /v1/models
+    answer, POSTs get the server's own 503. For tests of the page's rendering; stopped by uvicorn's exit flag."""
+
+    def __init__(self, name="tiny-llava"):
+        import threading
+
+        from llava_next.entrypoints.openai import api_server
+
+        self.state = api_server.ServerState([name])
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = api_server.make_server(api_server.build_app(self.state), self.state, "127.0.0.1", 0)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        end = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > end or not self.thread.is_alive():
+                raise RuntimeError("the page server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(5)
+        self.sock.close()

@@ -3,8 +3,9 @@ Playwright) against the real CLI server on the tiny checkpoint, behind `--api-ke
 
 - An image uploaded with the file picker and a question: the streamed answer equals the server's own greedy
   answer for the same messages (a direct /v1/chat/completions call, temperature 0); usage and tokens/s shown.
-- Paste and drag-and-drop attach images (several per message, the exact bytes sent); a large image is
-  downscaled in the browser to 1344 px.
+  The tiny random checkpoint's greedy answer is one token repeated whatever the input, so the page's answer is
+  also compared with a seeded sample (temperature 1, the page's Seed setting), which a different image changes.
+- Paste and drag-and-drop attach images (several per message, the exact bytes sent).
 - Stop (Escape) mid-stream: the server's running count and admitted slots drop back to 0 and no request finishes.
 - Regenerate, edit-and-resend, a reload keeps the conversation, new/delete/export JSON.
 - Errors: an over-long prompt shows the server's context-length message (400), an over-large body its 413.
@@ -14,8 +15,10 @@ Playwright) against the real CLI server on the tiny checkpoint, behind `--api-ke
   checkpoint cannot be made to emit a given string, so Playwright's network interception stands in for the
   server's stream in that test (the page's code path is the same: fetch -> SSE parser -> Markdown renderer);
   the user's own message with the same payload goes to the real server.
-- The page is served with a strict CSP, nosniff and no CORS header; `--no-ui` serves no page (404 at /);
-  a phone-sized viewport works. Every test ends with no unexpected console error.
+- The CLI serves the page (no key needed; the API still needs it); `--no-ui` serves no page (404 at /);
+  a phone-sized viewport works; Shift+Enter adds a line, Enter sends. Every test ends with no unexpected
+  console error. Markdown, downscaling, 503 and stream errors: test_chat_page_render.py; headers, CSP and the
+  key's exemption: test_chat_page_http.py.
 
 Set LLAVA_NEXT_CHAT_SCREENSHOT=PATH to save a screenshot of the finished conversation of the first test.
 """
@@ -28,14 +31,14 @@ import shutil
 import time
 from pathlib import Path
 
+import chat_page_fixtures as pf
 import httpx
 import pytest
-from chat_page_fixtures import CHROMIUM, Served, Tab, data_url, launch, status
 from server_fixtures import full_checkpoint, image_message, png_bytes, wait_until
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
-if not shutil.which(CHROMIUM):
-    pytest.skip(f"the browser tests need {CHROMIUM} (apt-get install chromium chromium-driver; .ci/run does)",
+if not shutil.which(pf.CHROMIUM):
+    pytest.skip(f"the browser tests need {pf.CHROMIUM} (apt-get install chromium chromium-driver; .ci/run does)",
                 allow_module_level=True)
 
 KEY = "s3cret-key"
@@ -45,7 +48,7 @@ LOADED = r"status of (400|401|413)"  # Chromium logs every non-2xx fetch as a co
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tiny_root):
     folder = full_checkpoint(tiny_checkpoint, tiny_root)
-    served = Served(folder, "--max-model-len", "4096", "--max-request-bytes", "1000000", "--max-num-seqs", "4",
+    served = pf.Served(folder, "--max-model-len", "4096", "--max-request-bytes", "1000000", "--max-num-seqs", "4",
                     key=KEY)
     try:
         served.wait()
@@ -57,7 +60,7 @@ def server(tiny_checkpoint, tiny_root):
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
-        b = launch(p)
+        b = pf.launch(p)
         try:
             yield b
         finally:
@@ -66,27 +69,11 @@ def browser():
 
 @pytest.fixture
 def tab(browser, server):
-    t = Tab(browser, server.url + "/", key=KEY)
+    t = pf.Tab(browser, server.url + "/", key=KEY)
     try:
         yield t
     finally:
         t.close()
-
-
-def greedy(server, messages, max_tokens, **params):
-    r = server.chat(messages, **{"temperature": 0, "top_p": 1, "max_tokens": max_tokens, **params})
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["message"]["content"]
-
-
-def sampled(server, messages, max_tokens, seed):
-    """The tiny checkpoint's greedy answer is one token repeated whatever the input; a seeded sample at
-    temperature 1 depends on the logits, so it tells images and prompts apart."""
-    return greedy(server, messages, max_tokens, temperature=1, seed=seed)
-
-
-def chat_200(server):
-    return server.metrics().get('llava_next_requests_total{endpoint="/v1/chat/completions",status="200"}', 0)
 
 
 def test_upload_and_ask_streams_the_greedy_answer(tab, server):
@@ -98,8 +85,8 @@ def test_upload_and_ask_streams_the_greedy_answer(tab, server):
     tab.ask(question)
     tab.wait_answer(2)
     user, answer = tab.messages()
-    assert user["images"] == [data_url(png)] and user["text"] == question
-    expected = greedy(server, image_message(question, data_url(png)), 24)
+    assert user["images"] == [pf.data_url(png)] and user["text"] == question
+    expected = pf.greedy(server, image_message(question, pf.data_url(png)), 24)
     assert expected and answer["text"] == expected
     assert answer["meta"]["usage"]["completion_tokens"] == 24 and answer["meta"]["tps"] > 0
     meta = tab.page.inner_text(".msg.assistant .meta")
@@ -110,9 +97,9 @@ def test_upload_and_ask_streams_the_greedy_answer(tab, server):
     tab.page.click(".msg.assistant button:has-text('Regenerate')")
     tab.wait_answer(2)
     text = tab.messages()[1]["text"]
-    assert text == sampled(server, image_message(question, data_url(png)), 24, seed=7)
-    other = data_url(png_bytes(40, 56, seed=4))
-    assert text != sampled(server, image_message(question, other), 24, seed=7)  # the image changes the answer
+    assert text == pf.sampled(server, image_message(question, pf.data_url(png)), 24, seed=7)
+    other = pf.data_url(png_bytes(40, 56, seed=4))
+    assert text != pf.sampled(server, image_message(question, other), 24, seed=7)  # the image changes the answer
     if os.environ.get("LLAVA_NEXT_CHAT_SCREENSHOT"):
         tab.page.click("#toggle-settings")
         tab.page.screenshot(path=os.environ["LLAVA_NEXT_CHAT_SCREENSHOT"])
@@ -123,11 +110,11 @@ def test_paste_and_drop_attach_images(tab, server):
     one, two = png_bytes(20, 30, seed=5), png_bytes(32, 24, seed=6)
     file_js = "([b64, name]) => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));" \
               " const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type: 'image/png'})); return dt; }"
-    pasted = tab.page.evaluate_handle(file_js, [data_url(one).split(",")[1], "one.png"])
+    pasted = tab.page.evaluate_handle(file_js, [pf.data_url(one).split(",")[1], "one.png"])
     tab.page.evaluate("(dt) => document.querySelector('#prompt').dispatchEvent("
                       "new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true}))", pasted)
     tab.page.wait_for_function("() => document.querySelectorAll('#attachments .thumb').length === 1")
-    dropped = tab.page.evaluate_handle(file_js, [data_url(two).split(",")[1], "two.png"])
+    dropped = tab.page.evaluate_handle(file_js, [pf.data_url(two).split(",")[1], "two.png"])
     tab.page.dispatch_event("#messages", "dragenter", {"dataTransfer": dropped})
     assert tab.page.locator("#drop-overlay").is_visible()
     tab.page.dispatch_event("#messages", "drop", {"dataTransfer": dropped})
@@ -137,27 +124,9 @@ def test_paste_and_drop_attach_images(tab, server):
     tab.ask("Compare them.")
     tab.wait_answer(2)
     user, answer = tab.messages()
-    assert user["images"] == [data_url(one), data_url(two)]
-    assert answer["text"] == sampled(server, image_message("Compare them.", data_url(one), data_url(two)), 6, seed=3)
-    tab.check()
-
-
-def test_large_image_is_downscaled_in_the_browser(tab):
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    ramp = np.linspace(0, 255, 1600, dtype=np.uint8)
-    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:1200, None], np.full((1, 1), 128, np.uint8)), -1)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, "PNG")
-    tab.page.set_input_files("#file-input", files=[{"name": "big.png", "mimeType": "image/png",
-                                                    "buffer": buf.getvalue()}])
-    img = tab.page.wait_for_selector("#attachments .thumb img")
-    tab.page.wait_for_function("() => document.querySelector('#attachments .thumb img').complete")
-    src, size = img.evaluate("i => [i.src.slice(0, 23), [i.naturalWidth, i.naturalHeight]]")
-    assert src == "data:image/jpeg;base64," and size == [1344, 1008]
+    assert user["images"] == [pf.data_url(one), pf.data_url(two)]
+    messages = image_message("Compare them.", pf.data_url(one), pf.data_url(two))
+    assert answer["text"] == pf.sampled(server, messages, 6, seed=3)
     tab.check()
 
 
@@ -189,21 +158,21 @@ def test_regenerate_edit_and_reload(tab, server):
     tab.page.keyboard.press("Enter")
     tab.wait_answer(2)
     first = tab.messages()[1]["text"]
-    assert first == sampled(server, question, 12, seed=5)
-    before = chat_200(server)
+    assert first == pf.sampled(server, question, 12, seed=5)
+    before = pf.chat_200(server)
     tab.settings(seed=6)
     tab.page.click(".msg.assistant button:has-text('Regenerate')")
     tab.wait_answer(2)
     second = tab.messages()[1]["text"]
-    assert chat_200(server) == before + 1 and len(tab.messages()) == 2
-    assert second == sampled(server, question, 12, seed=6) != first
+    assert pf.chat_200(server) == before + 1 and len(tab.messages()) == 2
+    assert second == pf.sampled(server, question, 12, seed=6) != first
     tab.page.click(".msg.user button:has-text('Edit')")
     tab.page.fill(".msg.user textarea.edit", "Name an animal.")
     tab.page.click("button:has-text('Save & send')")
     tab.wait_answer(2)
     user, answer = tab.messages()
     assert user["text"] == "Name an animal."
-    assert answer["text"] == sampled(server, [{"role": "user", "content": "Name an animal."}], 12, seed=6)
+    assert answer["text"] == pf.sampled(server, [{"role": "user", "content": "Name an animal."}], 12, seed=6)
     assert answer["text"] != second  # the edited text was sent
     tab.page.reload()
     tab.page.wait_for_selector(".msg.assistant")
@@ -240,7 +209,7 @@ def test_errors_show_the_server_message(tab, server):
 
 def test_api_key_flow(browser, server):
     assert httpx.get(server.url + "/v1/models", timeout=5).status_code == 401
-    t = Tab(browser, server.url + "/")
+    t = pf.Tab(browser, server.url + "/")
     try:
         assert "401" in t.page.inner_text("#status") and t.page.locator("#settings").is_visible()
         t.settings(temperature=0, max_tokens=5)
@@ -254,7 +223,7 @@ def test_api_key_flow(browser, server):
         t.wait_answer(2)
         answer = t.messages()[1]
         assert "error" not in answer
-        assert answer["text"] == greedy(server, [{"role": "user", "content": "Hello"}], 5)
+        assert answer["text"] == pf.greedy(server, [{"role": "user", "content": "Hello"}], 5)
         assert t.page.evaluate("sessionStorage.getItem('llava-next-chat/api-key')") == KEY
         assert KEY not in t.page.evaluate("JSON.stringify(localStorage)")
         t.check(LOADED)
@@ -303,30 +272,21 @@ def test_model_text_is_never_html(tab, server):
     tab.check(LOADED)
 
 
-def test_headers_csp_and_no_ui(server, tiny_checkpoint, tiny_root):
-    r = httpx.get(server.url + "/", timeout=5, headers={"Origin": "http://evil.example"})
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    csp = r.headers["content-security-policy"]
-    assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe" not in csp and "http" not in csp
-    assert r.headers["x-content-type-options"] == "nosniff" and "access-control-allow-origin" not in r.headers
-    js = httpx.get(server.url + "/ui/app.js", timeout=5)
-    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
-    assert httpx.get(server.url + "/ui/../api_server.py", timeout=5).status_code in (401, 404)
-    assert httpx.get(server.url + "/ui/nope.js", timeout=5).status_code == 401  # not a page file: the key applies
-    assert httpx.post(server.url + "/", timeout=5, json={}).status_code == 401
-    pre = httpx.options(server.url + "/v1/chat/completions", timeout=5,
-                        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
-    assert "access-control-allow-origin" not in pre.headers
-    plain = Served(full_checkpoint(tiny_checkpoint, tiny_root), "--no-ui")
+def test_cli_serves_the_page_and_no_ui_turns_it_off(server, tiny_checkpoint, tiny_root):
+    """(Headers and the guard's exemption in detail: tests/test_chat_page_http.py.)"""
+    r = httpx.get(server.url + "/", timeout=5)
+    assert r.status_code == 200 and "script-src 'self'" in r.headers["content-security-policy"]
+    assert httpx.get(server.url + "/v1/models", timeout=5).status_code == 401
+    plain = pf.Served(full_checkpoint(tiny_checkpoint, tiny_root), "--no-ui")
     try:
-        assert wait_until(lambda: status(plain.url + "/health") is not None, 60, 0.1)
-        assert status(plain.url + "/") == 404 and status(plain.url + "/ui/app.js") == 404
+        assert wait_until(lambda: pf.status(plain.url + "/health") is not None, 60, 0.1)
+        assert pf.status(plain.url + "/") == 404 and pf.status(plain.url + "/ui/app.js") == 404
     finally:
         plain.stop()
 
 
 def test_phone_viewport(browser, server):
-    t = Tab(browser, server.url + "/", key=KEY, viewport={"width": 390, "height": 800})
+    t = pf.Tab(browser, server.url + "/", key=KEY, viewport={"width": 390, "height": 800})
     try:
         page = t.page
         assert page.evaluate("document.scrollingElement.scrollWidth") <= 390

@@ -1,7 +1,8 @@
 """The chat page of `llava-next serve`: static files shipped in this folder, served at `/` and `/ui/<file>`.
 
 `index.html` (markup), `app.css`, and the ES modules `app.js` (conversation state, composer, settings),
-`attach.js` (images from the file picker, paste and drag and drop; downscaled above 1344 px), `chat.js` (the streaming `/v1/chat/completions` client: fetch + ReadableStream SSE parsing, AbortController),
+`attach.js` (images from the file picker, paste and drag and drop; downscaled above 1344 px), `chat.js`
+(the streaming `/v1/chat/completions` client: fetch + ReadableStream SSE parsing, AbortController),
 `markdown.js` (a safe Markdown renderer: DOM nodes with textContent only, never HTML from the model) and
 `store.js` (conversations in localStorage). No CDN, no build step: the browser loads these files as they are.
 

@@ -320,11 +320,12 @@ function wireSettings() {
   ui.maxTokens.value = settings.max_tokens;
   ui.seed.value = settings.seed;
   ui.key.addEventListener("change", () => { apiKey = ui.key.value.trim(); store.saveKey(apiKey); loadModel(); });
-  const fields = [[ui.system, "system"], [ui.temperature, "temperature"], [ui.topP, "top_p"], [ui.maxTokens, "max_tokens"],
-    [ui.seed, "seed"]];
+  const fields = [[ui.system, "system"], [ui.temperature, "temperature"], [ui.topP, "top_p"],
+    [ui.maxTokens, "max_tokens"], [ui.seed, "seed"]];
   for (const [field, name] of fields) {
     field.addEventListener("input", () => {
-      settings[name] = field.type === "number" ? (field.value === "" ? store.DEFAULTS[name] : Number(field.value)) : field.value;
+      const blank = field.value === "";
+      settings[name] = field.type !== "number" ? field.value : blank ? store.DEFAULTS[name] : Number(field.value);
       store.saveSettings(settings);
     });
   }

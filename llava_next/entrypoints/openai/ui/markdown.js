@@ -124,12 +124,13 @@ function list(lines, start) {
     if (!m || m[1].length !== indent || /\d/.test(m[2]) !== ordered) break;
     const body = [m[3]];
     i++;
-    while (i < lines.length && lines[i].trim() && (lines[i].search(/\S/) > indent) ) body.push(lines[i++].slice(indent + 2));
+    while (i < lines.length && lines[i].trim() && lines[i].search(/\S/) > indent) body.push(lines[i++].slice(indent + 2));
     const item = el("li");
     if (body.length === 1) inline(item, body[0]);
     else item.append(render(body.join("\n")));
     node.append(item);
-    while (i < lines.length && !lines[i].trim() && i + 1 < lines.length && ITEM.exec(lines[i + 1])?.[1].length === indent) i++;
+    const next = (j) => ITEM.exec(lines[j] ?? "")?.[1].length === indent;
+    while (i + 1 < lines.length && !lines[i].trim() && next(i + 1)) i++;  // a blank line inside the list
   }
   return [node, i];
 }
