@@ -397,7 +397,8 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
     names = args.served_model_name or [args.model]
     state = ServerState(names, args.api_key, args.max_request_bytes, args.shutdown_timeout)
     media = MediaPolicy(frozenset(args.allowed_media_domains), args.allowed_local_media_path)
-    server = make_server(build_app(state, ui=not getattr(args, "no_ui", False)), state, args.host, args.port, args.log_level)
+    app = build_app(state, ui=not getattr(args, "no_ui", False))
+    server = make_server(app, state, args.host, args.port, args.log_level)
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
