@@ -7,6 +7,7 @@ by the real app with no model loaded (so fast): what the page does with what the
 - The server's own 503 (here: the model is still loading) is shown as a readable message, and so is an error
   event in the middle of a stream (the partial text is kept); the stream for the latter comes from Playwright's
   network interception, in the exact form serving_chat.py sends.
+- When localStorage is full, the conversation is still saved, without its images, and the page says so.
 Every test ends with no unexpected console error and no dialog.
 """
 
@@ -140,3 +141,26 @@ def test_error_event_mid_stream_is_shown(tab):
     tab.check()
 
 
+
+
+def test_full_storage_drops_images_not_the_conversation(tab):
+    from server_fixtures import png_bytes
+
+    filled = tab.page.evaluate("""() => {  // fill localStorage until fewer than 2,000 characters are left
+        let size = 1 << 24, total = 0;
+        for (let i = 0; size >= 2000; i++) {
+            try { localStorage.setItem("filler" + i, "x".repeat(size)); total += size; } catch { size >>= 1; }
+        }
+        return total;
+    }""")
+    assert filled > 1_000_000
+    image = png_bytes(120, 160, seed=9)  # ~77 kB as a data: URL, more than the space left
+    tab.page.set_input_files("#file-input", files=[{"name": "a.png", "mimeType": "image/png", "buffer": image}])
+    tab.page.wait_for_selector("#attachments .thumb img")
+    tab.ask("Keep this")
+    tab.wait_answer(2)
+    assert tab.page.inner_text("#status") == "browser storage is full: 1 image(s) not kept, oldest conversations first"
+    assert "images not kept" in tab.page.inner_text(".msg.user .images")
+    user = tab.messages()[0]
+    assert user["text"] == "Keep this" and user["images"] == [] and user["imagesDropped"] is True
+    tab.check(r"status of 503")

@@ -39,7 +39,7 @@ function current() {
 function save() {
   try {
     const dropped = store.saveConversations(data);
-    if (dropped) say(`browser storage is full: ${dropped} older image(s) are no longer kept`);
+    if (dropped) say(`browser storage is full: ${dropped} image(s) not kept, oldest conversations first`);
   } catch (err) {
     say("could not save the conversation in this browser: " + err.message);
   }

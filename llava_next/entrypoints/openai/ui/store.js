@@ -1,8 +1,8 @@
 // What the page keeps in the browser: conversations and settings in localStorage, the API key in sessionStorage
 // (it lives as long as the tab, is never written to disk by the page, and is never exported).
 // A conversation: {id, title, created, messages: [{role: "user", text, images: [dataURL]} |
-// {role: "assistant", text, meta?, error?}]}. When localStorage is full, images of older conversations are
-// dropped (replaced by a note) until the save fits. Leaves out: IndexedDB, syncing between tabs.
+// {role: "assistant", text, meta?, error?}]}. When localStorage is full, images are dropped (replaced by a
+// note), oldest conversation first and the open one last, until the save fits. Leaves out: IndexedDB, syncing between tabs.
 
 const CONVERSATIONS = "llava-next-chat/conversations/v1";
 const SETTINGS = "llava-next-chat/settings/v1";
@@ -31,8 +31,8 @@ export function saveConversations(data) {
       localStorage.setItem(CONVERSATIONS, JSON.stringify(data));
       return dropped;
     } catch (err) {
-      const victim = data.conversations.filter((c) => c.id !== data.current)
-        .concat(data.conversations.filter((c) => c.id === data.current))
+      const others = data.conversations.filter((c) => c.id !== data.current).reverse();  // the list is newest first
+      const victim = others.concat(data.conversations.filter((c) => c.id === data.current))
         .flatMap((c) => c.messages).find((m) => m.images && m.images.length);
       if (!victim) throw err;
       dropped += victim.images.length;
