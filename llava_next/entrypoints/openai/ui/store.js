@@ -2,7 +2,8 @@
 // (it lives as long as the tab, is never written to disk by the page, and is never exported).
 // A conversation: {id, title, created, messages: [{role: "user", text, images: [dataURL]} |
 // {role: "assistant", text, meta?, error?}]}. When localStorage is full, images are dropped (replaced by a
-// note), oldest conversation first and the open one last, until the save fits. Leaves out: IndexedDB, syncing between tabs.
+// note), oldest conversation first and the open one last, until the save fits.
+// Leaves out: IndexedDB, syncing between tabs.
 
 const CONVERSATIONS = "llava-next-chat/conversations/v1";
 const SETTINGS = "llava-next-chat/settings/v1";
