@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="model name(s) clients use (default: MODEL as given)")
     serve.add_argument("--api-key", default=os.environ.get("LLAVA_NEXT_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                       help="require 'Authorization: Bearer KEY' on every API route (not /health, not the page) "
                             "(default: $LLAVA_NEXT_API_KEY, else none)")
+    serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (served by default)")
     serve.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     serve.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (the model's)")

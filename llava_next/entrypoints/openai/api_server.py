@@ -1,13 +1,14 @@
 """The OpenAI-compatible HTTP server: FastAPI app factory, request guard, routes, lifecycle, uvicorn runner.
 
-Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`.
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`,
+and the chat page at `GET /` with its files under `/ui/` (ui/__init__.py; `--no-ui` leaves them out).
 One process: uvicorn (one worker) runs the app on the asyncio loop; the engine runs in its own thread
 (llava_next.engine.driver.AsyncEngine); image fetching, decoding, templating and tokenization run in a thread
 pool (serving_chat.py), so the loop only parses, routes and streams.
 
 Before any route runs, a plain ASGI guard (`_Guard`) answers: 401 for a missing or wrong API key on every path
-but `/health` (`Authorization: Bearer KEY`, compared with `hmac.compare_digest`, case-sensitive); 503 while
-the model loads or the server drains; for POST, 415 unless the content type is JSON and 413 when the declared
+but `/health` and the page (`Authorization: Bearer KEY`, compared with `hmac.compare_digest`, case-sensitive); 503
+while the model loads or the server drains; for POST, 415 unless the content type is JSON and 413 when the declared
 Content-Length is over the limit (the body is not read). The body is then read with a byte count (413 past the
 limit, for chunked uploads too) and parsed with `read_json` (400 for invalid UTF-8/JSON, NaN/Infinity, lone
 surrogates, nesting deeper than `MAX_DEPTH`, a top level that is not an object). Every error, 404/405 for
@@ -106,8 +107,8 @@ def _error_response(error: APIError):
 class _Guard:
     """Auth, phase, content type and declared size, before routing (plain ASGI: no per-request task)."""
 
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
+    def __init__(self, app, state: ServerState, public=lambda path: False):
+        self.app, self.state, self.public = app, state, public  # public(path): the chat page's files (no key)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -123,7 +124,8 @@ class _Guard:
         headers = {}
         for key, value in scope["headers"]:
             headers.setdefault(key.lower(), value)
-        if path != "/health" and state.api_key is not None:
+        page = scope["method"] == "GET" and self.public(path)
+        if path != "/health" and state.api_key is not None and not page:
             given = headers.get(b"authorization", b"")
             expected = b"Bearer " + state.api_key.encode("utf-8")
             if not hmac.compare_digest(given, expected):
@@ -198,8 +200,9 @@ async def read_json(request, limit: int) -> dict:
     return data
 
 
-def build_app(state: ServerState):
-    """The FastAPI application over `state` (its `serving` may be attached later, when the model is loaded)."""
+def build_app(state: ServerState, ui: bool = True):
+    """The FastAPI application over `state` (its `serving` may be attached later, when the model is loaded);
+    `ui`: serve the chat page at `/` (llava_next/entrypoints/openai/ui)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from pydantic import ValidationError
@@ -293,6 +296,11 @@ def build_app(state: ServerState):
         logger.exception("unexpected error")
         return _error_response(APIError(500, "internal server error", "server_error", None, "internal_error"))
 
+    if ui:
+        from llava_next.entrypoints.openai import ui as chat_page
+
+        chat_page.mount(app)
+        return _Guard(app, state, chat_page.is_public)
     return _Guard(app, state)
 
 
@@ -389,7 +397,8 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
     names = args.served_model_name or [args.model]
     state = ServerState(names, args.api_key, args.max_request_bytes, args.shutdown_timeout)
     media = MediaPolicy(frozenset(args.allowed_media_domains), args.allowed_local_media_path)
-    server = make_server(build_app(state), state, args.host, args.port, args.log_level)
+    app = build_app(state, ui=not getattr(args, "no_ui", False))
+    server = make_server(app, state, args.host, args.port, args.log_level)
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
