@@ -22,6 +22,7 @@ paged kernel and CUDA graphs (the reference kernel runs everywhere).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import torch
@@ -34,6 +35,8 @@ from llava_next.engine.paged_attention import PagedKVCache
 from llava_next.engine.params import SamplingParams
 from llava_next.engine.prepare import RequestPreparer, image_limit, mm_hash  # noqa: F401 (mm_hash re-exported)
 from llava_next.engine.request import PreparedRequest, Sequence
+
+logger = logging.getLogger(__name__)
 
 CPU_KV_BYTES_CAP = 2 << 30  # a CPU pool is sized for max_model_len x max_num_seqs, at most this many bytes
 
@@ -246,14 +249,22 @@ class LLMEngine:
             try:
                 seqs, tokens, logprobs = self.runner.execute(step)
             except BaseException as exc:
+                logger.exception("engine step failed (%d sequences scheduled)", len(step.scheduled))
                 if self.tp_leader is not None:  # the ranks are out of step: stop them, EngineDeadError
                     self.tp_leader.step_failed(exc)
                 raise
             for seq, _, num_new in step.scheduled:
                 self.scheduler.update(seq, num_new)
             for seq, token, lp in zip(seqs, tokens, logprobs):
-                self._append(seq, token, lp)
                 touched[seq.request_id] = self.groups[seq.request_id]
+                if token is None:  # this row's sampling failed (logged by the sampler): this request only
+                    self._fail(seq, self.runner.sampler.failures.get((seq.request_id, seq.index), "sampling failed"))
+                    continue
+                try:
+                    self._append(seq, token, lp)
+                except Exception as exc:  # e.g. detokenizing: this request only
+                    logger.exception("request %r failed after sampling", seq.request_id)
+                    self._fail(seq, repr(exc))
             kind = "decode_s" if all(n == 1 for _, _, n in step.scheduled) else "prefill_s"
             self.step_times[kind] += time.perf_counter() - t0
             self.step_times["steps"] += 1
@@ -294,6 +305,12 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason, stop_reason)
             self.runner.sampler.forget(seq)
+
+    def _fail(self, seq: Sequence, reason: str) -> None:
+        """End one sequence with finish_reason "error"; the rest of the batch goes on."""
+        logger.error("request %r (completion %d) ends with an error: %s", seq.request_id, seq.index, reason)
+        self.scheduler.finish(seq, "error")
+        self.runner.sampler.forget(seq)
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         out_ids = seq.output_ids
