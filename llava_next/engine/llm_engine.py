@@ -5,7 +5,7 @@ work and without touching the engine's state (thread-safe, CPU only, so a server
 tokenizing, `<image>` expansion, image tiles and pixel hashes, and every check, each a typed ValueError.
 
 `step()` schedules (scheduler.py), runs the model (model_runner.py), appends each sampled token, detokenizes
-(the whole output is decoded again, so the text always equals decoding all tokens), applies stop rules (EOS,
+incrementally (detokenizer.py: only the newest tokens, the text always equals decoding all tokens), applies stop rules (EOS,
 stop token ids, stop strings after min_tokens, max_tokens, the context) and returns one RequestOutput per
 request that got a token or finished this step. Finished and aborted requests release their blocks in the
 step that ends them. The engine object itself is single-threaded: driver.py owns it from one thread.
@@ -28,6 +28,7 @@ import time
 import torch
 
 from llava_next.engine.block_pool import BlockPool
+from llava_next.engine.detokenizer import IncrementalDetokenizer, byte_token_ids, cleans_up
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.model_runner import ModelRunner
 from llava_next.engine.outputs import CompletionOutput, RequestOutput
@@ -122,6 +123,7 @@ class LLMEngine:
         self._arrivals = 0
         self._aborted: list[_Group] = []
         self.step_times = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
+        self._byte_ids: frozenset[int] | None = None  # the tokenizer's byte-fallback token ids
 
     # -- set-up --------------------------------------------------------------------------------------------
     @property
@@ -289,11 +291,13 @@ class LLMEngine:
         elif token in seq.stop_token_ids and n_out > p.min_tokens - 1:
             reason, stop_reason = "stop", token
         if self.tokenizer is not None:
-            previous = len(seq.text)
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=p.skip_special_tokens)
+            if seq.detokenizer is None:
+                seq.detokenizer = self._detokenizer(p.skip_special_tokens)
+            unchanged = seq.detokenizer.update(seq.token_ids, seq.prompt_len)  # text[:unchanged] as before
+            seq.text = seq.detokenizer.text
             if reason is None and p.stop and n_out >= p.min_tokens:
                 longest = max(len(s) for s in p.stop)
-                start = max(0, min(previous, len(seq.text)) - longest + 1)
+                start = max(0, unchanged - longest + 1)
                 found = [(seq.text.find(s, start), s) for s in p.stop]
                 found = [(i, s) for i, s in found if i != -1]
                 if found:
@@ -305,6 +309,11 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason, stop_reason)
             self.runner.sampler.forget(seq)
+
+    def _detokenizer(self, skip_special_tokens: bool) -> IncrementalDetokenizer:
+        if self._byte_ids is None:  # once per engine
+            self._byte_ids = byte_token_ids(self.tokenizer)
+        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, self._byte_ids, not cleans_up(self.tokenizer))
 
     def _fail(self, seq: Sequence, reason: str) -> None:
         """End one sequence with finish_reason "error"; the rest of the batch goes on."""
@@ -318,8 +327,8 @@ class LLMEngine:
         if not seq.finished:
             if seq.params.stop:  # hold back what could still become a stop string
                 visible = len(seq.text) - max(len(s) for s in seq.params.stop) + 1
-            if seq.text.endswith("\ufffd"):  # an incomplete UTF-8 character: its next byte token may fix it
-                visible = min(visible, len(seq.text.rstrip("\ufffd")))
+            if seq.detokenizer is not None:  # UTF-8 pieces a later byte token may still change: held back
+                visible = min(visible, seq.detokenizer.stable_chars)
             visible = max(seq.sent_text, visible)
         new_ids, new_text = out_ids[seq.sent_tokens:], seq.text[seq.sent_text:visible]
         seq.sent_tokens, seq.sent_text = len(out_ids), visible

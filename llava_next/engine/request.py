@@ -82,6 +82,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.text = ""  # detokenized output (stop strings cut)
+        self.detokenizer = None  # engine/detokenizer.IncrementalDetokenizer, made by the engine at the first token
         self.sent_tokens = 0  # output tokens already reported
         self.sent_text = 0  # characters of text already reported
         self.times = {"arrival": time.monotonic()}
