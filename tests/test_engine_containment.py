@@ -17,9 +17,9 @@ import llava_next
 from llava_next import SamplingParams
 from llava_next.engine.sampler import Sampler
 
-EDGES = [dict(temperature=1e-45), dict(temperature=1.0, repetition_penalty=1e-40),
-         dict(temperature=1.0, top_p=5e-324), dict(temperature=1.0, top_p=1e-300),
-         dict(temperature=1.0, stop_token_ids=[10**30], min_tokens=2), dict(temperature=1.0, seed=2**63 - 1, n=2)]
+EDGES = [{"temperature": 1e-45}, {"temperature": 1.0, "repetition_penalty": 1e-40},
+         {"temperature": 1.0, "top_p": 5e-324}, {"temperature": 1.0, "top_p": 1e-300},
+         {"temperature": 1.0, "stop_token_ids": [10**30], "min_tokens": 2}, {"temperature": 1.0, "seed": 2**63 - 1, "n": 2}]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def _fail_marked(monkeypatch):
     real = Sampler._sample
 
     def failing(self, rows, logits, allowed):
-        if any(r.seq.params.presence_penalty == 0.125 for r in rows):
+        if any(r.seq.params.presence_penalty == 0.125 for r in rows):  # the marked request
             raise RuntimeError("injected sampling fault")
         return real(self, rows, logits, allowed)
 
@@ -93,9 +93,9 @@ def _chat(s, text, **kw):
 
 
 def test_edge_values_in_a_crowd_through_the_server(server, monkeypatch):
-    normal = [dict(temperature=0), dict(temperature=1.0, seed=42, top_k=30)]
+    normal = [{"temperature": 0}, {"temperature": 1.0, "seed": 42, "top_k": 30}]
     alone = [_chat(server, "Tell me", **kw).json()["choices"][0]["message"]["content"] for kw in normal]
-    edge_bodies = [{k: v for k, v in kw.items()} for kw in EDGES]
+    edge_bodies = [dict(kw) for kw in EDGES]
     _fail_marked(monkeypatch)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         normal_f = [pool.submit(_chat, server, "Tell me", **kw) for kw in normal]

@@ -164,7 +164,7 @@ def test_sampled_tokens_stay_inside_top_k():
     seqs = [make_seq(SamplingParams(temperature=5.0, top_k=3), [4], f"k{i}") for i in range(32)]
     seen = set()
     for _ in range(30):
-        tokens, logprobs = sampler(seqs, logits.expand(32, V))
+        tokens, _ = sampler(seqs, logits.expand(32, V))
         seen |= set(tokens)
     assert seen == top
 

@@ -36,7 +36,13 @@ import torch
 
 from llava_next.engine.outputs import Logprob
 from llava_next.engine.request import Sequence
-from llava_next.sampling.logits import min_p, repetition_penalty, temperature, top_k, top_p
+from llava_next.sampling.logits import (
+    min_p,
+    repetition_penalty,
+    temperature,
+    top_k,
+    top_p,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +203,7 @@ class Sampler:
         return scores, where
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, allowed: torch.Tensor | None):
-        R, V = logits.shape
+        V = logits.shape[-1]
         dev = logits.device
         raw = logits.float()  # (R, V); kept unmodified for logprobs
         values = self._values(rows, dev)
