@@ -102,9 +102,12 @@ def main() -> None:
     ap.add_argument("--before", default="ff5eb55", help="git revision holding the per-row sampler")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: a shared machine's "
+                    "descheduled worker threads would dominate every parallel op)")
     ap.add_argument("--results", action="store_true", help="append a section to bench/RESULTS.md")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     samplers = {"before": old_sampler_class(args.before), "after": Sampler}
     table = {}
@@ -118,8 +121,9 @@ def main() -> None:
         lines = [(f"\n## Engine sampler per step (batched vs per-row) — "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M+00:00}\n"),
                  (f"Machine: {platform.machine()}, 2-core CPU shared with other jobs (load average at start {load}); "
-                 f"torch {torch.__version__}, Python {platform.python_version()}, device {args.device}. "
-                 f"`python bench/bench_sampler.py --before {args.before} --steps {args.steps}`: vocab {V}, "
+                 f"torch {torch.__version__}, Python {platform.python_version()}, device {args.device}, "
+                 f"{args.threads} torch thread(s). `python bench/bench_sampler.py --before {args.before} "
+                 f"--steps {args.steps} --threads {args.threads}`: vocab {V}, "
                  "256 prompt + 128 output tokens per row, median wall ms of a step, aten ops of one step "
                  "(TorchDispatchMode, views included). before = the per-row sampler of `--before`.\n"),
                  "| workload | rows | before ms | after ms | before ops | after ops |", "|---|---|---|---|---|---|"]

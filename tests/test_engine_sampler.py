@@ -257,3 +257,16 @@ def test_logprobs_batched_match_a_direct_log_softmax():
         top = torch.topk(lp, k).indices.tolist() if k else []
         assert list(entry)[-k:] == top if k else list(entry) == [tokens[i]]
         assert entry[tokens[i]].rank == 1 and abs(entry[tokens[i]].logprob - float(lp[tokens[i]])) < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_fail_their_row_only(temperature):
+    sampler = Sampler(torch.device("cpu"))
+    seqs = [make_seq(SamplingParams(temperature=temperature), [4], f"n{i}") for i in range(3)]
+    logits = torch.randn(3, V)
+    logits[1, 7] = float("nan")
+    tokens, _ = sampler(seqs, logits)
+    assert tokens[1] is None and tokens[0] is not None and tokens[2] is not None
+    assert list(sampler.failures) == [("n1", 0)]
+    if temperature == 0.0:
+        assert [tokens[0], tokens[2]] == [int(logits[0].argmax()), int(logits[2].argmax())]

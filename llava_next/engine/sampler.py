@@ -208,14 +208,15 @@ class Sampler:
         raw = logits.float()  # (R, V); kept unmodified for logprobs
         values = self._values(rows, dev)
         scores, pen = self._penalized(rows, raw, values, allowed)
-        bad = scores.isnan().any(-1) | scores.isneginf().all(-1)  # (R,) rows with nothing to choose from
-        tokens = scores.argmax(-1)  # (R,) greedy rows keep this
+        best, tokens = scores.max(-1)  # (R,) greedy rows keep these tokens (the first maximum, as argmax)
+        bad = ~(best > -math.inf)  # (R,) NaN or all -inf: nothing to choose from
         sampled = [i for i, r in enumerate(rows) if not r.greedy]
         if sampled:
             idx = torch.tensor(sampled).to(dev)  # (S,)
             v = values[idx]  # (S, 7)
-            sub = temperature(scores[idx], v[:, T:T + 1]).clamp(max=F32_MAX)  # (S, V), finite above
-            sub = torch.where(bad[idx, None], 0.0, sub)  # a failing row draws from a uniform row, discarded
+            sub = temperature(scores if len(sampled) == len(rows) else scores[idx], v[:, T:T + 1])  # (S, V)
+            sub.clamp_(max=F32_MAX).masked_fill_(bad[idx, None], 0.0)  # finite above; a failing row draws
+            # from a uniform row (its token is discarded)
             ks = [rows[i].values[K] for i in sampled]
             if max(ks) > 0:
                 sub = top_k(sub, v[:, K:K + 1].long(), int(max(ks)))
