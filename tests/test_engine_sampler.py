@@ -270,3 +270,21 @@ def test_nan_logits_fail_their_row_only(temperature):
     assert list(sampler.failures) == [("n1", 0)]
     if temperature == 0.0:
         assert [tokens[0], tokens[2]] == [int(logits[0].argmax()), int(logits[2].argmax())]
+
+
+def test_a_row_whose_set_up_fails_ends_alone(monkeypatch, caplog):
+    sampler = Sampler(torch.device("cpu"))
+    seqs = [make_seq(SamplingParams(temperature=0.0, repetition_penalty=1.2), [4], f"u{i}") for i in range(3)]
+    real = Sampler._new_slot
+
+    def failing(self, seq, vocab):
+        if seq.request_id == "u1":
+            raise MemoryError("injected: no room for a count slot")
+        return real(self, seq, vocab)
+
+    monkeypatch.setattr(Sampler, "_new_slot", failing)
+    logits = torch.randn(3, V)
+    with caplog.at_level(logging.ERROR, logger="llava_next.engine.sampler"):
+        tokens, _ = sampler(seqs, logits)
+    assert tokens[1] is None and tokens[0] is not None and tokens[2] is not None
+    assert "no room" in sampler.failures[("u1", 0)] and any(r.exc_info for r in caplog.records)

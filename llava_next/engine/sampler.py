@@ -143,27 +143,41 @@ class Sampler:
         allows nothing fails (token None, reason in `failures`).
         """
         self.failures = {}
-        vocab = logits.shape[-1]
-        rows = [self._row(seq, vocab) for seq in seqs]
+        rows, keep = [], []
+        for i, seq in enumerate(seqs):  # a sequence whose set-up fails is that request's failure only
+            try:
+                rows.append(self._row(seq, logits.shape[-1]))
+                keep.append(i)
+            except Exception as exc:  # noqa: BLE001 (contained and logged by _failed)
+                self._failed(seq, exc)
+        if len(keep) < len(seqs):
+            logits = logits[keep]
+            allowed = None if allowed is None else allowed[keep]
         try:
-            tokens, logprobs = self._sample(rows, logits, allowed)
+            tokens, logprobs = self._sample(rows, logits, allowed) if rows else ([], [])
         except Exception:  # find the rows that fail: each alone
             logger.exception("batched sampling of %d rows failed; sampling each row alone", len(rows))
             tokens, logprobs = [], []
             for i, row in enumerate(rows):
                 try:
                     one = self._sample([row], logits[i: i + 1], None if allowed is None else allowed[i: i + 1])
-                except Exception as exc:
-                    logger.exception("sampling failed for request %r", row.seq.request_id)
+                except Exception as exc:  # noqa: BLE001 (contained and logged by _failed)
+                    self._failed(row.seq, exc)
                     one = [None], [None]
-                    self.failures[(row.seq.request_id, row.seq.index)] = f"sampling failed: {exc!r}"[:300]
                 tokens.append(one[0][0])
                 logprobs.append(one[1][0])
-        for row, token in zip(rows, tokens):
+        out_tokens: list[int | None] = [None] * len(seqs)
+        out_logprobs: list[dict | None] = [None] * len(seqs)
+        for i, row, token, lp in zip(keep, rows, tokens, logprobs):
+            out_tokens[i], out_logprobs[i] = token, lp
             key = (row.seq.request_id, row.seq.index)
             if token is None and key not in self.failures:
                 self.failures[key] = "sampling failed: no finite probabilities (NaN logits or nothing allowed)"
-        return tokens, logprobs
+        return out_tokens, out_logprobs
+
+    def _failed(self, seq: Sequence, exc: BaseException) -> None:
+        logger.error("sampling failed for request %r", seq.request_id, exc_info=exc)
+        self.failures[(seq.request_id, seq.index)] = f"sampling failed: {exc!r}"[:300]
 
     def scores(self, seqs: list[Sequence], logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """(R, V) float32: the scores greedy rows take the argmax of (penalties, min_tokens, `allowed`), for
@@ -236,9 +250,8 @@ class Sampler:
                     try:
                         picks.append(torch.multinomial(probs[j: j + 1], 1, generator=rows[i].generator)[0])
                         own.append(j)
-                    except Exception as exc:
-                        logger.exception("sampling failed for request %r", rows[i].seq.request_id)
-                        self.failures[(rows[i].seq.request_id, rows[i].seq.index)] = f"sampling failed: {exc!r}"[:300]
+                    except Exception as exc:  # noqa: BLE001 (contained and logged by _failed)
+                        self._failed(rows[i].seq, exc)
             if own:
                 drawn[torch.tensor(own).to(dev)] = torch.cat(picks)
             tokens = tokens.index_copy(0, idx, drawn)
