@@ -16,9 +16,11 @@ together from the engine's generator; a row with a `seed` draws alone from its o
 seeded request gives the same tokens alone or in any crowd. `logprobs` are vLLM's default: log-softmax of
 the raw logits, the sampled token plus the top k.
 
-Containment: parameters are clamped to the finite float32 range (a repetition penalty of 1e-40 is the
-smallest normal float32, scores past float32's range become its largest value), so edge values give finite
-probabilities. A row whose scores are NaN or all -inf (NaN logits, a grammar allowing nothing) fails; if the
+Containment: parameters are clamped to the finite float32 range (a repetition penalty of 1e-40 is raised to
+float32's smallest normal number, 1.2e-38; a temperature or penalty of 1e300 lowered to its largest), and
+scores past float32's range after temperature become its largest value, so edge values give finite
+probabilities (a penalty that tiny makes the seen tokens with positive logits tie at the top: defined, if not
+useful). A row whose scores are NaN or all -inf (NaN logits, a grammar allowing nothing) fails; if the
 batched pass raises, each row is retried alone. A failed row's token is None and its reason is in `failures`
 (key: request id, completion index); the engine ends that request with finish_reason "error".
 
@@ -203,8 +205,9 @@ class Sampler:
             counts = self._counts[slots, :V]  # (P, V) int32
             sub = scores[pen_rows]  # (P, V)
             v = values[pen_rows]  # (P, 7)
-            sub = sub - v[:, FREQ:FREQ + 1] * counts - v[:, PRES:PRES + 1] * (counts > 0).float()
-            sub = repetition_penalty(sub, self._prompt[slots, :V] | (counts > 0), v[:, REP:REP + 1])
+            present = counts > 0  # (P, V)
+            sub = sub - v[:, FREQ:FREQ + 1] * counts - v[:, PRES:PRES + 1] * present.float()
+            sub = repetition_penalty(sub, self._prompt[slots, :V] | present, v[:, REP:REP + 1])
             scores = scores.index_copy(0, pen_rows, sub)  # out of place: raw stays for logprobs
             where = (pen_rows, slots)
         hold = [(i, t) for i, r in enumerate(rows) if r.stops and r.seq.num_output_tokens < r.seq.params.min_tokens
