@@ -4,7 +4,8 @@ A loopback "victim" listener on 127.0.0.1 counts every connection it accepts. Th
 spelling of loopback (decimal, hex, octal, short forms, IPv6 loopback and IPv4-mapped/compatible/NAT64/6to4
 forms, `localhost`), so only the address check stands between a request and the victim; each request gets a
 400 and the victim sees **zero** connections. A second test server on 127.0.0.2 plays a public image host
-(`images.test`, resolved by a test resolver; the address policy treats exactly 127.0.0.2 as public): a
+(`images.test`, resolved by a test resolver; the policy opts in to exactly the network 127.0.0.2/32, and the
+production classifier decides every other address): a
 plain fetch works, while its redirects to the victim (by IP, by name, by a mapped form, through a second hop)
 are refused at the hop, and slow or oversized bodies hit the deadline and the byte cap. file:// works only
 under the allowed folder. Unit checks of the address parser cover the encodings directly.
@@ -29,7 +30,8 @@ from server_fixtures import (
     png_bytes,
 )
 
-from llava_next.entrypoints.openai.media import MediaPolicy, is_public_address, parse_ip
+from llava_next.entrypoints.openai.media import MediaPolicy
+from llava_next.preprocess.fetch import is_public_address, parse_ip
 
 PNG = png_bytes(30, 40, seed=3)
 
@@ -149,12 +151,9 @@ def setup(tiny_checkpoint, tiny_root, tmp_path_factory):
             return ["127.0.0.2"]
         return [info[4][0] for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)]
 
-    def address_allowed(ip):
-        return ip == ipaddress.ip_address("127.0.0.2") or is_public_address(ip)
-
     domains = {h.strip("[]").rstrip(".").lower() for h in BLOCKED_HOSTS + OTHER_BLOCKED} | {"images.test"}
     policy = MediaPolicy(frozenset(domains), str(media_dir), max_bytes=1 << 20, timeout=1.5, connect_timeout=1.0,
-                         resolver=resolver, address_allowed=address_allowed)
+                         resolver=resolver, allowed_networks=("127.0.0.2/32",))
     server = ThreadServer(full_checkpoint(tiny_checkpoint, tiny_root), media=policy)
     yield server, victim, host_port, media_dir, outside
     server.stop()
@@ -250,9 +249,65 @@ def test_the_victim_would_see_a_connection_if_the_check_were_off(setup):
     from llava_next.errors import InvalidImageError
 
     before = victim.connections
-    policy = MediaPolicy(frozenset({"127.0.0.1"}), timeout=1.0, address_allowed=lambda ip: True)
+    policy = MediaPolicy(frozenset({"127.0.0.1"}), timeout=1.0, allowed_networks=("127.0.0.0/8",))
     with pytest.raises(InvalidImageError):
         policy.load(f"http://127.0.0.1:{victim.port}/x.png")
     time.sleep(0.3)
     assert victim.connections == before + 1
     victim.connections = before  # leave the count as the other tests expect
+
+
+def test_production_classifier_end_to_end_refuses_the_shared_corpus(setup):
+    """The server with no test hook but DNS: every blocked address of the shared corpus (names resolving to it,
+    a public + loopback answer) and every loopback spelling is a 400, and listeners on 127.0.0.1 and 127.0.0.2
+    (the address the other tests opt in to) see zero connections."""
+    from address_corpus import LOOPBACK_SPELLINGS, corpus_names, resolver_for
+    from test_fetch import Victims
+
+    server, *_ = setup
+    victims = Victims()
+    table = corpus_names()
+    strict = MediaPolicy(frozenset(table) | {h.strip("[]").rstrip(".").lower() for h in LOOPBACK_SPELLINGS},
+                         timeout=2.0, connect_timeout=0.5, resolver=resolver_for(table))
+    saved, server.serving.media = server.serving.media, strict
+    try:
+        for host in list(table) + LOOPBACK_SPELLINGS:
+            r = ask(server, f"http://{host}:{victims.port}/x.png")
+            assert r.status_code == 400 and "refused to fetch" in r.json()["error"]["message"], (host, r.text)
+        time.sleep(0.2)
+        assert victims.connections == 0
+    finally:
+        server.serving.media = saved
+        victims.close()
+
+
+def test_fifo_folder_and_percent_decoding_of_local_files(setup):
+    """A FIFO under the allowed folder is refused at once (it used to block a preparation thread in open()), a
+    folder is a 400, and a file:// path is percent-decoded exactly once."""
+    server, _, _, media_dir, _ = setup
+    fifo = media_dir / "pipe.png"
+    os.mkfifo(fifo)
+    (media_dir / "a%41.png").write_bytes(PNG)  # a literal '%41' in the name
+    policy = server.serving.media
+    result = {}
+
+    def load():
+        try:
+            policy.load(fifo.as_uri())
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            result["error"] = exc
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(3.0)
+    if thread.is_alive():  # unblock the stuck open() so the test ends, then fail
+        with open(fifo, "wb"):
+            pass
+        thread.join(3.0)
+        pytest.fail("file:// to a FIFO blocked the thread")
+    assert "regular file" in str(result["error"])
+    for url in (fifo.as_uri(), media_dir.as_uri(), media_dir.as_uri() + "/"):
+        r = ask(server, url)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image", (url, r.text)
+    assert ask(server, f"file://{media_dir}/a%2541.png").status_code == 200  # %25 -> '%', once
+    assert ask(server, f"file://{media_dir}/a%41.png").status_code == 400  # 'aA.png' does not exist
