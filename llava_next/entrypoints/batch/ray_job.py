@@ -52,6 +52,7 @@ from llava_next.errors import LlavaNextError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 COLUMNS = ("image", "text", "error", "worker")
 MAX_ERROR_CHARS = 300
+MAX_IMAGE_BYTES = 64 * 1024 * 1024  # an input file (or parquet cell) larger than this is an error row
 WAIT_FOR_WORKERS_S = 900  # every actor must have loaded its engine by then, else the job fails (never hangs)
 
 
@@ -62,6 +63,7 @@ class BatchJobError(LlavaNextError):
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 file name in a message
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
@@ -97,12 +99,13 @@ class Captioner:
     def __init__(self, model: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, dtype: str = "auto", device: str | None = "cpu",
                  image_column: str = "bytes", path_column: str = "path", keep_image_column: bool = False,
-                 engine_kwargs: dict | None = None):
+                 engine_kwargs: dict | None = None, max_bytes: int = MAX_IMAGE_BYTES):
         from llava_next.engine.llm import LLM
         from llava_next.engine.params import SamplingParams
 
         self.prompt = prompt
         self.image_column, self.path_column, self.keep_image_column = image_column, path_column, keep_image_column
+        self.max_bytes = max_bytes
         self.params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.llm = LLM(model, dtype=dtype, device=_actor_device(device), **(engine_kwargs or {}))
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{_actor_id()}"
@@ -134,7 +137,7 @@ class Captioner:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from llava_next.preprocess.images import decode_image
+        from llava_next.preprocess.images import decode_image, read_regular_file
 
         table = _to_arrow(batch)
         n = table.num_rows
@@ -152,13 +155,15 @@ class Captioner:
             data, path = raw[i], paths[i]
             if isinstance(data, dict):  # {bytes, path}: Hugging Face datasets' Image feature
                 data, path = data.get("bytes"), path or data.get("path")
-            source = str(path) if path else f"row {i}"
+            source = _display(path) if path else f"row {i}"
             try:
                 if data is None:
                     if not path:
                         raise ValueError("no image bytes and no path")
-                    with open(path, "rb") as f:
-                        data = f.read()
+                    # a regular file only (a FIFO named .jpg would block this actor forever), at most max_bytes
+                    data = read_regular_file(path, self.max_bytes, name=source)
+                elif len(data) > self.max_bytes:
+                    raise ValueError(f"{source}: {len(data):,} bytes, over the limit of {self.max_bytes:,}")
                 images[i] = decode_image(bytes(data), source=source)
             except Exception as exc:  # noqa: BLE001 - a bad file is an error row, never a failed job
                 errors[i] = f"{type(exc).__name__}: {_one_line(exc)}"
@@ -174,10 +179,17 @@ class Captioner:
         return table.append_column("worker", pa.array([self.worker] * n, pa.string()))
 
 
-def _actor_id() -> str:
-    try:
-        import ray
+def _display(path) -> str:
+    """A path (str, or bytes of any encoding) as printable UTF-8 text for messages."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
+
+def _actor_id() -> str:
+    ray = sys.modules.get("ray")  # never import (and so never start or dial) Ray outside a Ray worker
+    if ray is None or not ray.is_initialized():
+        return "local"
+    try:
         return ray.get_runtime_context().get_actor_id() or "driver"
     except Exception:  # noqa: BLE001 - outside Ray (a plain call): no actor
         return "local"
@@ -259,13 +271,28 @@ def _parquet_dataset(ray, path: str, done: set[str]):
         keep = [p not in done for p in table.column("path").to_pylist()]
         table = table.filter(pa.array(keep))
         return ray.data.from_arrow(table), total, table.num_rows
-    paths = pq.read_table(path, columns=[path_col]).column(path_col).to_pylist()
-    todo = sum(1 for p in paths if str(p) not in done)
+    paths = [str(p) for p in pq.read_table(path, columns=[path_col]).column(path_col).to_pylist()]
+    if len(set(paths)) < len(paths):  # a repeated path would be one row: number the repeats (read here)
+        keys = row_keys(paths)
+        table = pq.read_table(path, columns=[image]).append_column("path", pa.array(keys, pa.string()))
+        table = table.filter(pa.array([k not in done for k in keys]))
+        return ray.data.from_arrow(table), total, table.num_rows
+    todo = sum(1 for p in paths if p not in done)
     ds = ray.data.read_parquet(path, columns=[image, path_col])
     if done:
         frozen = frozenset(done)
         ds = ds.filter(lambda row: str(row[path_col]) not in frozen)
     return ds, total, todo
+
+
+def row_keys(paths: list[str]) -> list[str]:
+    """One key per row: the path, and for the second and later rows with the same path `PATH#ROW` (ROW the row
+    number in the file), so every row of a parquet file with repeated paths gets its own output row."""
+    seen, keys = set(), []
+    for i, p in enumerate(paths):
+        keys.append(p if p not in seen else f"{p}#{i}")
+        seen.add(p)
+    return keys
 
 
 # ---------------------------------------------------------------------- output, resume
@@ -281,6 +308,22 @@ def _output_format(path: str) -> str:
 
 def _parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
+
+
+def _json_line(row: dict) -> str:
+    """One JSONL line; a file name that is not UTF-8 (surrogate-escaped by os.fsdecode) is written with JSON
+    escapes (`\\udcff`), which json.loads turns back into the same str: lossless, and the file stays UTF-8."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row, ensure_ascii=True)
+    return line + "\n"
+
+
+def _parquet_text(value):
+    """Parquet strings must be UTF-8: undecodable bytes of a file name become `\\xNN` text there."""
+    return None if value is None else _display(value)
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
@@ -324,7 +367,7 @@ def write_part(out: Path, rows: list[dict], run_id: str, index: int) -> None:
     final = parts / f"part-{run_id}-{index:06d}.jsonl"
     tmp = parts / f".{final.name}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        f.writelines(_json_line(row) for row in rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -334,10 +377,11 @@ def merge(out: Path) -> tuple[int, int]:
     """OUT = its rows as they are + the parts' rows not already there, sorted by image; then the parts go.
     Returns (rows in OUT, rows added)."""
     old = read_output(out)
+    key = _parquet_text if _output_format(str(out)) == "parquet" else str
     seen = {row["image"] for _, row in old}
     new = {}
-    for row in read_parts(out):
-        if row["image"] not in seen and row["image"] not in new:
+    for row in read_parts(out):  # a row already in OUT (a kill between the replace and the cleanup) is skipped
+        if key(row["image"]) not in seen and row["image"] not in new:
             new[row["image"]] = {c: row.get(c) for c in COLUMNS}
     added = [new[k] for k in sorted(new)]
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -346,7 +390,7 @@ def merge(out: Path) -> tuple[int, int]:
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(line for line, _ in old)
             for row in added:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(_json_line(row))
             f.flush()
             os.fsync(f.fileno())
     else:
@@ -355,7 +399,8 @@ def merge(out: Path) -> tuple[int, int]:
 
         rows = [row for _, row in old] + added
         names = list(COLUMNS) + [k for k in (old[0][1] if old else {}) if k not in COLUMNS]
-        pq.write_table(pa.table({k: pa.array([r.get(k) for r in rows], pa.string()) for k in names}), tmp)
+        pq.write_table(pa.table({k: pa.array([_parquet_text(r.get(k)) for r in rows], pa.string())
+                                 for k in names}), tmp)
     os.replace(tmp, out)
     parts = _parts_dir(out)
     if parts.is_dir():
@@ -446,19 +491,25 @@ def run(args, stream=None) -> int:
     stream = stream or sys.stderr
     out = Path(args.output)
     fmt = _output_format(args.output)
+    if out.exists() and not out.is_file():  # found now, not after the whole job
+        raise ValueError(f"--output {_display(out)}: exists and is not a file")
+    if _parts_dir(out).exists() and not _parts_dir(out).is_dir():
+        raise ValueError(f"--output {_display(out)}: {_display(_parts_dir(out))} exists and is not a folder")
     kind, found = list_inputs(args.input)
     if fmt == "parquet" and out.is_file():
         read_output(out)  # fail early on an unreadable output
-    done = {row["image"] for _, row in read_output(out)} | {row["image"] for row in read_parts(out)}
+    key = _parquet_text if fmt == "parquet" else str  # the text a row's `image` has once written to OUT
+    done = {row["image"] for _, row in read_output(out)} | {key(row["image"]) for row in read_parts(out)}
 
     ray = _import_ray()
     started = connect(ray, args.ray_address)
     try:
         _quiet_ray_data(ray, stream.isatty())
         if kind == "files":
-            todo = [p for p in found if p not in done]
+            todo = [p for p in found if key(p) not in done]
             total = len(found)
-            ds = ray.data.from_items([{"path": p} for p in todo]) if todo else None
+            # paths travel as bytes: a file name need not be UTF-8, and Arrow strings must be
+            ds = ray.data.from_items([{"path": os.fsencode(p)} for p in todo]) if todo else None
         else:
             ds, total, n_todo = _parquet_dataset(ray, found, done)
             todo = range(n_todo)
@@ -472,7 +523,8 @@ def run(args, stream=None) -> int:
                 image_column=image_column, path_column="path")
             try:
                 for index, batch in enumerate(captioned.iter_batches(batch_size=None, batch_format="pyarrow")):
-                    rows = [{"image": str(r["path"]), "text": r["text"], "error": r["error"],
+                    rows = [{"image": os.fsdecode(r["path"]) if isinstance(r["path"], bytes) else str(r["path"]),
+                             "text": r["text"], "error": r["error"],
                              "worker": r["worker"]} for r in batch.to_pylist()]
                     write_part(out, rows, run_id, index)
                     progress.update(len(rows), sum(r["error"] is not None for r in rows))
