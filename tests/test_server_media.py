@@ -28,6 +28,7 @@ from server_fixtures import (
     full_checkpoint,
     image_message,
     png_bytes,
+    wait_until,
 )
 
 from llava_next.entrypoints.openai.media import MediaPolicy
@@ -311,3 +312,71 @@ def test_fifo_folder_and_percent_decoding_of_local_files(setup):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image", (url, r.text)
     assert ask(server, f"file://{media_dir}/a%2541.png").status_code == 200  # %25 -> '%', once
     assert ask(server, f"file://{media_dir}/a%41.png").status_code == 400  # 'aA.png' does not exist
+
+
+def _solid_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 40)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_per_image_cap_and_per_request_pixel_budget_from_the_headers(setup):
+    """Per image (4 x 1008)^2 pixels; per request twice that, checked from every header before any decoding."""
+    from server_fixtures import data_url
+
+    from llava_next.entrypoints.openai.media import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
+
+    assert DEFAULT_MAX_PIXELS == 4032 * 4032 and DEFAULT_MAX_REQUEST_PIXELS == 2 * DEFAULT_MAX_PIXELS
+    server, *_ = setup
+    big = data_url(_solid_png(6000, 6000))  # 36 MP, 0.2 MB of PNG
+    start = time.monotonic()
+    r = ask(server, big)
+    assert r.status_code == 400 and "per image" in r.json()["error"]["message"], r.text
+    photo = data_url(_solid_png(4032, 3024))  # a phone photo: 12.2 MP, allowed alone
+    body = {"model": MODEL, "messages": image_message("What?", photo, photo, photo), "max_tokens": 2}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and "per request" in r.json()["error"]["message"], r.text
+    assert time.monotonic() - start < 10.0  # refused from the headers: nothing decoded
+
+
+def test_text_requests_never_queue_behind_images(setup):
+    """Image preparation has its own pool: with every image thread (and more) blocked, a text-only request
+    still completes at once."""
+    import concurrent.futures
+
+    server, *_ = setup
+    release, entered = threading.Event(), []
+
+    class Blocking(MediaPolicy):
+        def load_all(self, urls):
+            entered.append(1)
+            release.wait(30)
+            return super().load_all(urls)
+
+        def load(self, url):  # the same block wherever images are loaded
+            entered.append(1)
+            release.wait(30)
+            return super().load(url)
+
+    blocking = Blocking(workers=2)
+    saved, server.serving.media = server.serving.media, blocking
+    pool = concurrent.futures.ThreadPoolExecutor(6)
+    try:
+        images = [pool.submit(ask, server, "data:image/png;base64,AAAA") for _ in range(6)]  # > both pools' threads
+        assert wait_until(lambda: len(entered) >= 2, 10)
+        start = time.monotonic()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=20)
+        took = time.monotonic() - start
+        assert r.status_code == 200 and not release.is_set(), r.text
+        assert took < 10.0, took
+        release.set()
+        assert all(f.result(timeout=60).status_code == 400 for f in images)  # "AAAA" is no image
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+        server.serving.media = saved

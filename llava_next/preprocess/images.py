@@ -137,12 +137,12 @@ def array_to_pil(array, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
     return to_rgb(Image.fromarray(np.ascontiguousarray(array if mode != "L" else array[..., 0]), mode=mode))
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, source: str = "image bytes") -> Image.Image:
-    """Decode encoded image bytes (allow-listed formats only), refusing bombs from the header; RGB out."""
+def _open(data: bytes, source: str) -> Image.Image:
+    """The lazily opened image (header read, no pixels decoded): allow-listed formats only."""
     if not data:
         raise InvalidImageError(f"{source}: no data (empty image)")
     try:
-        image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))  # reads the header only
+        return Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))  # reads the header only
     except Image.DecompressionBombError as e:
         raise InvalidImageError(f"{source}: refused as a decompression bomb: {e}") from e
     except UnidentifiedImageError:
@@ -151,6 +151,20 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, so
         ) from None
     except Exception:  # header parse errors; Pillow's message may quote the data, so it is not repeated
         raise InvalidImageError(f"{source}: unreadable image header") from None
+
+
+def image_size(data: bytes, *, source: str = "image bytes") -> tuple[int, int]:
+    """(width, height) from the header alone, no pixel decoded (for a budget over several images)."""
+    image = _open(data, source)
+    try:
+        return image.size
+    finally:
+        image.close()
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, source: str = "image bytes") -> Image.Image:
+    """Decode encoded image bytes (allow-listed formats only), refusing bombs from the header; RGB out."""
+    image = _open(data, source)
     try:
         check_pixels(image.width, image.height, max_pixels)  # BEFORE any pixel is decoded
         image.load()  # first frame only; truncated data raises here
@@ -213,7 +227,7 @@ def read_regular_file(path: str, max_bytes: int | None, *, follow_symlinks: bool
                                         "pass max_bytes=")
 
 
-def _decode_data_url(url: str) -> bytes:
+def decode_data_url(url: str) -> bytes:
     match = _DATA_URL.match(url)
     if match is None:
         raise InvalidImageError(
@@ -256,7 +270,7 @@ def load_image(source, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: flo
     if not source:
         raise InvalidImageError("empty string given as an image source")
     if source[:5].lower() == "data:":
-        data = _decode_data_url(source)
+        data = decode_data_url(source)
         if max_bytes is not None and len(data) > max_bytes:
             raise InvalidImageError(f"data URL: {len(data):,} bytes, over the limit of {max_bytes:,}")
         return decode_image(data, max_pixels=max_pixels, source="data URL")

@@ -1,7 +1,19 @@
 """The server's image-URL policy: refuse by default, fetch only what the operator allowed.
 
-`MediaPolicy.load(url)` (blocking; the server calls it in its image-preparation pool) returns one RGB PIL image
-or raises `InvalidImageError`:
+`MediaPolicy.load_all(urls)` (blocking; the server runs it in the policy's own bounded pool, `executor`, so a
+text-only request never queues behind images) returns one RGB PIL image per URL or raises `InvalidImageError`.
+Every URL's bytes are read first and every header parsed; only when each image is within `max_pixels` and all
+of them within `max_request_pixels` is any pixel decoded. Caps (the processor never keeps more than the largest
+pinpoint side, 1008 px for the default pinpoints, per image side):
+- `max_pixels` = (4 x 1008)^2 = 16,257,024 per image: a 4032 x 3024 phone photo passes, a 6000 x 6000 does not;
+  anything larger holds over 16x the pixels the model can see at the largest pinpoint (672 x 672 or 336 x 1008);
+- `max_request_pixels` = 2 x that = 32,514,048 decoded pixels per request (~98 MB as RGB bytes, ~0.3 GB at the
+  peak of preparation), whatever the number of images;
+- `workers` = 2 threads decode images at once for the whole server.
+JPEG draft decoding (`Image.draft`, libjpeg's 1/2-1/8 DCT scaling) is not used: the anyres resize (bicubic,
+antialiased over every source pixel) and the 336 px base tile depend on the full-resolution pixels for every
+image larger than its targets, so a draft decode would change `pixel_values` and break exactness with
+transformers; no size exists where it is both a saving and exact.
 
 - `data:image/...;base64,` URLs are always accepted (strict base64, the byte and pixel caps);
 - `http(s)://` only when the host is in `allowed_domains` (exact, case-insensitive names; none by default),
@@ -27,11 +39,13 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llava_next.errors import InvalidImageError
+from llava_next.model.anyres import DEFAULT_PINPOINTS
 from llava_next.preprocess import images as image_io
 from llava_next.preprocess.fetch import (
     FetchPolicy,
@@ -41,7 +55,10 @@ from llava_next.preprocess.fetch import (
 )
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 36_000_000
+LARGEST_PINPOINT_SIDE = max(max(p) for p in DEFAULT_PINPOINTS)  # 1008
+DEFAULT_MAX_PIXELS = (4 * LARGEST_PINPOINT_SIDE) ** 2  # 16,257,024 per image
+DEFAULT_MAX_REQUEST_PIXELS = 2 * DEFAULT_MAX_PIXELS  # decoded pixels per request
+DEFAULT_WORKERS = 2  # image-preparation threads for the whole server
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
@@ -52,6 +69,8 @@ class MediaPolicy:
     allowed_local_path: str | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    workers: int = DEFAULT_WORKERS
     timeout: float = DEFAULT_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     max_redirects: int = 3
@@ -68,24 +87,55 @@ class MediaPolicy:
             allowed_hosts=self.allowed_domains, allow_networks=tuple(self.allowed_networks), timeout=self.timeout,
             connect_timeout=self.connect_timeout, max_bytes=self.max_bytes, max_redirects=self.max_redirects,
             resolve=self.resolver, ssl_context=self.ssl_context)
+        self._executor: ThreadPoolExecutor | None = None
 
-    # -- entry point ---------------------------------------------------------------------------------------
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The server's image-preparation pool (`workers` threads), apart from the text preparation pool."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="llava-next-image")
+        return self._executor
+
+    def load_all(self, urls: list[str]) -> list:
+        """One RGB PIL image per URL; every header is checked against both caps before any pixel is decoded."""
+        raw = [self._bytes(url) for url in urls]
+        total = 0
+        for data, source in raw:
+            w, h = image_io.image_size(data, source=source)
+            if w * h > self.max_pixels:
+                raise InvalidImageError(f"{source} is {w}x{h} = {w * h:,} pixels, over the limit of "
+                                        f"{self.max_pixels:,} per image (the model sees at most "
+                                        f"{LARGEST_PINPOINT_SIDE} px a side); send it smaller")
+            total += w * h
+        if total > self.max_request_pixels:
+            raise InvalidImageError(f"the request's images hold {total:,} pixels in all, over the limit of "
+                                    f"{self.max_request_pixels:,} per request; send fewer or smaller images")
+        return [self._checked(self._decode(data, source)) for data, source in raw]
+
+    # -- one URL ------------------------------------------------------------------------------------------
     def load(self, url: str):
         """One RGB PIL image from an image_url (see the module docstring); InvalidImageError otherwise."""
+        return self.load_all([url])[0]
+
+    def _bytes(self, url: str) -> tuple[bytes, str]:
+        """(encoded bytes, a name for messages) of one image_url, within `max_bytes`."""
         if not isinstance(url, str) or not url:
             raise InvalidImageError("image_url.url must be a non-empty string")
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
-            image = image_io.load_image(url, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
-        elif scheme in ("http", "https"):
-            image = self._decode(fetch(url, self.fetch_policy), "image URL")
-        elif scheme == "file":
-            image = self._decode(self._read_local(url), "local image")
-        else:
-            raise InvalidImageError(f"image URL scheme {scheme!r} is not allowed: use data:image/...;base64,"
-                                    + (" or http(s) for an allowed domain" if self.allowed_domains else "")
-                                    + (" or file:// under the allowed local folder" if self.allowed_local_path
-                                       else ""))
+            data = image_io.decode_data_url(url)
+            if len(data) > self.max_bytes:
+                raise InvalidImageError(f"data URL: {len(data):,} bytes, over the limit of {self.max_bytes:,}")
+            return data, "data URL"
+        if scheme in ("http", "https"):
+            return fetch(url, self.fetch_policy), "image URL"
+        if scheme == "file":
+            return self._read_local(url), "local image"
+        raise InvalidImageError(f"image URL scheme {scheme!r} is not allowed: use data:image/...;base64,"
+                                + (" or http(s) for an allowed domain" if self.allowed_domains else "")
+                                + (" or file:// under the allowed local folder" if self.allowed_local_path else ""))
+
+    def _checked(self, image):
         w, h = image.size
         if max(w / h, h / w) > self.max_aspect_ratio:
             raise InvalidImageError(f"image is {w}x{h}: aspect ratio over {self.max_aspect_ratio:g} is refused")
