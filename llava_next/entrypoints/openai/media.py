@@ -7,14 +7,15 @@ of them within `max_request_pixels` is any pixel decoded. Caps (the processor ne
 pinpoint side, 1008 px for the default pinpoints, per image side):
 - `max_pixels` = (4 x 1008)^2 = 16,257,024 per image: a 4032 x 3024 phone photo passes, a 6000 x 6000 does not;
   anything larger holds over 16x the pixels the model can see at the largest pinpoint (672 x 672 or 336 x 1008);
-- `max_request_pixels` = 2 x that = 32,514,048 decoded pixels per request (~98 MB as RGB bytes, ~0.3 GB at the
-  peak of preparation), whatever the number of images;
+- `max_request_pixels` = 2 x that = 32,514,048 decoded pixels per request (~98 MB as RGB bytes; preparing two
+  4032 x 4032 images, tiles included, peaks at +344 MB), whatever the number of images;
 - `workers` = 2 threads decode images at once for the whole server.
 JPEG draft decoding (`Image.draft`, libjpeg's 1/2-1/8 DCT scaling) is not used: the anyres resize (bicubic,
 antialiased over every source pixel) and the 336 px base tile depend on the full-resolution pixels for every
 image larger than its targets, so a draft decode would change `pixel_values` and break exactness with
 transformers; no size exists where it is both a saving and exact.
 
+Sources:
 - `data:image/...;base64,` URLs are always accepted (strict base64, the byte and pixel caps);
 - `http(s)://` only when the host is in `allowed_domains` (exact, case-insensitive names; none by default),
   fetched by `llava_next.preprocess.fetch` (the package's one fetcher: one address classifier, every resolved
