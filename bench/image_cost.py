@@ -39,7 +39,8 @@ except ValueError as exc:
     outcome = f"refused: {exc}"
 wall = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"request_bytes": len(url) * n, "outcome": outcome[:160], "wall_s": round(wall, 2),
+import llava_next
+print(json.dumps({"module": llava_next.__file__, "request_bytes": len(url) * n, "outcome": outcome[:160], "wall_s": round(wall, 2),
                   "peak_extra_mb": round((peak - before) / 1024, 1)}))
 """
 
@@ -51,8 +52,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=6000)
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=args.tree)
-    done = subprocess.run([sys.executable, "-c", CHILD, str(args.n), str(args.size)], env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(args.n), str(args.size)], env=env, cwd=args.tree,
+                          capture_output=True, text=True, timeout=900, check=False)
     if done.returncode != 0:
         sys.exit(done.stderr[-3000:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
