@@ -30,6 +30,7 @@ from test_batch_ray import (  # noqa: F401
 )
 
 from llava_next.entrypoints.batch import ray_job
+from llava_next.entrypoints.batch import rows as batch_rows
 
 
 def test_an_output_folder_fails_before_any_work(tmp_path):
@@ -60,29 +61,29 @@ def test_captioner_outside_ray_never_starts_ray(checkpoint):  # noqa: F811
 def test_merge_after_a_kill_between_replace_and_cleanup_writes_no_row_twice(tmp_path):
     out = tmp_path / "captions.jsonl"
     rows = [{"image": f"/x/{i}.png", "text": f"t{i}", "error": None, "worker": "w"} for i in range(3)]
-    ray_job.write_part(out, rows[:2], "run1", 0)
-    assert ray_job.merge(out) == (2, 2)
+    batch_rows.write_part(out, rows[:2], "run1", 0)
+    assert batch_rows.merge(out) == (2, 2)
     first = out.read_bytes()
     # the same run killed after os.replace(tmp, OUT) but before the parts were removed: they are still there
-    ray_job.write_part(out, rows[:2], "run1", 0)
-    ray_job.write_part(out, rows[2:], "run2", 0)
-    assert ray_job.merge(out) == (3, 1)
+    batch_rows.write_part(out, rows[:2], "run1", 0)
+    batch_rows.write_part(out, rows[2:], "run2", 0)
+    assert batch_rows.merge(out) == (3, 1)
     lines = out.read_bytes().splitlines(keepends=True)
     assert b"".join(lines[:2]) == first and len(lines) == 3
     assert [json.loads(line)["image"] for line in lines] == [r["image"] for r in rows]
 
 
 def test_repeated_parquet_paths_get_one_key_per_row():
-    assert ray_job.row_keys(["a.png", "b.png", "a.png", "a.png"]) == ["a.png", "b.png", "a.png#2", "a.png#3"]
+    assert batch_rows.row_keys(["a.png", "b.png", "a.png", "a.png"]) == ["a.png", "b.png", "a.png#2", "a.png#3"]
 
 
 def test_non_utf8_names_round_trip_through_jsonl(tmp_path):
     name = os.fsdecode(b"/data/caf\xe9-\xff.png")  # Latin-1 bytes: not UTF-8
     out = tmp_path / "c.jsonl"
-    ray_job.write_part(out, [{"image": name, "text": "t", "error": None, "worker": "w"}], "r", 0)
-    ray_job.merge(out)
+    batch_rows.write_part(out, [{"image": name, "text": "t", "error": None, "worker": "w"}], "r", 0)
+    batch_rows.merge(out)
     out.read_text(encoding="utf-8")  # still a UTF-8 file
-    assert [row["image"] for _, row in ray_job.read_output(out)] == [name]
+    assert [row["image"] for _, row in batch_rows.read_output(out)] == [name]
     assert os.fsencode(name) == b"/data/caf\xe9-\xff.png"
 
 

@@ -14,15 +14,12 @@ What it implements:
   it never stops the job.
 - `caption_dataset(ds, model, prompt, ...)`: `ds.map_batches(Captioner, ...)` with one actor per worker
   (`ActorPoolStrategy(size=num_workers)`), `num_gpus=1` per actor on CUDA, else `num_cpus=1`.
-- `run(args)`, the `batch` command: lists the inputs (a folder, searched recursively for image suffixes; a glob;
-  or one parquet file with an `image` column of bytes or of {bytes, path} structs, or a `bytes` column, plus an
-  optional `path` column), skips those already in the output (resume), captions the rest on a local Ray
-  cluster it starts (or the one at --ray-address), and writes one row per input: `image` (the path as found),
-  `text`, `error`, `worker`. Rows are written as they arrive, one atomically renamed JSONL part file per batch
-  under `OUT.parts/`, so a killed run loses at most the rows in flight; at the end the parts are merged into
-  OUT: the rows already there first, byte for byte (JSONL) or value for value (parquet), then the new rows
-  sorted by `image`. A rerun after a kill merges the earlier parts too. Progress (rows done / total, rows/s)
-  goes to stderr when it is a terminal; nothing but a final summary line otherwise.
+- `run(args)`, the `batch` command: lists the inputs, skips those already in the output (resume), captions the
+  rest on a local Ray cluster it starts (or the one at --ray-address) and writes one row per input: `image`
+  (the path as found), `text`, `error`, `worker`, flushed per batch and merged at the end (rows.py). An output
+  path that is a folder fails before any work. Inputs are read only as regular files of at most `max_bytes`
+  (a FIFO named .jpg, a device, a symlink to /dev/zero are error rows, never a hang), their names carried as
+  bytes through Ray. Progress (rows done / total, rows/s) goes to stderr when it is a terminal.
 
 Resume matches inputs by the path as found, so rerun with the same --input spelling (a relative folder and its
 absolute path are different inputs). Ray's start-up lines and its one "constructor arguments in the object
@@ -38,8 +35,6 @@ a `path` column beyond what fits in the driver (they are read there to number th
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import socket
 import sys
@@ -47,11 +42,16 @@ import time
 import uuid
 from pathlib import Path
 
+from llava_next.entrypoints.batch import rows as files
+from llava_next.entrypoints.batch.rows import (
+    _display,
+    _one_line,
+    _parquet_text,
+    _parts_dir,
+    read_output,
+)
 from llava_next.errors import LlavaNextError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-COLUMNS = ("image", "text", "error", "worker")
-MAX_ERROR_CHARS = 300
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # an input file (or parquet cell) larger than this is an error row
 WAIT_FOR_WORKERS_S = 900  # every actor must have loaded its engine by then, else the job fails (never hangs)
 
@@ -59,12 +59,6 @@ WAIT_FOR_WORKERS_S = 900  # every actor must have loaded its engine by then, els
 class BatchJobError(LlavaNextError):
     """The Ray job failed (an actor died, the cluster went away): the rows flushed so far stay in OUT.parts/
     and a rerun of the same command resumes from them."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 file name in a message
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
 def _import_ray():
@@ -179,12 +173,6 @@ class Captioner:
         return table.append_column("worker", pa.array([self.worker] * n, pa.string()))
 
 
-def _display(path) -> str:
-    """A path (str, or bytes of any encoding) as printable UTF-8 text for messages."""
-    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _actor_id() -> str:
     ray = sys.modules.get("ray")  # never import (and so never start or dial) Ray outside a Ray worker
     if ray is None or not ray.is_initialized():
@@ -227,187 +215,6 @@ def caption_dataset(ds, model: str, prompt: str, *, max_tokens: int = 64, temper
                                "keep_image_column": keep_image_column, "engine_kwargs": engine_kwargs},
         batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_workers), **resources)
-
-
-# ---------------------------------------------------------------------- inputs
-
-
-def list_inputs(spec: str):
-    """("files", [paths as found, sorted]) for a folder or a glob; ("parquet", path) for one .parquet file."""
-    if spec.endswith(".parquet") and os.path.isfile(spec):
-        return "parquet", spec
-    if os.path.isdir(spec):
-        found = [os.path.join(root, name) for root, dirs, names in os.walk(spec) for name in names
-                 if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
-        if not found:
-            raise ValueError(f"--input {spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) in that folder")
-        return "files", sorted(found)
-    found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-    if not found:
-        raise ValueError(f"--input {spec}: no such folder, parquet file, or files matching that pattern")
-    return "files", found
-
-
-def _parquet_columns(path: str) -> tuple[str, str | None]:
-    import pyarrow.parquet as pq
-
-    names = pq.ParquetFile(path).schema_arrow.names
-    image = "image" if "image" in names else "bytes" if "bytes" in names else None
-    if image is None:
-        raise ValueError(f"--input {path}: no 'image' or 'bytes' column (columns: {names})")
-    return image, ("path" if "path" in names else None)
-
-
-def _parquet_dataset(ray, path: str, done: set[str]):
-    """(dataset with `image_bytes` and `path`, total rows, rows still to do) for one parquet file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    image, path_col = _parquet_columns(path)
-    total = pq.ParquetFile(path).metadata.num_rows
-    if path_col is None:  # number the rows here: FILE#i
-        table = pq.read_table(path, columns=[image])
-        table = table.append_column("path", pa.array([f"{path}#{i}" for i in range(total)], pa.string()))
-        keep = [p not in done for p in table.column("path").to_pylist()]
-        table = table.filter(pa.array(keep))
-        return ray.data.from_arrow(table), total, table.num_rows
-    paths = [str(p) for p in pq.read_table(path, columns=[path_col]).column(path_col).to_pylist()]
-    if len(set(paths)) < len(paths):  # a repeated path would be one row: number the repeats (read here)
-        keys = row_keys(paths)
-        table = pq.read_table(path, columns=[image]).append_column("path", pa.array(keys, pa.string()))
-        table = table.filter(pa.array([k not in done for k in keys]))
-        return ray.data.from_arrow(table), total, table.num_rows
-    todo = sum(1 for p in paths if p not in done)
-    ds = ray.data.read_parquet(path, columns=[image, path_col])
-    if done:
-        frozen = frozenset(done)
-        ds = ds.filter(lambda row: str(row[path_col]) not in frozen)
-    return ds, total, todo
-
-
-def row_keys(paths: list[str]) -> list[str]:
-    """One key per row: the path, and for the second and later rows with the same path `PATH#ROW` (ROW the row
-    number in the file), so every row of a parquet file with repeated paths gets its own output row."""
-    seen, keys = set(), []
-    for i, p in enumerate(paths):
-        keys.append(p if p not in seen else f"{p}#{i}")
-        seen.add(p)
-    return keys
-
-
-# ---------------------------------------------------------------------- output, resume
-
-
-def _output_format(path: str) -> str:
-    if path.endswith(".jsonl"):
-        return "jsonl"
-    if path.endswith(".parquet"):
-        return "parquet"
-    raise ValueError(f"--output {path}: must end in .jsonl or .parquet")
-
-
-def _parts_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".parts")
-
-
-def _json_line(row: dict) -> str:
-    """One JSONL line; a file name that is not UTF-8 (surrogate-escaped by os.fsdecode) is written with JSON
-    escapes (`\\udcff`), which json.loads turns back into the same str: lossless, and the file stays UTF-8."""
-    line = json.dumps(row, ensure_ascii=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        line = json.dumps(row, ensure_ascii=True)
-    return line + "\n"
-
-
-def _parquet_text(value):
-    """Parquet strings must be UTF-8: undecodable bytes of a file name become `\\xNN` text there."""
-    return None if value is None else _display(value)
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                row["image"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"cannot resume from {path}: line {number} is not a row with an 'image' "
-                                 f"({_one_line(exc)})") from exc
-            rows.append((line if line.endswith("\n") else line + "\n", row))
-    return rows
-
-
-def read_output(out: Path) -> list[tuple[str | None, dict]]:
-    """The rows already in OUT, in order: (the raw JSONL line or None for parquet, the row)."""
-    if not out.is_file():
-        return []
-    if _output_format(str(out)) == "jsonl":
-        return _read_jsonl(out)
-    import pyarrow.parquet as pq
-
-    return [(None, row) for row in pq.read_table(out).to_pylist()]
-
-
-def read_parts(out: Path) -> list[dict]:
-    parts = _parts_dir(out)
-    if not parts.is_dir():
-        return []
-    return [row for part in sorted(parts.glob("part-*.jsonl")) for _, row in _read_jsonl(part)]
-
-
-def write_part(out: Path, rows: list[dict], run_id: str, index: int) -> None:
-    """One batch of rows as its own JSONL file, flushed and renamed into place (never half-written)."""
-    parts = _parts_dir(out)
-    parts.mkdir(parents=True, exist_ok=True)
-    final = parts / f"part-{run_id}-{index:06d}.jsonl"
-    tmp = parts / f".{final.name}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(_json_line(row) for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def merge(out: Path) -> tuple[int, int]:
-    """OUT = its rows as they are + the parts' rows not already there, sorted by image; then the parts go.
-    Returns (rows in OUT, rows added)."""
-    old = read_output(out)
-    key = _parquet_text if _output_format(str(out)) == "parquet" else str
-    seen = {row["image"] for _, row in old}
-    new = {}
-    for row in read_parts(out):  # a row already in OUT (a kill between the replace and the cleanup) is skipped
-        if key(row["image"]) not in seen and row["image"] not in new:
-            new[row["image"]] = {c: row.get(c) for c in COLUMNS}
-    added = [new[k] for k in sorted(new)]
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if _output_format(str(out)) == "jsonl":
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line for line, _ in old)
-            for row in added:
-                f.write(_json_line(row))
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = [row for _, row in old] + added
-        names = list(COLUMNS) + [k for k in (old[0][1] if old else {}) if k not in COLUMNS]
-        pq.write_table(pa.table({k: pa.array([_parquet_text(r.get(k)) for r in rows], pa.string())
-                                 for k in names}), tmp)
-    os.replace(tmp, out)
-    parts = _parts_dir(out)
-    if parts.is_dir():
-        for part in parts.iterdir():
-            part.unlink()
-        parts.rmdir()
-    return len(old) + len(added), len(added)
 
 
 # ---------------------------------------------------------------------- progress
@@ -490,16 +297,16 @@ def run(args, stream=None) -> int:
     arguments, which cli.py prints as one line."""
     stream = stream or sys.stderr
     out = Path(args.output)
-    fmt = _output_format(args.output)
+    fmt = files._output_format(args.output)
     if out.exists() and not out.is_file():  # found now, not after the whole job
         raise ValueError(f"--output {_display(out)}: exists and is not a file")
     if _parts_dir(out).exists() and not _parts_dir(out).is_dir():
         raise ValueError(f"--output {_display(out)}: {_display(_parts_dir(out))} exists and is not a folder")
-    kind, found = list_inputs(args.input)
+    kind, found = files.list_inputs(args.input)
     if fmt == "parquet" and out.is_file():
         read_output(out)  # fail early on an unreadable output
     key = _parquet_text if fmt == "parquet" else str  # the text a row's `image` has once written to OUT
-    done = {row["image"] for _, row in read_output(out)} | {key(row["image"]) for row in read_parts(out)}
+    done = {row["image"] for _, row in read_output(out)} | {key(row["image"]) for row in files.read_parts(out)}
 
     ray = _import_ray()
     started = connect(ray, args.ray_address)
@@ -511,9 +318,9 @@ def run(args, stream=None) -> int:
             # paths travel as bytes: a file name need not be UTF-8, and Arrow strings must be
             ds = ray.data.from_items([{"path": os.fsencode(p)} for p in todo]) if todo else None
         else:
-            ds, total, n_todo = _parquet_dataset(ray, found, done)
+            ds, total, n_todo = files._parquet_dataset(ray, found, done)
             todo = range(n_todo)
-        image_column = "bytes" if kind == "files" else _parquet_columns(found)[0]
+        image_column = "bytes" if kind == "files" else files._parquet_columns(found)[0]
         progress = Progress(total, total - len(todo), stream)
         run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
         if len(todo):
@@ -526,14 +333,14 @@ def run(args, stream=None) -> int:
                     rows = [{"image": os.fsdecode(r["path"]) if isinstance(r["path"], bytes) else str(r["path"]),
                              "text": r["text"], "error": r["error"],
                              "worker": r["worker"]} for r in batch.to_pylist()]
-                    write_part(out, rows, run_id, index)
+                    files.write_part(out, rows, run_id, index)
                     progress.update(len(rows), sum(r["error"] is not None for r in rows))
             except ray.exceptions.RayError as exc:
                 progress.close()
                 raise BatchJobError(f"the Ray job failed after {progress.new} rows ({_one_line(exc)}); they are "
                                     f"kept in {_parts_dir(out)}: rerun the same command to resume") from exc
         progress.close()
-        n_rows, _ = merge(out)
+        n_rows, _ = files.merge(out)
     finally:
         if started:
             ray.shutdown()
