@@ -328,7 +328,10 @@ def test_per_image_cap_and_per_request_pixel_budget_from_the_headers(setup):
     """Per image (4 x 1008)^2 pixels; per request twice that, checked from every header before any decoding."""
     from server_fixtures import data_url
 
-    from llava_next.entrypoints.openai.media import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
+    from llava_next.entrypoints.openai.media import (
+        DEFAULT_MAX_PIXELS,
+        DEFAULT_MAX_REQUEST_PIXELS,
+    )
 
     assert DEFAULT_MAX_PIXELS == 4032 * 4032 and DEFAULT_MAX_REQUEST_PIXELS == 2 * DEFAULT_MAX_PIXELS
     server, *_ = setup

@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from llava_next.errors import InvalidImageError
