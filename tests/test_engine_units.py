@@ -109,3 +109,26 @@ def test_scheduler_never_exceeds_budget_or_max_num_seqs(tiny_pair, monkeypatch):
     assert max(r for _, r, _ in seen) == 3  # the cap was reached, never passed
     assert max(s for _, _, s in seen) <= 3
     assert engine.pool.num_used == 0 and engine.pool.num_allocated == engine.pool.num_released
+
+
+def test_encoder_cache_at_capacity_keeps_images_until_prefilled(tiny_pair):
+    """A cache of one feature row (always over capacity), two images each prefilled over several 256-token chunks:
+    an image still referenced by a sequence that has not prefilled it must never be evicted (it would be encoded
+    again for its next chunk), while every released one goes at once."""
+    model, _ = tiny_pair("mistral")
+    engine = LLMEngine(model, None, enable_prefix_caching=False, max_num_batched_tokens=256, max_num_seqs=2,
+                       encoder_cache_tokens=1)
+    prompts = [case([(200, 300)], 1, image_seed=7), case([(300, 200)], 2, image_seed=8)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    outs, sizes = {}, []
+    for _ in range(200):
+        if not engine.has_unfinished_requests():
+            break
+        outs.update((out.request_id, out) for out in engine.step() if out.finished)
+        sizes.append(len(engine.encoder_cache.entries))
+    assert engine.encoder_cache.num_encoded == 2  # each image once, though the cache is always "full"
+    assert max(sizes) == 1  # a held image stays though it is over the capacity of one row
+    assert len(engine.encoder_cache.entries) == 0 and not engine.encoder_cache.refs  # all released, evicted
+    for i, prompt in enumerate(prompts):
+        assert outs[str(i)].outputs[0].token_ids == reference(model, prompt, 4)

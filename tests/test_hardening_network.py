@@ -4,7 +4,8 @@ A blocked form must open no connection at all (the listener records zero); a red
 to a local address is refused at the second hop; DNS rebinding (a second look-up answering differently) cannot
 move a checked connection; an explicit `allow_local_network=True` still loads the image. The "public" first hop
 of the redirect and rebinding tests is a listener on 127.0.0.2 that the test declares public by wrapping
-`address_blocked` (only that one address): the real check still runs for every other address, 127.0.0.1 included.
+opting in to that one network (`FetchPolicy(allow_networks=("127.0.0.2/32",))`): the production classifier still
+runs for every other address, 127.0.0.1 included.
 
 Leaves out: real public URLs (no network here) and TLS.
 """
@@ -20,8 +21,16 @@ import pytest
 from PIL import Image
 
 from llava_next.errors import InvalidImageError
-from llava_next.preprocess import images as images_module
+from llava_next.preprocess import fetch as fetch_module
+from llava_next.preprocess.fetch import FetchPolicy, system_resolve
 from llava_next.preprocess.images import load_image
+
+HINT = "pass allow_local_network=True to allow loopback, private and link-local addresses"
+
+
+def policy(**kwargs) -> FetchPolicy:
+    """load_image's default policy, plus the one 127.0.0.2 opt-in the "public" listener needs."""
+    return FetchPolicy(allow_networks=("127.0.0.2/32",), timeout=3, opt_in_hint=HINT, **kwargs)
 
 
 def _png() -> bytes:
@@ -77,11 +86,9 @@ def listener():
 
 
 @pytest.fixture
-def public_listener(monkeypatch):
-    """A listener on 127.0.0.2 that the address check treats as public (only that address)."""
+def public_listener():
+    """A listener on 127.0.0.2, the one network `policy()` opts in to."""
     server = _Listener("127.0.0.2")
-    real = images_module.address_blocked
-    monkeypatch.setattr(images_module, "address_blocked", lambda a: None if a == "127.0.0.2" else real(a))
     yield server
     server.close()
 
@@ -122,36 +129,35 @@ def test_opt_in_loads_from_the_listener(listener):
                                     "http://2130706433:{port}/img.png", "http://[::ffff:7f00:1]:{port}/img.png"])
 def test_redirect_to_a_local_address_is_refused(listener, public_listener, target):
     public = f"http://127.0.0.2:{public_listener.port}"
-    assert load_image(public + "/img.png", timeout=3).size == (4, 4)  # the first hop alone is allowed
+    assert load_image(public + "/img.png", fetch_policy=policy()).size == (4, 4)  # the first hop alone is allowed
     with pytest.raises(InvalidImageError, match="allow_local_network"):
-        load_image(public + "/to?" + target.format(port=listener.port), timeout=3)
+        load_image(public + "/to?" + target.format(port=listener.port), fetch_policy=policy())
     assert public_listener.connections == 2
     assert listener.connections == 0
 
 
-def test_names_resolving_to_local_addresses_are_refused(listener, monkeypatch):
-    real = images_module._resolve
-    monkeypatch.setattr(images_module, "_resolve",
-                        lambda host, port: real("127.0.0.1", port) if host == "innocent.example" else real(host, port))
+def test_names_resolving_to_local_addresses_are_refused(listener):
+    def resolve(host, port):
+        return system_resolve("127.0.0.1" if host == "innocent.example" else host, port)
+
     with pytest.raises(InvalidImageError, match="127.0.0.1"):
-        load_image(f"http://innocent.example:{listener.port}/img.png", timeout=3)
+        load_image(f"http://innocent.example:{listener.port}/img.png", fetch_policy=policy(resolve=resolve))
     assert listener.connections == 0
 
 
-def test_dns_rebinding_cannot_move_a_checked_connection(listener, public_listener, monkeypatch):
+def test_dns_rebinding_cannot_move_a_checked_connection(listener, public_listener):
     """The first look-up answers 'public', any later one loopback: one look-up per connection, and the socket
     connects to the address that was checked."""
-    real = images_module._resolve
     calls = []
 
     def rebinding(host, port):
         if host != "rebind.example":
-            return real(host, port)
+            return system_resolve(host, port)
         calls.append(host)
-        return real("127.0.0.2" if len(calls) == 1 else "127.0.0.1", port)
+        return system_resolve("127.0.0.2" if len(calls) == 1 else "127.0.0.1", port)
 
-    monkeypatch.setattr(images_module, "_resolve", rebinding)
-    assert load_image(f"http://rebind.example:{public_listener.port}/img.png", timeout=3).size == (4, 4)
+    image = load_image(f"http://rebind.example:{public_listener.port}/img.png", fetch_policy=policy(resolve=rebinding))
+    assert image.size == (4, 4)
     assert calls == ["rebind.example"]
     assert public_listener.connections == 1 and listener.connections == 0
 
@@ -162,13 +168,13 @@ def test_dns_rebinding_cannot_move_a_checked_connection(listener, public_listene
                                      "fd12::1", "fe80::1", "fe80::1%eth0", "ff02::1", "2002:7f00:1::1",
                                      "2002:a9fe:a9fe::1", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe"])
 def test_address_classes_are_blocked(address):
-    assert images_module.address_blocked(address) is not None
+    assert fetch_module.blocked_reason(address) is not None
 
 
 @pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2002:808:808::1",
                                      "::ffff:8.8.8.8"])
 def test_public_addresses_pass(address):
-    assert images_module.address_blocked(address) is None
+    assert fetch_module.blocked_reason(address) is None
 
 
 def test_processor_and_chat_template_refuse_local_urls_and_take_the_opt_in(listener, tiny_processor):

@@ -4,7 +4,8 @@ A loopback "victim" listener on 127.0.0.1 counts every connection it accepts. Th
 spelling of loopback (decimal, hex, octal, short forms, IPv6 loopback and IPv4-mapped/compatible/NAT64/6to4
 forms, `localhost`), so only the address check stands between a request and the victim; each request gets a
 400 and the victim sees **zero** connections. A second test server on 127.0.0.2 plays a public image host
-(`images.test`, resolved by a test resolver; the address policy treats exactly 127.0.0.2 as public): a
+(`images.test`, resolved by a test resolver; the policy opts in to exactly the network 127.0.0.2/32, and the
+production classifier decides every other address): a
 plain fetch works, while its redirects to the victim (by IP, by name, by a mapped form, through a second hop)
 are refused at the hop, and slow or oversized bodies hit the deadline and the byte cap. file:// works only
 under the allowed folder. Unit checks of the address parser cover the encodings directly.
@@ -27,9 +28,11 @@ from server_fixtures import (
     full_checkpoint,
     image_message,
     png_bytes,
+    wait_until,
 )
 
-from llava_next.entrypoints.openai.media import MediaPolicy, is_public_address, parse_ip
+from llava_next.entrypoints.openai.media import MediaPolicy
+from llava_next.preprocess.fetch import is_public_address, parse_ip
 
 PNG = png_bytes(30, 40, seed=3)
 
@@ -149,12 +152,9 @@ def setup(tiny_checkpoint, tiny_root, tmp_path_factory):
             return ["127.0.0.2"]
         return [info[4][0] for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)]
 
-    def address_allowed(ip):
-        return ip == ipaddress.ip_address("127.0.0.2") or is_public_address(ip)
-
     domains = {h.strip("[]").rstrip(".").lower() for h in BLOCKED_HOSTS + OTHER_BLOCKED} | {"images.test"}
     policy = MediaPolicy(frozenset(domains), str(media_dir), max_bytes=1 << 20, timeout=1.5, connect_timeout=1.0,
-                         resolver=resolver, address_allowed=address_allowed)
+                         resolver=resolver, allowed_networks=("127.0.0.2/32",))
     server = ThreadServer(full_checkpoint(tiny_checkpoint, tiny_root), media=policy)
     yield server, victim, host_port, media_dir, outside
     server.stop()
@@ -250,9 +250,136 @@ def test_the_victim_would_see_a_connection_if_the_check_were_off(setup):
     from llava_next.errors import InvalidImageError
 
     before = victim.connections
-    policy = MediaPolicy(frozenset({"127.0.0.1"}), timeout=1.0, address_allowed=lambda ip: True)
+    policy = MediaPolicy(frozenset({"127.0.0.1"}), timeout=1.0, allowed_networks=("127.0.0.0/8",))
     with pytest.raises(InvalidImageError):
         policy.load(f"http://127.0.0.1:{victim.port}/x.png")
     time.sleep(0.3)
     assert victim.connections == before + 1
     victim.connections = before  # leave the count as the other tests expect
+
+
+def test_production_classifier_end_to_end_refuses_the_shared_corpus(setup):
+    """The server with no test hook but DNS: every blocked address of the shared corpus (names resolving to it,
+    a public + loopback answer) and every loopback spelling is a 400, and listeners on 127.0.0.1 and 127.0.0.2
+    (the address the other tests opt in to) see zero connections."""
+    from address_corpus import LOOPBACK_SPELLINGS, corpus_names, resolver_for
+    from test_fetch import Victims
+
+    server, *_ = setup
+    victims = Victims()
+    table = corpus_names()
+    strict = MediaPolicy(frozenset(table) | {h.strip("[]").rstrip(".").lower() for h in LOOPBACK_SPELLINGS},
+                         timeout=2.0, connect_timeout=0.5, resolver=resolver_for(table))
+    saved, server.serving.media = server.serving.media, strict
+    try:
+        for host in list(table) + LOOPBACK_SPELLINGS:
+            r = ask(server, f"http://{host}:{victims.port}/x.png")
+            assert r.status_code == 400 and "refused to fetch" in r.json()["error"]["message"], (host, r.text)
+        time.sleep(0.2)
+        assert victims.connections == 0
+    finally:
+        server.serving.media = saved
+        victims.close()
+
+
+def test_fifo_folder_and_percent_decoding_of_local_files(setup):
+    """A FIFO under the allowed folder is refused at once (it used to block a preparation thread in open()), a
+    folder is a 400, and a file:// path is percent-decoded exactly once."""
+    server, _, _, media_dir, _ = setup
+    fifo = media_dir / "pipe.png"
+    os.mkfifo(fifo)
+    (media_dir / "a%41.png").write_bytes(PNG)  # a literal '%41' in the name
+    policy = server.serving.media
+    result = {}
+
+    def load():
+        try:
+            policy.load(fifo.as_uri())
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            result["error"] = exc
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(3.0)
+    if thread.is_alive():  # unblock the stuck open() so the test ends, then fail
+        with open(fifo, "wb"):
+            pass
+        thread.join(3.0)
+        pytest.fail("file:// to a FIFO blocked the thread")
+    assert "regular file" in str(result["error"])
+    for url in (fifo.as_uri(), media_dir.as_uri(), media_dir.as_uri() + "/"):
+        r = ask(server, url)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image", (url, r.text)
+    assert ask(server, f"file://{media_dir}/a%2541.png").status_code == 200  # %25 -> '%', once
+    assert ask(server, f"file://{media_dir}/a%41.png").status_code == 400  # 'aA.png' does not exist
+
+
+def _solid_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 40)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_per_image_cap_and_per_request_pixel_budget_from_the_headers(setup):
+    """Per image (4 x 1008)^2 pixels; per request twice that, checked from every header before any decoding."""
+    from server_fixtures import data_url
+
+    from llava_next.entrypoints.openai.media import (
+        DEFAULT_MAX_PIXELS,
+        DEFAULT_MAX_REQUEST_PIXELS,
+    )
+
+    assert DEFAULT_MAX_PIXELS == 4032 * 4032 and DEFAULT_MAX_REQUEST_PIXELS == 2 * DEFAULT_MAX_PIXELS
+    server, *_ = setup
+    big = data_url(_solid_png(6000, 6000))  # 36 MP, 0.2 MB of PNG
+    start = time.monotonic()
+    r = ask(server, big)
+    assert r.status_code == 400 and "per image" in r.json()["error"]["message"], r.text
+    photo = data_url(_solid_png(4032, 3024))  # a phone photo: 12.2 MP, allowed alone
+    body = {"model": MODEL, "messages": image_message("What?", photo, photo, photo), "max_tokens": 2}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and "per request" in r.json()["error"]["message"], r.text
+    assert time.monotonic() - start < 10.0  # refused from the headers: nothing decoded
+
+
+def test_text_requests_never_queue_behind_images(setup):
+    """Image preparation has its own pool: with every image thread (and more) blocked, a text-only request
+    still completes at once."""
+    import concurrent.futures
+
+    server, *_ = setup
+    release, entered = threading.Event(), []
+
+    class Blocking(MediaPolicy):
+        def load_all(self, urls):
+            entered.append(1)
+            release.wait(30)
+            return super().load_all(urls)
+
+        def load(self, url):  # the same block wherever images are loaded
+            entered.append(1)
+            release.wait(30)
+            return super().load(url)
+
+    blocking = Blocking(workers=2)
+    saved, server.serving.media = server.serving.media, blocking
+    pool = concurrent.futures.ThreadPoolExecutor(6)
+    try:
+        images = [pool.submit(ask, server, "data:image/png;base64,AAAA") for _ in range(6)]  # > both pools' threads
+        assert wait_until(lambda: len(entered) >= 2, 10)
+        start = time.monotonic()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=20)
+        took = time.monotonic() - start
+        assert r.status_code == 200 and not release.is_set(), r.text
+        assert took < 10.0, took
+        release.set()
+        assert all(f.result(timeout=60).status_code == 400 for f in images)  # "AAAA" is no image
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+        server.serving.media = saved

@@ -1,7 +1,7 @@
 """Tensor parallel over 2 gloo processes (one torch.distributed.run launch for all fixtures) against one process.
 
-Llama (4 KV heads), Mistral and Qwen2 (2 KV heads, Qwen2 with q/k/v bias) and a Mistral with 1 KV head
-(fewer KV heads than ranks: replicated): logits of an image prompt within 1e-4, identical greedy tokens,
+Llama (4 KV heads), Mistral and Qwen2 (2 KV heads, Qwen2 with q/k/v bias), a Mistral with 1 KV head
+(fewer KV heads than ranks: replicated) and a Llama with attention_bias and mlp_bias (row-parallel biases): logits of an image prompt within 1e-4, identical greedy tokens,
 identical sampled tokens on both ranks, about half the decoder layers' weights per rank, per-rank KV caches.
 """
 
@@ -23,7 +23,9 @@ from tp_worker import NEW, layer_elements, prompt, run
 
 WORLD = 2
 FIXTURES = {"llama": ("llama", {}), "mistral": ("mistral", {}), "qwen2": ("qwen2", {}),
-            "mistral_kv1": ("mistral", {"text_overrides": {"num_key_value_heads": 1}})}
+            "mistral_kv1": ("mistral", {"text_overrides": {"num_key_value_heads": 1}}),
+            # o_proj / down_proj with a bias: the row-parallel bias must be added once, after the all-reduce
+            "llama_bias": ("llama", {"text_overrides": {"attention_bias": True, "mlp_bias": True}})}
 
 
 def _free_port() -> int:
@@ -229,3 +231,43 @@ def test_engine_tp2_gives_the_tokens_of_one_process_and_stops_when_a_worker_dies
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # shutdown left no process group behind in this process
+
+
+PLAIN_SCRIPT = """
+import json, sys
+import llava_next
+from llava_next import SamplingParams
+
+llm = llava_next.LLM(sys.argv[1], tensor_parallel_size=2)
+outs = llm.generate(["[INST] Describe nothing. [/INST]", "[INST] Go on. [/INST]"],
+                    SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), use_tqdm=False)
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
+llm.shutdown()
+"""
+
+
+def test_engine_tp2_from_a_plain_script_without_a_main_guard(demo_folder, tmp_path):
+    """The README's two lines at the top level of a script: the workers are started as a module entry point,
+    so nothing re-imports the script (multiprocessing's spawn did, and every worker died while starting)."""
+    import llava_next
+    from llava_next import SamplingParams
+
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_SCRIPT)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, str(script), str(demo_folder)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script's own process group: it and its workers
+        output, _ = proc.communicate()
+        pytest.fail(f"the plain script did not finish:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    got = json.loads(output.split("TOKENS ", 1)[1].splitlines()[0])
+    one = llava_next.LLM(str(demo_folder))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = _tokens(one.generate(["[INST] Describe nothing. [/INST]", "[INST] Go on. [/INST]"], params,
+                                    use_tqdm=False))
+    assert got == expected

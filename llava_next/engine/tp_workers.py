@@ -2,7 +2,10 @@
 
 Rank 0 is the caller's process: it schedules, runs the vision tower, builds the step's embeddings, samples and
 detokenizes, exactly as with one process; its decoder is sharded (parallel/). Ranks 1..N-1 are processes this
-module spawns (torch.multiprocessing, "spawn"): each loads only its slices of the decoder
+module starts as a module entry point (`python -m llava_next.engine.tp_workers RANK WORLD PORT PATH DTYPE DEVICE`,
+as torchrun starts its ranks), never multiprocessing's spawn: spawn re-imports the caller's `__main__`, so a plain
+script without an `if __name__ == "__main__":` guard would run again in every worker (and die there). Each worker
+watches its parent and exits when it goes away. Each loads only its slices of the decoder
 (parallel.loading.ShardedLoad), holds a paged KV pool of the same number of blocks for its own KV heads, and
 follows rank 0's plan. Everything goes through torch.distributed (gloo on CPU, NCCL on GPU; rendezvous on
 127.0.0.1, so one machine): per step `broadcast_object_list([("step", pieces)])` (each scheduled sequence's
@@ -16,9 +19,7 @@ rank 0 for any reason (a collective broken by a peer that went away, or rank 0's
 out of step, so the workers are stopped and the step raises EngineDeadError, naming the dead worker (rank, pid,
 exit code) when there is one; later calls raise it at once. Rank 0's process group has a timeout (TIMEOUT_S)
 so a stuck, living peer also ends in an error, never a hang; a worker that fails while starting is reported
-as soon as it exits. `stop()` sends the workers a stop plan, joins them and kills any left, by pid. The
-workers are spawned, so a script that creates `LLM(..., tensor_parallel_size=N)` must guard its entry point
-with `if __name__ == "__main__":` (as with vLLM and torch.multiprocessing).
+as soon as it exits. `stop()` sends the workers a stop plan, joins them and kills any left, by pid.
 
 Leaves out: several machines (the rendezvous is 127.0.0.1), pipeline parallelism, running the vision tower on
 the followers (rank 0's embeddings are broadcast instead: T x D values per step, ~0.1 ms per 8k-token prefill
@@ -29,11 +30,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llava_next.errors import EngineDeadError
 
@@ -82,6 +86,17 @@ def _load(path, rank: int, world: int, device: torch.device, dtype):
 
     tp = TensorParallel(rank, world, None, device)
     return load_pretrained(EngineModel, path, dtype=dtype, tensor_parallel=ShardedLoad(tp))
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit this worker when the process that started it is gone (killed rank 0 must not leave ranks behind)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="llava-next-tp-parent").start()
 
 
 def _worker(rank: int, world: int, port: int, path: str, dtype, device_type: str):
@@ -142,8 +157,8 @@ class TPLeader:
 
     # -- liveness ---------------------------------------------------------------------------------------------
     def _dead_workers(self) -> list[str]:
-        return [f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-                for rank, p in enumerate(self.procs, start=1) if not p.is_alive()]
+        return [f"worker rank {rank} (pid {p.pid}) exited with code {p.returncode}"
+                for rank, p in enumerate(self.procs, start=1) if p.poll() is not None]
 
     def check_alive(self):
         if self.dead is None and not self.stopped:
@@ -164,7 +179,7 @@ class TPLeader:
         # a dying peer's sockets (and its sentinel pipe) close a moment before the kernel reports its exit:
         # give it up to 2 s to become reapable
         deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and all(p.is_alive() for p in self.procs):
+        while time.monotonic() < deadline and all(p.poll() is None for p in self.procs):
             time.sleep(0.01)
         dead = self._dead_workers()
         if self.dead is None:
@@ -205,11 +220,17 @@ class TPLeader:
             except RuntimeError:
                 pass
             for p in self.procs:
-                p.join(timeout=JOIN_S)
+                try:
+                    p.wait(timeout=JOIN_S)
+                except subprocess.TimeoutExpired:
+                    pass
         for p in self.procs:  # out of step (or slow to stop): they may sit in a collective forever
-            if p.is_alive():
+            if p.poll() is None:
                 p.kill()  # by pid, our own child
-                p.join(timeout=5)
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -228,11 +249,7 @@ def start(path, world: int, dtype=None, device: str | torch.device | None = None
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=datetime.timedelta(seconds=TIMEOUT_S),
                           wait_for_workers=False)
     port = store.port
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, str(path), dtype, device_type), daemon=True,
-                         name=f"llava-next-tp{rank}") for rank in range(1, world)]
-    for p in procs:
-        p.start()
+    procs = [_launch(rank, world, port, str(path), dtype, device_type) for rank in range(1, world)]
     leader = TPLeader(world, procs, torch.device("cpu"))
     try:
         _rendezvous(leader, world, store)
@@ -247,3 +264,26 @@ def start(path, world: int, dtype=None, device: str | torch.device | None = None
             raise EngineDeadError(f"tensor parallel: {'; '.join(dead)} while starting") from exc
         raise
     return leader, model, generation
+
+
+def _launch(rank: int, world: int, port: int, path: str, dtype, device_type: str) -> subprocess.Popen:
+    """Start one follower as `python -m llava_next.engine.tp_workers ...` with this process's interpreter and the
+    folder this package was imported from first on its path (so it runs the same code)."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    dtype_arg = dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch.")
+    cmd = [sys.executable, "-m", "llava_next.engine.tp_workers", str(rank), str(world), str(port), path,
+           str(dtype_arg), device_type, str(os.getpid())]
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+
+
+def main(argv: list[str]) -> None:
+    rank, world, port, path, dtype_arg, device_type, parent = argv
+    _watch_parent(int(parent))
+    dtype = None if dtype_arg == "None" else dtype_arg if dtype_arg == "auto" else getattr(torch, dtype_arg)
+    _worker(int(rank), int(world), int(port), path, dtype, device_type)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -14,15 +14,12 @@ What it implements:
   it never stops the job.
 - `caption_dataset(ds, model, prompt, ...)`: `ds.map_batches(Captioner, ...)` with one actor per worker
   (`ActorPoolStrategy(size=num_workers)`), `num_gpus=1` per actor on CUDA, else `num_cpus=1`.
-- `run(args)`, the `batch` command: lists the inputs (a folder, searched recursively for image suffixes; a glob;
-  or one parquet file with an `image` column of bytes or of {bytes, path} structs, or a `bytes` column, plus an
-  optional `path` column), skips those already in the output (resume), captions the rest on a local Ray
-  cluster it starts (or the one at --ray-address), and writes one row per input: `image` (the path as found),
-  `text`, `error`, `worker`. Rows are written as they arrive, one atomically renamed JSONL part file per batch
-  under `OUT.parts/`, so a killed run loses at most the rows in flight; at the end the parts are merged into
-  OUT: the rows already there first, byte for byte (JSONL) or value for value (parquet), then the new rows
-  sorted by `image`. A rerun after a kill merges the earlier parts too. Progress (rows done / total, rows/s)
-  goes to stderr when it is a terminal; nothing but a final summary line otherwise.
+- `run(args)`, the `batch` command: lists the inputs, skips those already in the output (resume), captions the
+  rest on a local Ray cluster it starts (or the one at --ray-address) and writes one row per input: `image`
+  (the path as found), `text`, `error`, `worker`, flushed per batch and merged at the end (rows.py). An output
+  path that is a folder fails before any work. Inputs are read only as regular files of at most `max_bytes`
+  (a FIFO named .jpg, a device, a symlink to /dev/zero are error rows, never a hang), their names carried as
+  bytes through Ray. Progress (rows done / total, rows/s) goes to stderr when it is a terminal.
 
 Resume matches inputs by the path as found, so rerun with the same --input spelling (a relative folder and its
 absolute path are different inputs). Ray's start-up lines and its one "constructor arguments in the object
@@ -38,8 +35,6 @@ a `path` column beyond what fits in the driver (they are read there to number th
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import socket
 import sys
@@ -47,22 +42,23 @@ import time
 import uuid
 from pathlib import Path
 
+from llava_next.entrypoints.batch import rows as files
+from llava_next.entrypoints.batch.rows import (
+    _display,
+    _one_line,
+    _parquet_text,
+    _parts_dir,
+    read_output,
+)
 from llava_next.errors import LlavaNextError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-COLUMNS = ("image", "text", "error", "worker")
-MAX_ERROR_CHARS = 300
+MAX_IMAGE_BYTES = 64 * 1024 * 1024  # an input file (or parquet cell) larger than this is an error row
 WAIT_FOR_WORKERS_S = 900  # every actor must have loaded its engine by then, else the job fails (never hangs)
 
 
 class BatchJobError(LlavaNextError):
     """The Ray job failed (an actor died, the cluster went away): the rows flushed so far stay in OUT.parts/
     and a rerun of the same command resumes from them."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
 def _import_ray():
@@ -97,12 +93,13 @@ class Captioner:
     def __init__(self, model: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, dtype: str = "auto", device: str | None = "cpu",
                  image_column: str = "bytes", path_column: str = "path", keep_image_column: bool = False,
-                 engine_kwargs: dict | None = None):
+                 engine_kwargs: dict | None = None, max_bytes: int = MAX_IMAGE_BYTES):
         from llava_next.engine.llm import LLM
         from llava_next.engine.params import SamplingParams
 
         self.prompt = prompt
         self.image_column, self.path_column, self.keep_image_column = image_column, path_column, keep_image_column
+        self.max_bytes = max_bytes
         self.params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.llm = LLM(model, dtype=dtype, device=_actor_device(device), **(engine_kwargs or {}))
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{_actor_id()}"
@@ -134,7 +131,7 @@ class Captioner:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from llava_next.preprocess.images import decode_image
+        from llava_next.preprocess.images import decode_image, read_regular_file
 
         table = _to_arrow(batch)
         n = table.num_rows
@@ -152,13 +149,15 @@ class Captioner:
             data, path = raw[i], paths[i]
             if isinstance(data, dict):  # {bytes, path}: Hugging Face datasets' Image feature
                 data, path = data.get("bytes"), path or data.get("path")
-            source = str(path) if path else f"row {i}"
+            source = _display(path) if path else f"row {i}"
             try:
                 if data is None:
                     if not path:
                         raise ValueError("no image bytes and no path")
-                    with open(path, "rb") as f:
-                        data = f.read()
+                    # a regular file only (a FIFO named .jpg would block this actor forever), at most max_bytes
+                    data = read_regular_file(path, self.max_bytes, name=source)
+                elif len(data) > self.max_bytes:
+                    raise ValueError(f"{source}: {len(data):,} bytes, over the limit of {self.max_bytes:,}")
                 images[i] = decode_image(bytes(data), source=source)
             except Exception as exc:  # noqa: BLE001 - a bad file is an error row, never a failed job
                 errors[i] = f"{type(exc).__name__}: {_one_line(exc)}"
@@ -175,9 +174,10 @@ class Captioner:
 
 
 def _actor_id() -> str:
+    ray = sys.modules.get("ray")  # never import (and so never start or dial) Ray outside a Ray worker
+    if ray is None or not ray.is_initialized():
+        return "local"
     try:
-        import ray
-
         return ray.get_runtime_context().get_actor_id() or "driver"
     except Exception:  # noqa: BLE001 - outside Ray (a plain call): no actor
         return "local"
@@ -215,154 +215,6 @@ def caption_dataset(ds, model: str, prompt: str, *, max_tokens: int = 64, temper
                                "keep_image_column": keep_image_column, "engine_kwargs": engine_kwargs},
         batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_workers), **resources)
-
-
-# ---------------------------------------------------------------------- inputs
-
-
-def list_inputs(spec: str):
-    """("files", [paths as found, sorted]) for a folder or a glob; ("parquet", path) for one .parquet file."""
-    if spec.endswith(".parquet") and os.path.isfile(spec):
-        return "parquet", spec
-    if os.path.isdir(spec):
-        found = [os.path.join(root, name) for root, dirs, names in os.walk(spec) for name in names
-                 if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
-        if not found:
-            raise ValueError(f"--input {spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) in that folder")
-        return "files", sorted(found)
-    found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-    if not found:
-        raise ValueError(f"--input {spec}: no such folder, parquet file, or files matching that pattern")
-    return "files", found
-
-
-def _parquet_columns(path: str) -> tuple[str, str | None]:
-    import pyarrow.parquet as pq
-
-    names = pq.ParquetFile(path).schema_arrow.names
-    image = "image" if "image" in names else "bytes" if "bytes" in names else None
-    if image is None:
-        raise ValueError(f"--input {path}: no 'image' or 'bytes' column (columns: {names})")
-    return image, ("path" if "path" in names else None)
-
-
-def _parquet_dataset(ray, path: str, done: set[str]):
-    """(dataset with `image_bytes` and `path`, total rows, rows still to do) for one parquet file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    image, path_col = _parquet_columns(path)
-    total = pq.ParquetFile(path).metadata.num_rows
-    if path_col is None:  # number the rows here: FILE#i
-        table = pq.read_table(path, columns=[image])
-        table = table.append_column("path", pa.array([f"{path}#{i}" for i in range(total)], pa.string()))
-        keep = [p not in done for p in table.column("path").to_pylist()]
-        table = table.filter(pa.array(keep))
-        return ray.data.from_arrow(table), total, table.num_rows
-    paths = pq.read_table(path, columns=[path_col]).column(path_col).to_pylist()
-    todo = sum(1 for p in paths if str(p) not in done)
-    ds = ray.data.read_parquet(path, columns=[image, path_col])
-    if done:
-        frozen = frozenset(done)
-        ds = ds.filter(lambda row: str(row[path_col]) not in frozen)
-    return ds, total, todo
-
-
-# ---------------------------------------------------------------------- output, resume
-
-
-def _output_format(path: str) -> str:
-    if path.endswith(".jsonl"):
-        return "jsonl"
-    if path.endswith(".parquet"):
-        return "parquet"
-    raise ValueError(f"--output {path}: must end in .jsonl or .parquet")
-
-
-def _parts_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".parts")
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                row["image"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"cannot resume from {path}: line {number} is not a row with an 'image' "
-                                 f"({_one_line(exc)})") from exc
-            rows.append((line if line.endswith("\n") else line + "\n", row))
-    return rows
-
-
-def read_output(out: Path) -> list[tuple[str | None, dict]]:
-    """The rows already in OUT, in order: (the raw JSONL line or None for parquet, the row)."""
-    if not out.is_file():
-        return []
-    if _output_format(str(out)) == "jsonl":
-        return _read_jsonl(out)
-    import pyarrow.parquet as pq
-
-    return [(None, row) for row in pq.read_table(out).to_pylist()]
-
-
-def read_parts(out: Path) -> list[dict]:
-    parts = _parts_dir(out)
-    if not parts.is_dir():
-        return []
-    return [row for part in sorted(parts.glob("part-*.jsonl")) for _, row in _read_jsonl(part)]
-
-
-def write_part(out: Path, rows: list[dict], run_id: str, index: int) -> None:
-    """One batch of rows as its own JSONL file, flushed and renamed into place (never half-written)."""
-    parts = _parts_dir(out)
-    parts.mkdir(parents=True, exist_ok=True)
-    final = parts / f"part-{run_id}-{index:06d}.jsonl"
-    tmp = parts / f".{final.name}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def merge(out: Path) -> tuple[int, int]:
-    """OUT = its rows as they are + the parts' rows not already there, sorted by image; then the parts go.
-    Returns (rows in OUT, rows added)."""
-    old = read_output(out)
-    seen = {row["image"] for _, row in old}
-    new = {}
-    for row in read_parts(out):
-        if row["image"] not in seen and row["image"] not in new:
-            new[row["image"]] = {c: row.get(c) for c in COLUMNS}
-    added = [new[k] for k in sorted(new)]
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if _output_format(str(out)) == "jsonl":
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line for line, _ in old)
-            for row in added:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = [row for _, row in old] + added
-        names = list(COLUMNS) + [k for k in (old[0][1] if old else {}) if k not in COLUMNS]
-        pq.write_table(pa.table({k: pa.array([r.get(k) for r in rows], pa.string()) for k in names}), tmp)
-    os.replace(tmp, out)
-    parts = _parts_dir(out)
-    if parts.is_dir():
-        for part in parts.iterdir():
-            part.unlink()
-        parts.rmdir()
-    return len(old) + len(added), len(added)
 
 
 # ---------------------------------------------------------------------- progress
@@ -445,24 +297,30 @@ def run(args, stream=None) -> int:
     arguments, which cli.py prints as one line."""
     stream = stream or sys.stderr
     out = Path(args.output)
-    fmt = _output_format(args.output)
-    kind, found = list_inputs(args.input)
+    fmt = files._output_format(args.output)
+    if out.exists() and not out.is_file():  # found now, not after the whole job
+        raise ValueError(f"--output {_display(out)}: exists and is not a file")
+    if _parts_dir(out).exists() and not _parts_dir(out).is_dir():
+        raise ValueError(f"--output {_display(out)}: {_display(_parts_dir(out))} exists and is not a folder")
+    kind, found = files.list_inputs(args.input)
     if fmt == "parquet" and out.is_file():
         read_output(out)  # fail early on an unreadable output
-    done = {row["image"] for _, row in read_output(out)} | {row["image"] for row in read_parts(out)}
+    key = _parquet_text if fmt == "parquet" else str  # the text a row's `image` has once written to OUT
+    done = {row["image"] for _, row in read_output(out)} | {key(row["image"]) for row in files.read_parts(out)}
 
     ray = _import_ray()
     started = connect(ray, args.ray_address)
     try:
         _quiet_ray_data(ray, stream.isatty())
         if kind == "files":
-            todo = [p for p in found if p not in done]
+            todo = [p for p in found if key(p) not in done]
             total = len(found)
-            ds = ray.data.from_items([{"path": p} for p in todo]) if todo else None
+            # paths travel as bytes: a file name need not be UTF-8, and Arrow strings must be
+            ds = ray.data.from_items([{"path": os.fsencode(p)} for p in todo]) if todo else None
         else:
-            ds, total, n_todo = _parquet_dataset(ray, found, done)
+            ds, total, n_todo = files._parquet_dataset(ray, found, done)
             todo = range(n_todo)
-        image_column = "bytes" if kind == "files" else _parquet_columns(found)[0]
+        image_column = "bytes" if kind == "files" else files._parquet_columns(found)[0]
         progress = Progress(total, total - len(todo), stream)
         run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
         if len(todo):
@@ -472,16 +330,17 @@ def run(args, stream=None) -> int:
                 image_column=image_column, path_column="path")
             try:
                 for index, batch in enumerate(captioned.iter_batches(batch_size=None, batch_format="pyarrow")):
-                    rows = [{"image": str(r["path"]), "text": r["text"], "error": r["error"],
+                    rows = [{"image": os.fsdecode(r["path"]) if isinstance(r["path"], bytes) else str(r["path"]),
+                             "text": r["text"], "error": r["error"],
                              "worker": r["worker"]} for r in batch.to_pylist()]
-                    write_part(out, rows, run_id, index)
+                    files.write_part(out, rows, run_id, index)
                     progress.update(len(rows), sum(r["error"] is not None for r in rows))
             except ray.exceptions.RayError as exc:
                 progress.close()
                 raise BatchJobError(f"the Ray job failed after {progress.new} rows ({_one_line(exc)}); they are "
                                     f"kept in {_parts_dir(out)}: rerun the same command to resume") from exc
         progress.close()
-        n_rows, _ = merge(out)
+        n_rows, _ = files.merge(out)
     finally:
         if started:
             ray.shutdown()

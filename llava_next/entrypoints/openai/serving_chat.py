@@ -6,8 +6,9 @@ Order of work for one request (cheap checks first, so a bad or unlucky request c
    (before anything is fetched);
 3. admission (`Admission`): `running + waiting` (sequences, n per request, counted by the server at once,
    without awaiting) beyond `max_num_seqs + max_queued_requests` is a 503 with Retry-After;
-4. in a worker thread: images fetched and decoded by media.MediaPolicy, the chat template rendered, and
-   `LLMEngine.prepare` (tokens, image placeholders, `context_length_exceeded` before any encoder work);
+4. images fetched and decoded by media.MediaPolicy in its own bounded pool (a text-only request never queues
+   behind images), then in a worker thread the chat template rendered and `LLMEngine.prepare` (tokens, image
+   placeholders, `context_length_exceeded` before any encoder work);
 5. `AsyncEngine.submit`; a stream is then SSE (`data: {chunk}` ... `data: [DONE]`), else one JSON body.
 
 Text deltas are the engine's `new_text` pieces, whose concatenation is exactly the decode of all output tokens
@@ -151,9 +152,8 @@ class OpenAIServing:
                               "prompt (--limit-mm-per-prompt)", "messages", "too_many_images")
         return messages, urls
 
-    def _prepare_chat(self, messages: list[dict], urls: list[str], params: SamplingParams):
-        """Worker thread: images, template, engine.prepare."""
-        images = [self.media.load(url) for url in urls]
+    def _prepare_chat(self, messages: list[dict], images: list, params: SamplingParams):
+        """Worker thread: template, engine.prepare (the images are loaded already, in the image pool)."""
         try:
             text = self.processor.apply_chat_template(messages, chat_template=self.chat_template,
                                                       add_generation_prompt=True)
@@ -173,7 +173,7 @@ class OpenAIServing:
         params = self.sampling_params(req, max_tokens, logprobs)
         messages, urls = self._conversation(req)
         return await self._serve("chat", req, params, arrival, request,
-                                 lambda: self._prepare_chat(messages, urls, params), len(urls))
+                                 lambda images: self._prepare_chat(messages, images, params), urls)
 
     # -- completions ---------------------------------------------------------------------------------------
     async def completion(self, req: P.CompletionRequest, request):
@@ -193,11 +193,11 @@ class OpenAIServing:
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
         engine_prompt = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         return await self._serve("completion", req, params, arrival, request,
-                                 lambda: self.llm.prepare(engine_prompt, params))
+                                 lambda _images: self.llm.prepare(engine_prompt, params))
 
     # -- the common path -----------------------------------------------------------------------------------
     async def _serve(self, kind: str, req, params: SamplingParams, arrival: float, request, prepare,
-                     num_urls: int = 0):
+                     urls: list[str] = ()):
         if not self.engine.healthy:
             raise from_library(EngineDeadError("the engine is not running"))
         self.admission.acquire(params.n)  # no await before this line: the count is exact
@@ -206,9 +206,11 @@ class OpenAIServing:
         handed_over = False
         try:
             loop = asyncio.get_running_loop()
+            limit = self.media.timeout * max(1, len(urls)) + 20.0
             try:
-                prepared = await asyncio.wait_for(loop.run_in_executor(self.executor, prepare),
-                                                  self.media.timeout * max(1, num_urls) + 20.0)
+                images = await asyncio.wait_for(loop.run_in_executor(
+                    self.media.executor, self.media.load_all, list(urls)), limit) if urls else []
+                prepared = await asyncio.wait_for(loop.run_in_executor(self.executor, prepare, images), limit)
             except asyncio.TimeoutError:
                 raise bad_request("preparing the request took too long (image download or decoding)", "messages",
                                   "timeout") from None
