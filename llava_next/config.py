@@ -492,6 +492,24 @@ def _init_with_aliases(self, *args, image_token_id=None, **kwargs):
 _init_with_aliases.__doc__ = _dataclass_init.__doc__
 LlavaNextConfig.__init__ = _init_with_aliases
 ATTRIBUTE_MAP = {"image_token_id": "image_token_index"}
+LlavaNextConfig.attribute_map = ATTRIBUTE_MAP  # transformers' class attribute of the same name
+# Run-time switches training libraries set on `model.config` (Trainer: `config.use_cache = args.use_cache`);
+# they change no math, so they may be set on the otherwise frozen config. Not serialised.
+RUNTIME_SWITCHES = {"use_cache": True}
+for _name, _default in RUNTIME_SWITCHES.items():
+    setattr(LlavaNextConfig, _name, _default)
+_frozen_setattr = LlavaNextConfig.__setattr__
+
+
+def _setattr(self, name, value):
+    """Fields stay frozen (use `config.replace(...)`); only RUNTIME_SWITCHES may be set."""
+    if name in RUNTIME_SWITCHES:
+        object.__setattr__(self, name, value)
+    else:
+        _frozen_setattr(self, name, value)
+
+
+LlavaNextConfig.__setattr__ = _setattr
 
 # Names `from_pretrained` may override (transformers: any attribute of the config), and the dtype spellings.
 CONFIG_OVERRIDES = frozenset({f.name for f in fields(LlavaNextConfig)} - {"extra", "model_type", "dtype"}
