@@ -80,27 +80,25 @@ def test_lora_finetune_lowers_loss_then_merged_model_serves(folder, tmp_path):
     data = caption_data.pairs(10)
     batches = [collate([pair]) for pair in data]  # one pair a step: 20 steps are two passes
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)
-    model.gradient_checkpointing_enable()
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    # the decoder's attention only (a regex, as in the README): the frozen vision tower needs no backward pass
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
                              task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)
-    assert 0 < model.get_nb_trainable_parameters()[0] < model.get_nb_trainable_parameters()[1] // 100
-
-    def mean_loss():
-        model.eval()
-        with torch.no_grad():
-            return sum(model(**b).loss.item() for b in batches) / len(batches)
-
-    before = mean_loss()
+    trainable, total = model.get_nb_trainable_parameters()
+    assert 0 < trainable < total // 100
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model.train()
-    for step in range(20):
+    losses = []
+    for step in range(20):  # two passes over the 10 pairs
         loss = model(**batches[step % len(batches)]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    after = mean_loss()
-    assert after < before - 0.5, (before, after)
+        losses.append(loss.item())
+    first, second = sum(losses[:10]) / 10, sum(losses[10:]) / 10
+    assert second < first - 0.5, (first, second)  # the same pairs score better on the second visit
+    assert all(b < a for a, b in zip(losses[:10], losses[10:]))
+    model.eval()
 
     adapted = logits(model, batches[0])
     merged = model.merge_and_unload()
