@@ -187,19 +187,30 @@ def check_llava(raw: dict) -> None:
         _check_int("", raw, "image_seq_length", optional=True)
 
 
-class ListTuple(tuple):
-    """An immutable list: a tuple (hashable, safe to share) that compares equal to the same values as a list,
-    as transformers' list-valued config fields do (`config.image_grid_pinpoints == [[336, 672], ...]`)."""
+class ListTuple(list):
+    """An immutable list: a real `list` (transformers' helpers check `isinstance(pinpoints, list)`) that refuses
+    every change, hashes like a tuple (safe to share) and compares equal to the same values as a list or tuple."""
+
+    def _frozen(self, *args, **kwargs):
+        raise TypeError("config lists are immutable; build a new config with config.replace(...)")
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _frozen
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _frozen
 
     def __eq__(self, other):
-        if isinstance(other, list):
+        if isinstance(other, (list, tuple)):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return tuple.__eq__(self, other)
+        return NotImplemented
 
     def __ne__(self, other):
-        return not self == other
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
 
-    __hash__ = tuple.__hash__
+    def __hash__(self):
+        return hash(tuple(self))
+
+    def __reduce__(self):  # pickle / deepcopy rebuild from the items, never through the refused append/extend
+        return (ListTuple, (list(self),))
 
     def __repr__(self):
         return repr(list(self))
