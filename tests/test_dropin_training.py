@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import processor_fixtures
 import pytest
+import tiny
 import torch
 
-import processor_fixtures
-import tiny
 from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 from llava_next.config import LlavaNextConfig
 from llava_next.errors import CheckpointError
@@ -64,9 +64,8 @@ def test_assistant_tokens_mask_matches_transformers(padding_side):
         [{"role": "user", "content": [{"type": "text", "text": "Hello"}]},
          {"role": "assistant", "content": [{"type": "text", "text": "Hi there"}]}],
     ]
-    kwargs = dict(chat_template=GENERATION_TEMPLATE, tokenize=True, return_dict=True, padding=True,
-                  padding_side=padding_side, return_assistant_tokens_mask=True,
-                  images=[[image(40, 600)], []])
+    kwargs = {"chat_template": GENERATION_TEMPLATE, "tokenize": True, "return_dict": True, "padding": True,
+              "padding_side": padding_side, "return_assistant_tokens_mask": True, "images": [[image(40, 600)], []]}
     a = ours.apply_chat_template(chats, return_tensors="pt", **kwargs)
     b = theirs.apply_chat_template(chats, return_tensors="pt", **kwargs)
     assert torch.equal(torch.as_tensor(a["input_ids"]), torch.as_tensor(b["input_ids"]))
@@ -92,7 +91,9 @@ def test_processor_with_patch_128_counts_as_transformers(hf_processor):
 
 def test_config_attribute_map_and_tuple_pinpoints():
     from transformers import LlavaNextConfig as HFConfig
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    from transformers.models.llava_next.modeling_llava_next import (
+        image_size_to_num_patches,
+    )
 
     assert LlavaNextConfig.attribute_map == HFConfig.attribute_map
     pins = ((336, 672), (672, 336), (672, 672))

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import shutil
 
+import caption_data
 import pytest
+import server_fixtures
 import torch
 
-import caption_data
-import server_fixtures
 from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 
 peft = pytest.importorskip("peft")
@@ -72,8 +72,9 @@ def test_adapter_moves_between_libraries(folder, batch, tmp_path, direction):
 
 
 def test_lora_finetune_lowers_loss_then_merged_model_serves(folder, tmp_path):
-    from llava_next import LlavaNextProcessor
     from transformers import LlavaNextForConditionalGeneration as HF
+
+    from llava_next import LlavaNextProcessor
 
     processor = LlavaNextProcessor.from_pretrained(folder)
     collate = caption_data.CaptionCollator(processor)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny
 import torch
 from safetensors import safe_open
 
-import tiny
 from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 from llava_next.errors import SaveError
 

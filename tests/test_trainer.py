@@ -5,11 +5,11 @@ save_pretrained writes a folder both libraries load with the same logits."""
 
 from __future__ import annotations
 
+import caption_data
 import pytest
+import server_fixtures
 import torch
 
-import caption_data
-import server_fixtures
 from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 
 LOSS_ATOL = 1e-5
@@ -35,8 +35,9 @@ def folder(tiny_checkpoint, tmp_path_factory):
 
 
 def test_trainer_matches_transformers(folder, tmp_path):
-    from llava_next import LlavaNextProcessor
     from transformers import LlavaNextForConditionalGeneration as HF
+
+    from llava_next import LlavaNextProcessor
 
     processor = LlavaNextProcessor.from_pretrained(folder)
     data = caption_data.pairs(4)

@@ -10,10 +10,12 @@ prepare_inputs_for_generation, config.use_cache, and generate() still running wi
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import tiny
 import torch
 
-import tiny
 from llava_next.compat.modeling import LlavaNextForConditionalGeneration
 from llava_next.loading.weights import canonical_name
 
@@ -168,7 +170,7 @@ def test_loaded_parameters_are_trainable_and_inference_stays_gradient_free(model
     ours.config.use_cache = False  # what Trainer does; the frozen config accepts run-time switches only
     assert ours.config.use_cache is False
     ours.config.use_cache = True
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ours.config.vocab_size = 5
 
 

@@ -13,12 +13,17 @@ New embedding rows follow transformers' `_init_added_embeddings_weights_with_mea
 the old rows' mean and 1e-9 x their covariance, or the mean when that is not positive definite), drawn in the
 same order (embeddings, then lm_head), so the same seed gives the same rows.
 
+`train()` / `eval()`: transformers 5.23's LlavaNextModel changes nothing in the image-feature merge between the
+modes (features are scattered into the placeholder positions, whatever the padding side), and neither does ours;
+the tests check train-mode parity on right-padded batches.
+
 Leaves out: DeepSpeed ZeRO-3 gathering, resizing a quantized embedding (refused), every_n_layers offload.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -53,11 +58,11 @@ class TrainingHooks:
 
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
-    model_input_names = list(MODEL_INPUT_NAMES)
+    model_input_names: ClassVar[list[str]] = list(MODEL_INPUT_NAMES)
     base_model_prefix = "model"
-    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "CLIPEncoderLayer"]
+    _no_split_modules: ClassVar[list[str]] = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "CLIPEncoderLayer"]
     _keys_to_ignore_on_save = None
-    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     # -- activation checkpointing --------------------------------------------------------------------------
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,

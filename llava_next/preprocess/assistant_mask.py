@@ -11,7 +11,12 @@ Leaves out: templates without generation blocks give all-zero masks (transformer
 from __future__ import annotations
 
 from llava_next.errors import ChatTemplateError
-from llava_next.preprocess.chat_template import GENERATION_END, GENERATION_START, TRACK_GENERATION, render_chat_template
+from llava_next.preprocess.chat_template import (
+    GENERATION_END,
+    GENERATION_START,
+    TRACK_GENERATION,
+    render_chat_template,
+)
 
 
 def render_with_spans(conversations, template: str, **kwargs) -> tuple[list[str], list[list[tuple[int, int]]]]:

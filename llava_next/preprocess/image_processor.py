@@ -273,7 +273,7 @@ class LlavaNextImageProcessor:
         return cls.from_dict(config, **overrides)
 
     @classmethod
-    def from_json_file(cls, json_file) -> "LlavaNextImageProcessor":
+    def from_json_file(cls, json_file) -> LlavaNextImageProcessor:
         """From one preprocessor_config.json file (transformers' `from_json_file`: the file's settings only)."""
         try:
             config = read_json(Path(json_file))
