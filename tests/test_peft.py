@@ -12,6 +12,7 @@ import server_fixtures
 import torch
 
 from llava_next.compat.modeling import LlavaNextForConditionalGeneration
+from llava_next.errors import SaveError
 
 peft = pytest.importorskip("peft")
 
@@ -102,6 +103,8 @@ def test_lora_finetune_lowers_loss_then_merged_model_serves(folder, tmp_path):
     model.eval()
 
     adapted = logits(model, batches[0])
+    with pytest.raises(SaveError, match="merge_and_unload"):  # LoRA layers still in: a full save would not load
+        model.get_base_model().save_pretrained(tmp_path / "unmerged")
     merged = model.merge_and_unload()
     assert type(merged) is LlavaNextForConditionalGeneration
     merged.gradient_checkpointing_disable()

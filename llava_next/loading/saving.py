@@ -11,7 +11,8 @@ transformers does). Keys are the original layout transformers writes (`language_
 Leaves out: the CLIP layers above the deepest feature layer and the tower's post_layernorm, which the model
 never builds (transformers loads such a folder with those reported missing and freshly initialised: they feed
 nothing, so logits are unchanged); bitsandbytes-quantized weights (a SaveError: our loader refuses
-pre-quantized checkpoints, so such a folder could not come back); pickle (`safe_serialization=False`).
+pre-quantized checkpoints, so such a folder could not come back); a model with PEFT adapter layers still in
+(a SaveError: save the adapter, or merge_and_unload first); pickle (`safe_serialization=False`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
             f"cannot save a bitsandbytes-quantized model ({len(quantized)} quantized layers, e.g. {quantized[0]}): "
             "pre-quantized checkpoints cannot be loaded back by llava_next; save the unquantized model and "
             "quantize at load time with quantization_config=")
+    adapted = [n for n, _ in model.named_parameters() if ".base_layer." in n or ".lora_" in n]
+    if adapted:
+        raise SaveError(f"the model holds adapter layers ({adapted[0]}, ...): save the adapter with the PEFT model's "
+                        "save_pretrained, or merge it first (peft_model.merge_and_unload()) to save a full model")
     base_model = not hasattr(model, "lm_head")
     embed = (model.language_model if base_model else model.model.language_model).embed_tokens.weight
     state = {}
