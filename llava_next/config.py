@@ -187,19 +187,30 @@ def check_llava(raw: dict) -> None:
         _check_int("", raw, "image_seq_length", optional=True)
 
 
-class ListTuple(tuple):
-    """An immutable list: a tuple (hashable, safe to share) that compares equal to the same values as a list,
-    as transformers' list-valued config fields do (`config.image_grid_pinpoints == [[336, 672], ...]`)."""
+class ListTuple(list):
+    """An immutable list: a real `list` (transformers' helpers check `isinstance(pinpoints, list)`) that refuses
+    every change, hashes like a tuple (safe to share) and compares equal to the same values as a list or tuple."""
+
+    def _frozen(self, *args, **kwargs):
+        raise TypeError("config lists are immutable; build a new config with config.replace(...)")
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _frozen
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _frozen
 
     def __eq__(self, other):
-        if isinstance(other, list):
+        if isinstance(other, (list, tuple)):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return tuple.__eq__(self, other)
+        return NotImplemented
 
     def __ne__(self, other):
-        return not self == other
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
 
-    __hash__ = tuple.__hash__
+    def __hash__(self):
+        return hash(tuple(self))
+
+    def __reduce__(self):  # pickle / deepcopy rebuild from the items, never through the refused append/extend
+        return (ListTuple, (list(self),))
 
     def __repr__(self):
         return repr(list(self))
@@ -492,6 +503,24 @@ def _init_with_aliases(self, *args, image_token_id=None, **kwargs):
 _init_with_aliases.__doc__ = _dataclass_init.__doc__
 LlavaNextConfig.__init__ = _init_with_aliases
 ATTRIBUTE_MAP = {"image_token_id": "image_token_index"}
+LlavaNextConfig.attribute_map = ATTRIBUTE_MAP  # transformers' class attribute of the same name
+# Run-time switches training libraries set on `model.config` (Trainer: `config.use_cache = args.use_cache`);
+# they change no math, so they may be set on the otherwise frozen config. Not serialised.
+RUNTIME_SWITCHES = {"use_cache": True}
+for _name, _default in RUNTIME_SWITCHES.items():
+    setattr(LlavaNextConfig, _name, _default)
+_frozen_setattr = LlavaNextConfig.__setattr__
+
+
+def _setattr(self, name, value):
+    """Fields stay frozen (use `config.replace(...)`); only RUNTIME_SWITCHES may be set."""
+    if name in RUNTIME_SWITCHES:
+        object.__setattr__(self, name, value)
+    else:
+        _frozen_setattr(self, name, value)
+
+
+LlavaNextConfig.__setattr__ = _setattr
 
 # Names `from_pretrained` may override (transformers: any attribute of the config), and the dtype spellings.
 CONFIG_OVERRIDES = frozenset({f.name for f in fields(LlavaNextConfig)} - {"extra", "model_type", "dtype"}

@@ -29,6 +29,10 @@ class CheckpointError(LlavaNextError, ValueError):
     """A checkpoint's tensors or config do not fit the model: names every missing, extra or misshaped tensor."""
 
 
+class SaveError(LlavaNextError, ValueError):
+    """A model that cannot be written as asked (quantized weights, pickle format, a file for a folder)."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A pickle checkpoint was found and the caller did not opt in with allow_pickle=True."""
 

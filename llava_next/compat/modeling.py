@@ -25,6 +25,7 @@ from llava_next.compat.generation_config import GenerationConfig
 from llava_next.config import LlavaNextConfig
 from llava_next.errors import ImageTokenMismatchError, ModelInputError
 from llava_next.compat.input_checks import check_inputs, image_sizes_as_ints, tiles_per_image
+from llava_next.compat.training import TrainingHooks
 from llava_next.generation.feature_cache import ImageFeatureCache
 from llava_next.generation.generate import generate
 from llava_next.generation.outputs import ModelOutput
@@ -72,6 +73,15 @@ def _load(cls, name_or_path, kwargs):
     return model, generation
 
 
+def _trainable(model):
+    """As transformers: every floating-point parameter loads trainable (quantized weights stay frozen). The
+    inference paths (generate, the engine) run under torch.inference_mode, so this costs them nothing."""
+    for p in model.parameters():
+        if p.is_floating_point() and type(p) is torch.nn.Parameter:
+            p.requires_grad_(True)
+    return model
+
+
 class LlavaNextModel(_CheckedMoves, LlavaNextCore):
     """Vision tower + projector + image_newline + decoder; forward returns `last_hidden_state`."""
 
@@ -83,7 +93,7 @@ class LlavaNextModel(_CheckedMoves, LlavaNextCore):
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextModel":
         """transformers' from_pretrained (loading/pretrained.py); the base model keeps no generation config."""
-        return _load(cls, name_or_path, kwargs)[0]
+        return _trainable(_load(cls, name_or_path, kwargs)[0])
 
     # -- input checks -------------------------------------------------------------------------------------
     def check_inputs(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None,
@@ -207,7 +217,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return loss
 
 
-class LlavaNextForConditionalGeneration(_CheckedMoves, WithLMHead):
+class LlavaNextForConditionalGeneration(_CheckedMoves, TrainingHooks, WithLMHead):
     """LlavaNextModel + lm_head; forward returns logits (and loss with labels); `generate` decodes."""
 
     core = LlavaNextModel
@@ -218,19 +228,17 @@ class LlavaNextForConditionalGeneration(_CheckedMoves, WithLMHead):
         self.generation_lock = threading.Lock()  # serialises generate() on this model (see the module docstring)
         self._runner: DecodeRunner | None = None
         self.tensor_parallel = None  # parallel.tensor_parallel.TensorParallel when loaded with tp_plan / tp_size
+        self._require_grads_hooks: list = []  # enable_input_require_grads (compat/training.py)
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextForConditionalGeneration":
         """transformers' from_pretrained (loading/pretrained.py), with the checkpoint's generation_config.json."""
         model, generation = _load(cls, name_or_path, kwargs)
         model.generation_config = GenerationConfig(**(generation or {}))
-        return model
+        return _trainable(model)
 
     def get_image_features(self, pixel_values, image_sizes, **kwargs) -> list[torch.Tensor]:
         return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
 
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, vision_feature_layer=None,

@@ -130,14 +130,18 @@ def load_state(model: nn.Module, tensors, dtype: torch.dtype, device_map, source
     tied = _tie_if_allowed(model, missing)
     missing = [n for n in missing if n not in tied]
     if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-        if misshaped:
-            parts.append(f"misshaped tensors ({len(misshaped)}): {'; '.join(misshaped)}")
+        parts = [_listed(what, names, sep) for what, names, sep in
+                 (("missing", missing, ", "), ("unexpected", unexpected, ", "), ("misshaped", misshaped, "; ")) if names]
         raise CheckpointError(f"{source} does not fit the model: " + " | ".join(parts))
+
+
+LISTED = 5  # names shown per kind of problem in a CheckpointError; the rest are counted
+
+
+def _listed(what: str, names: list[str], sep: str) -> str:
+    """'missing tensors (669): a, b, c, d, e and 664 more': bounded whatever the checkpoint."""
+    shown = sep.join(names[:LISTED]) + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
+    return f"{what} tensors ({len(names)}): {shown}"
 
 
 def _tie_if_allowed(model: nn.Module, missing: list[str]) -> set[str]:

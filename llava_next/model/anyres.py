@@ -55,18 +55,22 @@ class AnyresGeometry:
     pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
     tile_size: int = 336
     patch_size: int = 14
+    # A processor may be set up with a patch that does not divide the tile: transformers' processor floors the
+    # per-side count (336 // 128 = 2), as CLIP's strided patch convolution does. Models stay strict.
+    floor_patches: bool = False
 
     def __post_init__(self):
         pins = tuple((int(h), int(w)) for h, w in self.pinpoints)
         if not pins:
             raise ValueError("image_grid_pinpoints must not be empty")
         object.__setattr__(self, "pinpoints", pins)
-        if self.tile_size % self.patch_size:
+        if self.patch_size > self.tile_size or (self.tile_size % self.patch_size and not self.floor_patches):
             raise ValueError(f"tile size {self.tile_size} is not a multiple of patch size {self.patch_size}")
 
     @property
     def side(self) -> int:
-        """Features per tile side (24 for CLIP-L/14 at 336)."""
+        """Features per tile side (24 for CLIP-L/14 at 336); floored when the patch does not divide the tile, as
+        CLIP's strided patch convolution and transformers' processor count (336 // 128 = 2)."""
         return self.tile_size // self.patch_size
 
     def best_resolution(self, height: int, width: int) -> tuple[int, int]:

@@ -9,7 +9,9 @@ frequency scaling (layers.py). Parameter names are HF's so checkpoint keys map 1
 attention metadata's business (model/attention.py), so the static cache, the engine's paged cache and
 tensor-parallel shards share this one decoder.
 
-Leaves out: dropout, training-only paths.
+Training: `gradient_checkpointing` (set by compat/training.py) recomputes every `checkpoint_every`-th layer in
+the backward pass instead of keeping its activations (torch.utils.checkpoint, `checkpoint_kwargs`), only in
+train mode under autograd. Leaves out: dropout (every supported checkpoint has attention_dropout 0).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 
 from llava_next.config import TextConfig
 from llava_next.model.attention import AttentionMeta
-from llava_next.model.layers import ACTIVATIONS, KERNELS, RMSNorm, fused_linear, rope_inverse_frequencies, rope_tables
+from llava_next.model.layers import (ACTIVATIONS, KERNELS, Checkpointed, RMSNorm, fused_linear,
+                                     rope_inverse_frequencies, rope_tables)
 
 
 class Attention(nn.Module):
@@ -102,11 +105,12 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x, kernels), kernels)
 
 
-class Decoder(nn.Module):
+class Decoder(Checkpointed, nn.Module):
     """Embeddings, layers and final norm (HF's `LlamaModel` / `MistralModel` / `Qwen2Model`)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        self.init_checkpointing()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -133,10 +137,10 @@ class Decoder(nn.Module):
         """
         cos, sin = rope_tables(self.inv_freq, positions, inputs_embeds.dtype)
         x = inputs_embeds
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer(x, cos, sin, meta, kernels)
+            x = self.run_layer(i, layer, x, cos, sin, meta, kernels)
         x = self.norm(x, kernels)
         if hidden_states is not None:
             hidden_states.append(x)

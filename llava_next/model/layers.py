@@ -77,6 +77,26 @@ def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dt
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+class Checkpointed:
+    """A stack of layers that can recompute activations in the backward pass (activation checkpointing):
+    `gradient_checkpointing` on (transformers' attribute name, which PEFT and Trainer read), every
+    `checkpoint_every`-th layer goes through torch.utils.checkpoint with `checkpoint_kwargs`, in train mode
+    under autograd only, so inference never pays for it."""
+
+    def init_checkpointing(self):
+        self.gradient_checkpointing = False
+        self.checkpoint_every = 1
+        self.checkpoint_kwargs: dict = {}
+
+    def run_layer(self, index: int, layer: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
+                and index % self.checkpoint_every == 0:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(layer, *args, **self.checkpoint_kwargs)
+        return layer(*args)
+
+
 def fused_linear(parts: list[nn.Linear]) -> nn.Linear | None:
     """One Linear whose output is the parts' outputs side by side, or None if they are not plain Linears."""
     if not all(type(p) is nn.Linear for p in parts):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava_next.model.attention import attend
+from llava_next.model.layers import Checkpointed
 from llava_next.config import VisionConfig
 
 
@@ -86,9 +87,10 @@ class VisionLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(Checkpointed, nn.Module):
     def __init__(self, cfg: VisionConfig, num_layers: int):
         super().__init__()
+        self.init_checkpointing()
         self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(num_layers))
 
 
@@ -108,7 +110,7 @@ class VisionTower(nn.Module):
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         states = {0: x} if 0 in self.feature_layers else {}
         for i, layer in enumerate(self.encoder.layers, start=1):
-            x = layer(x)
+            x = self.encoder.run_layer(i - 1, layer, x)
             if i in self.feature_layers:
                 states[i] = x
         selected = [states[i] for i in self.feature_layers]

@@ -20,7 +20,8 @@ Where a template lives, in transformers' order: chat_template.json (legacy proce
 chat_template.jinja plus additional_chat_templates/*.jinja (and the older chat_templates/*.jinja), else the tokenizer's chat_template.jinja or the
 "chat_template" key of tokenizer_config.json (a string, or a list of {"name", "template"}).
 
-Leaves out: `return_assistant_tokens_mask` (the generation tag is rendered but not tracked), tools given as
+`{% generation %}` bodies are tracked for `return_assistant_tokens_mask` (preprocess/assistant_mask.py).
+Leaves out: tools given as
 Python functions (pass JSON schemas), and control-token sanitizing (`sanitize_control_tokens`).
 """
 
@@ -107,6 +108,11 @@ def resolve_chat_template(templates: str | Mapping[str, str] | None, chat_templa
 
 # ---------------------------------------------------------------------- the sandboxed environment
 
+# `return_assistant_tokens_mask`: with this template variable set, `{% generation %}` bodies are wrapped in two
+# private-use characters, which preprocess/assistant_mask.py turns into character spans and removes.
+TRACK_GENERATION, GENERATION_START, GENERATION_END = "_llava_next_track_generation", "\ue000", "\ue001"
+
+
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}`: renders its body (transformers uses it to mark assistant text)."""
 
@@ -117,8 +123,12 @@ class _GenerationTag(jinja2.ext.Extension):
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
         return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
-    def _render(self, caller):
-        return caller()
+    @jinja2.pass_context
+    def _render(self, context, caller):
+        body = caller()
+        if context.get(TRACK_GENERATION):  # preprocess/assistant_mask.py finds the spans by these marks
+            return GENERATION_START + body + GENERATION_END
+        return body
 
 
 class _TemplateDict:

@@ -272,6 +272,15 @@ class LlavaNextImageProcessor:
             raise OSError(f"cannot read {config_path}: {e}") from e
         return cls.from_dict(config, **overrides)
 
+    @classmethod
+    def from_json_file(cls, json_file) -> LlavaNextImageProcessor:
+        """From one preprocessor_config.json file (transformers' `from_json_file`: the file's settings only)."""
+        try:
+            config = read_json(Path(json_file))
+        except (OSError, ValueError) as e:
+            raise OSError(f"cannot read {json_file}: {e}") from e
+        return cls.from_dict(config)
+
     def save_pretrained(self, folder, **kwargs) -> list[str]:
         """Write preprocessor_config.json; the written files as a list, as transformers returns them."""
         folder = Path(folder)

@@ -17,7 +17,7 @@ preprocessor_config.json, chat_template.json, tokenizer files) and the one trans
 `save_pretrained` writes transformers 5.x's layout (processor_config.json with the image processor nested, named
 chat templates under additional_chat_templates/) and returns the written config file in a list, as transformers.
 
-Leaves out: videos and audio, `return_assistant_tokens_mask`, `return_mm_token_type_ids`, control-token
+Leaves out: videos and audio, `return_mm_token_type_ids`, control-token
 sanitizing, and processor classes other than LLaVA-NeXT's.
 """
 
@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 
 from llava_next.model.anyres import AnyresGeometry
+from llava_next.preprocess.assistant_mask import assistant_masks, render_with_spans
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.preprocess.chat_template import (
     CHAT_TEMPLATE_DIR,
@@ -174,7 +175,8 @@ class LlavaNextProcessor:
         if self.patch_size is None:
             raise ValueError("patch_size is not set (processor_config.json); it is needed to count image tokens")
         tiles = self.image_processor.geometry()
-        return AnyresGeometry(tiles.pinpoints, tile_size=tiles.tile_size, patch_size=int(self.patch_size))
+        return AnyresGeometry(tiles.pinpoints, tile_size=tiles.tile_size, patch_size=int(self.patch_size),
+                              floor_patches=True)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Placeholders one image of (height, width) pixels becomes (transformers' `_get_number_of_features`)."""
@@ -290,11 +292,17 @@ class LlavaNextProcessor:
         allow_local_network = bool(processor_kwargs.pop("allow_local_network", kwargs.pop("allow_local_network", False)))
         kwargs.pop("allow_local_network", None)
         conversations, batched = normalize_conversations(conversation)
-        prompts = render_chat_template(
+        track = bool(processor_kwargs.pop("return_assistant_tokens_mask", False))
+        if track and (continue_final_message or not (tokenize and return_dict)):
+            raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True, and "
+                             "cannot be combined with continue_final_message")
+        render = render_with_spans if track else render_chat_template
+        prompts = render(
             conversations, template, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tools=tools, documents=documents,
             **{**self.tokenizer.special_tokens_map, **kwargs},
         )
+        prompts, spans = prompts if track else (prompts, None)
         if not tokenize:
             return prompts if batched else prompts[0]
 
@@ -309,6 +317,10 @@ class LlavaNextProcessor:
         has_images = any(im is not None for ims in batch_images for im in ims)
         out = self(images=batch_images if has_images else None, text=prompts if batched else prompts[0],
                    return_tensors=return_tensors, **processor_kwargs)
+        if track:  # as transformers: a row per conversation, tensors when asked for
+            masks = assistant_masks(self, prompts, spans, out, processor_kwargs.get("add_special_tokens", True),
+                                    processor_kwargs.get("padding_side"))
+            out = BatchFeature({**out, "assistant_masks": masks}, tensor_type=return_tensors)
         return out if return_dict else out["input_ids"]
 
     # ------------------------------------------------------------------ decoding
