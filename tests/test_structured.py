@@ -176,19 +176,26 @@ def test_preemption_keeps_the_constraint(folder, llm):
         jsonschema.validate(json.loads(a.outputs[0].text), sp.structured_outputs.json)
 
 
-def test_a_grammar_that_cannot_continue_ends_only_its_request(llm, monkeypatch):
+@pytest.mark.parametrize("how", ["rejected token", "matcher in an error state"])
+def test_a_grammar_that_cannot_continue_ends_only_its_request(llm, monkeypatch, how):
     engine = llm.llm_engine
     real = engine.structured.advance
     calls = {"n": 0}
 
     def advance(matcher, token):
         calls["n"] += 1
-        return "error" if calls["n"] == 3 else real(matcher, token)
+        if calls["n"] == 3 and how == "rejected token":
+            return "error"
+        if calls["n"] == 2 and how == "matcher in an error state":  # its next mask allows nothing
+            real(matcher, token)
+            matcher.consume_token(0)  # <unk>: never allowed by the regex
+            return None
+        return real(matcher, token)
 
     monkeypatch.setattr(engine.structured, "advance", advance)
     params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(
         regex=r"[a-z]{30}")), SamplingParams(temperature=0, max_tokens=8)]
     outs = llm.generate(["a", "b"], params, use_tqdm=False)
     dead, plain = outs[0].outputs[0], outs[1].outputs[0]
-    assert dead.finish_reason == "stop" and dead.stop_reason == "grammar_error" and len(dead.token_ids) == 2
+    assert dead.finish_reason == "error" and len(dead.token_ids) == 2
     assert plain.finish_reason == "length" and len(plain.token_ids) == 8

@@ -11,13 +11,15 @@ vocabulary (ids the tokenizer lacks, e.g. padding rows of the embedding, are nev
   server runs in its worker threads, never on the engine thread. llguidance's parser limits bound the time
   and memory one compile takes; structured_params.py caps sizes before that.
 - `Grammar.matcher()` is a fresh matcher for one sequence (a copy of the pristine one: microseconds).
-- `constrain(logits, matchers, biases)`: one step. `logits` (n, V) for the sampling rows; `matchers[i]` is row
-  i's matcher or None, `biases[i]` its logit_bias {id: bias} or None. The token bitmask of every constrained
-  row is filled in one llguidance call (parallel, GIL released) into a preallocated host buffer, unpacked and
-  applied to those rows in one masked write; biases are added in one scatter. A row whose matcher allows no
-  token (an error state) is left unmasked: `advance` then rejects its token and the engine ends that request.
+- `constrain(logits, matchers, biases)`: one step. `logits` (R, V) for the sampling rows; `matchers[i]` is row
+  i's matcher or None, `biases[i]` its logit_bias {id: bias} or None. Biases are added in one scatter. The
+  token bitmask of every constrained row is filled in one llguidance call (parallel, GIL released) into a
+  preallocated host buffer and handed to the sampler's `allowed` hook (engine/sampler.py), which applies it
+  to all rows in one masked write after the penalties: a bool (R, V) unpacked by numpy on a CPU, the packed
+  int32 (R, ceil(V / 32)) words on a GPU (unpacked there). A matcher in an error state allows nothing: the
+  sampler fails that row and the engine ends that request only (finish_reason "error").
 - `advance(matcher, token)`: after sampling; None (go on), "end" (the grammar is complete: finish with
-  "stop") or "error" (the token was rejected).
+  "stop") or "error" (the token was rejected: that request ends with "error").
 
 Leaves out: fast-forward (forced) tokens, speculative draft masks, jump-ahead decoding, other backends.
 """
@@ -75,8 +77,6 @@ class StructuredDecoding:
         self._cache: collections.OrderedDict[str, Grammar | str] = collections.OrderedDict()
         self._host = torch.empty(0, self.words, dtype=torch.int32)  # (rows, W) bitmask buffer, grown on demand
         self._max_rows = max_rows
-        self._shifts = None
-        self._ninf = None  # a -inf scalar tensor on the logits' device and dtype
 
     # -- compiling (any thread) ------------------------------------------------------------------------------
     def _ll_tokenizer(self):
@@ -140,9 +140,9 @@ class StructuredDecoding:
                                      pin_memory=self.device.type == "cuda")
         return self._host[:rows]  # (rows, W), contiguous
 
-    def constrain(self, logits: torch.Tensor, matchers: list, biases: list) -> None:
-        """In place on logits (n, V): logit_bias of every biased row, then the grammar mask of every constrained
-        row (see the module docstring)."""
+    def constrain(self, logits: torch.Tensor, matchers: list, biases: list) -> torch.Tensor | None:
+        """One step over logits (R, V): adds every row's logit_bias in place (one scatter) and returns the
+        sampler's `allowed` mask for the grammar rows, or None when no row has a grammar (see the docstring)."""
         if any(b for b in biases):
             rows, cols, vals = [], [], []
             for i, bias in enumerate(biases):
@@ -152,34 +152,22 @@ class StructuredDecoding:
                     vals.extend(bias.values())
             index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
             logits.index_put_(index, torch.tensor(vals, device=logits.device, dtype=logits.dtype), accumulate=True)
-        constrained = [i for i, m in enumerate(matchers) if m is not None]
+        constrained = [(m, i) for i, m in enumerate(matchers) if m is not None]
         if not constrained:
-            return
-        k = len(constrained)
-        bitmask = self._buffer(k)
-        self._executor.unsafe_compute_mask_ptr([(matchers[i], j) for j, i in enumerate(constrained)],
-                                               bitmask.data_ptr(), self.words * 4, k)
-        dead = ~bitmask.any(dim=1)  # (k,) host: a matcher in an error state allows nothing
-        if bool(dead.any()):
-            bitmask[dead] = -1  # unmasked: advance() rejects its token and the engine ends that request
-        V = logits.shape[-1]
-        if logits.device.type == "cpu":
-            bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # (k, 32W) 0/1
-            allowed = torch.from_numpy(bits)[:, :V].view(torch.bool)  # (k, V)
-        else:
-            if self._shifts is None:
-                self._shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-            words = bitmask.to(logits.device, non_blocking=True)  # (k, W)
-            allowed = ((words[:, :, None] >> self._shifts) & 1).view(k, -1)[:, :V].bool()  # (k, V)
+            return None
+        R, V = logits.shape
         if V > 32 * self.words:
             raise ValueError(f"logits have {V} columns; the grammar masks cover {32 * self.words}")
-        if self._ninf is None or self._ninf.device != logits.device or self._ninf.dtype != logits.dtype:
-            self._ninf = torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype)
-        if k == logits.shape[0]:
-            torch.where(allowed, logits, self._ninf, out=logits)
-        else:
-            index = torch.tensor(constrained, device=logits.device)
-            logits[index] = torch.where(allowed, logits[index], self._ninf)
+        bitmask = self._buffer(R)  # (R, W) int32: rows without a grammar allow everything
+        bitmask.fill_(-1)
+        self._executor.unsafe_compute_mask_ptr(constrained, bitmask.data_ptr(), self.words * 4, R)
+        for m, i in constrained:
+            if m.is_error():  # its mask would allow only EOS and hide the failure: allow nothing, the row fails
+                bitmask[i] = 0
+        if logits.device.type == "cpu":  # unpacked here (numpy, ~0.1 ms at 64 rows) rather than by shifts
+            bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # (R, 32W) 0/1
+            return torch.from_numpy(bits)[:, :V].view(torch.bool)  # (R, V)
+        return bitmask  # packed: the sampler unpacks it on the device
 
     @staticmethod
     def advance(matcher, token: int) -> str | None:
