@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("LLAVA_NEXT_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on every route but /health "
                             "(default: $LLAVA_NEXT_API_KEY, else none)")
+    serve.add_argument("--metrics-without-auth", action="store_true",
+                       help="let /metrics be scraped without the API key")
     serve.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     serve.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (the model's)")
