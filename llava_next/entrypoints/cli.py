@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch-size", type=_positive_int, default=8, help="images per engine call (8)")
     batch.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
     batch.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda: one GPU per worker")
+    batch.add_argument("--json-schema", default=None, metavar="FILE",
+                       help="constrain each answer to this JSON schema: one validating JSON object per image")
     serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (needs the 'serve' extra)")
     serve.add_argument("model", help="checkpoint folder or hub id")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
