@@ -159,13 +159,24 @@ class Sampler:
                 self.failures[key] = "sampling failed: no finite probabilities (NaN logits or nothing allowed)"
         return tokens, logprobs
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor, allowed: torch.Tensor | None):
-        R, V = logits.shape
-        dev = logits.device
-        raw = logits.float()  # (R, V); kept unmodified for logprobs
+    def scores(self, seqs: list[Sequence], logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, V) float32: the scores greedy rows take the argmax of (penalties, min_tokens, `allowed`), for
+        tests and inspection; no state changes beyond the rows' first-step set-up."""
+        rows = [self._row(seq, logits.shape[-1]) for seq in seqs]
+        return self._penalized(rows, logits.float(), self._values(rows, logits.device), allowed)[0]
+
+    @staticmethod
+    def _values(rows: list[_Row], dev: torch.device) -> torch.Tensor:
+        return torch.tensor([r.values for r in rows], dtype=torch.float32).to(dev)  # (R, 7), one transfer
+
+    def _penalized(self, rows: list[_Row], raw: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None):
+        """raw (R, V) float32 -> (scores after penalties, min_tokens and `allowed`, the penalty rows' (rows,
+        slots) index tensors or None)."""
+        V = raw.shape[-1]
+        dev = raw.device
         scores = raw
-        values = torch.tensor([r.values for r in rows], dtype=torch.float32).to(dev)  # (R, 7)
         pen = [i for i, r in enumerate(rows) if r.slot is not None]
+        where = None
         if pen:
             pen_rows = torch.tensor(pen).to(dev)  # (P,)
             slots = torch.tensor([rows[i].slot for i in pen]).to(dev)  # (P,)
@@ -174,7 +185,8 @@ class Sampler:
             v = values[pen_rows]  # (P, 7)
             sub = sub - v[:, FREQ:FREQ + 1] * counts - v[:, PRES:PRES + 1] * (counts > 0).float()
             sub = repetition_penalty(sub, self._prompt[slots, :V] | (counts > 0), v[:, REP:REP + 1])
-            scores = scores.index_copy(0, pen_rows, sub)
+            scores = scores.index_copy(0, pen_rows, sub)  # out of place: raw stays for logprobs
+            where = (pen_rows, slots)
         hold = [(i, t) for i, r in enumerate(rows) if r.stops and r.seq.num_output_tokens < r.seq.params.min_tokens
                 for t in r.stops]
         if hold:
@@ -182,10 +194,17 @@ class Sampler:
             scores = scores.index_put((at[:, 0], at[:, 1]), torch.tensor(-math.inf, device=dev))
         if allowed is not None:
             scores = scores.masked_fill(~unpack_bitmask(allowed.to(dev), V), -math.inf)
+        return scores, where
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, allowed: torch.Tensor | None):
+        R, V = logits.shape
+        dev = logits.device
+        raw = logits.float()  # (R, V); kept unmodified for logprobs
+        values = self._values(rows, dev)
+        scores, pen = self._penalized(rows, raw, values, allowed)
         bad = scores.isnan().any(-1) | scores.isneginf().all(-1)  # (R,) rows with nothing to choose from
         tokens = scores.argmax(-1)  # (R,) greedy rows keep this
         sampled = [i for i, r in enumerate(rows) if not r.greedy]
-        failed_draws: list[int] = []
         if sampled:
             idx = torch.tensor(sampled).to(dev)  # (S,)
             v = values[idx]  # (S, 7)
@@ -213,17 +232,15 @@ class Sampler:
                     except Exception as exc:
                         logger.exception("sampling failed for request %r", rows[i].seq.request_id)
                         self.failures[(rows[i].seq.request_id, rows[i].seq.index)] = f"sampling failed: {exc!r}"[:300]
-                        failed_draws.append(i)
             if own:
                 drawn[torch.tensor(own).to(dev)] = torch.cat(picks)
             tokens = tokens.index_copy(0, idx, drawn)
-        if failed_draws:
-            bad = bad.index_fill(0, torch.tensor(failed_draws).to(dev), True)
-        tokens = torch.where(bad, -1, tokens)  # (R,) -1: failed
-        if pen:  # one scatter: this step's tokens into the count table (failed rows into the spare column)
+        tokens = torch.where(bad, -1, tokens)  # (R,) -1: failed (a seeded row whose draw raised is -1 too)
+        if pen is not None:  # one scatter: this step's tokens into the count table (failed rows: spare column)
+            pen_rows, slots = pen
             new = tokens[pen_rows]
             self._counts.index_put_((slots, torch.where(new < 0, V, new)),
-                                    torch.ones(len(pen), dtype=torch.int32, device=dev), accumulate=True)
+                                    torch.ones_like(new, dtype=torch.int32), accumulate=True)
         picked = [t if t >= 0 else None for t in tokens.tolist()]
         return picked, self._logprobs(rows, raw, tokens, picked)
 
