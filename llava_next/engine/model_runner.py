@@ -89,9 +89,7 @@ class ModelRunner:
         if not samplers:
             return [], [], []
         logits = self.model.lm_head(hidden[0, sample_rows])  # (n, V): lm_head only where we sample
-        allowed = None  # grammar masks for the sampler; logit_bias added to `logits` in place
-        if self.structured is not None:
-            allowed = self.structured.constrain(logits, [s.matcher for s in samplers],
-                                                [s.params.logit_bias for s in samplers])
-        tokens, logprobs = self.sampler(samplers, logits, allowed)
+        if self.structured is not None:  # logit_bias and grammar masks, in place (sampling/structured.py)
+            self.structured.constrain(logits, [s.matcher for s in samplers], [s.params.logit_bias for s in samplers])
+        tokens, logprobs = self.sampler(samplers, logits)
         return samplers, tokens, logprobs

@@ -11,13 +11,15 @@ vocabulary (ids the tokenizer lacks, e.g. padding rows of the embedding, are nev
   server runs in its worker threads, never on the engine thread. llguidance's parser limits bound the time
   and memory one compile takes; structured_params.py caps sizes before that.
 - `Grammar.matcher()` is a fresh matcher for one sequence (a copy of the pristine one: microseconds).
-- `constrain(logits, matchers, biases)`: one step. `logits` (R, V) for the sampling rows; `matchers[i]` is row
-  i's matcher or None, `biases[i]` its logit_bias {id: bias} or None. Biases are added in one scatter. The
-  token bitmask of every constrained row is filled in one llguidance call (parallel, GIL released) into a
-  preallocated host buffer and handed to the sampler's `allowed` hook (engine/sampler.py), which applies it
-  to all rows in one masked write after the penalties: a bool (R, V) unpacked by numpy on a CPU, the packed
-  int32 (R, ceil(V / 32)) words on a GPU (unpacked there). A matcher in an error state allows nothing: the
-  sampler fails that row and the engine ends that request only (finish_reason "error").
+- `constrain(logits, matchers, biases)`: one step, in place, on the logits of the sampling rows (R, V), before
+  the sampler (as vLLM applies its bitmask: logprobs see the mask); `matchers[i]` is row i's matcher or None,
+  `biases[i]` its logit_bias {id: bias} or None. Biases are added in one scatter. The token bitmask of every
+  constrained row is filled in one llguidance call (parallel, GIL released) into a preallocated host buffer
+  (rows without a grammar: all ones) and applied to all rows in one write: on a CPU each mask byte is looked
+  up in a (256, 8) table of 0 / -inf and the result added (branch-free, ~0.2 ms at 64 rows; torch's CPU
+  masked_fill on such masks, what the sampler's `allowed` hook does, was ~4-8x slower); on a GPU the packed int32 words are copied
+  over and unpacked there, then one masked_fill. A matcher in an error state allows nothing: the sampler
+  finds the row all -inf, fails it, and the engine ends that request only (finish_reason "error").
 - `advance(matcher, token)`: after sampling; None (go on), "end" (the grammar is complete: finish with
   "stop") or "error" (the token was rejected: that request ends with "error").
 
@@ -42,6 +44,8 @@ from llava_next.sampling.structured_params import ANY_OBJECT, StructuredOutputsP
 logger = logging.getLogger("llava_next.structured")
 
 CACHE_SIZE = 256
+_ADD = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0.0, -np.inf).astype(np.float32)  # (256, 8):
+# byte value -> what is added to the logits of its 8 tokens (bit j of a mask byte allows its j-th token)
 MAX_ERROR_CHARS = 240
 
 
@@ -77,6 +81,7 @@ class StructuredDecoding:
         self._cache: collections.OrderedDict[str, Grammar | str] = collections.OrderedDict()
         self._host = torch.empty(0, self.words, dtype=torch.int32)  # (rows, W) bitmask buffer, grown on demand
         self._max_rows = max_rows
+        self._shifts = None  # (32,) int32 bit positions on the GPU
 
     # -- compiling (any thread) ------------------------------------------------------------------------------
     def _ll_tokenizer(self):
@@ -140,9 +145,9 @@ class StructuredDecoding:
                                      pin_memory=self.device.type == "cuda")
         return self._host[:rows]  # (rows, W), contiguous
 
-    def constrain(self, logits: torch.Tensor, matchers: list, biases: list) -> torch.Tensor | None:
-        """One step over logits (R, V): adds every row's logit_bias in place (one scatter) and returns the
-        sampler's `allowed` mask for the grammar rows, or None when no row has a grammar (see the docstring)."""
+    def constrain(self, logits: torch.Tensor, matchers: list, biases: list) -> None:
+        """One step, in place on logits (R, V): every row's logit_bias (one scatter), then the grammar masks
+        (see the module docstring)."""
         if any(b for b in biases):
             rows, cols, vals = [], [], []
             for i, bias in enumerate(biases):
@@ -154,20 +159,26 @@ class StructuredDecoding:
             logits.index_put_(index, torch.tensor(vals, device=logits.device, dtype=logits.dtype), accumulate=True)
         constrained = [(m, i) for i, m in enumerate(matchers) if m is not None]
         if not constrained:
-            return None
+            return
         R, V = logits.shape
         if V > 32 * self.words:
             raise ValueError(f"logits have {V} columns; the grammar masks cover {32 * self.words}")
         bitmask = self._buffer(R)  # (R, W) int32: rows without a grammar allow everything
-        bitmask.fill_(-1)
+        if len(constrained) < R:
+            bitmask.fill_(-1)
         self._executor.unsafe_compute_mask_ptr(constrained, bitmask.data_ptr(), self.words * 4, R)
         for m, i in constrained:
             if m.is_error():  # its mask would allow only EOS and hide the failure: allow nothing, the row fails
                 bitmask[i] = 0
-        if logits.device.type == "cpu":  # unpacked here (numpy, ~0.1 ms at 64 rows) rather than by shifts
-            bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # (R, 32W) 0/1
-            return torch.from_numpy(bits)[:, :V].view(torch.bool)  # (R, V)
-        return bitmask  # packed: the sampler unpacks it on the device
+        if logits.device.type == "cpu":  # a branch-free add of 0 / -inf (torch's CPU masked_fill is ~4x slower)
+            add = np.take(_ADD, bitmask.numpy().view(np.uint8), axis=0)  # (R, 4W, 8): a byte -> its 8 tokens
+            logits.add_(torch.from_numpy(add.reshape(R, -1)[:, :V]))  # (R, V) float32: -inf where not allowed
+        else:
+            if self._shifts is None or self._shifts.device != logits.device:
+                self._shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+            words = bitmask.to(logits.device, non_blocking=True)  # (R, W)
+            allowed = ((words[:, :, None] >> self._shifts) & 1).view(R, -1)[:, :V].bool()  # (R, V)
+            logits.masked_fill_(~allowed, float("-inf"))
 
     @staticmethod
     def advance(matcher, token: int) -> str | None:
