@@ -70,6 +70,43 @@ def decode_step_s(llm, n: int, steps: int, constrained: bool) -> tuple[float, fl
     return min(times), statistics.median(times)
 
 
+def components(llm, repeats: int = 50) -> dict:
+    """The constrained step's own work at 1/16/64 rows, each timed alone (fastest of `repeats`): the mask fill
+    and its application to the logits (`constrain`) and the matchers' advance, in states the engine reached on
+    SCHEMA; next to the fastest plain decode step measured above."""
+    import torch
+
+    from llava_next import SamplingParams, StructuredOutputsParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    outs = llm.generate([f"Item list {i}:" for i in range(64)], params, use_tqdm=False)
+    grammar = engine.structured.compile(params.structured_outputs)
+    out = {}
+    for n in (1, 16, 64):
+        matchers = []
+        for o in outs[:n]:
+            m = grammar.matcher()
+            assert m.consume_tokens(o.outputs[0].token_ids[:-1])
+            matchers.append(m)
+        logits = torch.randn(n, engine.vocab_size)
+        last = [o.outputs[0].token_ids[-1] for o in outs[:n]]
+        best_mask = best_advance = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.structured.constrain(logits, matchers, [None] * n)
+            best_mask = min(best_mask, time.perf_counter() - start)
+            start = time.perf_counter()
+            for m, t in zip(matchers, last):
+                engine.structured.advance(m, t)
+            best_advance = min(best_advance, time.perf_counter() - start)
+            for m in matchers:
+                m.rollback(1)
+        out[f"n{n}"] = {"mask_ms": round(best_mask * 1e3, 3), "advance_ms": round(best_advance * 1e3, 3)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -102,6 +139,8 @@ def main() -> None:
                         f"overhead_{kind}_pct": round(100 * (c / p - 1), 1)})
         results[f"n{n}"] = row
         print(json.dumps({"sequences": n, **row}), flush=True)
+    results["components"] = components(llm)
+    print(json.dumps({"components": results["components"]}), flush=True)
     engine = llm.llm_engine
     fresh = StructuredDecoding(engine._tokenizer_json, engine.vocab_size, engine.eos_token_ids, engine.device)
     start = time.perf_counter()
