@@ -114,9 +114,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     import llguidance
+    import structured_cases
     import torch
 
-    import structured_cases
     from llava_next import LLM, StructuredOutputsParams
     from llava_next.sampling.structured import StructuredDecoding
 

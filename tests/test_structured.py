@@ -21,7 +21,12 @@ import pytest
 import structured_cases as cases
 from server_fixtures import full_checkpoint
 
-from llava_next import LLM, SamplingParams, StructuredOutputError, StructuredOutputsParams
+from llava_next import (
+    LLM,
+    SamplingParams,
+    StructuredOutputError,
+    StructuredOutputsParams,
+)
 
 
 @pytest.fixture(scope="module")

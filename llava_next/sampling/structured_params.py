@@ -66,10 +66,10 @@ class StructuredOutputsParams:
                                         f"json_object, got {given or 'none'}")
         if self.json is not None:
             self.json = self._schema(self.json)
-        if self.regex is not None:
-            if not isinstance(self.regex, str) or not self.regex or len(self.regex) > MAX_REGEX_CHARS:
-                raise StructuredOutputError(f"structured_outputs.regex must be a string of 1 to {MAX_REGEX_CHARS} "
-                                            "characters")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex
+                                       or len(self.regex) > MAX_REGEX_CHARS):
+            raise StructuredOutputError(f"structured_outputs.regex must be a string of 1 to {MAX_REGEX_CHARS} "
+                                        "characters")
         if self.choice is not None:
             choice = self.choice
             if not isinstance(choice, (list, tuple)) or not 1 <= len(choice) <= MAX_CHOICES or not all(
@@ -77,11 +77,10 @@ class StructuredOutputsParams:
                 raise StructuredOutputError(f"structured_outputs.choice must be a list of 1 to {MAX_CHOICES} "
                                             f"non-empty strings of at most {MAX_CHOICE_CHARS} characters")
             self.choice = list(choice)
-        if self.grammar is not None:
-            if not isinstance(self.grammar, str) or not self.grammar.strip() or \
-                    len(self.grammar.encode("utf-8", "replace")) > MAX_SCHEMA_BYTES:
-                raise StructuredOutputError(f"structured_outputs.grammar must be a non-empty string of at most "
-                                            f"{MAX_SCHEMA_BYTES} bytes")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()
+                                         or len(self.grammar.encode("utf-8", "replace")) > MAX_SCHEMA_BYTES):
+            raise StructuredOutputError(f"structured_outputs.grammar must be a non-empty string of at most "
+                                        f"{MAX_SCHEMA_BYTES} bytes")
         if self.json_object is not None and not isinstance(self.json_object, bool):
             raise StructuredOutputError("structured_outputs.json_object must be a bool")
         if self.whitespace_pattern is not None and (not isinstance(self.whitespace_pattern, str)

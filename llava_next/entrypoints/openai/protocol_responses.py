@@ -21,7 +21,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llava_next.entrypoints.openai.protocol import MAX_MESSAGES, MAX_TOKENS_CAP, MAX_TOP_LOGPROBS
+from llava_next.entrypoints.openai.protocol import (
+    MAX_MESSAGES,
+    MAX_TOKENS_CAP,
+    MAX_TOP_LOGPROBS,
+)
 
 _REQUEST = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="forbid")
