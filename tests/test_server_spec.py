@@ -111,6 +111,13 @@ def test_current_fields_models_top_p_tier_request_id(server):
     assert httpx.get(server.url + "/nope").headers["x-request-id"]
 
 
+def test_metrics_without_auth_flag():
+    from llava_next.entrypoints.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "m", "--metrics-without-auth"]).metrics_without_auth is True
+    assert build_parser().parse_args(["serve", "m"]).metrics_without_auth is False
+
+
 def test_openapi_docs_and_metrics_behind_the_key(folder):
     s = ThreadServer(folder, api_key="k3y")
     try:

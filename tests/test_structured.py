@@ -69,6 +69,7 @@ def test_fifty_schemas_greedy_sampled_n2_in_a_crowd(llm):
             value = json.loads(c.text)
             jsonschema.validate(value, sp.structured_outputs.json)
             assert not re.search(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', "", c.text)), c.text  # compact JSON
+            assert not re.search(r"[\x00-\x1f]", c.text), c.text  # no raw control characters in strings
             checked += 1
     assert checked == 50 + 2 * 25
     alone = llm.generate([p for p, _ in PLAIN], [sp for _, sp in PLAIN], use_tqdm=False)
