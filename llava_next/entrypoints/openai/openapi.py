@@ -30,6 +30,11 @@ ROUTES = {  # path: (request model, response model, streams)
     "/v1/models": (None, P.ModelList, False),
     "/v1/models/{model_id}": (None, P.ModelCard, False),
 }
+PLAIN_200 = {  # the routes that answer 200 with something else than a pydantic model
+    "/health": {"description": "ready", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}}}},
+    "/metrics": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -58,6 +63,8 @@ def install(app) -> None:
                 responses.pop("422", None)  # FastAPI's default: our validation errors are 400s
                 for status in ("400", "401", "404", "413", "415", "500", "503"):
                     responses[status] = error
+                if path in PLAIN_200:
+                    responses["200"] = PLAIN_200[path]
                 if route is None:
                     continue
                 request, response, streams = route
