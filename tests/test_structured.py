@@ -205,3 +205,24 @@ def test_a_grammar_that_cannot_continue_ends_only_its_request(llm, monkeypatch, 
     dead, plain = outs[0].outputs[0], outs[1].outputs[0]
     assert dead.finish_reason == "error" and len(dead.token_ids) == 2
     assert plain.finish_reason == "length" and len(plain.token_ids) == 8
+
+
+def test_cpu_and_device_mask_paths_agree():
+    """The GPU path (unpack by shifts + masked_fill) and the CPU path (byte table add) give the same logits."""
+    import torch
+
+    from llava_next.sampling.structured import apply_on_cpu, apply_on_device
+
+    g = torch.Generator().manual_seed(0)
+    V = 32064 - 17  # not a multiple of 32: the last word is cut
+    words = torch.randint(-2**31, 2**31 - 1, (5, (V + 31) // 32), generator=g, dtype=torch.int64).to(torch.int32)
+    words[1] = -1
+    words[2] = 0
+    logits = torch.randn(5, V, generator=g)
+    a, b = logits.clone(), logits.clone()
+    apply_on_cpu(a, words)
+    apply_on_device(b, words, torch.arange(32, dtype=torch.int32))
+    assert torch.equal(a, b)
+    assert torch.equal(a[1], logits[1]) and bool(torch.isneginf(a[2]).all())
+    token = 32 * 7 + 5  # bit 5 of word 7
+    assert bool(torch.isneginf(a[0, token])) != bool((words[0, 7] >> 5) & 1)

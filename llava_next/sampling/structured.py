@@ -170,21 +170,33 @@ class StructuredDecoding:
         for m, i in constrained:
             if m.is_error():  # its mask would allow only EOS and hide the failure: allow nothing, the row fails
                 bitmask[i] = 0
-        if logits.device.type == "cpu":  # a branch-free add of 0 / -inf (torch's CPU masked_fill is ~4x slower)
-            add = np.take(_ADD, bitmask.numpy().view(np.uint8), axis=0)  # (R, 4W, 8): a byte -> its 8 tokens
-            logits.add_(torch.from_numpy(add.reshape(R, -1)[:, :V]))  # (R, V) float32: -inf where not allowed
+        if logits.device.type == "cpu":
+            apply_on_cpu(logits, bitmask)
         else:
             if self._shifts is None or self._shifts.device != logits.device:
                 self._shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-            words = bitmask.to(logits.device, non_blocking=True)  # (R, W)
-            allowed = ((words[:, :, None] >> self._shifts) & 1).view(R, -1)[:, :V].bool()  # (R, V)
-            logits.masked_fill_(~allowed, float("-inf"))
+            apply_on_device(logits, bitmask.to(logits.device, non_blocking=True), self._shifts)
 
     @staticmethod
     def advance(matcher, token: int) -> str | None:
         if not matcher.consume_token(token):
             return "error"
         return "end" if matcher.is_stopped() else None
+
+
+def apply_on_cpu(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits (R, V) += 0 / -inf by the host bitmask (R, W): branch-free (torch's CPU masked_fill on masks with
+    scattered allowed tokens is ~4-8x slower)."""
+    R, V = logits.shape
+    add = np.take(_ADD, bitmask.numpy().view(np.uint8), axis=0)  # (R, 4W, 8): a byte -> its 8 tokens
+    logits.add_(torch.from_numpy(add.reshape(R, -1)[:, :V]))  # (R, V) float32: -inf where not allowed
+
+
+def apply_on_device(logits: torch.Tensor, words: torch.Tensor, shifts: torch.Tensor) -> None:
+    """logits (R, V) at -inf where the bitmask `words` (R, W), on the logits' device, has a 0 bit."""
+    R, V = logits.shape
+    allowed = ((words[:, :, None] >> shifts) & 1).view(R, -1)[:, :V].bool()  # (R, V)
+    logits.masked_fill_(~allowed, float("-inf"))
 
 
 def _short(message) -> str:
