@@ -42,6 +42,8 @@ _EXPORTS = {
     "KVCacheCapacityError": "errors",
     "EngineDeadError": "errors",
     "SamplingParams": "engine.params",
+    "StructuredOutputsParams": "sampling.structured_params",
+    "StructuredOutputError": "errors",
     "LLM": "engine.llm",
     "LLMEngine": "engine.llm_engine",
     "AsyncEngine": "engine.driver",

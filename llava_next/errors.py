@@ -60,3 +60,7 @@ class KVCacheCapacityError(LlavaNextError, ValueError):
 
 class EngineDeadError(LlavaNextError, RuntimeError):
     """The engine's background thread failed: open streams end with this error and new requests are refused."""
+
+
+class StructuredOutputError(LlavaNextError, ValueError):
+    """A structured-output constraint (JSON schema, regex, choice, grammar) is invalid, too large or does not compile."""

@@ -287,3 +287,34 @@ def test_progress_on_a_terminal_only():
         progress.close()
     assert "\r10/10 rows" in tty.getvalue() and "rows/s, 1 errors" in tty.getvalue() and tty.getvalue().endswith("\n")
     assert pipe.getvalue() == ""
+
+
+def test_json_schema_gives_one_validating_object_per_image(checkpoint, cluster, folder, capsys, tmp_path):
+    """`--json-schema FILE`: every row's text is a JSON object that validates (random weights: only the
+    constraint makes it so); a bad schema file fails before Ray runs anything."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {
+        "subject": {"enum": ["cat", "person", "object", "pattern"]},
+        "colors": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 1, "maxItems": 2},
+        "count": {"type": "integer", "minimum": 0, "maximum": 20}},
+        "required": ["subject", "colors", "count"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for name in ("chelsea_small.jpg", "corrupt.jpg", "alpha.png", "noise.bmp"):
+        (subset / name).write_bytes((folder / name).read_bytes())
+    out = tmp_path / "objects.jsonl"
+    code = main(["batch", checkpoint, "--input", str(subset), "--prompt", "Describe it as JSON.", "--output",
+                 str(out), "--max-tokens", "80", "--num-workers", "1", "--batch-size", "4", "--dtype", "float32",
+                 "--json-schema", str(tmp_path / "schema.json")])
+    assert code == 0, capsys.readouterr().err
+    rows = {Path(r["image"]).name: r for r in rows_of(out)}
+    assert rows["corrupt.jpg"]["error"].startswith("InvalidImageError")
+    for name in ("chelsea_small.jpg", "alpha.png", "noise.bmp"):
+        assert rows[name]["error"] is None, rows[name]
+        jsonschema.validate(json.loads(rows[name]["text"]), schema)
+    (tmp_path / "bad.json").write_text("{not json")
+    code = main(["batch", checkpoint, "--input", str(subset), "--prompt", "x", "--output", str(tmp_path / "b.jsonl"),
+                 "--json-schema", str(tmp_path / "bad.json")])
+    assert code != 0 and "not valid JSON" in capsys.readouterr().err

@@ -41,6 +41,9 @@ from llava_next.engine.paged_attention import PagedKVCache
 from llava_next.engine.params import SamplingParams
 from llava_next.engine.prepare import RequestPreparer, image_limit, mm_hash  # noqa: F401 (mm_hash re-exported)
 from llava_next.engine.request import PreparedRequest, Sequence
+from llava_next.sampling.structured import StructuredDecoding
+
+logger = logging.getLogger("llava_next.engine")
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +124,11 @@ class LLMEngine:
 
         self.scheduler = Scheduler(self.pool, self.encoder_cache, self.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
-        self.runner = ModelRunner(model, self.kv_cache, self.encoder_cache, args.seed, tp_leader)
+        self.structured = StructuredDecoding(self._tokenizer_json, self.vocab_size, self.eos_token_ids, self.device,
+                                             self.max_num_seqs)
+        self.runner = ModelRunner(model, self.kv_cache, self.encoder_cache, args.seed, tp_leader, self.structured)
         self.preparer = RequestPreparer(self.config, processor, self.vocab_size, self.max_model_len, self.image_limit,
-                                        args.block_size, num_blocks)
+                                        args.block_size, num_blocks, self.structured)
         self.groups: dict[str, _Group] = {}
         self._arrivals = 0
         self._aborted: list[_Group] = []
@@ -134,6 +139,10 @@ class LLMEngine:
     @property
     def tokenizer(self):
         return None if self.processor is None else self.processor.tokenizer
+
+    def _tokenizer_json(self) -> str | None:
+        """The tokenizer's `tokenizer.json` text (llguidance builds its own tokenizer from it)."""
+        return None if self.tokenizer is None else self.tokenizer.backend_tokenizer.to_str()
 
     def _eos_ids(self, given) -> tuple[int, ...]:
         if given is None:
@@ -285,6 +294,10 @@ class LLMEngine:
 
     # -- outputs -------------------------------------------------------------------------------------------
     def _append(self, seq: Sequence, token: int, logprobs) -> None:
+        grammar = None if seq.matcher is None else self.structured.advance(seq.matcher, token)
+        if grammar == "error":  # the grammar cannot continue: end this request only, without the token
+            self._fail(seq, f"its grammar rejected token {token}")
+            return
         seq.token_ids.append(token)
         if seq.logprobs is not None:
             seq.logprobs.append(logprobs)
@@ -309,6 +322,8 @@ class LLMEngine:
                     cut, string = min(found)
                     seq.text = seq.text[:cut]
                     reason, stop_reason = "stop", string
+        if reason is None and grammar == "end":  # the constraint is complete
+            reason = "stop"
         if reason is None and (n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:

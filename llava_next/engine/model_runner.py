@@ -34,7 +34,9 @@ class EngineModel(WithLMHead):
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, encoder_cache: EncoderCache, seed: int = 0, tp_leader=None):
+    def __init__(self, model, cache: PagedKVCache, encoder_cache: EncoderCache, seed: int = 0, tp_leader=None,
+                 structured=None):
+        self.structured = structured  # sampling/structured.StructuredDecoding: grammar masks and logit_bias
         self.model = model
         self.tp_leader = tp_leader  # tp_workers.TPLeader when the decoder is sharded over worker processes
         self.core = model.model
@@ -87,5 +89,7 @@ class ModelRunner:
         if not samplers:
             return [], [], []
         logits = self.model.lm_head(hidden[0, sample_rows])  # (n, V): lm_head only where we sample
+        if self.structured is not None:  # logit_bias and grammar masks, in place (sampling/structured.py)
+            self.structured.constrain(logits, [s.matcher for s in samplers], [s.params.logit_bias for s in samplers])
         tokens, logprobs = self.sampler(samplers, logits)
         return samplers, tokens, logprobs

@@ -8,8 +8,11 @@ bound one request's cost: n <= 16, logprobs <= 20, at most 16 stop strings of at
 `to_internal()` maps the fields onto sampling/params.SamplingParams so the engine reuses the logits pipeline
 generate() uses (repetition penalty, EOS suppression for min_tokens, temperature, top-k, top-p, min-p).
 
-Leaves out: best_of, beam search, guided decoding, logit_bias, prompt_logprobs, include_stop_str_in_output,
-bad_words, truncate_prompt_tokens.
+`structured_outputs` (sampling/structured_params.StructuredOutputsParams: json, regex, choice, grammar,
+json_object) constrains the output with llguidance; a dict is accepted and turned into one. `logit_bias`
+({token id: bias in [-100, 100]}, at most 1024 entries) is added to the logits before sampling.
+
+Leaves out: best_of, beam search, prompt_logprobs, include_stop_str_in_output, bad_words, truncate_prompt_tokens.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from typing import Any
 
 from llava_next.errors import SamplingParamsError
 from llava_next.sampling.params import SamplingParams as InternalParams
+from llava_next.sampling.structured_params import StructuredOutputsParams
 
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_SEED = 2**63 - 1
+MAX_LOGIT_BIAS = 1024
 GREEDY_BELOW = 1e-5  # vLLM's rule: a temperature below this is greedy (dividing by it would overflow)
 
 
@@ -62,6 +67,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +115,23 @@ class SamplingParams:
                 raise SamplingParamsError(f"SamplingParams.stop_token_ids must be a list of at most 64 token ids, "
                                           f"got {ids!r}")
             self.stop_token_ids = list(ids)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise SamplingParamsError("SamplingParams.structured_outputs must be a StructuredOutputsParams")
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+                raise SamplingParamsError(f"SamplingParams.logit_bias must be a dict of at most {MAX_LOGIT_BIAS} "
+                                          "{token id: bias}")
+            clean = {}
+            for key, value in bias.items():
+                token = int(key) if isinstance(key, str) and key.isdigit() else key
+                if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                    raise SamplingParamsError(f"SamplingParams.logit_bias keys must be token ids, got {key!r}")
+                _number("logit_bias", value, low=-100.0, high=100.0)
+                clean[token] = float(value)
+            self.logit_bias = clean or None
 
     @property
     def greedy(self) -> bool:

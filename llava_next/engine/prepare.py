@@ -58,7 +58,8 @@ class RequestPreparer:
     """The checks and preprocessing of LLMEngine.prepare, over the engine's fixed settings."""
 
     def __init__(self, config, processor, vocab_size: int, max_model_len: int, image_limit: int, block_size: int,
-                 num_blocks: int):
+                 num_blocks: int, structured=None):
+        self.structured = structured  # sampling/structured.StructuredDecoding: compiles grammars here
         self.config, self.processor = config, processor
         self.geometry = config.geometry
         self.image_token_id = config.image_token_index
@@ -99,7 +100,13 @@ class RequestPreparer:
             raise KVCacheCapacityError(
                 f"the request needs {blocks} KV blocks ({n} prompt + {params.max_tokens} new tokens) but the pool "
                 f"holds {self.num_blocks}; lower max_tokens or raise kv_cache_memory_bytes")
-        return PreparedRequest(text, ids, items, params)
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ModelInputError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary of "
+                                  f"{self.vocab_size}")
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.structured.compile(params.structured_outputs)  # cached; raises StructuredOutputError
+        return PreparedRequest(text, ids, items, params, grammar)
 
     def _parse_prompt(self, prompt):
         if isinstance(prompt, str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     images: list[ImageItem]
     params: SamplingParams
+    grammar: Any = None  # sampling/structured.Grammar when params.structured_outputs is set
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -79,6 +81,7 @@ class Sequence:
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first scheduling
         self.num_preemptions = 0
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.matcher = None if prepared.grammar is None else prepared.grammar.matcher()  # its grammar's state
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.text = ""  # detokenized output (stop strings cut)

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch-size", type=_positive_int, default=8, help="images per engine call (8)")
     batch.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
     batch.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda: one GPU per worker")
+    batch.add_argument("--json-schema", default=None, metavar="FILE",
+                       help="constrain each answer to this JSON schema: one validating JSON object per image")
     serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (needs the 'serve' extra)")
     serve.add_argument("model", help="checkpoint folder or hub id")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
@@ -132,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on every API route (not /health, not the page) "
                             "(default: $LLAVA_NEXT_API_KEY, else none)")
     serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (served by default)")
+    serve.add_argument("--metrics-without-auth", action="store_true",
+                       help="let /metrics be scraped without the API key")
     serve.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     serve.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (the model's)")

@@ -2,7 +2,7 @@
 
     llava-next batch MODEL --input DIR|GLOB|FILE.parquet --prompt TEXT --output OUT.jsonl|OUT.parquet
         [--max-tokens N] [--temperature T] [--ray-address ADDR] [--num-workers N] [--batch-size N]
-        [--dtype ...] [--device cpu|cuda]
+        [--dtype ...] [--device cpu|cuda] [--json-schema SCHEMA.json]
 
 What it implements:
 - `Captioner`: a `map_batches`-ready class. Each Ray actor builds one engine (`llava_next.LLM`, continuous
@@ -11,7 +11,9 @@ What it implements:
   Ray's `read_images`, whose resize would break anyres), sends the decodable ones through the chat template as
   one user message (the image, then the prompt) and adds the columns `text`, `error` (None, or a one-line
   reason) and `worker` (host:pid:actor id). A bad image, or an engine error on one image, becomes an error row;
-  it never stops the job.
+  it never stops the job. With `json_schema` (`--json-schema FILE`) each answer is constrained to the schema
+  (llguidance, sampling/structured.py): `text` is one JSON object that validates, or the row is an error
+  ("cut at max_tokens") when the answer did not finish.
 - `caption_dataset(ds, model, prompt, ...)`: `ds.map_batches(Captioner, ...)` with one actor per worker
   (`ActorPoolStrategy(size=num_workers)`), `num_gpus=1` per actor on CUDA, else `num_cpus=1`.
 - `run(args)`, the `batch` command: lists the inputs, skips those already in the output (resume), captions the
@@ -93,14 +95,17 @@ class Captioner:
     def __init__(self, model: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, dtype: str = "auto", device: str | None = "cpu",
                  image_column: str = "bytes", path_column: str = "path", keep_image_column: bool = False,
-                 engine_kwargs: dict | None = None, max_bytes: int = MAX_IMAGE_BYTES):
+                 engine_kwargs: dict | None = None, max_bytes: int = MAX_IMAGE_BYTES, json_schema: dict | None = None):
         from llava_next.engine.llm import LLM
         from llava_next.engine.params import SamplingParams
+        from llava_next.sampling.structured_params import StructuredOutputsParams
 
         self.prompt = prompt
         self.image_column, self.path_column, self.keep_image_column = image_column, path_column, keep_image_column
         self.max_bytes = max_bytes
-        self.params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        constraint = None if json_schema is None else StructuredOutputsParams(json=json_schema)
+        self.params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                                     structured_outputs=constraint)
         self.llm = LLM(model, dtype=dtype, device=_actor_device(device), **(engine_kwargs or {}))
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{_actor_id()}"
 
@@ -116,7 +121,7 @@ class Captioner:
             return []
         try:
             outputs = self.llm.chat([self._conversation(im) for im in images], self.params, use_tqdm=False)
-            return [(out.outputs[0].text, None) for out in outputs]
+            return [self._result(out.outputs[0]) for out in outputs]
         except Exception:  # isolate the failing image below
             if len(images) == 1:
                 raise
@@ -127,6 +132,11 @@ class Captioner:
             except Exception as exc:  # noqa: BLE001 - one image's failure is its row's error
                 results.append((None, f"{type(exc).__name__}: {_one_line(exc)}"))
         return results
+
+    def _result(self, out) -> tuple[str | None, str | None]:
+        if self.params.structured_outputs is not None and out.finish_reason != "stop":
+            return None, f"StructuredOutputError: the JSON answer was cut at max_tokens ({out.finish_reason})"
+        return out.text, None
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -196,7 +206,8 @@ def _to_arrow(batch):
 def caption_dataset(ds, model: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None, num_workers: int = 1, batch_size: int = 8,
                     dtype: str = "auto", device: str = "cpu", image_column: str = "bytes", path_column: str = "path",
-                    keep_image_column: bool = False, engine_kwargs: dict | None = None, **map_batches_kwargs):
+                    keep_image_column: bool = False, engine_kwargs: dict | None = None, json_schema: dict | None = None,
+                    **map_batches_kwargs):
     """`ds` with the caption columns (`text`, `error`, `worker`) added by `num_workers` Captioner actors.
 
     `ds` has `image_column` (encoded bytes) or `path_column` (local paths). Lazy, like every Ray Data
@@ -212,7 +223,8 @@ def caption_dataset(ds, model: str, prompt: str, *, max_tokens: int = 64, temper
         fn_constructor_kwargs={"model": str(model), "prompt": prompt, "max_tokens": max_tokens,
                                "temperature": temperature, "top_p": top_p, "seed": seed, "dtype": dtype,
                                "device": device, "image_column": image_column, "path_column": path_column,
-                               "keep_image_column": keep_image_column, "engine_kwargs": engine_kwargs},
+                               "keep_image_column": keep_image_column, "engine_kwargs": engine_kwargs,
+                               "json_schema": json_schema},
         batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_workers), **resources)
 
@@ -292,6 +304,19 @@ def _quiet_ray_data(ray, interactive: bool) -> None:
 # ---------------------------------------------------------------------- the command
 
 
+def _json_schema(path: str | None) -> dict | None:
+    """The --json-schema file's schema, checked (size, nesting, JSON) before Ray starts; ValueError/OSError."""
+    if path is None:
+        return None
+    from llava_next.sampling.structured_params import StructuredOutputsParams
+
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return StructuredOutputsParams(json=text).json
+    except ValueError as exc:
+        raise ValueError(f"--json-schema {path}: {exc}") from None
+
+
 def run(args, stream=None) -> int:
     """The `batch` command (args from cli.py). Returns the exit status; raises ValueError/OSError for bad
     arguments, which cli.py prints as one line."""
@@ -302,6 +327,7 @@ def run(args, stream=None) -> int:
         raise ValueError(f"--output {_display(out)}: exists and is not a file")
     if _parts_dir(out).exists() and not _parts_dir(out).is_dir():
         raise ValueError(f"--output {_display(out)}: {_display(_parts_dir(out))} exists and is not a folder")
+    schema = _json_schema(getattr(args, "json_schema", None))
     kind, found = files.list_inputs(args.input)
     if fmt == "parquet" and out.is_file():
         read_output(out)  # fail early on an unreadable output
@@ -327,7 +353,7 @@ def run(args, stream=None) -> int:
             captioned = caption_dataset(
                 ds, args.model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                 num_workers=args.num_workers, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                image_column=image_column, path_column="path")
+                image_column=image_column, path_column="path", json_schema=schema)
             try:
                 for index, batch in enumerate(captioned.iter_batches(batch_size=None, batch_format="pyarrow")):
                     rows = [{"image": os.fsdecode(r["path"]) if isinstance(r["path"], bytes) else str(r["path"]),

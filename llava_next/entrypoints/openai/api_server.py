@@ -1,7 +1,10 @@
 """The OpenAI-compatible HTTP server: FastAPI app factory, request guard, routes, lifecycle, uvicorn runner.
 
-Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`,
-and the chat page at `GET /` with its files under `/ui/` (ui/__init__.py; `--no-ui` leaves them out).
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses` (serving_responses.py),
+`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`, `GET /openapi.json` and `GET /docs`
+(behind the API key like every route but /health; `/metrics` too unless `--metrics-without-auth`), and the chat
+page at `GET /` with its files under `/ui/` (ui/__init__.py; no key; `--no-ui` leaves them out). Every
+response carries `x-request-id` (the client's when it sent a safe one, else a new one).
 One process: uvicorn (one worker) runs the app on the asyncio loop; the engine runs in its own thread
 (llava_next.engine.driver.AsyncEngine); image fetching, decoding, templating and tokenization run in a thread
 pool (serving_chat.py), so the loop only parses, routes and streams.
@@ -20,7 +23,7 @@ loading, draining or after an engine fault. SIGTERM (or SIGINT): the server stop
 in-flight requests finish until `shutdown_timeout` minus a margin, then aborts the rest (their streams end with
 an error event and `[DONE]`), stops the engine and exits 0.
 
-Leaves out: TLS termination (put a proxy in front), CORS, several API keys, the Responses/embeddings/audio
+Leaves out: TLS termination (put a proxy in front), CORS, several API keys, the embeddings/audio
 APIs, multiple workers or models per server.
 """
 
@@ -36,9 +39,12 @@ import socket
 import threading
 import time
 
+from llava_next.entrypoints.openai import openapi
 from llava_next.entrypoints.openai import protocol as P
+from llava_next.entrypoints.openai import protocol_responses as RP
 from llava_next.entrypoints.openai.errors import APIError, bad_request, from_validation
 from llava_next.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from llava_next.entrypoints.openai.openapi import with_request_id
 
 logger = logging.getLogger("llava_next.server")
 
@@ -50,9 +56,11 @@ class ServerState:
     """What the routes and the lifecycle share. `serving` (OpenAIServing) is None until the model is loaded."""
 
     def __init__(self, served_model_names: list[str], api_key: str | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 30.0):
+                 max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 30.0,
+                 metrics_without_auth: bool = False):
         self.names = list(served_model_names)
         self.api_key = api_key
+        self.metrics_without_auth = metrics_without_auth  # --metrics-without-auth: /metrics open to scrapers
         self.max_body_bytes = max_body_bytes
         self.shutdown_timeout = shutdown_timeout
         self.phase = "loading"  # loading | serving | draining | failed
@@ -113,6 +121,7 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        send = with_request_id(scope, send)  # x-request-id on every response
         error = self._check(scope)
         if error is not None:
             self.state.metrics.answered(_endpoint(scope["path"]), error.status)
@@ -125,7 +134,8 @@ class _Guard:
         for key, value in scope["headers"]:
             headers.setdefault(key.lower(), value)
         page = scope["method"] == "GET" and self.public(path)
-        if path != "/health" and state.api_key is not None and not page:
+        open_path = page or path == "/health" or (path == "/metrics" and state.metrics_without_auth)
+        if not open_path and state.api_key is not None:
             given = headers.get(b"authorization", b"")
             expected = b"Bearer " + state.api_key.encode("utf-8")
             if not hmac.compare_digest(given, expected):
@@ -150,7 +160,8 @@ class _Guard:
 
 
 def _endpoint(path: str) -> str:
-    return path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics") else "other"
+    known = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics")
+    return path if path in known else "/v1/models" if path.startswith("/v1/models/") else "other"
 
 
 async def read_json(request, limit: int) -> dict:
@@ -213,7 +224,9 @@ def build_app(state: ServerState, ui: bool = True):
         yield
         await asyncio.get_running_loop().run_in_executor(None, state.close)
 
-    app = FastAPI(title="llava_next", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="llava_next", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan)
+    openapi.install(app)  # request and response schemas from the pydantic models (openapi.py)
 
     class _Stream(StreamingResponse):
         """SSE whose cleanup runs even when its generator never started (client gone before the first byte)."""
@@ -263,6 +276,21 @@ def build_app(state: ServerState, ui: bool = True):
     async def completions(request: Request):
         return await handle("/v1/completions", request, P.CompletionRequest,
                             lambda req, r: state.serving.completion(req, r))
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await handle("/v1/responses", request, RP.ResponsesRequest,
+                            lambda req, r: state.serving.responses.create(req, r))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in state.names:
+            state.metrics.answered("/v1/models", 404)
+            return _error_response(APIError(404, f"the model {model_id[:80]!r} does not exist", "not_found_error",
+                                            "model", "model_not_found"))
+        created = state.serving.created if state.serving is not None else int(time.time())
+        state.metrics.answered("/v1/models", 200)
+        return Response(P.ModelCard(id=model_id, created=created).model_dump_json(), media_type="application/json")
 
     @app.get("/v1/models")
     async def models():
@@ -315,6 +343,9 @@ def make_serving(engine, state: ServerState, *, media, max_num_seqs: int | None 
     serving = OpenAIServing(engine, state.names, media, state.metrics,
                             max_num_seqs=max_num_seqs or engine.engine.max_num_seqs,
                             max_queued_requests=max_queued_requests, chat_template=chat_template)
+    from llava_next.entrypoints.openai.serving_responses import ResponsesServing
+
+    serving.responses = ResponsesServing(serving)
     state.attach(serving)
     return serving
 
@@ -395,7 +426,8 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
         raise error_cls(f"--quantization {args.quantization} is not supported by the engine yet")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = args.served_model_name or [args.model]
-    state = ServerState(names, args.api_key, args.max_request_bytes, args.shutdown_timeout)
+    state = ServerState(names, args.api_key, args.max_request_bytes, args.shutdown_timeout,
+                        getattr(args, "metrics_without_auth", False))
     media = MediaPolicy(frozenset(args.allowed_media_domains), args.allowed_local_media_path)
     app = build_app(state, ui=not getattr(args, "no_ui", False))
     server = make_server(app, state, args.host, args.port, args.log_level)

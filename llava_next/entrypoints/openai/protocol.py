@@ -3,9 +3,8 @@
 Requests are strict (`strict=True`: `"max_tokens": "5"` or `"stream": 1` is a 400, not coerced) and closed
 (`extra="forbid"`: a typo such as `max_token` is a 400 naming it, not silently ignored). Fields OpenAI clients
 send that change nothing here (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`) are accepted
-and ignored; fields whose feature is not built (`response_format` other than text, `tools`, `tool_choice` other
-than "none", `logit_bias`, `audio`, `modalities`, `prediction`, `echo`, `suffix`, `best_of` != n) are refused by
-`unsupported()` with a 400 "not supported". vLLM's sampling extras (`top_k`, `min_p`, `min_tokens`,
+and ignored; fields whose feature is not built (`audio`, `modalities`, `prediction`, `echo`, `suffix`,
+`best_of` != n) are refused by `unsupported()` with a 400 "not supported". vLLM's sampling extras (`top_k`, `min_p`, `min_tokens`,
 `ignore_eos`, `repetition_penalty`, `stop_token_ids`, `skip_special_tokens`) sit at the top level of the body.
 
 Responses are built as OpenAI documents them (`openai-python` types): `chat.completion`,
@@ -13,8 +12,13 @@ Responses are built as OpenAI documents them (`openai-python` types): `chat.comp
 `text_completion`, `list` of `model`, usage with `prompt_tokens_details.cached_tokens`, and errors as
 `{"error": {"message", "type", "param", "code"}}` with a string `code` (OpenAI's convention, not vLLM's int).
 
-Leaves out: audio, tool calls, function calling, structured outputs, `logit_bias`, prompt logprobs, batched
-`/v1/completions` prompts (one prompt per request).
+Structured output and tool calls (`response_format`, `tools`, `tool_choice`, `structured_outputs`,
+`logit_bias`) are checked by constraints.py (their models: protocol_tools.py). Current spec fields with no
+meaning here (`safety_identifier`, `prompt_cache_key`, `prompt_cache_retention`, `verbosity`,
+`stream_options.include_obfuscation`) are accepted and ignored; `service_tier` is answered as "default".
+
+Leaves out: audio, the legacy function calling fields, prompt logprobs, batched `/v1/completions` prompts (one
+prompt per request).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llava_next.entrypoints.openai.protocol_tools import ToolCall
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOKENS_CAP = 1 << 31  # larger is a schema error; smaller but beyond the context is context_length_exceeded
 MAX_N = 16  # the engine's cap (engine/params.py)
@@ -30,6 +36,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 MAX_STOP = 16
 MAX_MESSAGES = 1024
+SYSTEM_FINGERPRINT = "fp_llava_next"
 
 _REQUEST = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="forbid")
@@ -88,6 +95,7 @@ class StreamOptions(BaseModel):
     model_config = _REQUEST
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None  # vLLM's; accepted, usage is sent at the end only
+    include_obfuscation: bool | None = None  # OpenAI's; accepted, no obfuscation padding is sent
 
 
 class SamplingFields(BaseModel):
@@ -97,7 +105,7 @@ class SamplingFields(BaseModel):
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)  # OpenAI's range; 0 is greedy
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -106,6 +114,10 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    safety_identifier: str | None = Field(None, max_length=256)  # OpenAI's; accepted and ignored
+    prompt_cache_key: str | None = Field(None, max_length=1024)  # OpenAI's; accepted and ignored
+    prompt_cache_retention: Literal["in-memory", "24h"] | None = None  # OpenAI's; accepted and ignored
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extra: json | regex | choice | grammar | json_object
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -136,6 +148,7 @@ class ChatCompletionRequest(SamplingFields):
     prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # OpenAI's; accepted and ignored
 
 
 class CompletionRequest(SamplingFields):
@@ -149,16 +162,7 @@ class CompletionRequest(SamplingFields):
 
 def unsupported(request: SamplingFields) -> tuple[str, str] | None:
     """(param, message) for the first field whose feature is not built; None when every field is usable."""
-    if request.logit_bias:
-        return "logit_bias", "logit_bias is not supported"
-    if isinstance(request, ChatCompletionRequest):
-        fmt = request.response_format
-        if fmt is not None and fmt.get("type") != "text":
-            return "response_format", "response_format (JSON mode, json_schema) is not supported"
-        if request.tools or request.functions:
-            return "tools", "tools and function calling are not supported"
-        if request.tool_choice not in (None, "none") or request.function_call not in (None, "none"):
-            return "tool_choice", "tool_choice is not supported"
+    if isinstance(request, ChatCompletionRequest):  # response_format, tools, tool_choice: constraints.py
         if request.modalities not in (None, ["text"]) or request.audio is not None:
             return "modalities", "audio output is not supported"
         if request.prediction is not None:
@@ -216,6 +220,7 @@ class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -232,7 +237,8 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
+    service_tier: str | None = "default"
     choices: list[ChatChoice]
     usage: Usage
 
@@ -241,6 +247,7 @@ class DeltaMessage(BaseModel):
     model_config = _RESPONSE
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(BaseModel):
@@ -257,7 +264,8 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
+    service_tier: str | None = "default"
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
 
@@ -284,7 +292,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = SYSTEM_FINGERPRINT
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

@@ -17,7 +17,11 @@ away aborts its engine request: streaming through the response generator's `fina
 the result against the ASGI disconnect message. While draining (SIGTERM), requests still running when the
 drain deadline comes are aborted; their streams end with an error event and `[DONE]`, non-streamed ones get 503.
 
-Leaves out: tool calls, structured output, `echo`, batched completion prompts, prompt logprobs, continuous
+Structured output and tool calls: constraints.py turns `response_format`, `tools`/`tool_choice` and
+`structured_outputs` into the engine's constraint (compiled in the prepare worker) and renders `tool_calls`.
+Logprob tokens are decoded in context (logprob_text.py): they concatenate to the text.
+
+Leaves out: tool calls parsed from free text, `echo`, batched completion prompts, prompt logprobs, continuous
 usage stats, `n > 1` via prefix sharing beyond what the engine does itself.
 """
 
@@ -31,6 +35,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from llava_next.engine.params import SamplingParams
+from llava_next.entrypoints.openai import constraints
 from llava_next.entrypoints.openai import protocol as P
 from llava_next.entrypoints.openai.errors import (
     APIError,
@@ -38,6 +43,7 @@ from llava_next.entrypoints.openai.errors import (
     clean,
     from_library,
 )
+from llava_next.entrypoints.openai.logprob_text import TokenTexts
 from llava_next.entrypoints.openai.media import MediaPolicy
 from llava_next.errors import EngineDeadError, SamplingParamsError
 
@@ -106,8 +112,8 @@ class OpenAIServing:
         greedy_default = req.temperature is None  # OpenAI's default temperature is 1.0
         try:
             return SamplingParams(
-                n=req.n, temperature=1.0 if greedy_default else float(req.temperature),
-                top_p=1.0 if req.top_p is None else float(req.top_p), top_k=req.top_k or 0,
+                n=req.n, temperature=0.0 if req.top_p == 0 else 1.0 if greedy_default else float(req.temperature),
+                top_p=1.0 if req.top_p in (None, 0) else float(req.top_p), top_k=req.top_k or 0,  # top_p 0: greedy
                 min_p=req.min_p or 0.0, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
                 ignore_eos=req.ignore_eos, max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
                 repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
@@ -171,9 +177,11 @@ class OpenAIServing:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs", "invalid_parameter")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, max_tokens, logprobs)
+        constraint, tools, field = constraints.plan(req)  # response_format, tools, structured_outputs (400s)
+        params = constraints.with_constraint(params, constraint, req.logit_bias)
         messages, urls = self._conversation(req)
-        return await self._serve("chat", req, params, arrival, request,
-                                 lambda images: self._prepare_chat(messages, images, params), urls)
+        return await self._serve("chat", req, params, arrival, request, constraints.guard(
+            lambda images: self._prepare_chat(messages, images, params), field), urls, tools)
 
     # -- completions ---------------------------------------------------------------------------------------
     async def completion(self, req: P.CompletionRequest, request):
@@ -191,13 +199,15 @@ class OpenAIServing:
             raise bad_request(f"the prompt holds the image placeholder {self.image_token!r}; /v1/completions takes "
                               "text only", "prompt", "invalid_content")
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        constraint, _, field = constraints.plan(req)  # vLLM's structured_outputs
+        params = constraints.with_constraint(params, constraint, req.logit_bias)
         engine_prompt = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         return await self._serve("completion", req, params, arrival, request,
-                                 lambda _images: self.llm.prepare(engine_prompt, params))
+                                 constraints.guard(lambda _images: self.llm.prepare(engine_prompt, params), field))
 
     # -- the common path -----------------------------------------------------------------------------------
     async def _serve(self, kind: str, req, params: SamplingParams, arrival: float, request, prepare,
-                     urls: list[str] = ()):
+                     urls: list[str] = (), tools=None):
         if not self.engine.healthy:
             raise from_library(EngineDeadError("the engine is not running"))
         self.admission.acquire(params.n)  # no await before this line: the count is exact
@@ -225,9 +235,9 @@ class OpenAIServing:
             if req.stream:
                 handed_over = True
                 return self._sse(kind, request_id, stream, prepared, params, arrival, include_usage, active,
-                                 req.model or self.names[0])
+                                 req.model or self.names[0], tools)
             return await self._full(kind, request_id, stream, prepared, params, arrival, request, active,
-                                    req.model or self.names[0])
+                                    req.model or self.names[0], tools)
         except EngineDeadError as exc:
             raise from_library(exc) from None
         finally:
@@ -235,7 +245,7 @@ class OpenAIServing:
                 self.active.pop(request_id, None)
                 self.admission.release(params.n)
 
-    async def _full(self, kind, request_id, stream, prepared, params, arrival, request, active, model):
+    async def _full(self, kind, request_id, stream, prepared, params, arrival, request, active, model, tools=None):
         async def consume():
             first, last = None, None
             async for out in stream:
@@ -267,18 +277,20 @@ class OpenAIServing:
         use = P.usage(len(out.prompt_token_ids), n_out, out.num_cached_tokens)
         created = int(time.time())
         if kind == "chat":
-            choices = [P.ChatChoice(index=c.index, message=P.ChatMessage(content=c.text),
-                                    logprobs=self._chat_logprobs(c.token_ids, c.logprobs, params.logprobs),
-                                    finish_reason=c.finish_reason) for c in out.outputs]
+            choices = [P.ChatChoice(index=c.index, message=P.ChatMessage(content=c.text) if tools is None else
+                                    P.ChatMessage(content=None, tool_calls=tools.calls(c.index, c.text)),
+                                    logprobs=self._chat_logprobs(c.token_ids, c.logprobs, params),
+                                    finish_reason=c.finish_reason if tools is None else
+                                    tools.finish_reason(c.finish_reason)) for c in out.outputs]
             body = P.ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=use)
         else:
             choices = [P.CompletionChoice(index=c.index, text=c.text,
-                                          logprobs=self._completion_logprobs(c.token_ids, c.logprobs, params.logprobs, 0),
+                                          logprobs=self._completion_logprobs(c.token_ids, c.logprobs, params, 0),
                                           finish_reason=c.finish_reason) for c in out.outputs]
             body = P.CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=use)
         return body
 
-    def _sse(self, kind, request_id, stream, prepared, params, arrival, include_usage, active, model):
+    def _sse(self, kind, request_id, stream, prepared, params, arrival, include_usage, active, model, tools=None):
         created = int(time.time())
         n = params.n
         chat = kind == "chat"
@@ -286,7 +298,9 @@ class OpenAIServing:
 
         def chunk(choices, usage=None) -> str:
             body = {"id": request_id, "object": obj, "created": created, "model": model,
-                    "system_fingerprint": None, "choices": choices}
+                    "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": choices}
+            if chat:
+                body["service_tier"] = "default"
             if include_usage:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
@@ -326,20 +340,24 @@ class OpenAIServing:
                         if not c.new_text and not done and not (new and params.logprobs is not None):
                             continue
                         lp_list = None
+                        start = len(c.token_ids) - len(new)
                         if params.logprobs is not None and new:
-                            start = len(c.token_ids) - len(new)
-                            lp_list = c.logprobs[start:] if c.logprobs else None
+                            lp_list = c.logprobs if c.logprobs else None
+                        first_out = n_out[c.index] == 0
                         n_out[c.index] = len(c.token_ids)
                         if chat:
                             delta = {"content": c.new_text} if c.new_text or not done else {}
+                            if tools is not None:
+                                delta = tools.delta(c.index, c.new_text, first_out and bool(new), done, c.text)
                             choices.append({"index": c.index, "delta": delta,
                                             "logprobs": None if lp_list is None else self._chat_logprobs(
-                                                new, lp_list, params.logprobs).model_dump(),
-                                            "finish_reason": c.finish_reason})
+                                                c.token_ids, lp_list, params, start, done).model_dump(),
+                                            "finish_reason": c.finish_reason if tools is None else
+                                            tools.finish_reason(c.finish_reason)})
                         else:
                             lps = None if lp_list is None else self._completion_logprobs(
-                                new, lp_list, params.logprobs, offsets[c.index]).model_dump()
-                            offsets[c.index] += len(c.new_text)
+                                c.token_ids, lp_list, params, offsets[c.index], start, done).model_dump()
+                            offsets[c.index] += sum(map(len, lps["tokens"])) if lps else len(c.new_text)
                             choices.append({"index": c.index, "text": c.new_text, "logprobs": lps,
                                             "finish_reason": c.finish_reason})
                     if choices:
@@ -369,40 +387,39 @@ class OpenAIServing:
         return events(), close
 
     # -- logprobs ------------------------------------------------------------------------------------------
-    def _token(self, token_id: int, logprob) -> str:
-        text = getattr(logprob, "decoded_token", None)
-        if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
+    def _entries(self, token_ids, logprobs, params, start: int, final: bool):
+        """Per output token from `start`: (piece, chosen Logprob, [(piece, Logprob) of the top k]), each token
+        and alternative decoded in its context (logprob_text.py), so the pieces add up to the text."""
+        k = params.logprobs
+        texts = TokenTexts(self.tokenizer, token_ids, params.skip_special_tokens, final)
+        for i in range(start, min(len(token_ids), len(logprobs))):
+            token_id, entry = token_ids[i], logprobs[i] or {}
+            ranked = sorted((lp.rank or 0, tid, lp) for tid, lp in entry.items() if lp.rank is not None
+                            and lp.rank <= k)[:k] if k else []
+            top = [(texts.piece(i) if tid == token_id else texts.piece(i, tid), lp) for _, tid, lp in ranked]
+            yield texts.piece(i), entry.get(token_id), top
 
-    def _chat_logprobs(self, token_ids, logprobs, k) -> P.ChoiceLogprobs | None:
-        if k is None or logprobs is None:
+    def _chat_logprobs(self, token_ids, logprobs, params, start: int = 0, final: bool = True
+                       ) -> P.ChoiceLogprobs | None:
+        if params.logprobs is None or logprobs is None:
             return None
         content = []
-        for token_id, entry in zip(token_ids, logprobs):
-            chosen = entry.get(token_id)
-            tops = sorted((lp.rank or 0, tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k)
-            top = []
-            for _, tid, lp in tops[:k]:
-                text = self._token(tid, lp)
-                top.append(P.TopLogprob(token=text, logprob=max(lp.logprob, -9999.0),
-                                        bytes=list(text.encode("utf-8", "replace"))))
-            text = self._token(token_id, chosen)
+        for text, chosen, tops in self._entries(token_ids, logprobs, params, start, final):
+            top = [P.TopLogprob(token=t, logprob=max(lp.logprob, -9999.0), bytes=list(t.encode("utf-8", "replace")))
+                   for t, lp in tops]
             content.append(P.TokenLogprob(token=text, logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
                                           bytes=list(text.encode("utf-8", "replace")), top_logprobs=top))
         return P.ChoiceLogprobs(content=content)
 
-    def _completion_logprobs(self, token_ids, logprobs, k, offset: int) -> P.CompletionLogprobs | None:
-        if k is None or logprobs is None:
+    def _completion_logprobs(self, token_ids, logprobs, params, offset: int, start: int = 0, final: bool = True
+                             ) -> P.CompletionLogprobs | None:
+        if params.logprobs is None or logprobs is None:
             return None
         tokens, values, tops, offsets = [], [], [], []
-        for token_id, entry in zip(token_ids, logprobs):
-            chosen = entry.get(token_id)
-            text = self._token(token_id, chosen)
+        for text, chosen, top in self._entries(token_ids, logprobs, params, start, final):
             tokens.append(text)
             values.append(max(chosen.logprob, -9999.0) if chosen else None)
-            ranked = sorted((lp.rank or 0, tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k)
-            tops.append({self._token(tid, lp): max(lp.logprob, -9999.0) for _, tid, lp in ranked[:k]} if k else None)
+            tops.append({t: max(lp.logprob, -9999.0) for t, lp in top} if params.logprobs else None)
             offsets.append(offset)
             offset += len(text)
         return P.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)

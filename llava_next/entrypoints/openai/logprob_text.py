@@ -1,0 +1,47 @@
+"""The text of each generated token in its context, so logprob `token`s, `bytes` and `text_offset` add up.
+
+A token decoded alone loses what its neighbours give it: SentencePiece's "▁the" decodes to "the" at the start
+of a decode but to " the" after another token, and a byte-fallback token (`<0xE2>`) is half a character. Each
+token's piece is therefore the growth of the decoded text when the token is added after up to `WINDOW`
+preceding tokens (all of them at the start of the output, where the decoder strips the first space, as the
+output's own text does). Bytes of a character split over byte tokens are given to the token that completes it
+(the earlier ones get ""), so the pieces concatenate exactly to the decoded output, their UTF-8 bytes to its
+bytes, and `text_offset`s are the running sums. An alternative (top_logprobs) token is decoded in the same
+context as the token it stands beside.
+
+Leaves out: per-byte tokens for split characters ("bytes:\\xe2" as OpenAI shows them).
+"""
+
+from __future__ import annotations
+
+WINDOW = 6  # preceding tokens decoded with each token: enough for a space, a word piece and a 4-byte character
+
+
+class TokenTexts:
+    """Pieces of the output token `ids` in context. `final`: the output is complete (a trailing unfinished
+    character is then given to the last token; while streaming it waits for the next one)."""
+
+    def __init__(self, tokenizer, ids: list[int], skip_special_tokens: bool = True, final: bool = True):
+        self.tokenizer, self.ids, self.skip, self.final = tokenizer, list(ids), skip_special_tokens, final
+        self._cache: dict[tuple[int, int], str] = {}
+
+    def _decode(self, lo: int, hi: int, extra: int | None = None) -> str:
+        key = (lo, hi) if extra is None else None
+        if key is not None and key in self._cache:
+            return self._cache[key]
+        ids = self.ids[lo:hi] if extra is None else self.ids[lo:hi] + [extra]
+        text = self.tokenizer.decode(ids, skip_special_tokens=self.skip) if ids else ""
+        if key is not None:
+            self._cache[key] = text
+        return text
+
+    def piece(self, i: int, token: int | None = None) -> str:
+        """The text token i adds (or `token` put in its place), given the tokens before it."""
+        lo = 0 if i < WINDOW else i - WINDOW
+        before = self._decode(lo, i).rstrip("\ufffd")
+        after = self._decode(lo, i + 1) if token is None else self._decode(lo, i, token)
+        last = self.final and i == len(self.ids) - 1 and token is None
+        grown = after if last else after.rstrip("\ufffd")  # an unfinished character waits for its last byte
+        if not grown.startswith(before):  # a decoder that rewrites earlier text: fall back to the token alone
+            return self.tokenizer.decode([self.ids[i] if token is None else token], skip_special_tokens=self.skip)
+        return grown[len(before):]
