@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 
 from llava_next.engine.llm_engine import LLMEngine
 from llava_next.engine.outputs import RequestOutput
 from llava_next.engine.request import PreparedRequest
 from llava_next.errors import EngineDeadError
+
+logger = logging.getLogger(__name__)
 
 _END = object()
 
@@ -178,6 +181,8 @@ class AsyncEngine:
                         try:
                             engine.add_request(item[1], item[2])
                         except Exception as exc:  # this request only
+                            if not isinstance(exc, ValueError):
+                                logger.exception("adding request %r failed", item[1])
                             self._finish(item[1], exc)
                     else:
                         engine.abort(item[1])
@@ -191,6 +196,7 @@ class AsyncEngine:
                         if out.finished:
                             self._finish(out.request_id, None)
         except BaseException as exc:  # an engine fault: every stream learns it, the engine refuses new work
+            logger.exception("the engine thread stopped on a fault; every open request ends with EngineDeadError")
             self._error = exc
         finally:
             error = EngineDeadError(f"the engine stopped: {self._error!r}" if self._error else "the engine is shut down")

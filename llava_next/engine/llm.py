@@ -174,8 +174,6 @@ class LLM:
     def _run(self, prepared, use_tqdm: bool):
         engine = self.llm_engine
         ids = [f"llm-{next(_counter)}" for _ in prepared]
-        for request_id, p in zip(ids, prepared):
-            engine.add_request(request_id, p)
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -183,6 +181,8 @@ class LLM:
             bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
         done = {}
         try:
+            for request_id, p in zip(ids, prepared):  # inside the try: a failure leaves nothing queued
+                engine.add_request(request_id, p)
             while len(done) < len(ids):
                 for out in engine.step():
                     if out.finished:

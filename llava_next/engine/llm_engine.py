@@ -5,7 +5,7 @@ work and without touching the engine's state (thread-safe, CPU only, so a server
 tokenizing, `<image>` expansion, image tiles and pixel hashes, and every check, each a typed ValueError.
 
 `step()` schedules (scheduler.py), runs the model (model_runner.py), appends each sampled token, detokenizes
-(the whole output is decoded again, so the text always equals decoding all tokens), applies stop rules (EOS,
+incrementally (detokenizer.py: only the newest tokens, the text always equals decoding all tokens), applies stop rules (EOS,
 stop token ids, stop strings after min_tokens, max_tokens, the context) and returns one RequestOutput per
 request that got a token or finished this step. Finished and aborted requests release their blocks in the
 step that ends them. The engine object itself is single-threaded: driver.py owns it from one thread.
@@ -22,11 +22,13 @@ step's contexts instead).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import torch
 
 from llava_next.engine.block_pool import BlockPool
+from llava_next.engine.detokenizer import IncrementalDetokenizer, byte_token_ids, cleans_up
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.model_runner import ModelRunner
 from llava_next.engine.outputs import CompletionOutput, RequestOutput
@@ -34,6 +36,8 @@ from llava_next.engine.attention_metadata import PagedKVCache
 from llava_next.engine.params import SamplingParams
 from llava_next.engine.prepare import RequestPreparer, image_limit, mm_hash  # noqa: F401 (mm_hash re-exported)
 from llava_next.engine.request import PreparedRequest, Sequence
+
+logger = logging.getLogger(__name__)
 
 CPU_KV_BYTES_CAP = 2 << 30  # a CPU pool is sized for max_model_len x max_num_seqs, at most this many bytes
 
@@ -120,6 +124,7 @@ class LLMEngine:
         self._arrivals = 0
         self._aborted: list[_Group] = []
         self.step_times = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
+        self._byte_ids: frozenset[int] | None = None  # the tokenizer's byte-fallback token ids
 
     # -- set-up --------------------------------------------------------------------------------------------
     @property
@@ -247,14 +252,22 @@ class LLMEngine:
             try:
                 seqs, tokens, logprobs = self.runner.execute(step)
             except BaseException as exc:
+                logger.exception("engine step failed (%d sequences scheduled)", len(step.scheduled))
                 if self.tp_leader is not None:  # the ranks are out of step: stop them, EngineDeadError
                     self.tp_leader.step_failed(exc)
                 raise
             for seq, _, num_new in step.scheduled:
                 self.scheduler.update(seq, num_new)
             for seq, token, lp in zip(seqs, tokens, logprobs):
-                self._append(seq, token, lp)
                 touched[seq.request_id] = self.groups[seq.request_id]
+                if token is None:  # this row's sampling failed (logged by the sampler): this request only
+                    self._fail(seq, self.runner.sampler.failures.get((seq.request_id, seq.index), "sampling failed"))
+                    continue
+                try:
+                    self._append(seq, token, lp)
+                except Exception as exc:  # e.g. detokenizing: this request only
+                    logger.exception("request %r failed after sampling", seq.request_id)
+                    self._fail(seq, repr(exc))
             kind = "decode_s" if all(n == 1 for _, _, n in step.scheduled) else "prefill_s"
             self.step_times[kind] += time.perf_counter() - t0
             self.step_times["steps"] += 1
@@ -279,11 +292,13 @@ class LLMEngine:
         elif token in seq.stop_token_ids and n_out > p.min_tokens - 1:
             reason, stop_reason = "stop", token
         if self.tokenizer is not None:
-            previous = len(seq.text)
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=p.skip_special_tokens)
+            if seq.detokenizer is None:
+                seq.detokenizer = self._detokenizer(p.skip_special_tokens)
+            unchanged = seq.detokenizer.update(seq.token_ids, seq.prompt_len)  # text[:unchanged] as before
+            seq.text = seq.detokenizer.text
             if reason is None and p.stop and n_out >= p.min_tokens:
                 longest = max(len(s) for s in p.stop)
-                start = max(0, min(previous, len(seq.text)) - longest + 1)
+                start = max(0, unchanged - longest + 1)
                 found = [(seq.text.find(s, start), s) for s in p.stop]
                 found = [(i, s) for i, s in found if i != -1]
                 if found:
@@ -296,14 +311,25 @@ class LLMEngine:
             self.scheduler.finish(seq, reason, stop_reason)
             self.runner.sampler.forget(seq)
 
+    def _detokenizer(self, skip_special_tokens: bool) -> IncrementalDetokenizer:
+        if self._byte_ids is None:  # once per engine
+            self._byte_ids = byte_token_ids(self.tokenizer)
+        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, self._byte_ids, not cleans_up(self.tokenizer))
+
+    def _fail(self, seq: Sequence, reason: str) -> None:
+        """End one sequence with finish_reason "error"; the rest of the batch goes on."""
+        logger.error("request %r (completion %d) ends with an error: %s", seq.request_id, seq.index, reason)
+        self.scheduler.finish(seq, "error")
+        self.runner.sampler.forget(seq)
+
     def _completion(self, seq: Sequence) -> CompletionOutput:
         out_ids = seq.output_ids
         visible = len(seq.text)
         if not seq.finished:
             if seq.params.stop:  # hold back what could still become a stop string
                 visible = len(seq.text) - max(len(s) for s in seq.params.stop) + 1
-            if seq.text.endswith("\ufffd"):  # an incomplete UTF-8 character: its next byte token may fix it
-                visible = min(visible, len(seq.text.rstrip("\ufffd")))
+            if seq.detokenizer is not None:  # UTF-8 pieces a later byte token may still change: held back
+                visible = min(visible, seq.detokenizer.stable_chars)
             visible = max(seq.sent_text, visible)
         new_ids, new_text = out_ids[seq.sent_tokens:], seq.text[seq.sent_text:visible]
         seq.sent_tokens, seq.sent_text = len(out_ids), visible

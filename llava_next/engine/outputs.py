@@ -28,7 +28,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     logprobs: list[dict[int, Logprob]] | None = None  # per generated token: sampled token + top-`logprobs`
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None for EOS)
     new_token_ids: list[int] = dataclasses.field(default_factory=list)  # added since the previous output
     new_text: str = ""  # text added since the previous output

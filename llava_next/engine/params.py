@@ -1,6 +1,6 @@
 """vLLM's per-request `SamplingParams` for the engine (distinct from sampling/params.py, generate()'s settings).
 
-Fields and meanings are vLLM's: `temperature=0` is greedy, `top_k` 0 or -1 is off, `stop` strings are cut from
+Fields and meanings are vLLM's: `temperature` below 1e-5 is greedy, `top_k` 0 or -1 is off, `stop` strings are cut from
 the text (not included), `stop_token_ids` end a completion like EOS, `max_tokens=None` means "up to the
 context". Validated on construction (`SamplingParamsError`, a ValueError naming the field), with caps that
 bound one request's cost: n <= 16, logprobs <= 20, at most 16 stop strings of at most 256 characters.
@@ -26,6 +26,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_SEED = 2**63 - 1
+GREEDY_BELOW = 1e-5  # vLLM's rule: a temperature below this is greedy (dividing by it would overflow)
 
 
 def _number(name: str, value: Any, integer: bool = False, low: float | None = None, high: float | None = None,
@@ -110,7 +111,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def stop_strings(self) -> list[str]:
@@ -125,6 +126,7 @@ class SamplingParams:
                               min_new_tokens=self.min_tokens)
 
     def child(self, index: int) -> "SamplingParams":
-        """The params of completion `index` of an n > 1 request: n = 1, seed + index (vLLM's parallel sampling)."""
-        seed = None if self.seed is None else self.seed + index
+        """The params of completion `index` of an n > 1 request: n = 1, seed + index (vLLM's parallel sampling),
+        wrapped into the int64 range (2**63 - 1 + 1 is -2**63: the same torch generator, seeds being mod 2**64)."""
+        seed = None if self.seed is None else (self.seed + index + 2**63) % 2**64 - 2**63
         return dataclasses.replace(self, n=1, seed=seed)

@@ -78,11 +78,11 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # hash of each full block of token_ids, computed lazily
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first scheduling
         self.num_preemptions = 0
-        self.generator: torch.Generator | None = None  # per-request RNG when seeded (made on the model's device)
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.text = ""  # detokenized output (stop strings cut)
+        self.detokenizer = None  # engine/detokenizer.IncrementalDetokenizer, made by the engine at the first token
         self.sent_tokens = 0  # output tokens already reported
         self.sent_text = 0  # characters of text already reported
         self.times = {"arrival": time.monotonic()}

@@ -15,6 +15,10 @@ Repetition penalty, EOS suppression and temperature act per entry and keep order
 that (`LogitsPipeline.monotone`, `LogitsPipeline.screen_k`). The repetition penalty's "seen" mask can be kept
 incrementally (`seen_tokens` once, `mark_seen` per new token) instead of scattering the whole history each step.
 
+The processors' math is a set of module functions (`repetition_penalty`, `temperature`, `top_k`, `top_p`,
+`min_p`) taking a float or a per-row (B, 1) tensor: the pipeline calls them with its floats, the engine's
+batched sampler (engine/sampler.py) with one row per sequence.
+
 Beam search (beam_search.py) runs the same pipeline with transformers' min_tokens_to_keep.
 Leaves out: num_return_sequences > 1, typical_p, epsilon/eta cutoff, top_h,
 no_repeat_ngram_size, bad_words_ids, sequence_bias, guidance, forced BOS/EOS, suppress_tokens,
@@ -146,10 +150,7 @@ class LogitsPipeline:
         V = scores.shape[-1]
         if seen is None or seen.shape[1] != V + 1:
             seen = self.seen_tokens(input_ids, V, valid)
-        seen = seen[:, :V]
-        penalty = self.params.repetition_penalty
-        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)  # matches HF
-        return torch.where(seen, penalized, scores)
+        return repetition_penalty(scores, seen[:, :V], self.params.repetition_penalty)
 
     def _min_length(self, scores, input_ids, valid, cur_len, seen):
         V = scores.shape[-1]
@@ -164,27 +165,63 @@ class LogitsPipeline:
         return scores.masked_fill(blocked, -math.inf)
 
     def _temperature(self, scores, input_ids, valid, cur_len, seen):
-        return scores / self.params.temperature  # a division, not a multiply by 1/T: matches HF
+        return temperature(scores, self.params.temperature)
 
     def _top_k(self, scores, input_ids, valid, cur_len, seen):
-        k = min(max(self.params.top_k, self.keep), scores.shape[-1])
-        kth = torch.topk(scores, k).values[..., -1:]  # (B, 1); ties with the k-th are kept
-        return scores.masked_fill(scores < kth, -math.inf)
+        return top_k(scores, min(max(self.params.top_k, self.keep), scores.shape[-1]))
 
     def _top_p(self, scores, input_ids, valid, cur_len, seen):
-        sorted_scores, order = torch.sort(scores, descending=False)  # (B, V), same sort as HF for ties
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - self.params.top_p)
-        drop[..., -self.keep:] = False  # keep at least the most likely tokens
-        drop = drop.scatter(1, order, drop)
-        return scores.masked_fill(drop, -math.inf)
+        return top_p(scores, 1 - self.params.top_p, self.keep)
 
     def _min_p(self, scores, input_ids, valid, cur_len, seen):
-        probs = torch.softmax(scores, dim=-1)  # (B, V)
-        threshold = self.params.min_p * probs.amax(dim=-1, keepdim=True)  # (B, 1)
-        drop = probs < threshold
-        drop.scatter_(-1, torch.topk(probs, min(self.keep, probs.shape[-1]), dim=-1).indices, False)
-        return scores.masked_fill(drop, -math.inf)
+        return min_p(scores, self.params.min_p, self.keep)
+
+
+# The processors' math, shared by LogitsPipeline (one float per call) and the engine's batched sampler
+# (engine/sampler.py: one (B, 1) tensor per parameter, one row per sequence). A float and a (B, 1) float32
+# tensor holding the same float32 value give bitwise equal scores: the ops are the same, only broadcast.
+
+def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: seen (B, V) bool entries are multiplied by the penalty
+    when negative, divided by it otherwise; penalty a float or (B, 1)."""
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)  # matches HF
+    return torch.where(seen, penalized, scores)
+
+
+def temperature(scores: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
+    return scores / value  # a division, not a multiply by 1/T: matches HF
+
+
+def top_k(scores: torch.Tensor, k: int | torch.Tensor, k_max: int | None = None) -> torch.Tensor:
+    """Keep the k best entries of each row (ties with the k-th kept). k: an int in [1, V], or (B, 1) long
+    with 0 meaning "off" for that row and `k_max` >= every row's k (one topk of width k_max for the batch)."""
+    if isinstance(k, int):
+        kth = torch.topk(scores, k).values[..., -1:]  # (B, 1)
+    else:
+        best = torch.topk(scores, k_max).values  # (B, k_max), descending
+        kth = best.gather(1, (k.clamp(1, k_max) - 1))  # (B, 1)
+        kth = torch.where(k > 0, kth, -math.inf)
+    return scores.masked_fill(scores < kth, -math.inf)
+
+
+def top_p(scores: torch.Tensor, drop_at: float | torch.Tensor, keep: int = 1) -> torch.Tensor:
+    """transformers' TopPLogitsWarper with drop_at = 1 - top_p (computed by the caller in float64, as a float
+    or a (B, 1) float32 tensor; 0 for a row removes only entries whose probability is already exactly 0)."""
+    sorted_scores, order = torch.sort(scores, descending=False)  # (B, V), same sort as HF for ties
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= drop_at
+    drop[..., -keep:] = False  # keep at least the most likely tokens
+    drop = drop.scatter(1, order, drop)
+    return scores.masked_fill(drop, -math.inf)
+
+
+def min_p(scores: torch.Tensor, value: float | torch.Tensor, keep: int = 1) -> torch.Tensor:
+    """transformers' MinPLogitsWarper: drop entries below value x the row's top probability (value 0: none)."""
+    probs = torch.softmax(scores, dim=-1)  # (B, V)
+    threshold = value * probs.amax(dim=-1, keepdim=True)  # (B, 1)
+    drop = probs < threshold
+    drop.scatter_(-1, torch.topk(probs, min(keep, probs.shape[-1]), dim=-1).indices, False)
+    return scores.masked_fill(drop, -math.inf)
 
 
 def sample_next_token(
