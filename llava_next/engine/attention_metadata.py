@@ -51,7 +51,8 @@ class Group:
     """Rows of one kind: B sequences, Q query rows each (padded), S key positions each (padded).
 
     first/last: the group's rows in the flat step; query_pos (B, Q) each query's position (padding: 0);
-    kv_slots (B, S) the slot of key position j of each sequence (beyond its end: any slot, masked);
+    kv_blocks (B, ceil(S / block_size)) the blocks holding each sequence's key positions 0..S-1 (beyond its
+    end: any block, masked), gathered whole (block-sized copies) and cut to S;
     gather/scatter: (B*Q,) flat row of each padded query and (last-first,) padded index of each real row, or
     None when the group is one unpadded run (decode rows, or one chunk); mask_kind: "tensor", "none", "causal".
     """
@@ -61,7 +62,7 @@ class Group:
     Q: int
     S: int
     query_pos: np.ndarray
-    kv_slots: np.ndarray
+    kv_blocks: np.ndarray
     gather: np.ndarray | None
     scatter: np.ndarray | None
     mask_kind: str
@@ -111,8 +112,8 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
             positions = np.concatenate([positions, np.zeros(pad, np.int64)])
             slot_mapping = np.concatenate([slot_mapping, scratch_slots])
         one = num_decodes == 1 and bucket is None and not _window_cuts(windows, S)
-        groups.append(Group(0, num_decodes + pad, num_decodes + pad, 1, S, query_pos,
-                            _kv_slots(kv_table, S, block_size), None, None, "none" if one else "tensor"))
+        groups.append(Group(0, num_decodes + pad, num_decodes + pad, 1, S, query_pos, kv_table[:, :-(-S // block_size)],
+                            None, None, "none" if one else "tensor"))
     if B > num_decodes:
         seqs = np.arange(num_decodes, B)
         Q, S = int(num_new[seqs].max()), int(ends[seqs].max())
@@ -125,14 +126,9 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
             gather = (row_start[seqs, None] + np.minimum(j[None, :], num_new[seqs, None] - 1)).reshape(-1)
             scatter = np.flatnonzero(real.reshape(-1))  # (Tp,) padded index of each real row, in row order
         kind = "causal" if len(seqs) == 1 and starts[seqs[0]] == 0 and not _window_cuts(windows, S) else "tensor"
-        groups.append(Group(first, last, len(seqs), Q, S, query_pos, _kv_slots(table[seqs], S, block_size),
-                            gather, scatter, kind))
+        groups.append(Group(first, last, len(seqs), Q, S, query_pos, table[seqs, :-(-S // block_size)], gather, scatter,
+                            kind))
     return StepPlan(positions, slot_mapping, sample_rows, groups)
-
-
-def _kv_slots(table: np.ndarray, S: int, block_size: int) -> np.ndarray:
-    pos = np.arange(S)
-    return table[:, pos // block_size] * block_size + pos % block_size  # (B, S)
 
 
 def _window_cuts(windows, S: int) -> bool:
@@ -150,7 +146,7 @@ class StepAttention:
         """Every host array of the plan (then `extra`) in one transfer, as device views in a fixed order."""
         parts = [plan.positions, plan.slot_mapping, plan.sample_rows, *extra]
         for g in plan.groups:
-            parts += [g.query_pos.reshape(-1), g.kv_slots.reshape(-1)]
+            parts += [g.query_pos.reshape(-1), g.kv_blocks.reshape(-1)]
             parts += [] if g.gather is None else [g.gather, g.scatter]
         flat = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
         flat = flat.to(device, non_blocking=True) if torch.device(device).type != "cpu" else flat
@@ -164,17 +160,17 @@ class StepAttention:
         rest = iter(tensors[3 + len(extra):])
         shapes = []
         for g in plan.groups:
-            query_pos, kv_slots = next(rest).view(g.B, g.Q), next(rest).view(g.B, g.S)
+            query_pos, kv_blocks = next(rest).view(g.B, g.Q), next(rest)
             index = None if g.gather is None else (next(rest), next(rest))
-            shapes.append((g, query_pos, kv_slots, index))
+            shapes.append((g, query_pos, kv_blocks, index))
         return cls.from_tensors(cache, windows, slot_mapping, shapes), positions, sample_rows, tensors[3:3 + len(extra)]
 
     @classmethod
     def from_tensors(cls, cache: PagedKVCache, windows, slot_mapping: torch.Tensor, shapes) -> StepAttention:
         """Device-side part (no host syncs): masks per group and window. shapes: (Group, query_pos (B, Q),
-        kv_slots (B, S), (gather, scatter) or None) per group."""
+        kv_blocks (B * blocks,), (gather, scatter) or None) per group."""
         groups = []
-        for g, query_pos, kv_slots, index in shapes:
+        for g, query_pos, kv_blocks, index in shapes:
             masks = {}
             for window in windows:
                 if g.mask_kind != "tensor":
@@ -185,7 +181,7 @@ class StepAttention:
                 if window is not None:
                     allowed = allowed & (diff < window)
                 masks[window] = allowed[:, None]  # (B, 1, Q, S), True = attend
-            groups.append((g.first, g.last, g.B, g.Q, g.S, kv_slots.reshape(-1), index, masks))
+            groups.append((g.first, g.last, g.B, g.Q, g.S, kv_blocks.reshape(-1), index, masks))
         return cls(cache, slot_mapping, groups)
 
     def attend(self, layer, q, k, v, window, scale, backend):
@@ -193,11 +189,12 @@ class StepAttention:
         keys, values = self.cache.keys[layer], self.cache.values[layer]  # (Hkv, slots, Hd)
         keys.index_copy_(1, self.slot_mapping, k[0])
         values.index_copy_(1, self.slot_mapping, v[0])
-        Hkv, H, Hd = keys.shape[0], q.shape[1], q.shape[3]
+        Hkv, H, Hd, bs = keys.shape[0], q.shape[1], q.shape[3], self.cache.block_size
         outs = []
-        for first, last, B, Q, S, kv_slots, index, masks in self.groups:
-            kg = keys.index_select(1, kv_slots).view(Hkv, B, S, Hd).transpose(0, 1)  # (B, Hkv, S, Hd)
-            vg = values.index_select(1, kv_slots).view(Hkv, B, S, Hd).transpose(0, 1)
+        for first, last, B, Q, S, kv_blocks, index, masks in self.groups:
+            # whole blocks (Hkv, B * blocks, bs, Hd), then each sequence's first S positions: (B, Hkv, S, Hd)
+            kg = keys.view(Hkv, -1, bs, Hd).index_select(1, kv_blocks).view(Hkv, B, -1, Hd)[:, :, :S].transpose(0, 1)
+            vg = values.view(Hkv, -1, bs, Hd).index_select(1, kv_blocks).view(Hkv, B, -1, Hd)[:, :, :S].transpose(0, 1)
             if Q == 1:  # one token per sequence: rows are sequences
                 qg = q[0, :, first:last, None].transpose(0, 1)  # (B, H, 1, Hd)
                 outs.append(attend(qg, kg, vg, masks[window], scale, backend).transpose(0, 2)[0])  # (H, B, Hd)

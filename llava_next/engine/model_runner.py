@@ -57,24 +57,24 @@ class DecodeStep:
 
     def __init__(self, runner: ModelRunner, plan, graphs: bool):
         self.runner, self.group, self.graph = runner, plan.groups[0], None if graphs else False
-        B, S, device = self.group.B, self.group.S, runner.device
+        B, device = self.group.B, runner.device
         self.ids = torch.zeros(B, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, dtype=torch.long, device=device)
         self.slot_mapping = torch.zeros(B, dtype=torch.long, device=device)
         self.query_pos = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.kv_slots = torch.zeros(B, S, dtype=torch.long, device=device)
+        self.kv_blocks = torch.zeros(self.group.kv_blocks.size, dtype=torch.long, device=device)
         self.logits = None
 
     def _run(self) -> torch.Tensor:
         r = self.runner
         meta = StepAttention.from_tensors(r.cache, r.decoder.windows, self.slot_mapping,
-                                          [(self.group, self.query_pos, self.kv_slots, None)])
+                                          [(self.group, self.query_pos, self.kv_blocks, None)])
         hidden = r.decoder(r.decoder.embed_tokens(self.ids)[None], self.positions[None], meta, r.kernels)
         return r.model.lm_head(hidden[0])  # (B, V)
 
-    def __call__(self, ids, positions, slot_mapping, query_pos, kv_slots) -> torch.Tensor:
+    def __call__(self, ids, positions, slot_mapping, query_pos, kv_blocks) -> torch.Tensor:
         for buffer, value in ((self.ids, ids), (self.positions, positions), (self.slot_mapping, slot_mapping),
-                              (self.query_pos, query_pos), (self.kv_slots, kv_slots)):
+                              (self.query_pos, query_pos), (self.kv_blocks, kv_blocks)):
             buffer.copy_(value)
         if self.graph is False:
             return self._run()
@@ -154,12 +154,12 @@ class ModelRunner:
         plan = plan_step(starts, num_new, [seq.block_ids for seq, _, _ in order], self.cache.block_size,
                          self.cache.scratch_block, self.decoder.windows, num_decodes, sample_rows, bucket)
         if bucket is not None:
-            positions, slot_mapping, rows, ids_t, query_pos, kv_slots = StepAttention.to_device(plan, self.device,
-                                                                                                [ids])
+            positions, slot_mapping, rows, ids_t, query_pos, kv_blocks = StepAttention.to_device(plan, self.device,
+                                                                                                 [ids])
             step = self.steps.get(bucket)
             if step is None:
                 step = self.steps[bucket] = DecodeStep(self, plan, graphs=self.mode == "graph")
-            logits = step(ids_t, positions, slot_mapping, query_pos.view(-1, 1), kv_slots.view(bucket))[rows]
+            logits = step(ids_t, positions, slot_mapping, query_pos.view(-1, 1), kv_blocks)[rows]
         else:
             meta, positions, rows, (ids_t,) = StepAttention.build(self.cache, self.decoder.windows, plan,
                                                                   self.device, [ids])
