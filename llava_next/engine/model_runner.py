@@ -99,7 +99,10 @@ class DecodeStep:
                 self._run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self.runner.graph_pool is None:
+            self.runner.graph_pool = torch.cuda.graph_pool_handle()
+        # one memory pool for every bucket's graph: one replays at a time and its logits are read before the next
+        with torch.cuda.graph(graph, pool=self.runner.graph_pool):
             self.logits = self._run()
         self.graph = graph
 
@@ -122,6 +125,7 @@ class ModelRunner:
         self.kernels = fast_decoder(self.decoder, compiled=self.mode == "graph")
         self.sampler = Sampler(self.device, seed)
         self.steps: dict[tuple[int, int], DecodeStep] = {}  # (batch bucket, key bucket) -> its static step
+        self.graph_pool = None  # the CUDA graphs' shared memory pool, made at the first capture
         self.timings = {"encoder_s": 0.0, "forward_s": 0.0}  # host-side wall time (bench)
 
     @torch.inference_mode()
