@@ -28,7 +28,7 @@ import time
 import torch
 
 from llava_next.engine.block_pool import BlockPool
-from llava_next.engine.detokenizer import IncrementalDetokenizer, byte_token_ids, cleans_up
+from llava_next.engine.detokenizer import IncrementalDetokenizer, byte_token_ids, cleans_up, special_token_ids
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.model_runner import ModelRunner
 from llava_next.engine.outputs import CompletionOutput, RequestOutput
@@ -124,7 +124,7 @@ class LLMEngine:
         self._arrivals = 0
         self._aborted: list[_Group] = []
         self.step_times = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
-        self._byte_ids: frozenset[int] | None = None  # the tokenizer's byte-fallback token ids
+        self._byte_ids: tuple | None = None  # the tokenizer's (byte-fallback, special) token ids
 
     # -- set-up --------------------------------------------------------------------------------------------
     @property
@@ -313,8 +313,9 @@ class LLMEngine:
 
     def _detokenizer(self, skip_special_tokens: bool) -> IncrementalDetokenizer:
         if self._byte_ids is None:  # once per engine
-            self._byte_ids = byte_token_ids(self.tokenizer)
-        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, self._byte_ids, not cleans_up(self.tokenizer))
+            self._byte_ids = byte_token_ids(self.tokenizer), special_token_ids(self.tokenizer)
+        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, self._byte_ids[0],
+                                      not cleans_up(self.tokenizer), self._byte_ids[1])
 
     def _fail(self, seq: Sequence, reason: str) -> None:
         """End one sequence with finish_reason "error"; the rest of the batch goes on."""
