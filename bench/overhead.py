@@ -4,7 +4,7 @@ Model: a 32-layer Mistral-shaped decoder of hidden 64 (4 heads, 2 KV heads, voca
 that never runs), random weights, CPU fp32: compute is nothing, what remains is host work (op dispatch).
 For 1, 16 and 64 running sequences (8-token text prompts, ignore_eos, prefilled and warmed up first) it
 counts the aten ops one engine step dispatches (torch.profiler, every `aten::` event, nested ones included)
-and times the step (median of `--steps`), greedy and temperature 0.8 / top-p 0.9; then the same for
+and times the step (median of `--steps`: wall time and this thread's CPU time), greedy and temperature 0.8 / top-p 0.9; then the same for
 generate()'s eager decode step (DecodeRunner.step + argmax) at the same batch sizes on the same model.
 Prints one JSON line per measurement; `--results` appends a Markdown section to bench/RESULTS.md.
 
@@ -54,13 +54,16 @@ def count_ops(fn) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
-def median_time(fn, steps: int) -> float:
-    times = []
+def median_time(fn, steps: int) -> tuple[float, float]:
+    """Median wall time and median CPU time of this thread (torch runs on 1 thread here, so the CPU time is the
+    step's own work, much less sensitive than the wall time to other jobs on a shared machine)."""
+    wall, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def engine_step(model, batch: int, sampled: bool, steps: int) -> dict:
@@ -77,9 +80,9 @@ def engine_step(model, batch: int, sampled: bool, steps: int) -> dict:
         engine.step()
     assert len(engine.scheduler.running) == batch and not engine.scheduler.waiting, "not a pure-decode step"
     ops = count_ops(engine.step)
-    wall = median_time(engine.step, steps)
+    wall, cpu = median_time(engine.step, steps)
     return {"side": "engine", "batch": batch, "sampling": "temp0.8/top-p0.9" if sampled else "greedy",
-            "aten_ops": ops, "step_ms": round(wall * 1e3, 3)}
+            "aten_ops": ops, "step_ms": round(wall * 1e3, 3), "cpu_ms": round(cpu * 1e3, 3)}
 
 
 def generate_step(model, batch: int, steps: int) -> dict:
@@ -96,9 +99,9 @@ def generate_step(model, batch: int, steps: int) -> dict:
 
     step()
     ops = count_ops(step)
-    wall = median_time(step, steps)
+    wall, cpu = median_time(step, steps)
     return {"side": "generate()", "batch": batch, "sampling": "greedy", "aten_ops": ops,
-            "step_ms": round(wall * 1e3, 3)}
+            "step_ms": round(wall * 1e3, 3), "cpu_ms": round(cpu * 1e3, 3)}
 
 
 def main():
@@ -127,11 +130,11 @@ def write_results(rows, args):
     title = (f"\n### O1 engine step overhead {args.label} ({datetime.date.today()}, {platform.machine()} CPU, "
              f"1 thread, torch {torch.__version__}; 2-core machine shared with other jobs: wall times are noisy)\n")
     lines = [title,
-             "| step | " + " | ".join(f"{b} seq: ops / ms" for b in args.batches) + " |",
+             "| step | " + " | ".join(f"{b} seq: ops / CPU ms / wall ms" for b in args.batches) + " |",
              "|---|" + "---|" * len(args.batches)]
     for side, sampling in (("engine", "greedy"), ("engine", "temp0.8/top-p0.9"), ("generate()", "greedy")):
-        cells = [f"{by[(side, sampling, b)]['aten_ops']:,} / {by[(side, sampling, b)]['step_ms']}"
-                 for b in args.batches]
+        cells = [f"{by[(side, sampling, b)]['aten_ops']:,} / {by[(side, sampling, b)]['cpu_ms']:.1f} / "
+                 f"{by[(side, sampling, b)]['step_ms']:.1f}" for b in args.batches]
         lines.append(f"| {side} {sampling} | " + " | ".join(cells) + " |")
     top, low = max(args.batches), min(args.batches)
     for sampling in ("greedy", "temp0.8/top-p0.9"):

@@ -8,11 +8,11 @@ step write there and read only it; the block pool never hands it out.
 `StepPlan` (host, numpy; built once per step by `plan_step`) describes the flattened step: rows (B = 1,
 T = every scheduled token, decode rows first, then prefill chunks), their positions and slots, and per group of
 rows ("decode": one new token per sequence; "prefill": chunks, padded to the longest) the query rows and the
-slot of every key position of every sequence, read through its block table. It is small and picklable, so
+blocks holding every sequence's keys, read from its block table. It is small and picklable, so
 tensor-parallel followers get the same plan (tp_workers.py). `StepAttention.build` moves it to the device in
 one transfer and builds, once per step and per sliding window, each group's mask with device ops only (no
 host syncs: a bucketed decode step is CUDA-graph capturable). Then every layer does one `index_copy_` of the
-T new keys/values, and per group one gather of its (B_g, Hkv, S_g, Hd) keys/values and one SDPA with a
+T new keys/values, and per group one gather (whole blocks) of its (B_g, Hkv, S_g, Hd) keys/values and one SDPA with a
 padding + causal (+ window) mask: at most two attention calls per layer whatever the batch.
 
 Exactness: the same dot products and softmax as generate() over the same keys (fp32 CPU logits within 1e-4);
@@ -112,8 +112,9 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
             positions = np.concatenate([positions, np.zeros(pad, np.int64)])
             slot_mapping = np.concatenate([slot_mapping, scratch_slots])
         one = num_decodes == 1 and bucket is None and not _window_cuts(windows, S)
-        groups.append(Group(0, num_decodes + pad, num_decodes + pad, 1, S, query_pos, kv_table[:, :-(-S // block_size)],
-                            None, None, "none" if one else "tensor"))
+        blocks = kv_table[:, :-(-S // block_size)]  # (Bd, ceil(S / block_size))
+        groups.append(Group(0, num_decodes + pad, num_decodes + pad, 1, S, query_pos, blocks, None, None,
+                            "none" if one else "tensor"))
     if B > num_decodes:
         seqs = np.arange(num_decodes, B)
         Q, S = int(num_new[seqs].max()), int(ends[seqs].max())
@@ -126,8 +127,8 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
             gather = (row_start[seqs, None] + np.minimum(j[None, :], num_new[seqs, None] - 1)).reshape(-1)
             scatter = np.flatnonzero(real.reshape(-1))  # (Tp,) padded index of each real row, in row order
         kind = "causal" if len(seqs) == 1 and starts[seqs[0]] == 0 and not _window_cuts(windows, S) else "tensor"
-        groups.append(Group(first, last, len(seqs), Q, S, query_pos, table[seqs, :-(-S // block_size)], gather, scatter,
-                            kind))
+        blocks = table[seqs, :-(-S // block_size)]  # (Bp, ceil(S / block_size))
+        groups.append(Group(first, last, len(seqs), Q, S, query_pos, blocks, gather, scatter, kind))
     return StepPlan(positions, slot_mapping, sample_rows, groups)
 
 
