@@ -16,7 +16,8 @@ T new keys/values, and per group one gather (whole blocks) of its (B_g, Hkv, S_g
 padding + causal (+ window) mask: at most two attention calls per layer whatever the batch.
 
 Exactness: the same dot products and softmax as generate() over the same keys (fp32 CPU logits within 1e-4);
-a lone decode or a lone prefill chunk from position 0 runs the exact call generate() makes (no mask / causal).
+a lone decode runs the exact call generate() makes (no mask), and prefill chunks that all start at position 0
+run as generate()'s prefill does (is_causal, no mask tensor; padded query rows are dropped).
 
 Leaves out: a fused paged kernel reading the pool in place (FlexAttention / FlashAttention with block tables:
 the gather moves each context once more per layer), KV quantization, freeing blocks behind the window.
@@ -126,7 +127,9 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
         if len(seqs) > 1:
             gather = (row_start[seqs, None] + np.minimum(j[None, :], num_new[seqs, None] - 1)).reshape(-1)
             scatter = np.flatnonzero(real.reshape(-1))  # (Tp,) padded index of each real row, in row order
-        kind = "causal" if len(seqs) == 1 and starts[seqs[0]] == 0 and not _window_cuts(windows, S) else "tensor"
+        # every chunk from position 0 (so S == Q): top-left causal is exact for every real row, padded rows are
+        # dropped, and the kernel skips the upper triangle; otherwise a mask with each chunk's offset
+        kind = "causal" if not starts[seqs].any() and not _window_cuts(windows, S) else "tensor"
         blocks = table[seqs, :-(-S // block_size)]  # (Bp, ceil(S / block_size))
         groups.append(Group(first, last, len(seqs), Q, S, query_pos, blocks, gather, scatter, kind))
     return StepPlan(positions, slot_mapping, sample_rows, groups)
