@@ -15,11 +15,12 @@ from server_fixtures import MODEL, ThreadServer, full_checkpoint
 
 import llava_next
 from llava_next import SamplingParams
+from llava_next.engine.request import PreparedRequest
 from llava_next.engine.sampler import Sampler
 
-EDGES = [dict(temperature=1e-45), dict(temperature=1.0, repetition_penalty=1e-40),
-         dict(temperature=1.0, top_p=5e-324), dict(temperature=1.0, top_p=1e-300),
-         dict(temperature=1.0, stop_token_ids=[10**30], min_tokens=2), dict(temperature=1.0, seed=2**63 - 1, n=2)]
+EDGES = [{"temperature": 1e-45}, {"temperature": 1.0, "repetition_penalty": 1e-40},
+         {"temperature": 1.0, "top_p": 5e-324}, {"temperature": 1.0, "top_p": 1e-300},
+         {"temperature": 1.0, "stop_token_ids": [10**30], "min_tokens": 2}, {"temperature": 1.0, "seed": 2**63 - 1, "n": 2}]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def _fail_marked(monkeypatch):
     real = Sampler._sample
 
     def failing(self, rows, logits, allowed):
-        if any(r.seq.params.presence_penalty == 0.125 for r in rows):
+        if any(r.seq.params.presence_penalty == 0.125 for r in rows):  # the marked request
             raise RuntimeError("injected sampling fault")
         return real(self, rows, logits, allowed)
 
@@ -93,9 +94,9 @@ def _chat(s, text, **kw):
 
 
 def test_edge_values_in_a_crowd_through_the_server(server, monkeypatch):
-    normal = [dict(temperature=0), dict(temperature=1.0, seed=42, top_k=30)]
+    normal = [{"temperature": 0}, {"temperature": 1.0, "seed": 42, "top_k": 30}]
     alone = [_chat(server, "Tell me", **kw).json()["choices"][0]["message"]["content"] for kw in normal]
-    edge_bodies = [{k: v for k, v in kw.items()} for kw in EDGES]
+    edge_bodies = [dict(kw) for kw in EDGES]
     _fail_marked(monkeypatch)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         normal_f = [pool.submit(_chat, server, "Tell me", **kw) for kw in normal]
@@ -114,3 +115,53 @@ def test_edge_values_in_a_crowd_through_the_server(server, monkeypatch):
     assert doomed_r.status_code == 200 and doomed_r.json()["choices"][0]["finish_reason"] == "error"
     assert httpx.get(server.url + "/health", timeout=5).status_code == 200
     assert _chat(server, "Tell me", temperature=0).json()["choices"][0]["message"]["content"] == alone[0]
+
+
+def test_a_step_fault_is_logged_with_its_traceback(llm, monkeypatch, caplog):
+    runner = llm.llm_engine.runner
+    real = runner.execute
+    calls = []
+
+    def failing(step):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected step fault")
+        return real(step)
+
+    monkeypatch.setattr(runner, "execute", failing)
+    with caplog.at_level(logging.ERROR, logger="llava_next.engine.llm_engine"), pytest.raises(RuntimeError):
+        llm.generate(["Hi"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert any(r.exc_info and "injected step fault" in str(r.exc_info[1]) for r in caplog.records)
+    monkeypatch.setattr(runner, "execute", real)
+    assert not llm.llm_engine.has_unfinished_requests()  # the failed call's request was aborted and freed
+    assert llm.generate(["Hi"], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)[0].finished
+
+
+def test_the_engine_thread_logs_the_fault_that_stops_it(caplog):
+    from llava_next.engine.driver import AsyncEngine
+    from llava_next.errors import EngineDeadError
+
+    class Broken:
+        def __init__(self):
+            self.pending = False
+
+        def stats(self):
+            return {}
+
+        def has_unfinished_requests(self):
+            return self.pending
+
+        def add_request(self, request_id, prepared):
+            self.pending = True
+
+        def step(self):
+            raise RuntimeError("injected engine fault")
+
+    with caplog.at_level(logging.ERROR, logger="llava_next.engine.driver"):
+        driver = AsyncEngine(Broken())
+        stream = driver.submit("r1", PreparedRequest(None, [1, 2], [], SamplingParams()))
+        with pytest.raises(EngineDeadError):
+            stream.result()
+        driver.shutdown(5)
+    assert not driver.healthy
+    assert any(r.exc_info and "injected engine fault" in str(r.exc_info[1]) for r in caplog.records)

@@ -11,7 +11,11 @@ import random
 import pytest
 from processor_fixtures import shared_processor_folder
 
-from llava_next.engine.detokenizer import IncrementalDetokenizer, byte_token_ids, special_token_ids
+from llava_next.engine.detokenizer import (
+    IncrementalDetokenizer,
+    byte_token_ids,
+    special_token_ids,
+)
 from llava_next.preprocess.tokenizer import Tokenizer
 
 TEXTS = ["Hello wörld € 😀 日本語 naïve  spaces\n\nnew line", "🙂🙃 x", "  leading", "€€€ 12,345.6", "<s> not special"]

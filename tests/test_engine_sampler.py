@@ -164,7 +164,7 @@ def test_sampled_tokens_stay_inside_top_k():
     seqs = [make_seq(SamplingParams(temperature=5.0, top_k=3), [4], f"k{i}") for i in range(32)]
     seen = set()
     for _ in range(30):
-        tokens, logprobs = sampler(seqs, logits.expand(32, V))
+        tokens, _ = sampler(seqs, logits.expand(32, V))
         seen |= set(tokens)
     assert seen == top
 
@@ -257,3 +257,34 @@ def test_logprobs_batched_match_a_direct_log_softmax():
         top = torch.topk(lp, k).indices.tolist() if k else []
         assert list(entry)[-k:] == top if k else list(entry) == [tokens[i]]
         assert entry[tokens[i]].rank == 1 and abs(entry[tokens[i]].logprob - float(lp[tokens[i]])) < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_fail_their_row_only(temperature):
+    sampler = Sampler(torch.device("cpu"))
+    seqs = [make_seq(SamplingParams(temperature=temperature), [4], f"n{i}") for i in range(3)]
+    logits = torch.randn(3, V)
+    logits[1, 7] = float("nan")
+    tokens, _ = sampler(seqs, logits)
+    assert tokens[1] is None and tokens[0] is not None and tokens[2] is not None
+    assert list(sampler.failures) == [("n1", 0)]
+    if temperature == 0.0:
+        assert [tokens[0], tokens[2]] == [int(logits[0].argmax()), int(logits[2].argmax())]
+
+
+def test_a_row_whose_set_up_fails_ends_alone(monkeypatch, caplog):
+    sampler = Sampler(torch.device("cpu"))
+    seqs = [make_seq(SamplingParams(temperature=0.0, repetition_penalty=1.2), [4], f"u{i}") for i in range(3)]
+    real = Sampler._new_slot
+
+    def failing(self, seq, vocab):
+        if seq.request_id == "u1":
+            raise MemoryError("injected: no room for a count slot")
+        return real(self, seq, vocab)
+
+    monkeypatch.setattr(Sampler, "_new_slot", failing)
+    logits = torch.randn(3, V)
+    with caplog.at_level(logging.ERROR, logger="llava_next.engine.sampler"):
+        tokens, _ = sampler(seqs, logits)
+    assert tokens[1] is None and tokens[0] is not None and tokens[2] is not None
+    assert "no room" in sampler.failures[("u1", 0)] and any(r.exc_info for r in caplog.records)

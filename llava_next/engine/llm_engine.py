@@ -28,7 +28,12 @@ import time
 import torch
 
 from llava_next.engine.block_pool import BlockPool
-from llava_next.engine.detokenizer import IncrementalDetokenizer, byte_token_ids, cleans_up, special_token_ids
+from llava_next.engine.detokenizer import (
+    IncrementalDetokenizer,
+    byte_token_ids,
+    cleans_up,
+    special_token_ids,
+)
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.model_runner import ModelRunner
 from llava_next.engine.outputs import CompletionOutput, RequestOutput

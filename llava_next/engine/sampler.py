@@ -16,9 +16,11 @@ together from the engine's generator; a row with a `seed` draws alone from its o
 seeded request gives the same tokens alone or in any crowd. `logprobs` are vLLM's default: log-softmax of
 the raw logits, the sampled token plus the top k.
 
-Containment: parameters are clamped to the finite float32 range (a repetition penalty of 1e-40 is the
-smallest normal float32, scores past float32's range become its largest value), so edge values give finite
-probabilities. A row whose scores are NaN or all -inf (NaN logits, a grammar allowing nothing) fails; if the
+Containment: parameters are clamped to the finite float32 range (a repetition penalty of 1e-40 is raised to
+float32's smallest normal number, 1.2e-38; a temperature or penalty of 1e300 lowered to its largest), and
+scores past float32's range after temperature become its largest value, so edge values give finite
+probabilities (a penalty that tiny makes the seen tokens with positive logits tie at the top: defined, if not
+useful). A row whose scores are NaN or all -inf (NaN logits, a grammar allowing nothing) fails; if the
 batched pass raises, each row is retried alone. A failed row's token is None and its reason is in `failures`
 (key: request id, completion index); the engine ends that request with finish_reason "error".
 
@@ -36,7 +38,13 @@ import torch
 
 from llava_next.engine.outputs import Logprob
 from llava_next.engine.request import Sequence
-from llava_next.sampling.logits import min_p, repetition_penalty, temperature, top_k, top_p
+from llava_next.sampling.logits import (
+    min_p,
+    repetition_penalty,
+    temperature,
+    top_k,
+    top_p,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,27 +145,41 @@ class Sampler:
         allows nothing fails (token None, reason in `failures`).
         """
         self.failures = {}
-        vocab = logits.shape[-1]
-        rows = [self._row(seq, vocab) for seq in seqs]
+        rows, keep = [], []
+        for i, seq in enumerate(seqs):  # a sequence whose set-up fails is that request's failure only
+            try:
+                rows.append(self._row(seq, logits.shape[-1]))
+                keep.append(i)
+            except Exception as exc:  # noqa: BLE001 (contained and logged by _failed)
+                self._failed(seq, exc)
+        if len(keep) < len(seqs):
+            logits = logits[keep]
+            allowed = None if allowed is None else allowed[keep]
         try:
-            tokens, logprobs = self._sample(rows, logits, allowed)
+            tokens, logprobs = self._sample(rows, logits, allowed) if rows else ([], [])
         except Exception:  # find the rows that fail: each alone
             logger.exception("batched sampling of %d rows failed; sampling each row alone", len(rows))
             tokens, logprobs = [], []
             for i, row in enumerate(rows):
                 try:
                     one = self._sample([row], logits[i: i + 1], None if allowed is None else allowed[i: i + 1])
-                except Exception as exc:
-                    logger.exception("sampling failed for request %r", row.seq.request_id)
+                except Exception as exc:  # noqa: BLE001 (contained and logged by _failed)
+                    self._failed(row.seq, exc)
                     one = [None], [None]
-                    self.failures[(row.seq.request_id, row.seq.index)] = f"sampling failed: {exc!r}"[:300]
                 tokens.append(one[0][0])
                 logprobs.append(one[1][0])
-        for row, token in zip(rows, tokens):
+        out_tokens: list[int | None] = [None] * len(seqs)
+        out_logprobs: list[dict | None] = [None] * len(seqs)
+        for i, row, token, lp in zip(keep, rows, tokens, logprobs):
+            out_tokens[i], out_logprobs[i] = token, lp
             key = (row.seq.request_id, row.seq.index)
             if token is None and key not in self.failures:
                 self.failures[key] = "sampling failed: no finite probabilities (NaN logits or nothing allowed)"
-        return tokens, logprobs
+        return out_tokens, out_logprobs
+
+    def _failed(self, seq: Sequence, exc: BaseException) -> None:
+        logger.error("sampling failed for request %r", seq.request_id, exc_info=exc)
+        self.failures[(seq.request_id, seq.index)] = f"sampling failed: {exc!r}"[:300]
 
     def scores(self, seqs: list[Sequence], logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """(R, V) float32: the scores greedy rows take the argmax of (penalties, min_tokens, `allowed`), for
@@ -183,8 +205,9 @@ class Sampler:
             counts = self._counts[slots, :V]  # (P, V) int32
             sub = scores[pen_rows]  # (P, V)
             v = values[pen_rows]  # (P, 7)
-            sub = sub - v[:, FREQ:FREQ + 1] * counts - v[:, PRES:PRES + 1] * (counts > 0).float()
-            sub = repetition_penalty(sub, self._prompt[slots, :V] | (counts > 0), v[:, REP:REP + 1])
+            present = counts > 0  # (P, V)
+            sub = sub - v[:, FREQ:FREQ + 1] * counts - v[:, PRES:PRES + 1] * present.float()
+            sub = repetition_penalty(sub, self._prompt[slots, :V] | present, v[:, REP:REP + 1])
             scores = scores.index_copy(0, pen_rows, sub)  # out of place: raw stays for logprobs
             where = (pen_rows, slots)
         hold = [(i, t) for i, r in enumerate(rows) if r.stops and r.seq.num_output_tokens < r.seq.params.min_tokens
@@ -197,19 +220,20 @@ class Sampler:
         return scores, where
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, allowed: torch.Tensor | None):
-        R, V = logits.shape
+        V = logits.shape[-1]
         dev = logits.device
         raw = logits.float()  # (R, V); kept unmodified for logprobs
         values = self._values(rows, dev)
         scores, pen = self._penalized(rows, raw, values, allowed)
-        bad = scores.isnan().any(-1) | scores.isneginf().all(-1)  # (R,) rows with nothing to choose from
-        tokens = scores.argmax(-1)  # (R,) greedy rows keep this
+        best, tokens = scores.max(-1)  # (R,) greedy rows keep these tokens (the first maximum, as argmax)
+        bad = ~(best > -math.inf)  # (R,) NaN or all -inf: nothing to choose from
         sampled = [i for i, r in enumerate(rows) if not r.greedy]
         if sampled:
             idx = torch.tensor(sampled).to(dev)  # (S,)
             v = values[idx]  # (S, 7)
-            sub = temperature(scores[idx], v[:, T:T + 1]).clamp(max=F32_MAX)  # (S, V), finite above
-            sub = torch.where(bad[idx, None], 0.0, sub)  # a failing row draws from a uniform row, discarded
+            sub = temperature(scores if len(sampled) == len(rows) else scores[idx], v[:, T:T + 1])  # (S, V)
+            sub.clamp_(max=F32_MAX).masked_fill_(bad[idx, None], 0.0)  # finite above; a failing row draws
+            # from a uniform row (its token is discarded)
             ks = [rows[i].values[K] for i in sampled]
             if max(ks) > 0:
                 sub = top_k(sub, v[:, K:K + 1].long(), int(max(ks)))
@@ -229,9 +253,8 @@ class Sampler:
                     try:
                         picks.append(torch.multinomial(probs[j: j + 1], 1, generator=rows[i].generator)[0])
                         own.append(j)
-                    except Exception as exc:
-                        logger.exception("sampling failed for request %r", rows[i].seq.request_id)
-                        self.failures[(rows[i].seq.request_id, rows[i].seq.index)] = f"sampling failed: {exc!r}"[:300]
+                    except Exception as exc:  # noqa: BLE001 (contained and logged by _failed)
+                        self._failed(rows[i].seq, exc)
             if own:
                 drawn[torch.tensor(own).to(dev)] = torch.cat(picks)
             tokens = tokens.index_copy(0, idx, drawn)
