@@ -81,7 +81,7 @@ class DecodeStep:
         if self.graph is None:
             try:
                 self._capture()
-            except Exception as exc:  # NOTE: never fail a step over an optimisation
+            except Exception as exc:  # noqa: BLE001 (never fail a step over an optimisation)
                 torch.cuda.synchronize()
                 warnings.warn(f"engine CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly")
                 self.graph, self.runner.kernels = False, KERNELS
