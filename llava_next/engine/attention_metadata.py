@@ -13,7 +13,8 @@ tensor-parallel followers get the same plan (tp_workers.py). `StepAttention.buil
 one transfer and builds, once per step and per sliding window, each group's mask with device ops only (no
 host syncs: a bucketed decode step is CUDA-graph capturable). Then every layer does one `index_copy_` of the
 T new keys/values, and per group one gather (whole blocks) of its (B_g, Hkv, S_g, Hd) keys/values and one SDPA with a
-padding + causal (+ window) mask: at most two attention calls per layer whatever the batch.
+padding + causal (+ window) mask: at most three attention calls per layer (decodes, continuing chunks, chunks
+from position 0) whatever the batch.
 
 Exactness: the same dot products and softmax as generate() over the same keys (fp32 CPU logits within 1e-4);
 a lone decode runs the exact call generate() makes (no mask), and prefill chunks that all start at position 0
@@ -116,10 +117,14 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
         blocks = kv_table[:, :-(-S // block_size)]  # (Bd, ceil(S / block_size))
         groups.append(Group(0, num_decodes + pad, num_decodes + pad, 1, S, query_pos, blocks, None, None,
                             "none" if one else "tensor"))
-    if B > num_decodes:
-        seqs = np.arange(num_decodes, B)
+    prefill = np.arange(num_decodes, B)
+    fresh = starts[prefill] == 0
+    # continuing chunks (a mask with each chunk's offset), then chunks from position 0 (is_causal): two calls,
+    # so fresh prompts keep the kernel's causal block skipping and are not padded to a long continuing chunk
+    split = fresh.any() and not fresh.all() and fresh[int(np.argmax(fresh)):].all()
+    for seqs in ([prefill[~fresh], prefill[fresh]] if split else [prefill] if len(prefill) else []):
         Q, S = int(num_new[seqs].max()), int(ends[seqs].max())
-        first, last = int(row_start[num_decodes]), int(row_seq.shape[0])
+        first, last = int(row_start[seqs[0]]), int(row_start[seqs[-1]] + num_new[seqs[-1]])
         j = np.arange(Q)
         real = j[None, :] < num_new[seqs, None]  # (Bp, Q)
         query_pos = np.where(real, starts[seqs, None] + j[None, :], 0)  # (Bp, Q)

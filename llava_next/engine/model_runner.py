@@ -2,10 +2,10 @@
 lm_head at the sampling positions, sampling.
 
 Input of a step (scheduler.SchedulerOutput): per sequence its first new position and its number of new
-tokens. The runner orders the rows (one-token rows first, then prefill chunks), builds the step's host plan
-once with numpy (attention_metadata.plan_step: positions, slots, block tables, sampling rows) and moves it to
-the device in one transfer. It runs the CLIP tower once over the tiles of every image the step needs that the
-encoder cache lacks, writes image features over placeholders only for the chunks that hold some (a pure
+tokens. The runner orders the rows (one-token rows, continuing chunks, chunks from position 0), builds the
+step's host plan once with numpy (attention_metadata.plan_step: positions, slots, block tables, sampling rows)
+and moves it to the device in one transfer. It runs the CLIP tower once over the tiles of every image the step
+needs that the encoder cache lacks, writes image features over placeholders only for the chunks that hold some (a pure
 decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)` and applies the
 lm_head only to the rows that sample.
 
@@ -141,7 +141,9 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> tuple[list[Sequence], list[int], list]:
         """Run the step; returns the sequences that sampled, their tokens and logprobs (same order)."""
         self.encode(step.images_to_encode)
-        order = [x for x in step.scheduled if x[2] == 1] + [x for x in step.scheduled if x[2] != 1]
+        # rows: one-token rows, continuing prefill chunks, chunks from position 0 (attention_metadata's groups)
+        order = ([x for x in step.scheduled if x[2] == 1] + [x for x in step.scheduled if x[2] != 1 and x[1] > 0]
+                 + [x for x in step.scheduled if x[2] != 1 and x[1] == 0])
         num_decodes = sum(1 for x in step.scheduled if x[2] == 1)
         B = len(order)
         starts = np.fromiter((s for _, s, _ in order), np.int64, B)  # (B,)
