@@ -84,7 +84,9 @@ def stage_parity(llm, ours, device, dtype, n, tokens):
 
 
 def stage_kernel(ours, device, dtype, batches, context, runs=20):
-    from llava_next.engine.paged_attention import PagedAttention, PagedKVCache
+    import numpy as np
+
+    from llava_next.engine.attention_metadata import PagedKVCache, StepAttention, plan_step
 
     text = ours.config.text_config
     H, Hkv, Hd = text.num_attention_heads, text.num_key_value_heads, text.head_dim
@@ -94,8 +96,10 @@ def stage_kernel(ours, device, dtype, batches, context, runs=20):
         cache = PagedKVCache(1, B * blocks_per + 1, bs, Hkv, Hd, dtype, device)
         cache.keys.normal_()
         cache.values.normal_()
-        pieces = [(context, 1, list(range(i * blocks_per, (i + 1) * blocks_per))) for i in range(B)]
-        meta = PagedAttention(cache, [None], pieces, torch.device(device))
+        tables = [list(range(i * blocks_per, (i + 1) * blocks_per)) for i in range(B)]
+        plan = plan_step(np.full(B, context), np.ones(B, np.int64), tables, bs, cache.scratch_block, [None], B,
+                         np.arange(B))
+        meta = StepAttention.build(cache, [None], plan, torch.device(device))[0]
         q = torch.randn(1, H, B, Hd, device=device, dtype=dtype)
         k = torch.randn(1, Hkv, B, Hd, device=device, dtype=dtype)
         kd = torch.randn(B, Hkv, context + 1, Hd, device=device, dtype=dtype)

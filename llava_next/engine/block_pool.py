@@ -1,7 +1,7 @@
 """The pool of KV blocks: free list, reference counts, and the prefix cache over full blocks.
 
 A block holds `block_size` consecutive token positions of one sequence (its slots are
-block_id * block_size + i in every layer's KV tensor, see paged_attention.py). Blocks are reference-counted:
+block_id * block_size + i in every layer's KV tensor, see attention_metadata.py). Blocks are reference-counted:
 a prefix-cache hit shares a block between sequences. A block whose count falls to 0 goes to the tail of the
 free queue but keeps its hash, so it can still be hit until it is reused; allocation takes from the head,
 which makes eviction least-recently-freed first (LRU), as vLLM and nano-vllm do.
@@ -70,7 +70,7 @@ class BlockPool:
             self.ref_count[block] = 1
             out.append(block)
         self.num_allocated += n
-        return sorted(out)  # blocks freed together come back adjacent: one slice of the pool (paged_attention)
+        return sorted(out)  # blocks freed together come back adjacent: adjacent reads of the pool (attention_metadata)
 
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """The cached blocks of the longest prefix of `hashes` (not yet referenced: call `touch`)."""

@@ -15,8 +15,8 @@ is rank 0: its model's decoder is sharded, the KV pool holds this rank's KV head
 is sent to the followers, and each step's plan is broadcast to them (model_runner.py). A worker's death ends
 a step with EngineDeadError.
 
-Leaves out: priorities, LoRA, prompt logprobs, a fused GPU
-paged kernel and CUDA graphs (the reference kernel runs everywhere).
+Leaves out: priorities, LoRA, prompt logprobs, a fused GPU paged kernel (attention_metadata.py gathers each
+step's contexts instead).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from llava_next.engine.detokenizer import (
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.model_runner import ModelRunner
 from llava_next.engine.outputs import CompletionOutput, RequestOutput
-from llava_next.engine.paged_attention import PagedKVCache
+from llava_next.engine.attention_metadata import PagedKVCache
 from llava_next.engine.params import SamplingParams
 from llava_next.engine.prepare import RequestPreparer, image_limit, mm_hash  # noqa: F401 (mm_hash re-exported)
 from llava_next.engine.request import PreparedRequest, Sequence
@@ -65,6 +65,7 @@ class EngineArgs:
     seed: int = 0
     eos_token_id: int | list[int] | None = None
     encoder_cache_tokens: int | None = None
+    runner_mode: str | None = None  # model_runner.ModelRunner's: eager, static, graph (default: graph on CUDA)
 
     def check(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
@@ -126,7 +127,8 @@ class LLMEngine:
                                    self.max_model_len)
         self.structured = StructuredDecoding(self._tokenizer_json, self.vocab_size, self.eos_token_ids, self.device,
                                              self.max_num_seqs)
-        self.runner = ModelRunner(model, self.kv_cache, self.encoder_cache, args.seed, tp_leader, self.structured)
+        self.runner = ModelRunner(model, self.kv_cache, self.encoder_cache, args.seed, tp_leader, args.runner_mode,
+                                  self.structured)
         self.preparer = RequestPreparer(self.config, processor, self.vocab_size, self.max_model_len, self.image_limit,
                                         args.block_size, num_blocks, self.structured)
         self.groups: dict[str, _Group] = {}
@@ -189,12 +191,12 @@ class LLMEngine:
             probe = PagedKVCache(self.config.text_config.num_hidden_layers, 1 + -(-self.max_num_batched_tokens //
                                  args.block_size), args.block_size, self.kv_heads,
                                  self.config.text_config.head_dim, self.dtype, self.device)
-            from llava_next.engine.paged_attention import PagedAttention
+            from llava_next.engine.attention_metadata import StepAttention, prefill_plan
 
             T = self.max_num_batched_tokens
-            meta = PagedAttention(probe, self.model.model.language_model.windows,
-                                  [(0, T, list(range(probe.num_blocks)))], self.device)
             decoder = self.model.model.language_model
+            plan = prefill_plan(T, probe.num_blocks, args.block_size, decoder.windows)
+            meta = StepAttention.build(probe, decoder.windows, plan, self.device)[0]
             embeds = torch.zeros(1, T, self.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
             if self.tp_leader is not None:  # the followers run the same worst-case forward
                 self.tp_leader.profile(embeds, probe.num_blocks, args.block_size)

@@ -2,40 +2,114 @@
 lm_head at the sampling positions, sampling.
 
 Input of a step (scheduler.SchedulerOutput): per sequence its first new position and its number of new
-tokens. The runner builds the flattened batch (ids (T,), positions (T,), the paged attention metadata),
-runs the CLIP tower once over the tiles of every image the step needs that the encoder cache lacks (images
-of several requests batched), writes each image's feature rows over its placeholders inside the chunk
-(a chunk may start or end inside an image), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)`
-and applies the lm_head only to the last position of sequences that reached their last token.
+tokens. The runner orders the rows (one-token rows, continuing chunks, chunks from position 0), builds the
+step's host plan once with numpy (attention_metadata.plan_step: positions, slots, block tables, sampling rows)
+and moves it to the device in one transfer. It runs the CLIP tower once over the tiles of every image the step
+needs that the encoder cache lacks, writes image features over placeholders only for the chunks that hold some (a pure
+decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)` and applies the
+lm_head only to the rows that sample.
+
+Modes (as generate()'s DecodeRunner): "eager" (default off CUDA) runs every step at its own shapes; "static"
+pads each pure-decode step to a batch bucket (1, 2, 4, ..., powers of two) and a key-length bucket (multiples
+of KEY_BUCKET) and runs it over static buffers; "graph" (default on CUDA) does the same and captures each
+bucket's step as a CUDA graph with compiled elementwise kernels, replayed every step. Projections are fused
+in every mode (model/decoder.fast_decoder, shared with generate()).
 
 `EngineModel` is the small module a checkpoint loads into (parameter names `model.*` and `lm_head.weight`)
-when the engine is built from a path.
+when the engine is built from a path. Under tensor parallelism (tp_workers.py) rank 0's runner hands each
+step's plan and embeddings to the `tp_leader` before the decoder forward, so the followers run the same
+forward on their shards; decode steps then run eagerly (no collective inside a captured graph).
 
-Under tensor parallelism (tp_workers.py) rank 0's runner hands each step's pieces and embeddings to the
-`tp_leader` right before the decoder forward, so the follower ranks run the same forward on their shards.
-
-Leaves out: CUDA graphs for pure-decode steps and torch.compile (eager everywhere).
+Leaves out: graphs for mixed steps, a persistent device copy of block tables (the plan is sent each step).
 """
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 
+from llava_next.engine.attention_metadata import PagedKVCache, StepAttention, plan_step
 from llava_next.engine.encoder_cache import EncoderCache
-from llava_next.engine.paged_attention import PagedAttention, PagedKVCache
 from llava_next.engine.request import Sequence
 from llava_next.engine.sampler import Sampler
 from llava_next.engine.scheduler import SchedulerOutput
+from llava_next.model.decoder import fast_decoder
+from llava_next.model.layers import KERNELS
 from llava_next.model.llava_next import WithLMHead
+
+KEY_BUCKET = 512  # key lengths of a bucketed decode step are rounded up to a multiple of this
 
 
 class EngineModel(WithLMHead):
     """LlavaNextCore + lm_head under transformers' names, for loading.pretrained.load_pretrained."""
 
 
+def batch_bucket(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class DecodeStep:
+    """A pure-decode step at static shapes (B rows, S key positions): static buffers, run eagerly or replayed
+    from a CUDA graph captured on first use (a failed capture falls back to eager, with a warning)."""
+
+    def __init__(self, runner: ModelRunner, plan, graphs: bool):
+        self.runner, self.group, self.graph = runner, plan.groups[0], None if graphs else False
+        B, device = self.group.B, runner.device
+        self.ids = torch.zeros(B, dtype=torch.long, device=device)
+        self.positions = torch.zeros(B, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(B, dtype=torch.long, device=device)
+        self.query_pos = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.kv_blocks = torch.zeros(self.group.kv_blocks.size, dtype=torch.long, device=device)
+        self.logits = None
+
+    def _run(self) -> torch.Tensor:
+        r = self.runner
+        meta = StepAttention.from_tensors(r.cache, r.decoder.windows, self.slot_mapping,
+                                          [(self.group, self.query_pos, self.kv_blocks, None)])
+        hidden = r.decoder(r.decoder.embed_tokens(self.ids)[None], self.positions[None], meta, r.kernels)
+        return r.model.lm_head(hidden[0])  # (B, V)
+
+    def __call__(self, ids, positions, slot_mapping, query_pos, kv_blocks) -> torch.Tensor:
+        for buffer, value in ((self.ids, ids), (self.positions, positions), (self.slot_mapping, slot_mapping),
+                              (self.query_pos, query_pos), (self.kv_blocks, kv_blocks)):
+            buffer.copy_(value)
+        if self.graph is False:
+            return self._run()
+        if self.graph is None:
+            try:
+                self._capture()
+            except Exception as exc:  # noqa: BLE001 (never fail a step over an optimisation)
+                torch.cuda.synchronize()
+                warnings.warn(f"engine CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly")
+                self.graph, self.runner.kernels = False, KERNELS
+                return self._run()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self):
+        # Warm up on a side stream (CUDA graphs require it), then capture. Warm-up and replay write the same
+        # slots with the same values, so the warm-up leaves no trace in the cache.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.runner.graph_pool is None:
+            self.runner.graph_pool = torch.cuda.graph_pool_handle()
+        # one memory pool for every bucket's graph: one replays at a time and its logits are read before the next
+        with torch.cuda.graph(graph, pool=self.runner.graph_pool):
+            self.logits = self._run()
+        self.graph = graph
+
+
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, encoder_cache: EncoderCache, seed: int = 0, tp_leader=None,
-                 structured=None):
+                 mode: str | None = None, structured=None):
         self.structured = structured  # sampling/structured.StructuredDecoding: grammar masks and logit_bias
         self.model = model
         self.tp_leader = tp_leader  # tp_workers.TPLeader when the decoder is sharded over worker processes
@@ -44,7 +118,15 @@ class ModelRunner:
         self.cache, self.encoder_cache = cache, encoder_cache
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
+        self.mode = mode or ("graph" if self.device.type == "cuda" and tp_leader is None else "eager")
+        if self.mode not in ("eager", "static", "graph"):
+            raise ValueError(f"unknown engine runner mode {self.mode!r} (eager, static, graph)")
+        if self.mode != "eager" and tp_leader is not None:
+            raise ValueError("a tensor-parallel engine decodes eagerly: runner mode must be 'eager'")
+        self.kernels = fast_decoder(self.decoder, compiled=self.mode == "graph")
         self.sampler = Sampler(self.device, seed)
+        self.steps: dict[tuple[int, int], DecodeStep] = {}  # (batch bucket, key bucket) -> its static step
+        self.graph_pool = None  # the CUDA graphs' shared memory pool, made at the first capture
         self.timings = {"encoder_s": 0.0, "forward_s": 0.0}  # host-side wall time (bench)
 
     @torch.inference_mode()
@@ -60,36 +142,57 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> tuple[list[Sequence], list[int], list]:
         """Run the step; returns the sequences that sampled, their tokens and logprobs (same order)."""
         self.encode(step.images_to_encode)
-        ids, positions, pieces, sample_rows, samplers = [], [], [], [], []
-        row = 0
-        for seq, start, num_new in step.scheduled:
-            end = start + num_new
-            ids.extend(seq.token_ids[start:end])
-            positions.append(torch.arange(start, end))
-            pieces.append((start, num_new, seq.block_ids))
-            if end == seq.num_tokens:
-                sample_rows.append(row + num_new - 1)
-                samplers.append(seq)
-            row += num_new
-        ids_t = torch.tensor(ids, device=self.device)  # (T,)
-        embeds = self.decoder.embed_tokens(ids_t)  # (T, D)
-        row = 0
-        for seq, start, num_new in step.scheduled:
-            end = start + num_new
-            for image in seq.images_in(start, end):
-                feats = self.encoder_cache.get(image.mm_hash)
-                lo, hi = max(start, image.offset), min(end, image.end)
-                embeds[row + lo - start: row + hi - start] = feats[lo - image.offset: hi - image.offset].to(embeds.dtype)
-            row += num_new
-        meta = PagedAttention(self.cache, self.decoder.windows, pieces, self.device)
-        pos = torch.cat(positions).to(self.device)[None]  # (1, T)
-        if self.tp_leader is not None:
-            self.tp_leader.step(pieces, embeds[None])  # the followers run this forward on their shards
-        hidden = self.decoder(embeds[None], pos, meta)  # (1, T, D)
+        # rows: one-token rows, continuing prefill chunks, chunks from position 0 (attention_metadata's groups)
+        order = ([x for x in step.scheduled if x[2] == 1] + [x for x in step.scheduled if x[2] != 1 and x[1] > 0]
+                 + [x for x in step.scheduled if x[2] != 1 and x[1] == 0])
+        num_decodes = sum(1 for x in step.scheduled if x[2] == 1)
+        B = len(order)
+        starts = np.fromiter((s for _, s, _ in order), np.int64, B)  # (B,)
+        num_new = np.fromiter((n for _, _, n in order), np.int64, B)  # (B,)
+        samples = np.fromiter((s + n == seq.num_tokens for seq, s, n in order), bool, B)  # (B,)
+        sample_rows = (np.cumsum(num_new) - 1)[samples]  # (n,) last row of each sequence that samples
+        samplers = [seq for (seq, _, _), s in zip(order, samples) if s]
+        ids = np.fromiter((t for seq, s, n in order for t in seq.token_ids[s:s + n]), np.int64)  # (T,)
+        with_images = [i for i, (seq, s, _) in enumerate(order) if seq.images and s < seq.images[-1].end]
+        bucket = None
+        if self.mode != "eager" and num_decodes == B and not with_images:
+            bucket = (batch_bucket(B), -(-int((starts + 1).max()) // KEY_BUCKET) * KEY_BUCKET)
+            ids = np.concatenate([ids, np.zeros(bucket[0] - B, np.int64)])
+        plan = plan_step(starts, num_new, [seq.block_ids for seq, _, _ in order], self.cache.block_size,
+                         self.cache.scratch_block, self.decoder.windows, num_decodes, sample_rows, bucket)
+        if bucket is not None:
+            positions, slot_mapping, rows, ids_t, query_pos, kv_blocks = StepAttention.to_device(plan, self.device,
+                                                                                                 [ids])
+            step = self.steps.get(bucket)
+            if step is None:
+                step = self.steps[bucket] = DecodeStep(self, plan, graphs=self.mode == "graph")
+            logits = step(ids_t, positions, slot_mapping, query_pos.view(-1, 1), kv_blocks)[rows]
+        else:
+            meta, positions, rows, (ids_t,) = StepAttention.build(self.cache, self.decoder.windows, plan,
+                                                                  self.device, [ids])
+            embeds = self.decoder.embed_tokens(ids_t)  # (T, D)
+            self._write_images(embeds, order, with_images, num_new)
+            if self.tp_leader is not None:
+                self.tp_leader.step(plan, embeds[None])  # the followers run this forward on their shards
+            hidden = self.decoder(embeds[None], positions[None], meta, KERNELS)  # (1, T, D)
+            if not samplers:
+                return [], [], []
+            logits = self.model.lm_head(hidden[0, rows])  # (n, V): lm_head only where we sample
         if not samplers:
             return [], [], []
-        logits = self.model.lm_head(hidden[0, sample_rows])  # (n, V): lm_head only where we sample
         if self.structured is not None:  # logit_bias and grammar masks, in place (sampling/structured.py)
             self.structured.constrain(logits, [s.matcher for s in samplers], [s.params.logit_bias for s in samplers])
         tokens, logprobs = self.sampler(samplers, logits)
         return samplers, tokens, logprobs
+
+    def _write_images(self, embeds, order, with_images, num_new) -> None:
+        """Write image features over the placeholders of the chunks that hold some (embeds (T, D) in place)."""
+        row_start = np.cumsum(num_new) - num_new
+        for i in with_images:
+            seq, start, n = order[i]
+            row = int(row_start[i])
+            for image in seq.images_in(start, start + n):
+                feats = self.encoder_cache.get(image.mm_hash)
+                lo, hi = max(start, image.offset), min(start + n, image.end)
+                rows = slice(row + lo - start, row + hi - start)
+                embeds[rows] = feats[lo - image.offset: hi - image.offset].to(embeds.dtype)

@@ -8,11 +8,11 @@ script without an `if __name__ == "__main__":` guard would run again in every wo
 watches its parent and exits when it goes away. Each loads only its slices of the decoder
 (parallel.loading.ShardedLoad), holds a paged KV pool of the same number of blocks for its own KV heads, and
 follows rank 0's plan. Everything goes through torch.distributed (gloo on CPU, NCCL on GPU; rendezvous on
-127.0.0.1, so one machine): per step `broadcast_object_list([("step", pieces)])` (each scheduled sequence's
-first new position, number of new tokens and block ids: what `PagedAttention` needs) and then one
-`broadcast` of the (1, T, D) input embeddings, after which every rank runs the same decoder forward with its
-two all-reduces per layer. The followers never run the vision tower, the lm_head or the sampler: rank 0's
-tokens are the only ones, so sampling needs no synchronisation.
+127.0.0.1, so one machine): per step `broadcast_object_list([("step", plan)])` (the step's
+attention_metadata.StepPlan: host arrays of positions, slots and block-table reads, from which every rank
+builds the same metadata) and then one `broadcast` of the (1, T, D) input embeddings, after which every rank
+runs the same decoder forward with its two all-reduces per layer. The followers never run the vision tower,
+the lm_head or the sampler: rank 0's tokens are the only ones, so sampling needs no synchronisation.
 
 A worker that dies stops the engine: every broadcast first checks the workers' exit codes; a step that fails on
 rank 0 for any reason (a collective broken by a peer that went away, or rank 0's own error) leaves the ranks
@@ -58,7 +58,7 @@ def _init_group(rank: int, world: int, store, backend: str, timeout_s: float):
             os.environ.pop("GLOO_SOCKET_IFNAME", None)
 
 
-def _rendezvous(leader: "TPLeader", world: int, store):
+def _rendezvous(leader: TPLeader, world: int, store):
     """Wait until every worker has connected to rank 0's store, checking that none died meanwhile (a worker that
     fails to start is an error at once, not a TIMEOUT_S wait)."""
     keys = [f"ready{rank}" for rank in range(1, world)]
@@ -101,7 +101,11 @@ def _watch_parent(parent: int) -> None:
 
 def _worker(rank: int, world: int, port: int, path: str, dtype, device_type: str):
     """A follower rank: load its shard, then run the decoder on every plan rank 0 broadcasts until "stop"."""
-    from llava_next.engine.paged_attention import PagedAttention, PagedKVCache
+    from llava_next.engine.attention_metadata import (
+        PagedKVCache,
+        StepAttention,
+        prefill_plan,
+    )
 
     if device_type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads() // world))  # the ranks share the machine's cores
@@ -133,15 +137,13 @@ def _worker(rank: int, world: int, port: int, path: str, dtype, device_type: str
                 T, num_blocks, block_size = args
                 probe = PagedKVCache(text.num_hidden_layers, num_blocks, block_size, kv_heads, text.head_dim,
                                      dtype, device)
-                pieces = [(0, T, list(range(num_blocks)))]
-                step_cache = probe
+                plan, step_cache = prefill_plan(T, num_blocks, block_size, decoder.windows), probe
             else:  # "step"
-                pieces, step_cache = args[0], cache
-            T = sum(n for _, n, _ in pieces)
-            embeds = torch.empty(1, T, text.hidden_size, dtype=dtype, device=device)
+                plan, step_cache = args[0], cache
+            embeds = torch.empty(1, plan.num_tokens, text.hidden_size, dtype=dtype, device=device)
             dist.broadcast(embeds, src=0)
-            positions = torch.cat([torch.arange(s, s + n) for s, n, _ in pieces]).to(device)[None]
-            decoder(embeds, positions, PagedAttention(step_cache, decoder.windows, pieces, device))
+            meta, positions, _, _ = StepAttention.build(step_cache, decoder.windows, plan, device)
+            decoder(embeds, positions[None], meta)
             if kind == "profile":
                 del probe, step_cache
     dist.destroy_process_group()
@@ -206,9 +208,10 @@ class TPLeader:
     def profile(self, embeds: torch.Tensor, num_blocks: int, block_size: int):
         self._send(("profile", embeds.shape[1], num_blocks, block_size), embeds)
 
-    def step(self, pieces, embeds: torch.Tensor):
-        """Before rank 0's decoder forward of one engine step: pieces as PagedAttention's, embeds (1, T, D)."""
-        self._send(("step", [(s, n, list(b)) for s, n, b in pieces]), embeds)
+    def step(self, plan, embeds: torch.Tensor):
+        """Before rank 0's decoder forward of one engine step: its attention_metadata.StepPlan (host arrays)
+        and embeds (1, T, D)."""
+        self._send(("step", plan), embeds)
 
     def stop(self):
         if self.stopped:

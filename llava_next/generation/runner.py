@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from llava_next.generation.kv_cache import CacheAttention, StaticKVCache
+from llava_next.model.decoder import fast_decoder
 from llava_next.model.layers import KERNELS
 from llava_next.model.stamp import weights_stamp
 from llava_next.sampling.screened_head import ScreenedHead, screen_applies
@@ -102,11 +103,9 @@ class DecodeRunner:
             raise ValueError(f"unknown engine mode {self.mode!r}")
         self.use_graphs = self.mode == "graph"
         self.static = self.mode != "eager"
-        if self.static:
-            # Fewer, larger GEMMs and one fused kernel per elementwise piece: the decode step is ~1,300
-            # kernels otherwise, each costing ~2 us even inside a graph.
-            model.model.language_model.fuse_projections()
-        self.kernels = compiled_kernels() if self.static else KERNELS
+        # static: fewer, larger GEMMs and one fused kernel per elementwise piece (model/decoder.fast_decoder,
+        # shared with the engine): the decode step is ~1,300 kernels otherwise, each ~2 us even inside a graph.
+        self.kernels = fast_decoder(model.model.language_model, compiled=True) if self.static else KERNELS
         self._pool: dict[tuple[int, int], tuple[StaticKVCache, _CapturedStep | None]] = {}
         # (embeddings in the cache, cache, the decoder weights' stamp when it was filled)
         self._last: tuple[torch.Tensor, StaticKVCache, tuple] | None = None
@@ -198,7 +197,3 @@ class DecodeRunner:
         self._last = None
         self._screen = None
 
-
-def compiled_kernels() -> dict:
-    """A kernel table (layers.KERNELS' names) of torch.compile'd versions: static shapes, compiled on first use."""
-    return {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in KERNELS.items()}

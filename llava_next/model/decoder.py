@@ -22,7 +22,7 @@ from torch import nn
 
 from llava_next.config import TextConfig
 from llava_next.model.attention import AttentionMeta
-from llava_next.model.layers import (ACTIVATIONS, KERNELS, Checkpointed, RMSNorm, fused_linear,
+from llava_next.model.layers import (ACTIVATIONS, KERNELS, Checkpointed, RMSNorm, compiled_kernels, fused_linear,
                                      rope_inverse_frequencies, rope_tables)
 
 
@@ -151,3 +151,12 @@ class Decoder(Checkpointed, nn.Module):
         for layer in self.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
+
+
+def fast_decoder(decoder: Decoder, compiled: bool):
+    """Make a built decoder fast for inference, for every runner that decodes (generate()'s DecodeRunner and the
+    engine's ModelRunner): fuse q/k/v and gate/up of every layer in place (idempotent; same math, fewer GEMMs)
+    and return the elementwise kernel table to pass to `forward`: compiled versions when `compiled` (for
+    static-shape steps such as captured CUDA graphs), else layers.KERNELS."""
+    decoder.fuse_projections()
+    return compiled_kernels() if compiled else KERNELS

@@ -3,7 +3,7 @@
 Numerics follow transformers: RMSNorm normalises in fp32, casts back, then scales by the weight in the
 activation dtype; RoPE is rotate-half with cos/sin computed in fp32 and cast to the activation dtype.
 `KERNELS` is the read-only table of the elementwise pieces; a decode runner may pass its own table of compiled
-versions to `Decoder.forward` (nothing here changes at run time).
+versions (`compiled_kernels()`) to `Decoder.forward` (nothing here changes at run time).
 
 Leaves out: rope types other than default/linear/llama3 (no published LLaVA-NeXT checkpoint uses them).
 """
@@ -68,6 +68,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # The elementwise pieces of a decoder step, by name. Read-only: a runner that wants compiled versions builds
 # its own dict with the same keys and passes it to Decoder.forward.
 KERNELS = MappingProxyType({"rms_norm": rms_norm, "rope": apply_rope, "silu_mul": silu_mul})
+
+
+def compiled_kernels() -> dict:
+    """A kernel table (KERNELS' names) of torch.compile'd versions: static shapes, compiled on first use. For
+    static-shape steps (captured decode steps); a step whose shapes change every call would recompile."""
+    return {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in KERNELS.items()}
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
