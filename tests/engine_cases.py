@@ -3,6 +3,8 @@ reference tokens from our generate() on each prompt alone (greedy), memoised per
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from llava_next.model.anyres import AnyresGeometry
@@ -48,11 +50,12 @@ _REFERENCE: dict = {}
 
 def reference(model, prompt: dict, new: int, key=None) -> list[int]:
     """Greedy new tokens of our generate() on this prompt alone (EOS included when it comes)."""
-    memo = (id(model), repr(prompt["prompt_token_ids"]), new, key)
+    images = (prompt.get("multi_modal_data") or {}).get("image", [])
+    pixels = tuple(hashlib.sha256(im["pixel_values"].numpy().tobytes()).hexdigest() for im in images)
+    memo = (id(model), repr(prompt["prompt_token_ids"]), pixels, new, key)  # the same ids with other pixels differ
     if memo not in _REFERENCE:
         ids = torch.tensor([prompt["prompt_token_ids"]])
         kwargs = {}
-        images = (prompt.get("multi_modal_data") or {}).get("image", [])
         if images:
             kwargs = dict(pixel_values=torch.cat([im["pixel_values"] for im in images]),
                           image_sizes=torch.tensor([im["image_size"] for im in images]))
