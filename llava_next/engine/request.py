@@ -44,6 +44,7 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     images: list[ImageItem]
     params: SamplingParams
+    cache_salt: str | None = None  # mixed into the first block's prefix-cache hash (block_pool.salt_root)
 
     @property
     def num_prompt_tokens(self) -> int:
