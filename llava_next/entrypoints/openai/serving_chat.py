@@ -16,6 +16,10 @@ away aborts its engine request: streaming through the response generator's `fina
 the result against the ASGI disconnect message. While draining (SIGTERM), requests still running when the
 drain deadline comes are aborted; their streams end with an error event and `[DONE]`, non-streamed ones get 503.
 
+Prefix-cache isolation: a request's `cache_salt` goes with its prompt to the engine (block_pool.salt_root);
+with `cache_salt_per_key` (`--cache-salt-per-key`) the bearer key's digest is mixed in too, so clients with
+different keys never share prefix blocks (nor see each other's prompts in `cached_tokens`).
+
 Leaves out: tool calls, structured output, `echo`, batched completion prompts, prompt logprobs, continuous
 usage stats, `n > 1` via prefix sharing beyond what the engine does itself.
 """
@@ -23,6 +27,7 @@ usage stats, `n > 1` via prefix sharing beyond what the engine does itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -80,12 +85,13 @@ async def _disconnected(request) -> None:
 class OpenAIServing:
     def __init__(self, engine, served_model_names: list[str], media: MediaPolicy, metrics, *,
                  max_num_seqs: int, max_queued_requests: int, chat_template: str | None = None,
-                 executor: ThreadPoolExecutor | None = None):
+                 executor: ThreadPoolExecutor | None = None, cache_salt_per_key: bool = False):
         self.engine = engine  # AsyncEngine
         self.llm = engine.engine  # LLMEngine
         self.names = list(served_model_names)
         self.media, self.metrics = media, metrics
         self.chat_template = chat_template
+        self.cache_salt_per_key = cache_salt_per_key
         self.admission = Admission(max_num_seqs + max_queued_requests)
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="llava-next-prep")
         self.active: dict[str, _Active] = {}
@@ -115,6 +121,14 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens)
         except SamplingParamsError as exc:
             raise from_library(exc) from None
+
+    def cache_salt(self, req, request) -> str | None:
+        """The engine's cache salt: the client's `cache_salt`, and the API key's digest when salting per key."""
+        salt = req.cache_salt
+        if self.cache_salt_per_key:
+            key = request.headers.get("authorization", "").encode("utf-8", "replace")
+            salt = f"key:{hashlib.sha256(key).hexdigest()}|{salt or ''}"
+        return salt
 
     def _common(self, req) -> None:
         problem = P.unsupported(req)
@@ -151,7 +165,7 @@ class OpenAIServing:
                               "prompt (--limit-mm-per-prompt)", "messages", "too_many_images")
         return messages, urls
 
-    def _prepare_chat(self, messages: list[dict], urls: list[str], params: SamplingParams):
+    def _prepare_chat(self, messages: list[dict], urls: list[str], params: SamplingParams, salt: str | None):
         """Worker thread: images, template, engine.prepare."""
         images = [self.media.load(url) for url in urls]
         try:
@@ -160,7 +174,9 @@ class OpenAIServing:
         except ValueError as exc:
             raise bad_request(f"the chat template could not render the messages: {exc}", "messages",
                               "invalid_messages") from None
-        prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else text
+        prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
+        if salt is not None:
+            prompt["cache_salt"] = salt
         return self.llm.prepare(prompt, params)
 
     async def chat(self, req: P.ChatCompletionRequest, request):
@@ -172,8 +188,9 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, max_tokens, logprobs)
         messages, urls = self._conversation(req)
+        salt = self.cache_salt(req, request)
         return await self._serve("chat", req, params, arrival, request,
-                                 lambda: self._prepare_chat(messages, urls, params), len(urls))
+                                 lambda: self._prepare_chat(messages, urls, params, salt), len(urls))
 
     # -- completions ---------------------------------------------------------------------------------------
     async def completion(self, req: P.CompletionRequest, request):
@@ -191,7 +208,10 @@ class OpenAIServing:
             raise bad_request(f"the prompt holds the image placeholder {self.image_token!r}; /v1/completions takes "
                               "text only", "prompt", "invalid_content")
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
-        engine_prompt = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        engine_prompt = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        salt = self.cache_salt(req, request)
+        if salt is not None:
+            engine_prompt["cache_salt"] = salt
         return await self._serve("completion", req, params, arrival, request,
                                  lambda: self.llm.prepare(engine_prompt, params))
 
