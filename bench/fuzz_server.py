@@ -8,7 +8,8 @@
    not already carry one.
 2. `llava-next serve MODEL_DIR` starts in a subprocess on 127.0.0.1 (a free port), with `--max-model-len` so a
    fuzzed max_tokens cannot ask for minutes of generation.
-3. `schemathesis run` for `--minutes` (all phases, one worker, `--max-response-time 5`), writing a HAR file;
+3. `schemathesis run` for `--minutes` (all phases, one worker, the `not_a_server_error` check and
+   `--max-response-time 5`; the schema's 4xx are documented, refusals are the point), writing a HAR file;
    meanwhile /health is polled every second.
 4. Counts printed as one JSON line: requests, 5xx, responses slower than 5 s, engine deaths (/health not 200
    while the server runs, or "engine" faults in its log), schemathesis' own failure summary.
@@ -43,6 +44,9 @@ def openapi_schema() -> dict:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for path, model in (("/v1/chat/completions", P.ChatCompletionRequest), ("/v1/completions", P.CompletionRequest)):
         op = schema["paths"][path]["post"]
+        error = {"description": "an OpenAI error body", "content": {"application/json": {"schema": {"type": "object"}}}}
+        for status in ("400", "401", "404", "408", "413", "415", "503"):  # the codes of RELIABILITY.md
+            op.setdefault("responses", {}).setdefault(status, error)
         if "requestBody" in op:
             continue
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -62,7 +66,7 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "logs" / "fuzz"))
-    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-model-len", type=int, default=128)  # bounds one generation's length
     parser.add_argument("--seed", type=int, default=22)
     args = parser.parse_args()
     out = Path(args.out)
@@ -101,6 +105,7 @@ def main() -> int:
         har = out / "fuzz.har"
         cmd = [sys.executable, "-m", "schemathesis.cli", "run", str(out / "openapi.json"), "--url", url,
                "--max-time", str(int(args.minutes * 60)), "--workers", "1", "--max-response-time", "5",
+               "--checks", "not_a_server_error",
                "--request-timeout", "60", "--seed", str(args.seed), "--continue-on-failure", "--report", "har",
                "--report-har-path", str(har), "--no-color"]
         started = time.monotonic()
@@ -109,7 +114,8 @@ def main() -> int:
         (out / "schemathesis.txt").write_text(run.stdout + run.stderr)
         entries = json.loads(har.read_text())["log"]["entries"] if har.is_file() else []
         statuses = [e["response"]["status"] for e in entries]
-        slow = [e["request"]["url"] for e in entries if e.get("time", 0) > 5000]
+        slow = [(round(e["time"] / 1000, 1), e["response"]["status"], (e["request"].get("postData") or {})
+                 .get("text", "")[:300]) for e in entries if e.get("time", 0) > 5000]
         final = httpx.get(url + "/health", timeout=5).status_code
     finally:
         stop.set()
@@ -123,7 +129,7 @@ def main() -> int:
     summary = [line for line in (run.stdout or "").splitlines() if "passed" in line or "failed" in line][-3:]
     result = {"minutes": round(elapsed / 60, 2), "requests": len(entries), "status_5xx": sum(s >= 500 for s in statuses),
               "status_counts": {str(s): statuses.count(s) for s in sorted(set(statuses))},
-              "slower_than_5s": len(slow), "health_not_200": len(unhealthy), "final_health": final,
+              "slower_than_5s": len(slow), "slow": slow[:5], "health_not_200": len(unhealthy), "final_health": final,
               "engine_faults_logged": server_log.count("the engine stopped") + server_log.count("engine fault"),
               "server_exit": server.returncode, "schemathesis_rc": run.returncode, "schemathesis_summary": summary,
               "operations": sorted(schema["paths"])}
