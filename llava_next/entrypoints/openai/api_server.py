@@ -97,15 +97,16 @@ class ServerState:
         return thread is None or thread.is_alive()
 
     async def drain(self) -> None:
-        """Stop admitting; wait for in-flight requests until the deadline's margin, then end the rest."""
+        """Stop admitting; wait for in-flight requests until the deadline's margin, then end the rest and give
+        them until half a second before the deadline to send their last event."""
         self.phase = "draining"
         margin = min(2.0, 0.2 * self.shutdown_timeout)
         self.drain_deadline = time.monotonic() + self.shutdown_timeout
-        end = self.drain_deadline - margin
-        while self.serving is not None and self.serving.active and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        if self.serving is not None and self.serving.active:
-            logger.warning("shutdown: ending %d unfinished request(s)", self.serving.end_all())
+        for end, last in ((self.drain_deadline - margin, False), (self.drain_deadline - 0.5, True)):
+            while self.serving is not None and self.serving.active and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+            if self.serving is not None and self.serving.active and not last:
+                logger.warning("shutdown: ending %d unfinished request(s)", self.serving.end_all())
 
     def close(self) -> None:
         start = time.monotonic()
@@ -301,9 +302,9 @@ def make_server(app, state: ServerState, host: str = "127.0.0.1", port: int = 80
         async def shutdown(self, sockets=None):
             await state.drain()  # in-flight requests finish (or are ended) while the listener still answers 503
             start = time.monotonic()
-            # what is left of --shutdown-timeout, less a second for the engine: a stream whose client never
+            # what is left of --shutdown-timeout, less a moment for the engine: a stream whose client never
             # reads would otherwise hold uvicorn for a second full timeout
-            self.config.timeout_graceful_shutdown = max(0.1, state.drain_deadline - start - 1.0)
+            self.config.timeout_graceful_shutdown = max(0.1, state.drain_deadline - start - 0.25)
             await super().shutdown(sockets)
             logger.info("uvicorn shutdown took %.2f s", time.monotonic() - start)
 
