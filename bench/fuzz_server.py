@@ -74,7 +74,7 @@ def main() -> int:
     (out / "openapi.json").write_text(json.dumps(schema := openapi_schema(), indent=1))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(out / "server.log", "w")
+    log = open(out / "server.log", "w")  # noqa: SIM115 (closed after the server stops)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen([sys.executable, "-m", "llava_next.entrypoints.cli", "serve", args.model, "--port",
                                str(port), "--served-model-name", "fuzz", "--max-model-len", str(args.max_model_len),
@@ -109,7 +109,8 @@ def main() -> int:
                "--request-timeout", "60", "--seed", str(args.seed), "--continue-on-failure", "--report", "har",
                "--report-har-path", str(har), "--no-color"]
         started = time.monotonic()
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.minutes * 60 + 600)
+        run = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=args.minutes * 60 + 600,
+                             check=False)  # cwd: schemathesis keeps its .schemathesis/ folder there
         elapsed = time.monotonic() - started
         (out / "schemathesis.txt").write_text(run.stdout + run.stderr)
         entries = json.loads(har.read_text())["log"]["entries"] if har.is_file() else []

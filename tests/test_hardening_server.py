@@ -79,6 +79,7 @@ def test_tiny_temperatures_are_greedy(server, temperature):
     (dict(stop_token_ids=[2**63], temperature=1.0), "stop_token_ids"),
     (dict(stop_token_ids=[10**6], temperature=1.0, min_tokens=2), "stop_token_ids"),  # beyond the vocabulary
     (dict(seed=2**63 - 1, n=2, temperature=1.0), "seed"),
+    (dict(min_tokens=2**31 - 1, max_tokens=None), "min_tokens"),  # found by the fuzz run: a 500 before
 ])
 def test_uncomputable_values_are_400(server, fields, param):
     for stream in (False, True):

@@ -103,6 +103,9 @@ class RequestPreparer:
         if params.max_tokens < 1:
             raise ContextLengthError(f"the prompt has {n} tokens: no room is left in max_model_len "
                                      f"{self.max_model_len} to generate")
+        if params.min_tokens > params.max_tokens:  # max_tokens=None became the room left (found by fuzzing)
+            raise SamplingParamsError(f"SamplingParams.min_tokens ({params.min_tokens}) must be <= max_tokens "
+                                      f"({params.max_tokens}, the room left in max_model_len)")
         blocks = -(-(n + params.max_tokens) // self.block_size)
         if blocks > self.num_blocks:
             raise KVCacheCapacityError(
