@@ -4,8 +4,8 @@
 hub-layout processor files of llava-v1.6-mistral (tests/processor_fixtures.py: the real Mistral tokenizer and
 chat template) in one folder. `ThreadServer(folder, ...)`: the engine (llava_next.LLM's engine, fp32 CPU), an
 AsyncEngine, the FastAPI app and a uvicorn.Server on 127.0.0.1 with a pre-bound free port, served from a
-thread; `.stop()` ends it through uvicorn's own exit flag and joins the thread (bounded). `openai_client` has
-`max_retries=0` so no error is hidden by a retry.
+thread (`state_options`: ServerState's keyword settings); `.stop()` ends it through uvicorn's own exit flag
+and joins the thread (bounded). `openai_client` has `max_retries=0` so no error is hidden by a retry.
 
 Leaves out: fixtures for GPU runs.
 """
@@ -58,7 +58,7 @@ def image_message(text: str, *urls: str) -> list[dict]:
 class ThreadServer:
     def __init__(self, folder, *, api_key=None, max_num_seqs=None, max_queued_requests=64, media=None,
                  limit_mm_per_prompt=None, max_body_bytes=None, max_model_len=None, shutdown_timeout=5.0,
-                 num_kv_blocks=None):
+                 num_kv_blocks=None, **state_options):
         from llava_next.engine.driver import AsyncEngine
         from llava_next.engine.llm import LLM
         from llava_next.entrypoints.openai import api_server
@@ -68,7 +68,7 @@ class ThreadServer:
         self.llm = LLM(str(folder), dtype="float32", device="cpu", max_num_seqs=max_num_seqs,
                        max_model_len=max_model_len, limit_mm_per_prompt=limit_mm_per_prompt, **extra)
         self.state = api_server.ServerState([MODEL], api_key, max_body_bytes or api_server.MAX_BODY_BYTES,
-                                            shutdown_timeout)
+                                            shutdown_timeout, **state_options)
         self.engine = AsyncEngine(self.llm.llm_engine)
         self.serving = api_server.make_serving(self.engine, self.state, media=media or MediaPolicy(),
                                                max_num_seqs=self.llm.llm_engine.max_num_seqs,

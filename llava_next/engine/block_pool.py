@@ -9,6 +9,9 @@ which makes eviction least-recently-freed first (LRU), as vLLM and nano-vllm do.
 Block hashes (`hash_block`) chain the parent block's hash, the block's token ids and, for blocks that hold
 image placeholders, (image content hash, offset inside the image) of each image overlapping the block: the
 same image after the same prefix hits, another image of the same size does not. blake2b from hashlib.
+A request's `cache_salt` (vLLM's) becomes the first block's parent (`salt_root`), so it changes every hash of
+the chain: requests with different salts never share a block, nor learn through `cached_tokens` what another
+salt's requests sent.
 
 Leaves out: swapping to host memory, hybrid (per-layer-group) pools, sliding-window block freeing (all blocks
 of a sequence are kept; the attention mask applies the window).
@@ -18,6 +21,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+
+
+def salt_root(salt: str | None) -> bytes | None:
+    """The parent hash of a sequence's first block: None (the shared root) without a salt."""
+    if salt is None:
+        return None
+    return hashlib.blake2b(b"salt|" + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def hash_block(parent: bytes | None, token_ids, extra: tuple = ()) -> bytes:

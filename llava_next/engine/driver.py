@@ -5,8 +5,9 @@ thread-safe: bad requests raise there, before the engine sees them), then hands 
 thread through an inbox and returns a `RequestStream`. The thread loops: take the inbox (new requests,
 aborts), `step()`, hand each RequestOutput to its stream; with nothing to do it waits on a condition (no busy
 spinning). A stream is iterable (`for out in stream`, blocking) and async-iterable (`async for out in
-stream`: outputs cross threads through `loop.call_soon_threadsafe`), and ends after the output with
-finished=True. `abort(request_id)` takes effect at the next step boundary (blocks freed within one step) and
+stream`: the consumer's loop is woken through `loop.call_soon_threadsafe`), and ends after the output with
+finished=True. Outputs not yet read are merged into one (memory per stream stays one output, however slow
+the reader). `abort(request_id)` takes effect at the next step boundary (blocks freed within one step) and
 ends the stream with finish_reason "abort".
 
 A fault inside `step()` marks the engine unhealthy: every open stream ends with EngineDeadError, later
@@ -23,7 +24,7 @@ import logging
 import threading
 
 from llava_next.engine.llm_engine import LLMEngine
-from llava_next.engine.outputs import RequestOutput
+from llava_next.engine.outputs import RequestOutput, coalesce
 from llava_next.engine.request import PreparedRequest
 from llava_next.errors import EngineDeadError
 
@@ -33,7 +34,11 @@ _END = object()
 
 
 class RequestStream:
-    """The outputs of one request, in order, ending with the finished one (or an exception)."""
+    """The outputs of one request, in order, ending with the finished one (or an exception).
+
+    Outputs the consumer has not taken yet are coalesced (`outputs.coalesce`, vLLM's merging of deltas for a
+    slow reader): at most one RequestOutput waits per stream, so a client that never reads costs one output,
+    not one per step. The consumer is woken once per batch of items (no callback per step on its loop)."""
 
     def __init__(self, request_id: str, driver: "AsyncEngine"):
         self.request_id = request_id
@@ -42,20 +47,29 @@ class RequestStream:
         self._ready = threading.Condition(self._lock)
         self._items: collections.deque = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue | None = None
+        self._event: asyncio.Event | None = None
         self.finished = False
 
     # producer side (engine thread)
     def _put(self, item) -> None:
         with self._lock:
-            if self._loop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-                except RuntimeError:  # the consumer's loop is closed: nobody listens any more
-                    pass
+            was_empty = not self._items
+            last = self._items[-1] if self._items else None
+            if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
+                self._items[-1] = coalesce(last, item)
             else:
                 self._items.append(item)
-                self._ready.notify_all()
+            self._ready.notify_all()
+            if self._loop is not None and was_empty:
+                try:
+                    self._loop.call_soon_threadsafe(self._event.set)
+                except RuntimeError:  # the consumer's loop is closed: nobody listens any more
+                    pass
+
+    def _take(self) -> list:
+        items = list(self._items)
+        self._items.clear()
+        return items
 
     # consumer side
     def __iter__(self):
@@ -63,12 +77,13 @@ class RequestStream:
             with self._lock:
                 while not self._items:
                     self._ready.wait()
-                item = self._items.popleft()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+                items = self._take()
+            for item in items:
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
 
     def __aiter__(self):
         return self._aiterate()
@@ -77,17 +92,20 @@ class RequestStream:
         with self._lock:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-                self._queue = asyncio.Queue()
-                for item in self._items:
-                    self._queue.put_nowait(item)
-                self._items.clear()
+                self._event = asyncio.Event()
         while True:
-            item = await self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            with self._lock:
+                items = self._take()
+                self._event.clear()
+            if not items:
+                await self._event.wait()
+                continue
+            for item in items:
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
 
     def result(self) -> RequestOutput:
         """Block until the request finishes; its final output."""

@@ -175,14 +175,14 @@ class LLM:
         engine = self.llm_engine
         ids = [f"llm-{next(_counter)}" for _ in prepared]
         bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
         done = {}
         try:
-            for request_id, p in zip(ids, prepared):  # inside the try: a failure leaves nothing queued
+            for request_id, p in zip(ids, prepared):  # a failure here leaves none of this call's prompts queued
                 engine.add_request(request_id, p)
+            if use_tqdm:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
             while len(done) < len(ids):
                 for out in engine.step():
                     if out.finished:

@@ -355,12 +355,12 @@ class LLMEngine:
             visible = max(seq.sent_text, visible)
         new_ids, new_text = out_ids[seq.sent_tokens:], seq.text[seq.sent_text:visible]
         seq.sent_tokens, seq.sent_text = len(out_ids), visible
-        return CompletionOutput(seq.index, seq.text[:visible] if not seq.finished else seq.text, list(out_ids),
+        return CompletionOutput(seq.index, seq.text[:visible] if not seq.finished else seq.text, out_ids,
                                 None if seq.logprobs is None else list(seq.logprobs), seq.finish_reason,
                                 seq.stop_reason, new_ids, new_text)
 
     def _output(self, group: _Group) -> RequestOutput:
         completions = [self._completion(s) for s in group.seqs]
         first = group.seqs[0]
-        return RequestOutput(group.request_id, group.prepared.prompt, list(group.prepared.prompt_token_ids),
+        return RequestOutput(group.request_id, group.prepared.prompt, group.prepared.prompt_token_ids,  # shared
                              completions, all(s.finished for s in group.seqs), first.num_cached_tokens or 0)

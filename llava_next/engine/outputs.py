@@ -5,6 +5,9 @@ streaming, each CompletionOutput also carries the piece added since the previous
 `new_token_ids` and `new_text` (text held back while it could still become a stop string is released later,
 so the concatenation of `new_text` pieces is always `text`).
 
+`coalesce(older, newer)` merges two outputs of one request that a slow reader has not taken yet: the newer
+cumulative state with the pieces of both (vLLM's delta merging), so a stream holds at most one output.
+
 Leaves out: prompt logprobs, metrics objects (timestamps live on the engine's requests).
 """
 
@@ -45,3 +48,15 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (the first completion's)
+
+
+def coalesce(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """One output standing for `older` then `newer` (same request): newer's state, both steps' new pieces."""
+    previous = {c.index: c for c in older.outputs}
+    merged = []
+    for c in newer.outputs:
+        p = previous.get(c.index)
+        if p is not None and (p.new_token_ids or p.new_text):
+            c = dataclasses.replace(c, new_token_ids=p.new_token_ids + c.new_token_ids, new_text=p.new_text + c.new_text)
+        merged.append(c)
+    return dataclasses.replace(newer, outputs=merged)

@@ -5,6 +5,12 @@ the text (not included), `stop_token_ids` end a completion like EOS, `max_tokens
 context". Validated on construction (`SamplingParamsError`, a ValueError naming the field), with caps that
 bound one request's cost: n <= 16, logprobs <= 20, at most 16 stop strings of at most 256 characters.
 
+Only values the sampler can compute pass (each a 400 at the server, which maps to this class): a temperature
+below 1e-5 (1e-300, 5e-324 underflow to 0 in float32) is greedy, vLLM's rule (`greedy`); repetition_penalty
+lies in [0.01, 100] (1e-300 divides a logit to inf); stop_token_ids and seeds fit int64, and so does the last
+child seed of an n > 1 request (seed + n - 1, vLLM's parallel sampling); the vocabulary bound of
+stop_token_ids is checked by engine/prepare.py, which knows the vocabulary.
+
 `to_internal()` maps the fields onto sampling/params.SamplingParams so the engine reuses the logits pipeline
 generate() uses (repetition penalty, EOS suppression for min_tokens, temperature, top-k, top-p, min-p).
 
@@ -31,7 +37,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_SEED = 2**63 - 1
 MAX_LOGIT_BIAS = 1024
-GREEDY_BELOW = 1e-5  # vLLM's rule: a temperature below this is greedy (dividing by it would overflow)
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it samples greedily (dividing by it would overflow)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
 
 
 def _number(name: str, value: Any, integer: bool = False, low: float | None = None, high: float | None = None,
@@ -82,6 +89,9 @@ class SamplingParams:
         _number("min_p", self.min_p, low=0.0, high=1.0)
         if self.seed is not None:
             _number("seed", self.seed, integer=True, low=-MAX_SEED - 1, high=MAX_SEED)
+            if self.seed + self.n - 1 > MAX_SEED:  # completion i is seeded with seed + i
+                raise SamplingParamsError(f"SamplingParams.seed + n - 1 (the seed of the last completion) must be "
+                                          f"<= {MAX_SEED}, got seed={self.seed} with n={self.n}")
         if self.max_tokens is not None:
             _number("max_tokens", self.max_tokens, integer=True, low=1)
         _number("min_tokens", self.min_tokens, integer=True, low=0)
@@ -90,7 +100,7 @@ class SamplingParams:
                                       f"({self.max_tokens})")
         if self.logprobs is not None:
             _number("logprobs", self.logprobs, integer=True, low=0, high=MAX_LOGPROBS)
-        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        _number("repetition_penalty", self.repetition_penalty, low=MIN_REPETITION_PENALTY, high=MAX_REPETITION_PENALTY)
         _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         for name in ("ignore_eos", "skip_special_tokens"):
@@ -111,9 +121,9 @@ class SamplingParams:
         if self.stop_token_ids is not None:
             ids = self.stop_token_ids
             if not isinstance(ids, (list, tuple)) or len(ids) > 64 or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_SEED for i in ids):
                 raise SamplingParamsError(f"SamplingParams.stop_token_ids must be a list of at most 64 token ids, "
-                                          f"got {ids!r}")
+                                          f"got {str(ids)[:200]}")
             self.stop_token_ids = list(ids)
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)

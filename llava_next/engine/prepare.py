@@ -6,11 +6,13 @@ original size), finds each image's span of placeholders, and checks: prompt + ma
 `max_model_len` (ContextLengthError), more images than `limit_mm_per_prompt` (TooManyImagesError),
 placeholders that do not match the images (ImageTokenMismatchError), tiles of the wrong shape or with NaN
 (InvalidImageError), a request that could never fit the KV pool (KVCacheCapacityError), ids outside the
-vocabulary or an empty prompt (ModelInputError). It reads only its own settings and the processor, so a server
-may call it from many threads while the engine thread steps.
+vocabulary or an empty prompt (ModelInputError), stop_token_ids outside the vocabulary (SamplingParamsError).
+It reads only its own settings and the processor, so a server may call it from many threads while the engine
+thread steps.
 
 A prompt is a string, `{"prompt": str, "multi_modal_data": {"image": PIL | [PIL]}}`, or
-`{"prompt_token_ids": [...], "multi_modal_data": ...}` whose ids already hold every image's placeholders. An
+`{"prompt_token_ids": [...], "multi_modal_data": ...}` whose ids already hold every image's placeholders; a dict
+may carry vLLM's `"cache_salt": str` (prefix-cache isolation, see block_pool.py). An
 image may also be given preprocessed as `{"pixel_values": (tiles, 3, S, S) tensor, "image_size": (H, W)}`.
 
 Leaves out: videos, image embeddings as input, prompt truncation.
@@ -27,9 +29,10 @@ import torch
 from llava_next.engine.params import SamplingParams
 from llava_next.engine.request import ImageItem, PreparedRequest
 from llava_next.errors import (ContextLengthError, ImageTokenMismatchError, InvalidImageError, KVCacheCapacityError,
-                               ModelInputError, TooManyImagesError)
+                               ModelInputError, SamplingParamsError, TooManyImagesError)
 
 DEFAULT_IMAGE_LIMIT = 8  # images per prompt when limit_mm_per_prompt is not given
+MAX_CACHE_SALT = 1024  # characters
 
 
 def image_limit(limit) -> int:
@@ -72,7 +75,13 @@ class RequestPreparer:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be llava_next.SamplingParams, got {type(params).__name__}")
         params = dataclasses.replace(params)  # a private, re-validated copy
+        if any(i >= self.vocab_size for i in params.stop_token_ids or ()):
+            raise SamplingParamsError(f"SamplingParams.stop_token_ids must lie in the vocabulary "
+                                      f"(0..{self.vocab_size - 1})")
         text, ids, images = self._parse_prompt(prompt)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not 1 <= len(salt) <= MAX_CACHE_SALT):
+            raise ModelInputError(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} characters")
         if len(images) > self.image_limit:
             raise TooManyImagesError(f"the prompt has {len(images)} images; at most {self.image_limit} are allowed "
                                      f"per prompt (limit_mm_per_prompt)")
@@ -95,6 +104,9 @@ class RequestPreparer:
         if params.max_tokens < 1:
             raise ContextLengthError(f"the prompt has {n} tokens: no room is left in max_model_len "
                                      f"{self.max_model_len} to generate")
+        if params.min_tokens > params.max_tokens:  # max_tokens=None became the room left (found by fuzzing)
+            raise SamplingParamsError(f"SamplingParams.min_tokens ({params.min_tokens}) must be <= max_tokens "
+                                      f"({params.max_tokens}, the room left in max_model_len)")
         blocks = -(-(n + params.max_tokens) // self.block_size)
         if blocks > self.num_blocks:
             raise KVCacheCapacityError(
@@ -106,7 +118,7 @@ class RequestPreparer:
         grammar = None
         if params.structured_outputs is not None:
             grammar = self.structured.compile(params.structured_outputs)  # cached; raises StructuredOutputError
-        return PreparedRequest(text, ids, items, params, grammar)
+        return PreparedRequest(text, ids, items, params, grammar, salt)
 
     def _parse_prompt(self, prompt):
         if isinstance(prompt, str):
@@ -114,7 +126,7 @@ class RequestPreparer:
         if not isinstance(prompt, dict):
             raise ModelInputError(f"a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got "
                                   f"{type(prompt).__name__}")
-        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "cache_salt"}
         if unknown:
             raise ModelInputError(f"unknown prompt keys {sorted(unknown)}")
         mm = prompt.get("multi_modal_data") or {}

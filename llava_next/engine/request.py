@@ -46,6 +46,7 @@ class PreparedRequest:
     images: list[ImageItem]
     params: SamplingParams
     grammar: Any = None  # sampling/structured.Grammar when params.structured_outputs is set
+    cache_salt: str | None = None  # mixed into the first block's prefix-cache hash (block_pool.salt_root)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-from llava_next.engine.block_pool import BlockPool, hash_block
+from llava_next.engine.block_pool import BlockPool, hash_block, salt_root
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.request import ImageItem, Sequence, Status
 
@@ -76,7 +76,7 @@ class Scheduler:
             i = len(seq.block_hashes)
             start, end = i * bs, (i + 1) * bs
             extra = tuple((im.mm_hash, max(0, start - im.offset)) for im in seq.images_in(start, end))
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else salt_root(seq.prepared.cache_salt)
             seq.block_hashes.append(hash_block(parent, seq.token_ids[start:end], extra))
         return seq.block_hashes[:num_blocks]
 

@@ -130,9 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (8000)")
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="model name(s) clients use (default: MODEL as given)")
-    serve.add_argument("--api-key", default=os.environ.get("LLAVA_NEXT_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on every API route (not /health, not the page) "
-                            "(default: $LLAVA_NEXT_API_KEY, else none)")
+    serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every API route (not /health, not the chat page); repeat for several "
+                            "keys (default: $LLAVA_NEXT_API_KEY, else none; an empty key is refused)")
+    serve.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                       help="Host header values answered, against DNS rebinding ('*': any; default: the --host "
+                            "address, plus localhost, 127.0.0.1 and ::1 when it is loopback; any for 0.0.0.0)")
+    serve.add_argument("--cache-salt-per-key", action="store_true",
+                       help="isolate the prefix cache per API key (no cached_tokens oracle across keys)")
+    serve.add_argument("--limit-concurrency", type=_positive_int, default=256,
+                       help="open connections and tasks at most; beyond it uvicorn answers 503 (256)")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds for a request's headers to arrive, then the connection is closed (10)")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds for a request's body to arrive, then 408 (30)")
+    serve.add_argument("--send-timeout", type=float, default=30.0,
+                       help="seconds a client may stop reading its stream before the request is aborted (30)")
     serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (served by default)")
     serve.add_argument("--metrics-without-auth", action="store_true",
                        help="let /metrics be scraped without the API key")

@@ -9,29 +9,33 @@ One process: uvicorn (one worker) runs the app on the asyncio loop; the engine r
 (llava_next.engine.driver.AsyncEngine); image fetching, decoding, templating and tokenization run in a thread
 pool (serving_chat.py), so the loop only parses, routes and streams.
 
-Before any route runs, a plain ASGI guard (`_Guard`) answers: 401 for a missing or wrong API key on every path
-but `/health` and the page (`Authorization: Bearer KEY`, compared with `hmac.compare_digest`, case-sensitive); 503
-while the model loads or the server drains; for POST, 415 unless the content type is JSON and 413 when the declared
+Before any route runs, a plain ASGI guard (`_Guard`) answers: 400 for a Host header outside `--allowed-hosts`
+(connections.py: DNS rebinding); 401 for a missing or wrong API key on every path but `/health` and the chat page
+(`Authorization: Bearer KEY`, compared with `hmac.compare_digest`, case-sensitive); 503 while
+the model loads or the server drains; for POST, 415 unless the content type is JSON and 413 when the declared
 Content-Length is over the limit (the body is not read). The body is then read with a byte count (413 past the
-limit, for chunked uploads too) and parsed with `read_json` (400 for invalid UTF-8/JSON, NaN/Infinity, lone
-surrogates, nesting deeper than `MAX_DEPTH`, a top level that is not an object). Every error, 404/405 for
+limit, for chunked uploads too; 408 past `body_timeout`) and parsed and validated in a worker thread
+(request_body.py: 400 for invalid UTF-8/JSON, NaN/Infinity, lone surrogates, deep nesting, too many values,
+a top level that is not an object), so the loop never parses or walks a large body. Connections: at most
+`limit_concurrency` (uvicorn answers 503 beyond it), request headers complete within `header_timeout`, and a
+stream whose client takes no data for `send_timeout` seconds is aborted (connections.py). Every error, 404/405 for
 unknown routes included, is `{"error": {"message", "type", "param", "code"}}`; an unexpected exception is a
 500 with a fixed message (logged, never returned).
 
 `/health` is 200 only while the engine thread is alive and healthy and the server is serving; 503 while
 loading, draining or after an engine fault. SIGTERM (or SIGINT): the server stops admitting (503), lets
 in-flight requests finish until `shutdown_timeout` minus a margin, then aborts the rest (their streams end with
-an error event and `[DONE]`), stops the engine and exits 0.
+an error event and `[DONE]`), gives uvicorn what is left of the margin to close connections (a client that
+never reads cannot stretch it), stops the engine and exits 0: all within `shutdown_timeout`.
 
-Leaves out: TLS termination (put a proxy in front), CORS, several API keys, the embeddings/audio
-APIs, multiple workers or models per server.
+Leaves out: TLS termination (put a proxy in front), CORS, the embeddings/audio APIs, multiple workers or models
+per server (several API keys are accepted: `--api-key` repeated).
 """
 
 
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import signal
@@ -42,27 +46,41 @@ import time
 from llava_next.entrypoints.openai import openapi
 from llava_next.entrypoints.openai import protocol as P
 from llava_next.entrypoints.openai import protocol_responses as RP
-from llava_next.entrypoints.openai.errors import APIError, bad_request, from_validation
+from llava_next.entrypoints.openai.connections import (
+    SendTimeout,
+    allowed_hosts,
+    h11_with_header_timeout,
+    host_allowed,
+    send_with_deadline,
+)
+from llava_next.entrypoints.openai.errors import APIError, bad_request
 from llava_next.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from llava_next.entrypoints.openai.openapi import with_request_id
+from llava_next.entrypoints.openai.request_body import parse_off_loop, read_body
 
 logger = logging.getLogger("llava_next.server")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # data: URLs of a few large images
-MAX_DEPTH = 32
 
 
 class ServerState:
     """What the routes and the lifecycle share. `serving` (OpenAIServing) is None until the model is loaded."""
 
     def __init__(self, served_model_names: list[str], api_key: str | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 30.0,
-                 metrics_without_auth: bool = False):
+                 max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 30.0, *,
+                 allowed_hosts: frozenset[str] | None = None, limit_concurrency: int | None = 256,
+                 header_timeout: float = 10.0, body_timeout: float = 30.0, send_timeout: float = 30.0,
+                 cache_salt_per_key: bool = False, metrics_without_auth: bool = False):
         self.names = list(served_model_names)
         self.api_key = api_key
         self.metrics_without_auth = metrics_without_auth  # --metrics-without-auth: /metrics open to scrapers
         self.max_body_bytes = max_body_bytes
         self.shutdown_timeout = shutdown_timeout
+        self.allowed_hosts = allowed_hosts  # None: any Host header
+        self.limit_concurrency, self.header_timeout = limit_concurrency, header_timeout
+        self.body_timeout, self.send_timeout = body_timeout, send_timeout
+        self.cache_salt_per_key = cache_salt_per_key
+        self.drain_deadline: float | None = None  # monotonic time by which the whole shutdown is over
         self.phase = "loading"  # loading | serving | draining | failed
         self.serving = None
         self.engine = None
@@ -88,14 +106,16 @@ class ServerState:
         return thread is None or thread.is_alive()
 
     async def drain(self) -> None:
-        """Stop admitting; wait for in-flight requests until the deadline's margin, then end the rest."""
+        """Stop admitting; wait for in-flight requests until the deadline's margin, then end the rest and give
+        them until half a second before the deadline to send their last event."""
         self.phase = "draining"
         margin = min(2.0, 0.2 * self.shutdown_timeout)
-        end = time.monotonic() + max(0.0, self.shutdown_timeout - margin)
-        while self.serving is not None and self.serving.active and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        if self.serving is not None and self.serving.active:
-            logger.warning("shutdown: ending %d unfinished request(s)", self.serving.end_all())
+        self.drain_deadline = time.monotonic() + self.shutdown_timeout
+        for end, last in ((self.drain_deadline - margin, False), (self.drain_deadline - 0.5, True)):
+            while self.serving is not None and self.serving.active and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+            if self.serving is not None and self.serving.active and not last:
+                logger.warning("shutdown: ending %d unfinished request(s)", self.serving.end_all())
 
     def close(self) -> None:
         start = time.monotonic()
@@ -133,12 +153,18 @@ class _Guard:
         headers = {}
         for key, value in scope["headers"]:
             headers.setdefault(key.lower(), value)
+        if not host_allowed(headers.get(b"host"), state.allowed_hosts):
+            return bad_request("the Host header names a host this server does not answer (--allowed-hosts)", None,
+                               "host_not_allowed")
         page = scope["method"] == "GET" and self.public(path)
         open_path = page or path == "/health" or (path == "/metrics" and state.metrics_without_auth)
         if not open_path and state.api_key is not None:
             given = headers.get(b"authorization", b"")
-            expected = b"Bearer " + state.api_key.encode("utf-8")
-            if not hmac.compare_digest(given, expected):
+            keys = [state.api_key] if isinstance(state.api_key, str) else state.api_key
+            valid = False
+            for key in keys:  # every key compared: the time says nothing about which one matched
+                valid |= hmac.compare_digest(given, b"Bearer " + key.encode("utf-8"))
+            if not valid:
                 return APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
                                 None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
         if scope["method"] == "POST":
@@ -164,59 +190,11 @@ def _endpoint(path: str) -> str:
     return path if path in known else "/v1/models" if path.startswith("/v1/models/") else "other"
 
 
-async def read_json(request, limit: int) -> dict:
-    """The body as a JSON object: counted while read (413), strict JSON (400)."""
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise APIError(413, f"the request body is over the limit of {limit:,} bytes", "invalid_request_error",
-                           None, "request_too_large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body:
-        raise bad_request("the request body is empty; send a JSON object", None, "invalid_json")
-
-    def constant(name):
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        data = json.loads(body, parse_constant=constant)
-    except RecursionError:
-        raise bad_request(f"the JSON body is nested too deeply (at most {MAX_DEPTH} levels)", None,
-                          "invalid_json") from None
-    except UnicodeDecodeError:
-        raise bad_request("the request body is not valid UTF-8", None, "invalid_json") from None
-    except ValueError as exc:
-        message = str(exc).split(":", 1)[0]  # json's message without the document
-        raise bad_request(f"the request body is not valid JSON ({message[:80]})", None, "invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    stack = [(data, 1)]
-    while stack:  # depth and strings in one walk
-        value, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise bad_request(f"the JSON body is nested too deeply (at most {MAX_DEPTH} levels)", None, "invalid_json")
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            for text in (key, item):
-                if isinstance(text, str):
-                    try:
-                        text.encode("utf-8")
-                    except UnicodeEncodeError:
-                        raise bad_request("the request holds a lone UTF-16 surrogate (invalid Unicode)", None,
-                                          "invalid_json") from None
-            if isinstance(item, (dict, list)):
-                stack.append((item, depth + 1))
-    return data
-
-
 def build_app(state: ServerState, ui: bool = True):
     """The FastAPI application over `state` (its `serving` may be attached later, when the model is loaded);
     `ui`: serve the chat page at `/` (llava_next/entrypoints/openai/ui)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from pydantic import ValidationError
     from starlette.exceptions import HTTPException
 
     @contextlib.asynccontextmanager
@@ -238,18 +216,17 @@ def build_app(state: ServerState, ui: bool = True):
 
         async def __call__(self, scope, receive, send):
             try:
-                await super().__call__(scope, receive, send)
+                await super().__call__(scope, receive, send_with_deadline(send, state.send_timeout))
+            except SendTimeout as exc:  # a client that stopped reading: its request is aborted below
+                logger.warning("ending a stream: %s", exc)
             finally:
                 self._close(abort=True)  # a no-op when the generator already closed itself
 
     async def handle(endpoint: str, request: Request, model_cls, method):
         status = 500
         try:
-            body = await read_json(request, state.max_body_bytes)
-            try:
-                req = model_cls.model_validate(body)
-            except ValidationError as exc:
-                raise from_validation(exc.errors(include_url=False, include_input=False)) from None
+            body = await read_body(request, state.max_body_bytes, state.body_timeout)
+            req = await parse_off_loop(body, model_cls)
             if state.serving is None:
                 raise APIError(503, "the model is loading; retry later", "service_unavailable", None,
                                "server_loading", {"Retry-After": "5"})
@@ -342,7 +319,8 @@ def make_serving(engine, state: ServerState, *, media, max_num_seqs: int | None 
 
     serving = OpenAIServing(engine, state.names, media, state.metrics,
                             max_num_seqs=max_num_seqs or engine.engine.max_num_seqs,
-                            max_queued_requests=max_queued_requests, chat_template=chat_template)
+                            max_queued_requests=max_queued_requests, chat_template=chat_template,
+                            cache_salt_per_key=state.cache_salt_per_key)
     from llava_next.entrypoints.openai.serving_responses import ResponsesServing
 
     serving.responses = ResponsesServing(serving)
@@ -363,12 +341,16 @@ def make_server(app, state: ServerState, host: str = "127.0.0.1", port: int = 80
         async def shutdown(self, sockets=None):
             await state.drain()  # in-flight requests finish (or are ended) while the listener still answers 503
             start = time.monotonic()
+            # what is left of --shutdown-timeout, less a moment for the engine: a stream whose client never
+            # reads would otherwise hold uvicorn for a second full timeout
+            self.config.timeout_graceful_shutdown = max(0.1, state.drain_deadline - start - 0.25)
             await super().shutdown(sockets)
             logger.info("uvicorn shutdown took %.2f s", time.monotonic() - start)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=max(1, int(state.shutdown_timeout + 0.999)),
-                            timeout_keep_alive=5)
+                            timeout_keep_alive=5, limit_concurrency=state.limit_concurrency,
+                            http=h11_with_header_timeout(state.header_timeout))
     return Server(config)
 
 
@@ -412,6 +394,18 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
         raise error_cls("--shutdown-timeout must be > 0")
     if not 0 <= args.port <= 65535:
         raise error_cls(f"--port must be in 0..65535, got {args.port}")
+    keys = args.api_key
+    if keys is None and os.environ.get("LLAVA_NEXT_API_KEY") is not None:
+        keys = [os.environ["LLAVA_NEXT_API_KEY"]]
+    keys = [keys] if isinstance(keys, str) else keys
+    if keys is not None and any(not key.strip() for key in keys):
+        raise error_cls("the API key (--api-key or $LLAVA_NEXT_API_KEY) is empty: no client could use the server; "
+                        "set a non-empty key or unset it")
+    if args.cache_salt_per_key and keys is None:
+        raise error_cls("--cache-salt-per-key needs --api-key (the salt is the client's key)")
+    for name in ("header_timeout", "body_timeout", "send_timeout"):
+        if not getattr(args, name) > 0:
+            raise error_cls(f"--{name.replace('_', '-')} must be > 0")
     template = None
     if args.chat_template is not None:
         try:
@@ -426,8 +420,12 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
         raise error_cls(f"--quantization {args.quantization} is not supported by the engine yet")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = args.served_model_name or [args.model]
-    state = ServerState(names, args.api_key, args.max_request_bytes, args.shutdown_timeout,
-                        getattr(args, "metrics_without_auth", False))
+    state = ServerState(names, keys, args.max_request_bytes, args.shutdown_timeout,
+                        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
+                        limit_concurrency=args.limit_concurrency, header_timeout=args.header_timeout,
+                        body_timeout=args.body_timeout, send_timeout=args.send_timeout,
+                        cache_salt_per_key=args.cache_salt_per_key,
+                        metrics_without_auth=args.metrics_without_auth)
     media = MediaPolicy(frozenset(args.allowed_media_domains), args.allowed_local_media_path)
     app = build_app(state, ui=not getattr(args, "no_ui", False))
     server = make_server(app, state, args.host, args.port, args.log_level)

@@ -4,8 +4,11 @@ Requests are strict (`strict=True`: `"max_tokens": "5"` or `"stream": 1` is a 40
 (`extra="forbid"`: a typo such as `max_token` is a 400 naming it, not silently ignored). Fields OpenAI clients
 send that change nothing here (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`) are accepted
 and ignored; fields whose feature is not built (`audio`, `modalities`, `prediction`, `echo`, `suffix`,
-`best_of` != n) are refused by `unsupported()` with a 400 "not supported". vLLM's sampling extras (`top_k`, `min_p`, `min_tokens`,
-`ignore_eos`, `repetition_penalty`, `stop_token_ids`, `skip_special_tokens`) sit at the top level of the body.
+`best_of` != n) are refused by `unsupported()` with a 400 "not supported". vLLM's sampling extras (`top_k`, `min_p`,
+`min_tokens`, `ignore_eos`, `repetition_penalty`, `stop_token_ids`, `skip_special_tokens`, `cache_salt`) sit at the
+top level of the body. Every field is typed and every list or map capped (`MAX_PARTS`, `MAX_TOOLS`, ...): no field
+takes an arbitrary JSON value, so a 15M-item array is a 400 wherever it is put (request_body.py also caps the
+values of a whole body before parsing). A message's content list must not be empty (OpenAI's rule).
 
 Responses are built as OpenAI documents them (`openai-python` types): `chat.completion`,
 `chat.completion.chunk` (`usage` present, as null, on every chunk only when `stream_options.include_usage`),
@@ -37,6 +40,12 @@ MAX_COMPLETION_LOGPROBS = 5
 MAX_STOP = 16
 MAX_MESSAGES = 1024
 SYSTEM_FINGERPRINT = "fp_llava_next"
+MAX_PARTS = 256  # content parts per message
+MAX_TOOLS = 128
+MAX_MAP = 64  # keys of a free-form object (logit_bias: 1024)
+MAX_NAME = 256  # characters of short strings (names, tiers, efforts, cache_salt: 1024)
+JSONObject = Annotated[dict[str, Any], Field(max_length=MAX_MAP)]  # free-form; its size is bounded by the body caps
+ShortStr = Annotated[str, Field(max_length=MAX_NAME)]
 
 _REQUEST = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="forbid")
@@ -69,22 +78,22 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 class SystemMessage(BaseModel):
     model_config = _REQUEST
     role: Literal["system", "developer"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: str | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_PARTS)]
+    name: ShortStr | None = None
 
 
 class UserMessage(BaseModel):
     model_config = _REQUEST
     role: Literal["user"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: str | Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_PARTS)]
+    name: ShortStr | None = None
 
 
 class AssistantMessage(BaseModel):
     model_config = _REQUEST
     role: Literal["assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_PARTS)] | None = None
+    name: ShortStr | None = None
     refusal: str | None = None
 
 
@@ -112,12 +121,12 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=1024)] | None = None
+    user: str | None = Field(None, max_length=MAX_NAME)
     safety_identifier: str | None = Field(None, max_length=256)  # OpenAI's; accepted and ignored
     prompt_cache_key: str | None = Field(None, max_length=1024)  # OpenAI's; accepted and ignored
     prompt_cache_retention: Literal["in-memory", "24h"] | None = None  # OpenAI's; accepted and ignored
-    structured_outputs: dict[str, Any] | None = None  # vLLM's extra: json | regex | choice | grammar | json_object
+    structured_outputs: JSONObject | None = None  # vLLM's extra: json | regex | choice | grammar | json_object
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -126,6 +135,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)  # vLLM's: a private prefix cache
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -134,20 +144,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    response_format: JSONObject | None = None
+    tools: Annotated[list[JSONObject], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ShortStr | JSONObject | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    metadata: dict[str, str] | None = None
+    functions: Annotated[list[JSONObject], Field(max_length=MAX_TOOLS)] | None = None
+    function_call: ShortStr | JSONObject | None = None
+    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
     store: bool | None = None
-    service_tier: str | None = None
-    modalities: list[str] | None = None
-    audio: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    web_search_options: Any = None
+    service_tier: ShortStr | None = None
+    modalities: Annotated[list[ShortStr], Field(max_length=4)] | None = None
+    audio: JSONObject | None = None
+    prediction: JSONObject | None = None
+    reasoning_effort: ShortStr | None = None
+    web_search_options: JSONObject | None = None
     verbosity: Literal["low", "medium", "high"] | None = None  # OpenAI's; accepted and ignored
 
 

@@ -21,6 +21,10 @@ Structured output and tool calls: constraints.py turns `response_format`, `tools
 `structured_outputs` into the engine's constraint (compiled in the prepare worker) and renders `tool_calls`.
 Logprob tokens are decoded in context (logprob_text.py): they concatenate to the text.
 
+Prefix-cache isolation: a request's `cache_salt` goes with its prompt to the engine (block_pool.salt_root);
+with `cache_salt_per_key` (`--cache-salt-per-key`) the bearer key's digest is mixed in too, so clients with
+different keys never share prefix blocks (nor see each other's prompts in `cached_tokens`).
+
 Leaves out: tool calls parsed from free text, `echo`, batched completion prompts, prompt logprobs, continuous
 usage stats, `n > 1` via prefix sharing beyond what the engine does itself.
 """
@@ -28,6 +32,7 @@ usage stats, `n > 1` via prefix sharing beyond what the engine does itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -87,12 +92,13 @@ async def _disconnected(request) -> None:
 class OpenAIServing:
     def __init__(self, engine, served_model_names: list[str], media: MediaPolicy, metrics, *,
                  max_num_seqs: int, max_queued_requests: int, chat_template: str | None = None,
-                 executor: ThreadPoolExecutor | None = None):
+                 executor: ThreadPoolExecutor | None = None, cache_salt_per_key: bool = False):
         self.engine = engine  # AsyncEngine
         self.llm = engine.engine  # LLMEngine
         self.names = list(served_model_names)
         self.media, self.metrics = media, metrics
         self.chat_template = chat_template
+        self.cache_salt_per_key = cache_salt_per_key
         self.admission = Admission(max_num_seqs + max_queued_requests)
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="llava-next-prep")
         self.active: dict[str, _Active] = {}
@@ -122,6 +128,14 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens)
         except SamplingParamsError as exc:
             raise from_library(exc) from None
+
+    def cache_salt(self, req, request) -> str | None:
+        """The engine's cache salt: the client's `cache_salt`, and the API key's digest when salting per key."""
+        salt = req.cache_salt
+        if self.cache_salt_per_key:
+            key = request.headers.get("authorization", "").encode("utf-8", "replace")
+            salt = f"key:{hashlib.sha256(key).hexdigest()}|{salt or ''}"
+        return salt
 
     def _common(self, req) -> None:
         problem = P.unsupported(req)
@@ -158,7 +172,7 @@ class OpenAIServing:
                               "prompt (--limit-mm-per-prompt)", "messages", "too_many_images")
         return messages, urls
 
-    def _prepare_chat(self, messages: list[dict], images: list, params: SamplingParams):
+    def _prepare_chat(self, messages: list[dict], images: list, params: SamplingParams, salt: str | None):
         """Worker thread: template, engine.prepare (the images are loaded already, in the image pool)."""
         try:
             text = self.processor.apply_chat_template(messages, chat_template=self.chat_template,
@@ -166,7 +180,9 @@ class OpenAIServing:
         except ValueError as exc:
             raise bad_request(f"the chat template could not render the messages: {exc}", "messages",
                               "invalid_messages") from None
-        prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else text
+        prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
+        if salt is not None:
+            prompt["cache_salt"] = salt
         return self.llm.prepare(prompt, params)
 
     async def chat(self, req: P.ChatCompletionRequest, request):
@@ -180,8 +196,9 @@ class OpenAIServing:
         constraint, tools, field = constraints.plan(req)  # response_format, tools, structured_outputs (400s)
         params = constraints.with_constraint(params, constraint, req.logit_bias)
         messages, urls = self._conversation(req)
+        salt = self.cache_salt(req, request)
         return await self._serve("chat", req, params, arrival, request, constraints.guard(
-            lambda images: self._prepare_chat(messages, images, params), field), urls, tools)
+            lambda images: self._prepare_chat(messages, images, params, salt), field), urls, tools)
 
     # -- completions ---------------------------------------------------------------------------------------
     async def completion(self, req: P.CompletionRequest, request):
@@ -201,7 +218,10 @@ class OpenAIServing:
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
         constraint, _, field = constraints.plan(req)  # vLLM's structured_outputs
         params = constraints.with_constraint(params, constraint, req.logit_bias)
-        engine_prompt = prompt if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        engine_prompt = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        salt = self.cache_salt(req, request)
+        if salt is not None:
+            engine_prompt["cache_salt"] = salt
         return await self._serve("completion", req, params, arrival, request,
                                  constraints.guard(lambda _images: self.llm.prepare(engine_prompt, params), field))
 
