@@ -1,8 +1,9 @@
 """Issue 22, the server core: what a hostile trial broke, each answered at the door (tests fail without the fix).
 
 - Values the sampler cannot compute: temperature 1e-300 / 5e-324 are greedy (vLLM's rule: below 1e-5), the
-  same tokens as temperature 0; repetition_penalty 1e-300, stop_token_ids beyond int64 or the vocabulary, and
-  seed 2**63-1 with n=2 (child seeds overflow) are 400s naming the field; the engine stays healthy.
+  same tokens as temperature 0; repetition_penalty 1e-300 is served (the sampler clamps it to float32's normal
+  range); stop_token_ids beyond int64 or the vocabulary, and seed 2**63-1 with n=2 (child seeds overflow) are
+  400s naming the field; the engine stays healthy.
   `LLM.generate` leaves nothing queued when queueing one of its prompts fails.
 - Bodies: parsed off the event loop (a parse held in its thread does not stop /health), a 15M-item array is
   refused before parsing, every ignored field is typed (a list where an object or a short string belongs is a
@@ -73,8 +74,8 @@ def test_tiny_temperatures_are_greedy(server, temperature):
 
 
 @pytest.mark.parametrize("fields,param", [
-    (dict(repetition_penalty=1e-300, temperature=1.0), "repetition_penalty"),
-    (dict(repetition_penalty=1e-3), "repetition_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=1e3), "repetition_penalty"),
     (dict(stop_token_ids=[10**30], temperature=1.0), "stop_token_ids"),
     (dict(stop_token_ids=[2**63], temperature=1.0), "stop_token_ids"),
     (dict(stop_token_ids=[10**6], temperature=1.0, min_tokens=2), "stop_token_ids"),  # beyond the vocabulary
@@ -91,13 +92,22 @@ def test_uncomputable_values_are_400(server, fields, param):
     assert post(server, body()).status_code == 200
 
 
+@pytest.mark.parametrize("penalty", [1e-300, 1e-3])
+def test_extreme_repetition_penalty_is_clamped_and_served(server, penalty):
+    for stream in (False, True):
+        r = post(server, body(repetition_penalty=penalty, temperature=1.0, max_tokens=4, ignore_eos=True,
+                              stream=stream))
+        assert r.status_code == 200, r.text
+    assert healthy(server)
+
+
 def test_largest_child_seed_that_fits_is_served(server):
     r = post(server, body(seed=2**63 - 2, n=2, temperature=1.0))
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
 def test_sampling_params_library_bounds():
-    for kwargs in (dict(repetition_penalty=1e-300), dict(stop_token_ids=[2**63]), dict(seed=2**63 - 1, n=2)):
+    for kwargs in (dict(repetition_penalty=0.0), dict(stop_token_ids=[2**63]), dict(seed=2**63 - 1, n=2)):
         with pytest.raises(SamplingParamsError):
             llava_next.SamplingParams(**kwargs)
     assert llava_next.SamplingParams(temperature=5e-324).greedy

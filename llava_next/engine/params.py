@@ -7,7 +7,8 @@ bound one request's cost: n <= 16, logprobs <= 20, at most 16 stop strings of at
 
 Only values the sampler can compute pass (each a 400 at the server, which maps to this class): a temperature
 below 1e-5 (1e-300, 5e-324 underflow to 0 in float32) is greedy, vLLM's rule (`greedy`); repetition_penalty
-lies in [0.01, 100] (1e-300 divides a logit to inf); stop_token_ids and seeds fit int64, and so does the last
+is > 0 as in transformers and vLLM (the sampler clamps it to float32's normal range, so 1e-300 is defined: the
+seen tokens with positive logits tie at the top); stop_token_ids and seeds fit int64, and so does the last
 child seed of an n > 1 request (seed + n - 1, vLLM's parallel sampling); the vocabulary bound of
 stop_token_ids is checked by engine/prepare.py, which knows the vocabulary.
 
@@ -38,7 +39,6 @@ MAX_STOP_LENGTH = 256
 MAX_SEED = 2**63 - 1
 MAX_LOGIT_BIAS = 1024
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it samples greedily (dividing by it would overflow)
-MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
 
 
 def _number(name: str, value: Any, integer: bool = False, low: float | None = None, high: float | None = None,
@@ -100,7 +100,7 @@ class SamplingParams:
                                       f"({self.max_tokens})")
         if self.logprobs is not None:
             _number("logprobs", self.logprobs, integer=True, low=0, high=MAX_LOGPROBS)
-        _number("repetition_penalty", self.repetition_penalty, low=MIN_REPETITION_PENALTY, high=MAX_REPETITION_PENALTY)
+        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         for name in ("ignore_eos", "skip_special_tokens"):
@@ -160,7 +160,7 @@ class SamplingParams:
                               min_new_tokens=self.min_tokens)
 
     def child(self, index: int) -> "SamplingParams":
-        """The params of completion `index` of an n > 1 request: n = 1, seed + index (vLLM's parallel sampling),
-        wrapped into the int64 range (2**63 - 1 + 1 is -2**63: the same torch generator, seeds being mod 2**64)."""
-        seed = None if self.seed is None else (self.seed + index + 2**63) % 2**64 - 2**63
+        """The params of completion `index` of an n > 1 request: n = 1, seed + index (vLLM's parallel sampling;
+        it fits int64, checked on construction)."""
+        seed = None if self.seed is None else self.seed + index
         return dataclasses.replace(self, n=1, seed=seed)

@@ -5,8 +5,7 @@ sequence's first step, one transfer) drives the processors of sampling/logits.py
 in the order the engine always used:
 
     presence/frequency penalties (vLLM's, over the output tokens) -> repetition penalty (transformers', over
-    prompt + output) -> EOS and stop ids at -inf while min_tokens holds them -> `allowed` mask (grammars)
-    -> [sampled rows:] temperature -> top-k -> top-p -> min-p -> softmax -> one draw
+    prompt + output) -> EOS and stop ids at -inf while min_tokens holds them -> [sampled rows:] temperature -> top-k -> top-p -> min-p -> softmax -> one draw
 
 Greedy rows (temperature below 1e-5, vLLM's rule) take the argmax after the first four steps. Token counts
 live on the device: a persistent (slots, V + 1) int32 count table of output tokens and a bool table of the
@@ -20,12 +19,12 @@ Containment: parameters are clamped to the finite float32 range (a repetition pe
 float32's smallest normal number, 1.2e-38; a temperature or penalty of 1e300 lowered to its largest), and
 scores past float32's range after temperature become its largest value, so edge values give finite
 probabilities (a penalty that tiny makes the seen tokens with positive logits tie at the top: defined, if not
-useful). A row whose scores are NaN or all -inf (NaN logits, a grammar allowing nothing) fails; if the
+useful). A row whose scores are NaN or all -inf (NaN logits, a grammar mask allowing nothing) fails; if the
 batched pass raises, each row is retried alone. A failed row's token is None and its reason is in `failures`
 (key: request id, completion index); the engine ends that request with finish_reason "error".
 
-Leaves out: logit_bias, bad words, the Gumbel trick, prompt logprobs, grammars themselves (the caller passes
-their masks).
+Leaves out: logit_bias and grammar masks (sampling/structured.py applies both to the logits before this runs),
+bad words, the Gumbel trick, prompt logprobs.
 """
 
 from __future__ import annotations
@@ -63,15 +62,6 @@ class _Row:
     stops: tuple[int, ...]  # EOS and stop ids inside the vocab, at -inf while min_tokens holds them back
     generator: torch.Generator | None  # its own RNG when seeded
     slot: int | None  # its row of the count tables when it has a penalty
-
-
-def unpack_bitmask(mask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(R, V) bool, or llguidance's packed int32 (R, ceil(V / 32)) (bit j of word w allows token 32w + j)
-    -> (R, V) bool."""
-    if mask.dtype == torch.bool:
-        return mask[:, :vocab]
-    bits = torch.arange(32, device=mask.device, dtype=torch.int32)
-    return ((mask[:, :, None] >> bits) & 1).bool().reshape(mask.shape[0], -1)[:, :vocab]
 
 
 class Sampler:
@@ -135,15 +125,10 @@ class Sampler:
         return slot
 
     # -- a step ------------------------------------------------------------------------------------------------
-    def __call__(self, seqs: list[Sequence], logits: torch.Tensor, allowed: torch.Tensor | None = None
-                 ) -> tuple[list[int | None], list[dict | None]]:
-        """logits (R, V) for R sampling sequences -> their next token ids and (when asked) logprob dicts.
-
-        `allowed` (the hook for structured output): None, or per row the tokens a grammar allows, either a
-        (R, V) bool tensor or llguidance's packed int32 bitmask (R, ceil(V / 32)); rows without a grammar are
-        all True / all ones. Applied after the penalties and min_tokens, before temperature. A row whose mask
-        allows nothing fails (token None, reason in `failures`).
-        """
+    def __call__(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int | None], list[dict | None]]:
+        """logits (R, V) for R sampling sequences -> their next token ids and (when asked) logprob dicts. A row
+        with nothing finite to choose from (NaN, or all -inf as a grammar mask allowing nothing leaves it)
+        fails: token None, reason in `failures`."""
         self.failures = {}
         rows, keep = [], []
         for i, seq in enumerate(seqs):  # a sequence whose set-up fails is that request's failure only
@@ -154,15 +139,14 @@ class Sampler:
                 self._failed(seq, exc)
         if len(keep) < len(seqs):
             logits = logits[keep]
-            allowed = None if allowed is None else allowed[keep]
         try:
-            tokens, logprobs = self._sample(rows, logits, allowed) if rows else ([], [])
+            tokens, logprobs = self._sample(rows, logits) if rows else ([], [])
         except Exception:  # find the rows that fail: each alone
             logger.exception("batched sampling of %d rows failed; sampling each row alone", len(rows))
             tokens, logprobs = [], []
             for i, row in enumerate(rows):
                 try:
-                    one = self._sample([row], logits[i: i + 1], None if allowed is None else allowed[i: i + 1])
+                    one = self._sample([row], logits[i: i + 1])
                 except Exception as exc:  # noqa: BLE001 (contained and logged by _failed)
                     self._failed(row.seq, exc)
                     one = [None], [None]
@@ -181,18 +165,18 @@ class Sampler:
         logger.error("sampling failed for request %r", seq.request_id, exc_info=exc)
         self.failures[(seq.request_id, seq.index)] = f"sampling failed: {exc!r}"[:300]
 
-    def scores(self, seqs: list[Sequence], logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """(R, V) float32: the scores greedy rows take the argmax of (penalties, min_tokens, `allowed`), for
+    def scores(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """(R, V) float32: the scores greedy rows take the argmax of (penalties, min_tokens), for
         tests and inspection; no state changes beyond the rows' first-step set-up."""
         rows = [self._row(seq, logits.shape[-1]) for seq in seqs]
-        return self._penalized(rows, logits.float(), self._values(rows, logits.device), allowed)[0]
+        return self._penalized(rows, logits.float(), self._values(rows, logits.device))[0]
 
     @staticmethod
     def _values(rows: list[_Row], dev: torch.device) -> torch.Tensor:
         return torch.tensor([r.values for r in rows], dtype=torch.float32).to(dev)  # (R, 7), one transfer
 
-    def _penalized(self, rows: list[_Row], raw: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None):
-        """raw (R, V) float32 -> (scores after penalties, min_tokens and `allowed`, the penalty rows' (rows,
+    def _penalized(self, rows: list[_Row], raw: torch.Tensor, values: torch.Tensor):
+        """raw (R, V) float32 -> (scores after penalties and min_tokens, the penalty rows' (rows,
         slots) index tensors or None)."""
         V = raw.shape[-1]
         dev = raw.device
@@ -215,16 +199,14 @@ class Sampler:
         if hold:
             at = torch.tensor(hold).to(dev)  # (n, 2): (row, token)
             scores = scores.index_put((at[:, 0], at[:, 1]), torch.tensor(-math.inf, device=dev))
-        if allowed is not None:
-            scores = scores.masked_fill(~unpack_bitmask(allowed.to(dev), V), -math.inf)
         return scores, where
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor, allowed: torch.Tensor | None):
+    def _sample(self, rows: list[_Row], logits: torch.Tensor):
         V = logits.shape[-1]
         dev = logits.device
         raw = logits.float()  # (R, V); kept unmodified for logprobs
         values = self._values(rows, dev)
-        scores, pen = self._penalized(rows, raw, values, allowed)
+        scores, pen = self._penalized(rows, raw, values)
         best, tokens = scores.max(-1)  # (R,) greedy rows keep these tokens (the first maximum, as argmax)
         bad = ~(best > -math.inf)  # (R,) NaN or all -inf: nothing to choose from
         sampled = [i for i, r in enumerate(rows) if not r.greedy]
