@@ -6,6 +6,7 @@ not fit at all."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -80,7 +81,7 @@ def test_assistant_tokens_mask_matches_transformers(padding_side):
 def test_processor_with_patch_128_counts_as_transformers(hf_processor):
     folder = processor_fixtures.shared_processor_folder("mistral", "hub")
     ours = LlavaNextProcessor.from_pretrained(folder, patch_size=128)
-    theirs = hf_processor()
+    theirs = copy.copy(hf_processor())  # the factory's processor is shared by other test files: never edit it
     theirs.patch_size = 128
     sizes = [(336, 336), (300, 500), (50, 1000), (1000, 60), (1, 4000)]
     expected = theirs._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
