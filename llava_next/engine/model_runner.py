@@ -152,6 +152,7 @@ class ModelRunner:
         samples = np.fromiter((s + n == seq.num_tokens for seq, s, n in order), bool, B)  # (B,)
         sample_rows = (np.cumsum(num_new) - 1)[samples]  # (n,) last row of each sequence that samples
         samplers = [seq for (seq, _, _), s in zip(order, samples) if s]
+        masks = None if self.structured is None else self.structured.begin([s.matcher for s in samplers])
         ids = np.fromiter((t for seq, s, n in order for t in seq.token_ids[s:s + n]), np.int64)  # (T,)
         with_images = [i for i, (seq, s, _) in enumerate(order) if seq.images and s < seq.images[-1].end]
         bucket = None
@@ -181,7 +182,7 @@ class ModelRunner:
         if not samplers:
             return [], [], []
         if self.structured is not None:  # logit_bias and grammar masks, in place (sampling/structured.py)
-            self.structured.constrain(logits, [s.matcher for s in samplers], [s.params.logit_bias for s in samplers])
+            self.structured.constrain(logits, masks, [s.params.logit_bias for s in samplers])
         tokens, logprobs = self.sampler(samplers, logits)
         return samplers, tokens, logprobs
 

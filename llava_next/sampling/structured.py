@@ -11,15 +11,18 @@ vocabulary (ids the tokenizer lacks, e.g. padding rows of the embedding, are nev
   server runs in its worker threads, never on the engine thread. llguidance's parser limits bound the time
   and memory one compile takes; structured_params.py caps sizes before that.
 - `Grammar.matcher()` is a fresh matcher for one sequence (a copy of the pristine one: microseconds).
-- `constrain(logits, matchers, biases)`: one step, in place, on the logits of the sampling rows (R, V), before
-  the sampler (as vLLM applies its bitmask: logprobs see the mask); `matchers[i]` is row i's matcher or None,
-  `biases[i]` its logit_bias {id: bias} or None. Biases are added in one scatter. The token bitmask of every
-  constrained row is filled in one llguidance call (parallel, GIL released) into a preallocated host buffer
-  (rows without a grammar: all ones) and applied to all rows in one write: on a CPU each mask byte is looked
-  up in a (256, 8) table of 0 / -inf and the result added (branch-free, ~0.2 ms at 64 rows; torch's CPU
-  masked_fill on such masks, what the sampler's `allowed` hook does, was ~4-8x slower); on a GPU the packed int32 words are copied
-  over and unpacked there, then one masked_fill. A matcher in an error state allows nothing: the sampler
-  finds the row all -inf, fails it, and the engine ends that request only (finish_reason "error").
+- `begin(matchers)` (before the step's forward) -> a pending mask, or None when no row is constrained:
+  `matchers[i]` is sampling row i's matcher or None. The mask work runs on one worker thread while the model
+  runs (as vLLM overlaps its bitmask with the forward): the token bitmask of every constrained row is filled in
+  one llguidance call (parallel, GIL released) into a preallocated host buffer (rows without a grammar: all
+  ones), and on a CPU each mask byte is then looked up in a (256, 8) table of 0 / -inf, giving the (R, V)
+  addend (branch-free; torch's CPU masked_fill on such masks was ~4-8x slower). A matcher in an error state
+  allows nothing: the sampler finds the row all -inf, fails it, and the engine ends that request only
+  (finish_reason "error").
+- `constrain(logits, pending, biases)`: in place on the logits of the sampling rows (R, V), before the sampler
+  (as vLLM applies its bitmask: logprobs see the mask): every row's logit_bias {id: bias} (one scatter), then
+  the pending mask in one op (CPU: one add; GPU: the packed int32 words copied over, unpacked there, one
+  masked_fill). `pending` may also be the matcher list itself (computed then, without overlap).
 - `advance(matcher, token)`: after sampling; None (go on), "end" (the grammar is complete: finish with
   "stop") or "error" (the token was rejected: that request ends with "error").
 
@@ -29,6 +32,7 @@ Leaves out: fast-forward (forced) tokens, speculative draft masks, jump-ahead de
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import logging
 import threading
@@ -82,6 +86,8 @@ class StructuredDecoding:
         self._host = torch.empty(0, self.words, dtype=torch.int32)  # (rows, W) bitmask buffer, grown on demand
         self._max_rows = max_rows
         self._shifts = None  # (32,) int32 bit positions on the GPU
+        self._addend = np.empty((0, 4 * self.words, 8), np.float32)  # (rows, 4W, 8) CPU addend, grown on demand
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llava-next-grammar-mask")
 
     # -- compiling (any thread) ------------------------------------------------------------------------------
     def _ll_tokenizer(self):
@@ -145,9 +151,32 @@ class StructuredDecoding:
                                      pin_memory=self.device.type == "cuda")
         return self._host[:rows]  # (rows, W), contiguous
 
-    def constrain(self, logits: torch.Tensor, matchers: list, biases: list) -> None:
+    def begin(self, matchers: list) -> concurrent.futures.Future | None:
+        """Start this step's masks for the sampling rows (row i: `matchers[i]` or None) on the worker thread."""
+        if all(m is None for m in matchers):
+            return None
+        return self._worker.submit(self._masks, list(matchers))
+
+    def _masks(self, matchers: list):
+        """Worker thread: the (R, W) int32 bitmask; on a CPU engine the (R, 4W*8) float32 0 / -inf addend."""
+        constrained = [(m, i) for i, m in enumerate(matchers) if m is not None]
+        R = len(matchers)
+        bitmask = self._buffer(R)  # (R, W) int32: rows without a grammar allow everything
+        if len(constrained) < R:
+            bitmask.fill_(-1)
+        self._executor.unsafe_compute_mask_ptr(constrained, bitmask.data_ptr(), self.words * 4, R)
+        for m, i in constrained:
+            if m.is_error():  # its mask would allow only EOS and hide the failure: allow nothing, the row fails
+                bitmask[i] = 0
+        if self.device.type != "cpu":
+            return bitmask
+        if self._addend.shape[0] < R:
+            self._addend = np.empty((max(R, self._max_rows), 4 * self.words, 8), np.float32)
+        return cpu_addend(bitmask, self._addend[:R])
+
+    def constrain(self, logits: torch.Tensor, pending, biases: list) -> None:
         """One step, in place on logits (R, V): every row's logit_bias (one scatter), then the grammar masks
-        (see the module docstring)."""
+        that `begin` started (or, given the matchers themselves, computed now)."""
         if any(b for b in biases):
             rows, cols, vals = [], [], []
             for i, bias in enumerate(biases):
@@ -157,25 +186,20 @@ class StructuredDecoding:
                     vals.extend(bias.values())
             index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
             logits.index_put_(index, torch.tensor(vals, device=logits.device, dtype=logits.dtype), accumulate=True)
-        constrained = [(m, i) for i, m in enumerate(matchers) if m is not None]
-        if not constrained:
+        if isinstance(pending, list):
+            pending = self.begin(pending)
+        if pending is None:
             return
         R, V = logits.shape
         if V > 32 * self.words:
             raise ValueError(f"logits have {V} columns; the grammar masks cover {32 * self.words}")
-        bitmask = self._buffer(R)  # (R, W) int32: rows without a grammar allow everything
-        if len(constrained) < R:
-            bitmask.fill_(-1)
-        self._executor.unsafe_compute_mask_ptr(constrained, bitmask.data_ptr(), self.words * 4, R)
-        for m, i in constrained:
-            if m.is_error():  # its mask would allow only EOS and hide the failure: allow nothing, the row fails
-                bitmask[i] = 0
+        masks = pending.result()
         if logits.device.type == "cpu":
-            apply_on_cpu(logits, bitmask)
+            logits.add_(masks[:, :V])  # -inf where not allowed
         else:
             if self._shifts is None or self._shifts.device != logits.device:
                 self._shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-            apply_on_device(logits, bitmask.to(logits.device, non_blocking=True), self._shifts)
+            apply_on_device(logits, masks.to(logits.device, non_blocking=True), self._shifts)
 
     @staticmethod
     def advance(matcher, token: int) -> str | None:
@@ -184,12 +208,12 @@ class StructuredDecoding:
         return "end" if matcher.is_stopped() else None
 
 
-def apply_on_cpu(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """logits (R, V) += 0 / -inf by the host bitmask (R, W): branch-free (torch's CPU masked_fill on masks with
-    scattered allowed tokens is ~4-8x slower)."""
-    R, V = logits.shape
-    add = np.take(_ADD, bitmask.numpy().view(np.uint8), axis=0)  # (R, 4W, 8): a byte -> its 8 tokens
-    logits.add_(torch.from_numpy(add.reshape(R, -1)[:, :V]))  # (R, V) float32: -inf where not allowed
+def cpu_addend(bitmask: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
+    """The host bitmask (R, W) int32 -> (R, 32W) float32, 0 where allowed and -inf elsewhere (into `out`,
+    (R, 4W, 8), when given): each mask byte looked up in a (256, 8) table, branch-free."""
+    R = bitmask.shape[0]
+    addend = np.take(_ADD, bitmask.numpy().view(np.uint8), axis=0, out=out)  # (R, 4W, 8): a byte -> its 8 tokens
+    return torch.from_numpy(addend.reshape(R, -1))
 
 
 def apply_on_device(logits: torch.Tensor, words: torch.Tensor, shifts: torch.Tensor) -> None:
