@@ -7,7 +7,8 @@ step's host plan once with numpy (attention_metadata.plan_step: positions, slots
 and moves it to the device in one transfer. It runs the CLIP tower once over the tiles of every image the step
 needs that the encoder cache lacks, writes image features over placeholders only for the chunks that hold some (a pure
 decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)` and applies the
-lm_head only to the rows that sample.
+lm_head only to the rows that sample. Grammar masks of constrained rows (sampling/structured.py) are started
+before the forward, on a worker thread, and applied with the rows' logit_bias right before the sampler.
 
 Modes (as generate()'s DecodeRunner): "eager" (default off CUDA) runs every step at its own shapes; "static"
 pads each pure-decode step to a batch bucket (1, 2, 4, ..., powers of two) and a key-length bucket (multiples

@@ -1,7 +1,7 @@
 """The server's OpenAPI document from its pydantic models, and the `x-request-id` header.
 
-The routes read and validate their bodies themselves (api_server.read_json, strict pydantic, OpenAI's error
-shape), so FastAPI cannot see their types. `install(app)` replaces `app.openapi` with a generator that adds,
+The routes read and validate their bodies themselves (request_body.py: read under a deadline, parsed and
+validated with strict pydantic off the event loop, OpenAI's error shape), so FastAPI cannot see their types. `install(app)` replaces `app.openapi` with a generator that adds,
 per route of `ROUTES`, the request body schema and the 200 response schema (JSON, and `text/event-stream` for
 the streaming routes) and, for every route, OpenAI's error body for the 4xx/5xx answers; every model lands in
 `components/schemas` (pydantic's JSON Schema in validation mode for requests, serialization for responses).
