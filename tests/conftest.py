@@ -103,3 +103,22 @@ def copy_checkpoint(tmp_path):
         return target
 
     return copy
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_checkpoint, tiny_root):
+    """The server tests' checkpoint: tiny weights + the real Mistral tokenizer and template (server_fixtures)."""
+    from server_fixtures import full_checkpoint
+
+    return full_checkpoint(tiny_checkpoint, tiny_root)
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    """A default ThreadServer on `folder` (127.0.0.1, free port), stopped at the module's end; a module that needs
+    other settings defines its own `server`."""
+    from server_fixtures import ThreadServer
+
+    s = ThreadServer(folder)
+    yield s
+    s.stop()

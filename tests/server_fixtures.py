@@ -5,7 +5,8 @@ hub-layout processor files of llava-v1.6-mistral (tests/processor_fixtures.py: t
 chat template) in one folder. `ThreadServer(folder, ...)`: the engine (llava_next.LLM's engine, fp32 CPU), an
 AsyncEngine, the FastAPI app and a uvicorn.Server on 127.0.0.1 with a pre-bound free port, served from a
 thread (`state_options`: ServerState's keyword settings); `.stop()` ends it through uvicorn's own exit flag
-and joins the thread (bounded). `openai_client` has `max_retries=0` so no error is hidden by a retry.
+and joins the thread (bounded). `openai_client` has `max_retries=0` so no error is hidden by a retry. The pytest fixtures
+`folder` and `server` (a default ThreadServer, stopped at the module's end) built on these live in conftest.py.
 
 Leaves out: fixtures for GPU runs.
 """
@@ -126,3 +127,4 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+

@@ -23,7 +23,7 @@ import time
 
 import httpx
 import pytest
-from server_fixtures import MODEL, ThreadServer, full_checkpoint, wait_until
+from server_fixtures import MODEL, ThreadServer, wait_until
 
 import llava_next
 from llava_next.entrypoints.openai import request_body
@@ -38,11 +38,6 @@ LONG_SYSTEM = "You are a careful assistant who answers in full sentences and che
 def body(**fields) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4,
             "temperature": 0, **fields}
-
-
-@pytest.fixture(scope="module")
-def folder(tiny_checkpoint, tiny_root):
-    return full_checkpoint(tiny_checkpoint, tiny_root)
 
 
 @pytest.fixture(scope="module")

@@ -16,28 +16,9 @@ import httpx
 import openai
 import pytest
 import torch
-from server_fixtures import (
-    MODEL,
-    ThreadServer,
-    data_url,
-    full_checkpoint,
-    image_message,
-    png_bytes,
-)
+from server_fixtures import MODEL, ThreadServer, data_url, image_message, png_bytes
 
 SIZES = [(40, 60), (300, 200)]
-
-
-@pytest.fixture(scope="module")
-def folder(tiny_checkpoint, tiny_root):
-    return full_checkpoint(tiny_checkpoint, tiny_root)
-
-
-@pytest.fixture(scope="module")
-def server(folder):
-    s = ThreadServer(folder)
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,7 @@ import time
 
 import httpx
 import pytest
-from server_fixtures import (
-    MODEL,
-    ThreadServer,
-    data_url,
-    full_checkpoint,
-    image_message,
-    png_bytes,
-    wait_until,
-)
+from server_fixtures import MODEL, ThreadServer, data_url, image_message, png_bytes, wait_until
 
 IMAGE_SIZES = [(20, 30), (60, 80), (300, 200), (336, 336), (100, 700), (700, 100)]
 TEXTS = ["Hello", "What is two plus two?", "Write a haiku about the sea.", "List three colours.",
@@ -42,18 +34,6 @@ def payloads() -> list[dict]:
         url = data_url(png_bytes(h, w, seed=10 + i))
         out.append({"messages": image_message(f"Image {i}: what is shown?", url), "max_tokens": 5 + i % 4})
     return out
-
-
-@pytest.fixture(scope="module")
-def folder(tiny_checkpoint, tiny_root):
-    return full_checkpoint(tiny_checkpoint, tiny_root)
-
-
-@pytest.fixture(scope="module")
-def server(folder):
-    s = ThreadServer(folder)
-    yield s
-    s.stop()
 
 
 def test_32_concurrent_clients_each_equal_their_request_alone(server):

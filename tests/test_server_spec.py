@@ -12,22 +12,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server_fixtures import MODEL, ThreadServer, data_url, full_checkpoint, png_bytes
+from server_fixtures import MODEL, ThreadServer, data_url, png_bytes
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["cat", "dog"]}, "count": {"type": "integer",
           "minimum": 0, "maximum": 9}}, "required": ["label", "count"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def folder(tiny_checkpoint, tiny_root):
-    return full_checkpoint(tiny_checkpoint, tiny_root)
-
-
-@pytest.fixture(scope="module")
-def server(folder):
-    s = ThreadServer(folder)
-    yield s
-    s.stop()
 
 
 def test_responses_plain_image_streamed_json_schema(server):

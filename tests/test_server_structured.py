@@ -16,7 +16,7 @@ import openai
 import pydantic
 import pytest
 import structured_cases as cases
-from server_fixtures import MODEL, ThreadServer, full_checkpoint
+from server_fixtures import MODEL, ThreadServer
 
 
 class Person(pydantic.BaseModel):
@@ -27,11 +27,6 @@ class Person(pydantic.BaseModel):
 
 
 MESSAGES = [{"role": "user", "content": "Who is it?"}]
-
-
-@pytest.fixture(scope="module")
-def folder(tiny_checkpoint, tiny_root):
-    return full_checkpoint(tiny_checkpoint, tiny_root)
 
 
 @pytest.fixture(scope="module")
