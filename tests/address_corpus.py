@@ -2,6 +2,10 @@
 the server): each is refused or allowed by `preprocess/fetch.blocked_reason`, and the same URL gets the same
 answer everywhere. Public addresses are never connected to in tests (no network here)."""
 
+import socket
+import threading
+
+
 BLOCKED = [
     # IPv4 special ranges
     "127.0.0.1", "127.0.0.2", "127.255.255.254", "0.0.0.0", "0.1.2.3", "10.0.0.1", "172.16.0.1", "172.31.255.255",
@@ -48,3 +52,43 @@ def corpus_names() -> dict[str, list[str]]:
     table["mixed.test"] = ["93.184.216.34", "127.0.0.1"]
     table["mixed2.test"] = ["127.0.0.2", "8.8.8.8"]
     return table
+
+
+class Victims:
+    """Listeners on 127.0.0.1 and 127.0.0.2 (same port) that only count the connections they accept."""
+
+    def __init__(self):
+        for _ in range(20):
+            self.socks = []
+            try:
+                first = socket.create_server(("127.0.0.1", 0))
+                self.socks.append(first)
+                self.port = first.getsockname()[1]
+                self.socks.append(socket.create_server(("127.0.0.2", self.port)))
+                break
+            except OSError:
+                for s in self.socks:
+                    s.close()
+        for s in self.socks:
+            s.settimeout(0.1)
+        self.connections = 0
+        self.running = True
+        self.threads = [threading.Thread(target=self._accept, args=(s,), daemon=True) for s in self.socks]
+        for t in self.threads:
+            t.start()
+
+    def _accept(self, sock):
+        while self.running:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self):
+        self.running = False
+        for t in self.threads:
+            t.join(2)
+        for s in self.socks:
+            s.close()

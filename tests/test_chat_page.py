@@ -32,11 +32,12 @@ import time
 from pathlib import Path
 
 import chat_page_fixtures as pf
+from chat_page_fixtures import browser  # noqa: F401 (the pytest fixture)
 import httpx
 import pytest
 from server_fixtures import full_checkpoint, image_message, png_bytes, wait_until
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
+pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
 if not shutil.which(pf.CHROMIUM):
     pytest.skip(f"the browser tests need {pf.CHROMIUM} (apt-get install chromium chromium-driver; .ci/run does)",
                 allow_module_level=True)
@@ -55,16 +56,6 @@ def server(tiny_checkpoint, tiny_root):
         yield served
     finally:
         served.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = pf.launch(p)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

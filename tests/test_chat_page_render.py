@@ -17,9 +17,10 @@ import json
 import shutil
 
 import chat_page_fixtures as pf
+from chat_page_fixtures import browser  # noqa: F401 (the pytest fixture)
 import pytest
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
+pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
 if not shutil.which(pf.CHROMIUM):
     pytest.skip(f"the browser tests need {pf.CHROMIUM} (apt-get install chromium chromium-driver; .ci/run does)",
                 allow_module_level=True)
@@ -32,16 +33,6 @@ def server():
         yield served
     finally:
         served.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = pf.launch(p)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ when regular (a real FIFO, /dev/zero, a folder)."""
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 
 import pytest
@@ -16,52 +14,13 @@ from address_corpus import (
     LOOPBACK_SPELLINGS,
     PUBLIC,
     corpus_names,
+    Victims,
     resolver_for,
 )
 
 from llava_next.errors import InvalidImageError
 from llava_next.preprocess.fetch import FetchPolicy, blocked_reason, parse_ip
 from llava_next.preprocess.images import load_image
-
-
-class Victims:
-    """Listeners on 127.0.0.1 and 127.0.0.2 (same port) that only count the connections they accept."""
-
-    def __init__(self):
-        for _ in range(20):
-            self.socks = []
-            try:
-                first = socket.create_server(("127.0.0.1", 0))
-                self.socks.append(first)
-                self.port = first.getsockname()[1]
-                self.socks.append(socket.create_server(("127.0.0.2", self.port)))
-                break
-            except OSError:
-                for s in self.socks:
-                    s.close()
-        for s in self.socks:
-            s.settimeout(0.1)
-        self.connections = 0
-        self.running = True
-        self.threads = [threading.Thread(target=self._accept, args=(s,), daemon=True) for s in self.socks]
-        for t in self.threads:
-            t.start()
-
-    def _accept(self, sock):
-        while self.running:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self):
-        self.running = False
-        for t in self.threads:
-            t.join(2)
-        for s in self.socks:
-            s.close()
 
 
 @pytest.fixture

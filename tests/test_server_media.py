@@ -22,6 +22,7 @@ import time
 
 import httpx
 import pytest
+from address_corpus import Victims
 from server_fixtures import (
     MODEL,
     ThreadServer,
@@ -35,36 +36,6 @@ from llava_next.entrypoints.openai.media import MediaPolicy
 from llava_next.preprocess.fetch import is_public_address, parse_ip
 
 PNG = png_bytes(30, 40, seed=3)
-
-
-class Victim:
-    """A loopback listener that only counts connections."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.running = True
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self):
-        while self.running:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self):
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
 
 
 class ImageHost(http.server.ThreadingHTTPServer):
@@ -136,7 +107,7 @@ OTHER_BLOCKED = ["169.254.169.254", "10.0.0.1", "192.168.1.1", "172.16.0.1", "10
 
 @pytest.fixture(scope="module")
 def setup(tiny_checkpoint, tiny_root, tmp_path_factory):
-    victim = Victim()
+    victim = Victims()
     host = ImageHost(("127.0.0.2", 0), make_handler(victim.port))
     threading.Thread(target=host.serve_forever, daemon=True).start()
     host_port = host.server_address[1]
@@ -263,7 +234,6 @@ def test_production_classifier_end_to_end_refuses_the_shared_corpus(setup):
     a public + loopback answer) and every loopback spelling is a 400, and listeners on 127.0.0.1 and 127.0.0.2
     (the address the other tests opt in to) see zero connections."""
     from address_corpus import LOOPBACK_SPELLINGS, corpus_names, resolver_for
-    from test_fetch import Victims
 
     server, *_ = setup
     victims = Victims()
