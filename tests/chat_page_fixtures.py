@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -95,19 +94,6 @@ def status(url) -> int | None:
         return httpx.get(url, timeout=2).status_code
     except httpx.HTTPError:
         return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """One headless Chromium per test module (a fixture: test modules import it by name)."""
-    from playwright import sync_api
-
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True, timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 class Tab:

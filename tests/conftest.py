@@ -122,3 +122,17 @@ def server(folder):
     s = ThreadServer(folder)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module (the chat page tests)."""
+    import chat_page_fixtures as pf
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=pf.CHROMIUM, args=pf.ARGS, headless=True, timeout=60_000)
+        try:
+            yield b
+        finally:
+            b.close()

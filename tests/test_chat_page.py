@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import chat_page_fixtures as pf
-from chat_page_fixtures import browser  # noqa: F401 (the pytest fixture)
 import httpx
 import pytest
 from server_fixtures import full_checkpoint, image_message, png_bytes, wait_until

@@ -17,7 +17,6 @@ import json
 import shutil
 
 import chat_page_fixtures as pf
-from chat_page_fixtures import browser  # noqa: F401 (the pytest fixture)
 import pytest
 
 pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the dev extra)")
