@@ -400,34 +400,6 @@ def plain_data(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def normalize_conversations(conversation) -> tuple[list[list[dict]], bool]:
-    """One conversation or a batch -> (batch, is_batched); None-valued keys dropped, OpenAI image_url blocks mapped."""
-    if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise ChatTemplateError("a conversation must be a non-empty list of {'role', 'content'} messages")
-    batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
-    conversations = conversation if batched else [conversation]
-    out = []
-    for conv in conversations:
-        conv = getattr(conv, "messages", conv)
-        messages = []
-        for message in conv:
-            if not isinstance(message, Mapping):
-                raise ChatTemplateError(f"chat messages must be dicts, got {message!r}")
-            message = {k: v for k, v in message.items() if v is not None}
-            if isinstance(message.get("content"), list):
-                message["content"] = [_from_openai_block(block) for block in message["content"]]
-            messages.append(message)
-        out.append(messages)
-    return out, batched
-
-
-def _from_openai_block(block):
-    if isinstance(block, Mapping) and block.get("type") == "image_url" and "image_url" in block:
-        info = block["image_url"]
-        return {"type": "image", "url": info.get("url", "") if isinstance(info, Mapping) else info}
-    return block
-
-
 def _alias_reasoning(chat: list[dict]) -> list[dict]:
     out = []
     for message in chat:
@@ -536,5 +508,5 @@ def _read_json(path: Path) -> dict:
 
 __all__ = [
     "load_chat_template", "resolve_chat_template", "compile_template", "template_variables",
-    "render_chat_template", "normalize_conversations", "plain_data",
+    "render_chat_template", "plain_data",
 ]
