@@ -48,13 +48,6 @@ def _temperature(text: str) -> float:
     return value
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
 def _top_p(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or not 0 < value <= 1:

@@ -1,15 +1,11 @@
 """Chat messages -> what the chat template reads + the images in order: the one walker over content parts.
 
-Content parts: OpenAI's {"type": "text", "text"} and {"type": "image_url", "image_url": {"url"} | str}, and
-transformers' {"type": "image", "image" | "url" | "path" | "base64": ...} (each key present is one image, in
-transformers' key order); a str (or None) content is one text part. Messages may be dicts or pydantic models.
-
-- `normalize_conversations`: one conversation or a batch for `apply_chat_template` (the blocks kept as given,
-  image_url blocks mapped to image blocks, as transformers does); `images_in` loads a conversation's images.
-- `split_messages`: messages -> ({"role", "content": [text parts, {"type": "image"}]}, [load(key, source)]),
-  for the engine's front doors. The loader is injected: `load_part` (load_image) offline in `LLM.chat`, the
-  identity on the server, whose media policy fetches the sources later in its own pool. OpenAI's `developer`
-  role is the `system` role. With `image_token`, a text part holding it is refused (images go as parts).
+Parts: OpenAI's {"type": "text", "text"} and {"type": "image_url", "image_url": {"url"} | str}, transformers'
+{"type": "image", "image" | "url" | "path" | "base64": ...} (each key present is one image, in transformers'
+order); a str or None content is one text part. `normalize_conversations` + `images_in`: apply_chat_template's
+view (blocks kept as given). `split_messages`: the engine's front doors, messages (dicts or pydantic models) ->
+text and {"type": "image"} parts + [load(key, source)], the loader injected (`load_part` offline in LLM.chat,
+the identity on the server, whose media policy fetches the URLs later in its own pool); `developer` is `system`.
 
 Leaves out: audio and video parts, tool-call messages.
 """

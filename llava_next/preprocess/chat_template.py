@@ -50,8 +50,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llava_next.errors import ChatTemplateError
 from llava_next.loading.hub import read_json
 
-CHAT_TEMPLATE_FILES = ["chat_template.json", "chat_template.jinja", "additional_chat_templates/*.jinja",
-                       "chat_templates/*.jinja", "tokenizer_config.json"]
 # Where transformers 5.x writes named (non-default) templates; `chat_templates/` is read too (older saves).
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "

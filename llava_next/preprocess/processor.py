@@ -31,6 +31,7 @@ from llava_next.model.anyres import AnyresGeometry
 from llava_next.preprocess.assistant_mask import assistant_masks, render_with_spans
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.preprocess.chat_messages import images_in, normalize_conversations
+from llava_next.preprocess.prompt import expand_image_tokens
 from llava_next.preprocess.chat_template import (
     CHAT_TEMPLATE_DIR,
     load_chat_template,
@@ -225,7 +226,7 @@ class LlavaNextProcessor:
         if texts is not None:
             if flat_images:
                 counts = iter(self.num_image_tokens(h, w) for h, w in _as_pairs(image_inputs["image_sizes"]))
-                texts = [self._expand(t, counts) for t in texts]
+                texts = [expand_image_tokens(t, self.image_token, counts) for t in texts]
             encoded = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **text_kwargs)
             self._check_image_token_counts(texts, encoded["input_ids"])
             data.update(encoded)
@@ -244,14 +245,6 @@ class LlavaNextProcessor:
             elif key != "return_tensors":
                 raise TypeError(f"LlavaNextProcessor got an unexpected keyword argument {key!r}")
         return text_kwargs, image_kwargs
-
-    def _expand(self, text: str, counts) -> str:
-        pieces = text.split(self.image_token)
-        out = [pieces[0]]
-        for piece in pieces[1:]:
-            out.append(self.image_token * next(counts))
-            out.append(piece)
-        return "".join(out)
 
     def _check_image_token_counts(self, texts: list[str], input_ids) -> None:
         """Every placeholder written into the text must come out as exactly one image-token id."""
