@@ -1,19 +1,17 @@
 """Preparing a request: everything that can fail on a bad prompt, before any model work (thread-safe, CPU only).
 
-`RequestPreparer.prepare(prompt, params)` tokenizes, expands `<image>` through the processor, preprocesses
-images into tiles and hashes their pixels (`mm_hash`: blake2b of the tiles' bytes, shape, dtype and the
-original size), finds each image's span of placeholders, and checks: prompt + max_tokens beyond
-`max_model_len` (ContextLengthError), more images than `limit_mm_per_prompt` (TooManyImagesError),
-placeholders that do not match the images (ImageTokenMismatchError), tiles of the wrong shape or with NaN
-(InvalidImageError), a request that could never fit the KV pool (KVCacheCapacityError), ids outside the
-vocabulary or an empty prompt (ModelInputError), stop_token_ids outside the vocabulary (SamplingParamsError).
-It reads only its own settings and the processor, so a server may call it from many threads while the engine
-thread steps.
+`RequestPreparer.prepare(prompt, params)` builds the prompt with preprocess/prompt.py (ids with `<image>`
+expanded, tiles, each image's placeholder span and content hash) and checks the engine's limits: prompt +
+max_tokens beyond `max_model_len` (ContextLengthError), more images than `limit_mm_per_prompt`
+(TooManyImagesError), a request that could never fit the KV pool (KVCacheCapacityError), ids outside the
+vocabulary or an empty prompt (ModelInputError), stop_token_ids outside the vocabulary (SamplingParamsError);
+placeholders or tiles that do not match the images raise ImageTokenMismatchError / InvalidImageError. It reads
+only its own settings and the processor, so a server may call it from many threads while the engine steps.
 
 A prompt is a string, `{"prompt": str, "multi_modal_data": {"image": PIL | [PIL]}}`, or
 `{"prompt_token_ids": [...], "multi_modal_data": ...}` whose ids already hold every image's placeholders; a dict
-may carry vLLM's `"cache_salt": str` (prefix-cache isolation, see block_pool.py). An
-image may also be given preprocessed as `{"pixel_values": (tiles, 3, S, S) tensor, "image_size": (H, W)}`.
+may carry vLLM's `"cache_salt": str` (prefix-cache isolation, see block_pool.py). An image may also be given
+preprocessed as `{"pixel_values": (tiles, 3, S, S) tensor, "image_size": (H, W)}`.
 
 Leaves out: videos, image embeddings as input, prompt truncation.
 """

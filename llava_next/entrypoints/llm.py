@@ -127,15 +127,13 @@ class LLM:
         """messages: one conversation (a list of {"role", "content"}) or a list of them."""
         if self.processor is None:
             raise ModelInputError("chat() needs a processor (its chat template)")
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self._render(conv, chat_template, add_generation_prompt) for conv in conversations]
+        prompts = []
+        for conversation in messages if messages and isinstance(messages[0], list) else [messages]:
+            turns, images = split_messages(conversation, load=load_part)
+            text = self.processor.apply_chat_template(turns, chat_template=chat_template,
+                                                      add_generation_prompt=add_generation_prompt)
+            prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
         return self.generate(prompts, sampling_params, use_tqdm)
-
-    def _render(self, conversation, chat_template, add_generation_prompt) -> dict:
-        messages, images = split_messages(conversation, load=load_part)
-        text = self.processor.apply_chat_template(messages, chat_template=chat_template,
-                                                  add_generation_prompt=add_generation_prompt)
-        return {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
 
     def _run(self, prepared, use_tqdm: bool):
         engine = self.llm_engine

@@ -27,10 +27,6 @@ def load_part(key: str, source, allow_local_network: bool = False):
     return load_image(source, allow_local_network=allow_local_network)
 
 
-def _keep_source(key: str, source):
-    return source
-
-
 def image_sources(block) -> list[tuple[str, object]]:
     """[(key, source)] of an image part (an image_url part is key "url"); [] for anything else."""
     if not isinstance(block, Mapping):
@@ -58,16 +54,12 @@ def normalize_conversations(conversation) -> tuple[list[list[dict]], bool]:
                 raise ChatTemplateError(f"chat messages must be dicts, got {message!r}")
             message = {k: v for k, v in message.items() if v is not None}
             if isinstance(message.get("content"), list):
-                message["content"] = [_from_openai_block(block) for block in message["content"]]
+                message["content"] = [{"type": "image", "url": image_sources(block)[0][1]}
+                                      if isinstance(block, Mapping) and block.get("type") == "image_url"
+                                      and "image_url" in block else block for block in message["content"]]
             messages.append(message)
         out.append(messages)
     return out, batched
-
-
-def _from_openai_block(block):
-    if isinstance(block, Mapping) and block.get("type") == "image_url" and "image_url" in block:
-        return {"type": "image", "url": image_sources(block)[0][1]}
-    return block
 
 
 def images_in(conversation: list[dict], allow_local_network: bool = False) -> list:
@@ -77,35 +69,30 @@ def images_in(conversation: list[dict], allow_local_network: bool = False) -> li
             for key, source in image_sources(block)]
 
 
-def split_messages(conversation, load=_keep_source, image_token: str | None = None) -> tuple[list[dict], list]:
+def split_messages(conversation, load=lambda key, source: source,
+                   image_token: str | None = None) -> tuple[list[dict], list]:
     """(messages for the chat template, [load(key, source)] per image in order); ModelInputError for a message
-    that is not {"role", "content"}, an unknown part type, or (with `image_token`) the placeholder as text."""
+    that is not {"role", "content"}, an unknown or empty part, or (with `image_token`) the placeholder as text."""
     messages, images = [], []
     for i, message in enumerate(conversation):
-        if callable(getattr(message, "model_dump", None)):
-            message = message.model_dump(exclude_none=True)
+        message = message.model_dump(exclude_none=True) if hasattr(message, "model_dump") else message
         if not isinstance(message, Mapping) or "role" not in message:
             raise ModelInputError("each chat message must be a dict with 'role' and 'content'")
-        content = message.get("content")
-        blocks = [{"type": "text", "text": content or ""}] if isinstance(content, str) or content is None \
-            else content
-        parts = []
-        for block in blocks:
-            kind = block.get("type") if isinstance(block, Mapping) else None
-            if kind == "text":
-                text = block.get("text", "")
-                if image_token and image_token in text:
+        content, parts = message.get("content"), []
+        for block in [{"type": "text", "text": content or ""}] if content is None or isinstance(content, str) \
+                else content:
+            sources = image_sources(block)
+            if isinstance(block, Mapping) and block.get("type") == "text":
+                if image_token and image_token in block.get("text", ""):
                     raise ModelInputError(f"messages[{i}] holds the image placeholder {image_token!r} as text; "
                                           "send images as image_url parts")
-                parts.append({"type": "text", "text": text})
-            elif kind in ("image", "image_url"):
-                if not image_sources(block):
-                    raise ModelInputError(f"messages[{i}]: an {kind} part without its image ({kind}, url)")
-                for key, source in image_sources(block):
-                    images.append(load(key, source))
-                    parts.append({"type": "image"})
+                parts.append({"type": "text", "text": block.get("text", "")})
+            elif sources:
+                images += [load(key, source) for key, source in sources]
+                parts += [{"type": "image"}] * len(sources)
             else:
-                raise ModelInputError(f"unknown content part type {kind!r} (text, image_url, image)")
-        role = "system" if message["role"] == "developer" else message["role"]
-        messages.append({"role": role, "content": parts})
+                kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
+                raise ModelInputError(f"messages[{i}]: a content part is text, image_url or image (with its "
+                                      f"image), got {str(kind)[:40]!r}")
+        messages.append({"role": "system" if message["role"] == "developer" else message["role"], "content": parts})
     return messages, images

@@ -31,7 +31,7 @@ from llava_next.model.anyres import AnyresGeometry
 from llava_next.preprocess.assistant_mask import assistant_masks, render_with_spans
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.preprocess.chat_messages import images_in, normalize_conversations
-from llava_next.preprocess.prompt import expand_image_tokens
+from llava_next.preprocess.prompt import check_placeholders, expand_image_tokens
 from llava_next.preprocess.chat_template import (
     CHAT_TEMPLATE_DIR,
     load_chat_template,
@@ -212,12 +212,7 @@ class LlavaNextProcessor:
                                   allow_local_network=allow_local_network) if isinstance(im, str) else im
                        for im in flat_images]
         if texts is not None:
-            placeholders = sum(t.count(self.image_token) for t in texts)
-            if placeholders != len(flat_images):
-                raise ImageTokenMismatchError(
-                    f"the prompts contain {placeholders} {self.image_token} placeholder(s) but {len(flat_images)} "
-                    f"image(s) were given; they must match (one {self.image_token} per image, in order)"
-                )
+            check_placeholders(texts, self.image_token, len(flat_images))
 
         data = {}
         image_inputs = {}

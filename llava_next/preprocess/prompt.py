@@ -1,11 +1,9 @@
 """The prompt builder: text or ids + images -> ids with each image's placeholders, image spans, tiles, hash.
 
-One copy of each step and check, for every front door: the processor and the engine expand `<image>` with
-`expand_image_tokens`; `encode_prompt` tokenizes a text prompt with raw or preprocessed images (engine/prepare.py);
-`check_pixel_values` checks tiles against image sizes (compat/input_checks.py for forward/generate, and the
-engine per image); `image_spans` finds each image's contiguous run of placeholders; `check_room` is the one
-ContextLengthError (generate()'s context, the engine's max_model_len); `mm_hash` is an image's content key.
-
+One copy of each step and check for every front door: the processor, the engine (engine/prepare.py) and the
+transformers-shaped forward/generate (compat/input_checks.py, generation/args.py) use `expand_image_tokens`,
+`check_placeholders`, `encode_prompt`, `check_pixel_values`, `image_spans`, `check_room` (the one
+ContextLengthError) and `mm_hash`.
 Leaves out: tensors' devices and the value checks that need a host sync (the caller batches them), videos.
 """
 
@@ -23,6 +21,14 @@ def expand_image_tokens(text: str, image_token: str, counts) -> str:
     """Each `image_token` in `text` repeated next(counts) times (the image's number of features)."""
     pieces = text.split(image_token)
     return pieces[0] + "".join(image_token * next(counts) + piece for piece in pieces[1:])
+
+
+def check_placeholders(texts: list[str], image_token: str, num_images: int) -> None:
+    """ImageTokenMismatchError unless the texts hold one `image_token` per image."""
+    placeholders = sum(t.count(image_token) for t in texts)
+    if placeholders != num_images:
+        raise ImageTokenMismatchError(f"the prompts contain {placeholders} {image_token} placeholder(s) but "
+                                      f"{num_images} image(s) were given; they must match (one per image, in order)")
 
 
 def check_room(prompt_len: int, new_tokens: int, limit: int, new_name: str = "max_new_tokens",
@@ -94,9 +100,8 @@ def preprocessed_image(processor, image) -> tuple[torch.Tensor, tuple[int, int]]
     if isinstance(image, dict):
         if set(image) != {"pixel_values", "image_size"}:
             raise InvalidImageError("a preprocessed image is {'pixel_values': tensor, 'image_size': (H, W)}")
-        tiles = torch.as_tensor(image["pixel_values"])
-        return tiles[0] if tiles.dim() == 5 and tiles.shape[0] == 1 else tiles, \
-            tuple(int(v) for v in image["image_size"])
+        tiles, size = torch.as_tensor(image["pixel_values"]), tuple(int(v) for v in image["image_size"])
+        return (tiles[0] if tiles.dim() == 5 and tiles.shape[0] == 1 else tiles), size
     if processor is None:
         raise InvalidImageError("images other than {'pixel_values', 'image_size'} dicts need a processor")
     out = processor.image_processor.preprocess([image], return_tensors=None, do_pad=False)
@@ -114,10 +119,7 @@ def encode_prompt(processor, num_image_tokens, text: str, images: list) -> tuple
         return list(processor(text=text, **kwargs)["input_ids"][0]), []
     if all(isinstance(im, dict) for im in images):  # preprocessed: expanded here with the model's geometry
         prepared = [preprocessed_image(processor, im) for im in images]
-        placeholders = text.count(processor.image_token)
-        if placeholders != len(prepared):
-            raise ImageTokenMismatchError(f"the prompt has {placeholders} {processor.image_token} placeholder(s) "
-                                          f"but {len(prepared)} image(s) were given")
+        check_placeholders([text], processor.image_token, len(prepared))
         counts = iter(num_image_tokens(h, w) for _, (h, w) in prepared)
         return list(tok([expand_image_tokens(text, processor.image_token, counts)], **kwargs)["input_ids"][0]), \
             prepared

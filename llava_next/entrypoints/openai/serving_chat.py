@@ -164,10 +164,8 @@ class OpenAIServing:
         except ValueError as exc:
             raise bad_request(f"the chat template could not render the messages: {exc}", "messages",
                               "invalid_messages") from None
-        prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
-        if salt is not None:
-            prompt["cache_salt"] = salt
-        return self.llm.prepare(prompt, params)
+        salted = {} if salt is None else {"cache_salt": salt}
+        return self.llm.prepare({"prompt": text, "multi_modal_data": {"image": images}, **salted}, params)
 
     async def chat(self, req: P.ChatCompletionRequest, request):
         arrival = time.monotonic()
