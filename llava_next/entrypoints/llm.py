@@ -39,7 +39,7 @@ class LLM:
                  max_num_batched_tokens=None, kv_cache_memory_bytes=None, block_size: int = 16,
                  enable_prefix_caching: bool = True, limit_mm_per_prompt=None, tensor_parallel_size: int = 1,
                  seed: int = 0, processor=None, **engine_args):
-        self._tp_leader = None
+        self._tp_leader, generation = None, None
         if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
                 or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
@@ -54,7 +54,6 @@ class LLM:
             folder = resolve_folder(model, allow_patterns=MODEL_PATTERNS)  # downloaded once, read by every rank
             self._tp_leader, built, generation = tp_workers.start(folder, tensor_parallel_size,
                                                                  torch_dtype(dtype) or "auto", device)
-            built.generation_config = generation or {}
             if processor is None:
                 processor = LlavaNextProcessor.from_pretrained(model)
             atexit.register(self._tp_leader.stop)  # the leader, not self: an unused LLM can still be collected
@@ -72,10 +71,11 @@ class LLM:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             built, generation = load_pretrained(EngineModel, model, dtype=torch_dtype(dtype) or "auto",
                                                 device_map=str(device))
-            built.generation_config = generation or {}
             if processor is None:
                 processor = LlavaNextProcessor.from_pretrained(model)
         self.model, self.processor = built, processor
+        # the checkpoint's generation_config.json EOS ids, unless given (nothing is stashed on the model)
+        engine_args.setdefault("eos_token_id", (generation or {}).get("eos_token_id"))
         try:
             self.llm_engine = LLMEngine(built, processor, tp_leader=self._tp_leader,
                                         tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
