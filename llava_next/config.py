@@ -18,11 +18,10 @@ Leaves out: runtime knobs (dtype to load in, device, attention backend): those a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
-
-import math
 
 from llava_next.errors import CheckpointError
 

@@ -13,8 +13,7 @@ from llava_next.config import LlavaNextConfig
 from llava_next.errors import ContextLengthError, ImageTokenMismatchError, InvalidImageError, ModelInputError
 from llava_next.loading.dtypes import DTYPES, torch_dtype
 from llava_next.preprocess.chat_messages import image_sources, split_messages
-from llava_next.preprocess.prompt import (check_pixel_values, check_room, encode_prompt, expand_image_tokens,
-                                          image_spans)
+from llava_next.preprocess.prompt import check_pixel_values, check_room, encode_prompt, expand_image_tokens, image_spans
 
 
 def test_split_messages_dicts_and_server_models_alike():
