@@ -61,8 +61,11 @@ def test_expand_spans_and_room():
     with pytest.raises(ImageTokenMismatchError, match="3 image tokens"):
         image_spans([9, 9, 9], 9, [2])
     check_room(10, 5, 15)
-    with pytest.raises(ContextLengthError, match="max_model_len 15"):
+    with pytest.raises(ContextLengthError, match="max_tokens is 6: 16 > max_model_len 15"):
         check_room(10, 6, 15, "max_tokens", "max_model_len")
+    with pytest.raises(ContextLengthError, match=r"\(image tokens included\): 16 > the model's context of 15") as err:
+        check_room(16, 0, 15, None)  # a forward pass: no tokens to generate
+    assert "lower" not in str(err.value)
 
 
 def test_check_pixel_values_counts_tiles_per_image():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from llava_next.errors import ContextLengthError, ImageTokenMismatchError, InvalidImageError, ModelInputError
-from llava_next.preprocess.prompt import check_pixel_values
+from llava_next.preprocess.prompt import check_pixel_values, check_room
 
 
 def image_sizes_as_ints(image_sizes) -> list[tuple[int, int]]:
@@ -101,10 +101,7 @@ def _token_tensor(model, input_ids, inputs_embeds) -> torch.Tensor:
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ModelInputError(f"the input is empty (shape {tuple(tokens.shape)}): give at least one token per row")
     context = model.config.text_config.max_position_embeddings
-    if tokens.shape[1] > context:
-        raise ContextLengthError(f"the input has {tokens.shape[1]} tokens (image tokens included), more than the "
-                                 f"model's context of {context} tokens; shorten the prompt or use fewer or smaller "
-                                 "images")
+    check_room(tokens.shape[1], 0, context, None)
     return tokens
 
 

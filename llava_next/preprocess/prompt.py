@@ -31,14 +31,15 @@ def check_placeholders(texts: list[str], image_token: str, num_images: int) -> N
                                       f"{num_images} image(s) were given; they must match (one per image, in order)")
 
 
-def check_room(prompt_len: int, new_tokens: int, limit: int, new_name: str = "max_new_tokens",
+def check_room(prompt_len: int, new_tokens: int, limit: int, new_name: str | None = "max_new_tokens",
                limit_name: str = "the model's context of") -> None:
-    """ContextLengthError when the prompt plus the tokens to generate do not fit `limit`."""
+    """ContextLengthError when the prompt plus the tokens to generate (`new_name`; None: a forward pass, no new
+    tokens) do not fit `limit`."""
     if prompt_len + new_tokens > limit:
+        asked, lower = (f" and {new_name} is {new_tokens}", f", or lower {new_name}") if new_name else ("", "")
         raise ContextLengthError(
-            f"the prompt has {prompt_len} tokens (image tokens included) and {new_name} is {new_tokens}: "
-            f"{prompt_len + new_tokens} > {limit_name} {limit} tokens; shorten the prompt, use fewer or smaller "
-            f"images, or lower {new_name}")
+            f"the prompt has {prompt_len} tokens (image tokens included){asked}: {prompt_len + new_tokens} > "
+            f"{limit_name} {limit} tokens; shorten the prompt, use fewer or smaller images{lower}")
 
 
 def check_pixel_values(geometry, vision, pixel_values: torch.Tensor, sizes: list[tuple[int, int]]) -> list[int]:
