@@ -373,7 +373,7 @@ class LlavaNextConfig:
     vision_feature_layer: int | tuple[int, ...] = -2
     multimodal_projector_bias: bool = True
     tie_word_embeddings: bool = False
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = None  # None: model.anyres.DEFAULT_PINPOINTS
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # None: model.anyres.DEFAULT_PINPOINTS
     image_seq_length: int = 576
     pad_token_id: int | None = None
     dtype: str | None = None  # the checkpoint's dtype ("float16", ...), used by dtype="auto"
