@@ -71,7 +71,7 @@ def make_rows(workload: str, rows: int, gen: torch.Generator) -> list[Sequence]:
     for i in range(rows):
         params = WORKLOADS[workload](i)
         prompt = torch.randint(3, V, (256,), generator=gen).tolist()
-        seq = Sequence(f"b{i}", 0, PreparedRequest(None, prompt, [], params), params, (2,), i)
+        seq = Sequence(f"b{i}", 0, PreparedRequest(None, prompt, [], params), params, (2,))
         seq.token_ids.extend(torch.randint(3, V, (128,), generator=gen).tolist())
         seq.generator = None  # the old sampler keeps its generator here
         seqs.append(seq)

@@ -44,7 +44,7 @@ _EXPORTS = {
     "SamplingParams": "engine.params",
     "StructuredOutputsParams": "sampling.structured_params",
     "StructuredOutputError": "errors",
-    "LLM": "engine.llm",
+    "LLM": "entrypoints.llm",
     "LLMEngine": "engine.llm_engine",
     "AsyncEngine": "engine.driver",
     "RequestOutput": "engine.outputs",

@@ -18,15 +18,12 @@ Leaves out: runtime knobs (dtype to load in, device, attention backend): those a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-import math
-
 from llava_next.errors import CheckpointError
-from llava_next.model.anyres import DEFAULT_PINPOINTS, AnyresGeometry
-from llava_next.loading.hub import HUB_OPTIONS, IGNORED_OPTIONS, read_json
 
 # transformers' config-class defaults per model_type (LlamaConfig, MistralConfig, Qwen2Config, CLIPVisionConfig).
 _DECODER_COMMON = dict(
@@ -376,7 +373,7 @@ class LlavaNextConfig:
     vision_feature_layer: int | tuple[int, ...] = -2
     multimodal_projector_bias: bool = True
     tie_word_embeddings: bool = False
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # None: model.anyres.DEFAULT_PINPOINTS
     image_seq_length: int = 576
     pad_token_id: int | None = None
     dtype: str | None = None  # the checkpoint's dtype ("float16", ...), used by dtype="auto"
@@ -390,6 +387,8 @@ class LlavaNextConfig:
         if isinstance(self.vision_config, dict):
             object.__setattr__(self, "vision_config", VisionConfig.from_dict(self.vision_config))
         if self.image_grid_pinpoints is None:
+            from llava_next.model.anyres import DEFAULT_PINPOINTS  # pure arithmetic; never at import time
+
             object.__setattr__(self, "image_grid_pinpoints", DEFAULT_PINPOINTS)
         check_pinpoints(self.image_grid_pinpoints)
         object.__setattr__(self, "image_grid_pinpoints", as_list_tuple(self.image_grid_pinpoints))
@@ -444,14 +443,11 @@ class LlavaNextConfig:
         sub-config, a TextConfig/VisionConfig replaces it), `dtype=`. Other names are a TypeError, or with
         `return_unused_kwargs=True` come back as `(config, unused)`.
         """
-        from llava_next.loading.hub import hub_options, resolve_file
+        from llava_next.loading.hub import read_config  # the files are loading/'s: never at import time
 
         overrides = pop_config_overrides(kwargs)
-        unused = {k: kwargs.pop(k) for k in list(kwargs)
-                  if return_unused_kwargs and k not in _LOADER_NAMES}
-        hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
-        path = resolve_file(name_or_path, "config.json", **hub)
-        config = cls.from_dict(read_json(path), **overrides)
+        raw, unused = read_config(name_or_path, kwargs, return_unused_kwargs, f"{cls.__name__}.from_pretrained")
+        config = cls.from_dict(raw, **overrides)
         return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
@@ -481,7 +477,10 @@ class LlavaNextConfig:
         return tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
 
     @property
-    def geometry(self) -> AnyresGeometry:
+    def geometry(self):
+        """The model.anyres.AnyresGeometry of this config (imported when asked: config imports nothing above it)."""
+        from llava_next.model.anyres import AnyresGeometry
+
         return AnyresGeometry(self.image_grid_pinpoints, self.vision_config.image_size, self.vision_config.patch_size)
 
     def get_text_config(self) -> TextConfig:
@@ -525,8 +524,6 @@ LlavaNextConfig.__setattr__ = _setattr
 # Names `from_pretrained` may override (transformers: any attribute of the config), and the dtype spellings.
 CONFIG_OVERRIDES = frozenset({f.name for f in fields(LlavaNextConfig)} - {"extra", "model_type", "dtype"}
                              | {"image_token_id", "dtype", "torch_dtype"})
-# Hub and ignored loading options: never "unused" config kwargs.
-_LOADER_NAMES = frozenset(HUB_OPTIONS) | set(IGNORED_OPTIONS) | {"use_auth_token"}
 
 
 def pop_config_overrides(kwargs: dict) -> dict:

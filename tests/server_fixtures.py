@@ -61,7 +61,7 @@ class ThreadServer:
                  limit_mm_per_prompt=None, max_body_bytes=None, max_model_len=None, shutdown_timeout=5.0,
                  num_kv_blocks=None, **state_options):
         from llava_next.engine.driver import AsyncEngine
-        from llava_next.engine.llm import LLM
+        from llava_next.entrypoints.llm import LLM
         from llava_next.entrypoints.openai import api_server
         from llava_next.entrypoints.openai.media import MediaPolicy
 

@@ -147,3 +147,40 @@ def test_import_llava_next_pulls_in_no_reference_library():
                          cwd=PACKAGE.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """The absolute names a module imports at import time (top-level statements, not inside functions)."""
+    found = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module or "")
+    return found
+
+
+# config.py is the bottom layer: at import time it imports errors only; two lazy delegations, each imported
+# only when called: `LlavaNextConfig.from_pretrained` reads the file through loading/hub, `geometry` (and the
+# default pinpoints) are model/anyres's pure arithmetic.
+CONFIG_LAZY = {"llava_next.loading.hub", "llava_next.loading.hub.read_config", "llava_next.model.anyres",
+               "llava_next.model.anyres.AnyresGeometry", "llava_next.model.anyres.DEFAULT_PINPOINTS"}
+
+
+def test_config_imports_nothing_above_it():
+    path = PACKAGE / "config.py"
+    ours = {m for m in _module_level_imports(path) if m.startswith("llava_next")}
+    assert ours <= {"llava_next.errors"}, ours
+    lazy = {m for m in imports_of(path) if _within(m, "llava_next") and not _within(m, "llava_next.errors")}
+    assert lazy <= CONFIG_LAZY, lazy - CONFIG_LAZY
+
+
+def test_the_llm_entry_point_lives_in_entrypoints():
+    import llava_next
+
+    defined = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                     if any(isinstance(n, ast.ClassDef) and n.name == "LLM" for n in ast.parse(p.read_text()).body))
+    assert defined == ["entrypoints/llm.py"]
+    assert llava_next._EXPORTS["LLM"] == "entrypoints.llm"
+    assert not any(_within(i, "llava_next.entrypoints") for p in (PACKAGE / "engine").rglob("*.py")
+                   for i in imports_of(p))  # engine/ never reaches up to its entry points

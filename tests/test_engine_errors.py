@@ -73,7 +73,7 @@ def test_bad_requests_refused_before_any_work(tiny_pair):
         for out in engine.step():
             done[out.request_id] = out
     assert done["running"].outputs[0].token_ids == reference(model, good, 4)
-    assert engine.pool.num_used == 0
+    assert engine.stats()["kv_blocks_used"] == 0
 
 
 def test_llm_generate_one_bad_prompt_fails_the_call_up_front(tiny_pair):
@@ -93,11 +93,11 @@ def test_abort_frees_blocks_and_reports_once(tiny_pair):
     engine.add_request("a", case([(500, 316)], 1), SamplingParams(temperature=0.0, max_tokens=50))
     engine.add_request("b", case([], 2), SamplingParams(temperature=0.0, max_tokens=4))
     engine.step()
-    assert engine.pool.num_used > 0
+    assert engine.stats()["kv_blocks_used"] > 0
     engine.abort("a")
     outs = engine.step()
     aborted = [o for o in outs if o.request_id == "a"]
     assert len(aborted) == 1 and aborted[0].finished and aborted[0].outputs[0].finish_reason == "abort"
     while engine.has_unfinished_requests():
         assert all(o.request_id != "a" for o in engine.step())
-    assert engine.pool.num_used == 0
+    assert engine.stats()["kv_blocks_used"] == 0

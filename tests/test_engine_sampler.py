@@ -23,7 +23,7 @@ EOS = (2,)
 
 def make_seq(params: SamplingParams, prompt: list[int], request_id: str, index: int = 0) -> Sequence:
     prepared = PreparedRequest(None, list(prompt), [], params)
-    return Sequence(request_id, index, prepared, params, EOS, 0)
+    return Sequence(request_id, index, prepared, params, EOS)
 
 
 def reference_token(seq: Sequence, logits: torch.Tensor, generator: torch.Generator) -> int:

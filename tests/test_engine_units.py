@@ -88,7 +88,7 @@ def test_encoder_runs_once_per_distinct_image(tiny_pair):
         run(engine, same + [other], GREEDY)
     finally:
         del model.model.encode_images
-    assert sum(calls) == 2 and engine.encoder_cache.num_encoded == 2
+    assert sum(calls) == 2 and engine.stats()["images_encoded"] == 2
 
 
 def test_scheduler_never_exceeds_budget_or_max_num_seqs(tiny_pair, monkeypatch):
@@ -108,7 +108,8 @@ def test_scheduler_never_exceeds_budget_or_max_num_seqs(tiny_pair, monkeypatch):
     assert max(t for t, _, _ in seen) <= 64
     assert max(r for _, r, _ in seen) == 3  # the cap was reached, never passed
     assert max(s for _, _, s in seen) <= 3
-    assert engine.pool.num_used == 0 and engine.pool.num_allocated == engine.pool.num_released
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_allocated"] == stats["kv_blocks_released"]
 
 
 def test_encoder_cache_at_capacity_keeps_images_until_prefilled(tiny_pair):
@@ -126,9 +127,10 @@ def test_encoder_cache_at_capacity_keeps_images_until_prefilled(tiny_pair):
         if not engine.has_unfinished_requests():
             break
         outs.update((out.request_id, out) for out in engine.step() if out.finished)
-        sizes.append(len(engine.encoder_cache.entries))
-    assert engine.encoder_cache.num_encoded == 2  # each image once, though the cache is always "full"
+        sizes.append(engine.stats()["encoder_cache_entries"])
+    assert engine.stats()["images_encoded"] == 2  # each image once, though the cache is always "full"
     assert max(sizes) == 1  # a held image stays though it is over the capacity of one row
-    assert len(engine.encoder_cache.entries) == 0 and not engine.encoder_cache.refs  # all released, evicted
+    stats = engine.stats()
+    assert stats["encoder_cache_entries"] == 0 and not stats["encoder_cache_held"]  # all released, evicted
     for i, prompt in enumerate(prompts):
         assert outs[str(i)].outputs[0].token_ids == reference(model, prompt, 4)

@@ -191,6 +191,7 @@ def test_engine_tp2_gives_the_tokens_of_one_process_and_stops_when_a_worker_dies
     import llava_next
     from llava_next import SamplingParams
     from llava_next.errors import EngineDeadError
+    from llava_next.parallel.tensor_parallel import sharding
 
     # a small token budget: the image prompts are prefilled in chunks, decodes and prefills share steps
     one = llava_next.LLM(str(demo_folder), max_num_batched_tokens=512)
@@ -202,7 +203,7 @@ def test_engine_tp2_gives_the_tokens_of_one_process_and_stops_when_a_worker_dies
         got = _tokens(llm.generate(_mixed_prompts(), _params(), use_tqdm=False))
         assert got == expected
         decoder = llm.model.model.language_model
-        assert decoder.layers[0].self_attn.heads == 2 and decoder.tensor_parallel.world == 2
+        assert decoder.layers[0].self_attn.heads == 2 and sharding(decoder).world == 2
 
         worker = llm._tp_leader.procs[0]
         result = {}

@@ -13,15 +13,24 @@ from __future__ import annotations
 import torch
 
 from llava_next.errors import ContextLengthError, ImageTokenMismatchError, InvalidImageError, ModelInputError
+from llava_next.preprocess.prompt import check_pixel_values, check_room
 
 
 def image_sizes_as_ints(image_sizes) -> list[tuple[int, int]]:
-    """(N, 2) tensor/array/list of (H, W) -> python ints (one host sync; sizes never go through a float cast)."""
-    if isinstance(image_sizes, torch.Tensor):
-        if image_sizes.is_floating_point():
-            raise ValueError("image_sizes must be an integer tensor; a float cast can round sizes above 2048")
-        image_sizes = image_sizes.tolist()
-    return [(int(h), int(w)) for h, w in image_sizes]
+    """(images, 2) tensor/array/list of (H, W) -> python ints (one host sync, never through a float cast);
+    InvalidImageError for anything else."""
+    if image_sizes is None:
+        raise InvalidImageError("pixel_values were given without image_sizes")
+    if torch.is_tensor(image_sizes) and (image_sizes.is_floating_point() or image_sizes.dtype is torch.bool):
+        raise InvalidImageError(f"image_sizes must be integers, got {image_sizes.dtype}")
+    shape = tuple(image_sizes.shape) if hasattr(image_sizes, "shape") else None
+    try:
+        sizes = [(int(h), int(w)) for h, w in (image_sizes.tolist() if shape is not None else image_sizes)]
+    except (TypeError, ValueError):
+        sizes = None
+    if sizes is None or (shape is not None and (len(shape) != 2 or shape[1] != 2)) or not sizes:
+        raise InvalidImageError(f"image_sizes must be (images, 2) of (height, width), got {shape or image_sizes!r}")
+    return sizes
 
 
 def _tensor(name: str, value, dims: int, what: str, device: torch.device | None = None) -> torch.Tensor:
@@ -92,10 +101,7 @@ def _token_tensor(model, input_ids, inputs_embeds) -> torch.Tensor:
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ModelInputError(f"the input is empty (shape {tuple(tokens.shape)}): give at least one token per row")
     context = model.config.text_config.max_position_embeddings
-    if tokens.shape[1] > context:
-        raise ContextLengthError(f"the input has {tokens.shape[1]} tokens (image tokens included), more than the "
-                                 f"model's context of {context} tokens; shorten the prompt or use fewer or smaller "
-                                 "images")
+    check_room(tokens.shape[1], 0, context, None)
     return tokens
 
 
@@ -125,57 +131,15 @@ def _raise_found(model, found: dict, tokens, vocab: int, context: int, position_
 
 
 def count_image_features(model, pixel_values, image_sizes) -> int:
-    """Shape/dtype checks of pixel_values and image_sizes; returns the number of image features they give."""
-    vision = model.config.vision_config
-    tile = (vision.num_channels, vision.image_size, vision.image_size)
+    """Kind, device and shape checks of pixel_values and image_sizes (preprocess/prompt.check_pixel_values);
+    returns the number of image features they give."""
     if not isinstance(pixel_values, torch.Tensor):
         raise InvalidImageError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; "
                                 "ask the processor for return_tensors='pt'")
-    if not pixel_values.is_floating_point():
-        raise InvalidImageError(f"pixel_values must be floating point (the processor's normalised output), got "
-                                f"{pixel_values.dtype}")
-    if pixel_values.dim() not in (4, 5) or tuple(pixel_values.shape[-3:]) != tile:
-        raise InvalidImageError(f"pixel_values must be (tiles, {tile[0]}, {tile[1]}, {tile[2]}) or (images, "
-                                f"tiles, {tile[0]}, {tile[1]}, {tile[2]}), got {tuple(pixel_values.shape)}")
     if pixel_values.device != model.image_newline.device:
         raise InvalidImageError(f"pixel_values are on {pixel_values.device}, the vision tower on "
                                 f"{model.image_newline.device}; move them with .to(model.device)")
-    if pixel_values.shape[0] == 0:
-        return 0
-    if image_sizes is None:
-        raise InvalidImageError("pixel_values were given without image_sizes")
-    if torch.is_tensor(image_sizes) and (image_sizes.is_floating_point() or image_sizes.dtype is torch.bool):
-        raise InvalidImageError(f"image_sizes must be integers, got {image_sizes.dtype}")
-    try:
-        sizes = image_sizes_as_ints(image_sizes)
-    except (TypeError, ValueError):
-        sizes = None
-    shape = tuple(image_sizes.shape) if hasattr(image_sizes, "shape") else None
-    if sizes is None or (shape is not None and (len(shape) != 2 or shape[1] != 2)) or not sizes:
-        raise InvalidImageError(f"image_sizes must be (images, 2) of (height, width), got "
-                                f"{shape or image_sizes!r}")
-    if min(min(hw) for hw in sizes) < 1:
-        raise InvalidImageError(f"image sizes must be positive, got {sizes}")
-    tiles_per_image(model.geometry, pixel_values, sizes)
+    sizes = image_sizes_as_ints(image_sizes) if pixel_values.dim() and pixel_values.shape[0] else []
+    check_pixel_values(model.geometry, model.config.vision_config, pixel_values, sizes)
     return sum(model.geometry.num_image_tokens(h, w) for h, w in sizes)
 
-
-def tiles_per_image(geometry, pixel_values: torch.Tensor, sizes: list[tuple[int, int]]) -> list[int]:
-    """Tiles per image for `sizes`; InvalidImageError when pixel_values (4-D or 5-D) do not hold them."""
-    tiles = [geometry.num_tiles(h, w) for h, w in sizes]
-    if pixel_values.dim() == 5:  # (B, max_tiles, 3, S, S), zero tiles padded on axis 1
-        if pixel_values.shape[0] != len(sizes):
-            raise InvalidImageError(f"pixel_values has {pixel_values.shape[0]} images but image_sizes has "
-                                    f"{len(sizes)}")
-        if max(tiles) > pixel_values.shape[1]:
-            raise InvalidImageError(f"an image needs {max(tiles)} tiles but pixel_values holds "
-                                    f"{pixel_values.shape[1]}")
-    elif pixel_values.dim() == 4:  # (sum of tiles, 3, S, S)
-        if pixel_values.shape[0] != sum(tiles):
-            raise InvalidImageError(f"pixel_values has {pixel_values.shape[0]} tiles, image_sizes imply "
-                                    f"{sum(tiles)}")
-    else:
-        raise InvalidImageError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
-    return tiles
-
-# -- images -------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch import nn
 from llava_next.compat.generation_config import GenerationConfig
 from llava_next.config import LlavaNextConfig
 from llava_next.errors import ImageTokenMismatchError, ModelInputError
-from llava_next.compat.input_checks import check_inputs, image_sizes_as_ints, tiles_per_image
+from llava_next.compat.input_checks import check_inputs, image_sizes_as_ints
 from llava_next.compat.training import TrainingHooks
 from llava_next.generation.feature_cache import ImageFeatureCache
 from llava_next.generation.generate import generate
@@ -35,6 +35,7 @@ from llava_next.loading.pretrained import load_pretrained
 from llava_next.model.attention import DenseAttention
 from llava_next.model.llava_next import LlavaNextCore, WithLMHead
 from llava_next.model.stamp import weights_stamp
+from llava_next.preprocess.prompt import check_pixel_values
 
 
 # forward() keyword arguments beyond its named parameters (transformers' TransformersKwargs we understand).
@@ -113,7 +114,7 @@ class LlavaNextModel(_CheckedMoves, LlavaNextCore):
         """Packed features per image: a list of (tokens_i, D) tensors, tokens_i from anyres.num_image_tokens."""
         self._check_overrides(vision_feature_layer, vision_feature_select_strategy)
         sizes = image_sizes_as_ints(image_sizes)
-        tiles = tiles_per_image(self.geometry, pixel_values, sizes)
+        tiles = check_pixel_values(self.geometry, self.config.vision_config, pixel_values, sizes)
         if pixel_values.dim() == 5:  # drop the zero tiles that pad each image to max_tiles
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)], dim=0)
         per_image = pixel_values.split(tiles, dim=0)

@@ -120,8 +120,3 @@ class BlockPool:
             return
         self.block_hash[block] = block_hash
         self.cached[block_hash] = block
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every hash (blocks in use stay allocated)."""
-        self.cached.clear()
-        self.block_hash = [None] * self.num_blocks

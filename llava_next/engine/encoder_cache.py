@@ -20,9 +20,8 @@ class EncoderCache:
     def __init__(self, capacity_tokens: int):
         self.capacity = capacity_tokens
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()  # mm_hash -> (tokens, D), LRU order
-        self.refs: dict[str, set] = {}  # mm_hash -> holders (sequence keys)
+        self.refs: dict[str, set] = {}  # mm_hash -> holders (Sequence.key: request id and index)
         self.num_encoded = 0  # images run through the tower (tests: once per distinct image)
-        self.num_hits = 0
 
     def __contains__(self, mm_hash: str) -> bool:
         return mm_hash in self.entries

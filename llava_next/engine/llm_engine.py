@@ -39,7 +39,7 @@ from llava_next.engine.model_runner import ModelRunner
 from llava_next.engine.outputs import CompletionOutput, RequestOutput
 from llava_next.engine.attention_metadata import PagedKVCache
 from llava_next.engine.params import SamplingParams
-from llava_next.engine.prepare import RequestPreparer, image_limit, mm_hash  # noqa: F401 (mm_hash re-exported)
+from llava_next.engine.prepare import RequestPreparer, image_limit
 from llava_next.engine.request import PreparedRequest, Sequence
 from llava_next.sampling.structured import StructuredDecoding
 
@@ -132,7 +132,6 @@ class LLMEngine:
         self.preparer = RequestPreparer(self.config, processor, self.vocab_size, self.max_model_len, self.image_limit,
                                         args.block_size, num_blocks, self.structured)
         self.groups: dict[str, _Group] = {}
-        self._arrivals = 0
         self._aborted: list[_Group] = []
         self.step_times = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
         self._byte_ids: tuple | None = None  # the tokenizer's (byte-fallback, special) token ids
@@ -226,8 +225,7 @@ class LLMEngine:
         p = prepared.params
         seqs = []
         for i in range(p.n):
-            self._arrivals += 1
-            seqs.append(Sequence(request_id, i, prepared, p.child(i), self.eos_token_ids, self._arrivals))
+            seqs.append(Sequence(request_id, i, prepared, p.child(i), self.eos_token_ids))
         self.groups[request_id] = _Group(request_id, prepared, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -255,8 +253,10 @@ class LLMEngine:
         return dict(num_running=running, num_waiting=waiting, kv_blocks_used=self.pool.num_used,
                     kv_blocks_total=self.pool.num_blocks, prefix_cache_hit_tokens=self.pool.hit_tokens,
                     prefix_cache_queried_tokens=self.pool.queried_tokens,
+                    kv_blocks_allocated=self.pool.num_allocated, kv_blocks_released=self.pool.num_released,
                     num_preemptions=self.scheduler.num_preemptions, images_encoded=self.encoder_cache.num_encoded,
-                    **self.step_times)
+                    encoder_cache_entries=len(self.encoder_cache.entries),
+                    encoder_cache_held=len(self.encoder_cache.refs), **self.step_times)
 
     def step(self) -> list[RequestOutput]:
         touched: dict[str, _Group] = {g.request_id: g for g in self._aborted}

@@ -22,7 +22,6 @@ class Logprob:
 
     logprob: float
     rank: int | None = None
-    decoded_token: str | None = None
 
 
 @dataclasses.dataclass

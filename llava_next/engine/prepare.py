@@ -1,19 +1,17 @@
 """Preparing a request: everything that can fail on a bad prompt, before any model work (thread-safe, CPU only).
 
-`RequestPreparer.prepare(prompt, params)` tokenizes, expands `<image>` through the processor, preprocesses
-images into tiles and hashes their pixels (`mm_hash`: blake2b of the tiles' bytes, shape, dtype and the
-original size), finds each image's span of placeholders, and checks: prompt + max_tokens beyond
-`max_model_len` (ContextLengthError), more images than `limit_mm_per_prompt` (TooManyImagesError),
-placeholders that do not match the images (ImageTokenMismatchError), tiles of the wrong shape or with NaN
-(InvalidImageError), a request that could never fit the KV pool (KVCacheCapacityError), ids outside the
-vocabulary or an empty prompt (ModelInputError), stop_token_ids outside the vocabulary (SamplingParamsError).
-It reads only its own settings and the processor, so a server may call it from many threads while the engine
-thread steps.
+`RequestPreparer.prepare(prompt, params)` builds the prompt with preprocess/prompt.py (ids with `<image>`
+expanded, tiles, each image's placeholder span and content hash) and checks the engine's limits: prompt +
+max_tokens beyond `max_model_len` (ContextLengthError), more images than `limit_mm_per_prompt`
+(TooManyImagesError), a request that could never fit the KV pool (KVCacheCapacityError), ids outside the
+vocabulary or an empty prompt (ModelInputError), stop_token_ids outside the vocabulary (SamplingParamsError);
+placeholders or tiles that do not match the images raise ImageTokenMismatchError / InvalidImageError. It reads
+only its own settings and the processor, so a server may call it from many threads while the engine steps.
 
 A prompt is a string, `{"prompt": str, "multi_modal_data": {"image": PIL | [PIL]}}`, or
 `{"prompt_token_ids": [...], "multi_modal_data": ...}` whose ids already hold every image's placeholders; a dict
-may carry vLLM's `"cache_salt": str` (prefix-cache isolation, see block_pool.py). An
-image may also be given preprocessed as `{"pixel_values": (tiles, 3, S, S) tensor, "image_size": (H, W)}`.
+may carry vLLM's `"cache_salt": str` (prefix-cache isolation, see block_pool.py). An image may also be given
+preprocessed as `{"pixel_values": (tiles, 3, S, S) tensor, "image_size": (H, W)}`.
 
 Leaves out: videos, image embeddings as input, prompt truncation.
 """
@@ -21,15 +19,15 @@ Leaves out: videos, image embeddings as input, prompt truncation.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
-import numpy as np
 import torch
 
 from llava_next.engine.params import SamplingParams
 from llava_next.engine.request import ImageItem, PreparedRequest
-from llava_next.errors import (ContextLengthError, ImageTokenMismatchError, InvalidImageError, KVCacheCapacityError,
-                               ModelInputError, SamplingParamsError, TooManyImagesError)
+from llava_next.errors import (ContextLengthError, InvalidImageError, KVCacheCapacityError, ModelInputError,
+                               SamplingParamsError, TooManyImagesError)
+from llava_next.preprocess.prompt import (check_pixel_values, check_room, encode_prompt, image_spans, mm_hash,
+                                          preprocessed_image)
 
 DEFAULT_IMAGE_LIMIT = 8  # images per prompt when limit_mm_per_prompt is not given
 MAX_CACHE_SALT = 1024  # characters
@@ -46,16 +44,6 @@ def image_limit(limit) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ValueError(f"limit_mm_per_prompt must be a non-negative int or {{'image': int}}, got {limit!r}")
     return limit
-
-def mm_hash(tiles: torch.Tensor, size: tuple[int, int]) -> str:
-    """Content hash of one preprocessed image: its tiles' bytes, dtype, shape and original size."""
-    h = hashlib.blake2b(digest_size=16)
-    arr = tiles.detach().cpu().contiguous()
-    h.update(f"{tuple(arr.shape)}|{arr.dtype}|{size[0]}x{size[1]}|".encode())
-    h.update(arr.numpy().tobytes() if arr.dtype != torch.bfloat16 else arr.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
-
-
 
 class RequestPreparer:
     """The checks and preprocessing of LLMEngine.prepare, over the engine's fixed settings."""
@@ -86,21 +74,17 @@ class RequestPreparer:
             raise TooManyImagesError(f"the prompt has {len(images)} images; at most {self.image_limit} are allowed "
                                      f"per prompt (limit_mm_per_prompt)")
         if ids is None:
-            ids, tiles = self._process(text, images)
+            ids, tiles = encode_prompt(self.processor, self.geometry.num_image_tokens, text, images)
         else:
             ids = self._check_ids(ids)
-            tiles = [self._preprocessed(im) for im in images]
+            tiles = [preprocessed_image(self.processor, im) for im in images]
         items = self._spans(ids, tiles)
         n = len(ids)
         if n == 0:
             raise ModelInputError("the prompt is empty: give at least one token")
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - n
-        if n + params.max_tokens > self.max_model_len:
-            raise ContextLengthError(
-                f"the prompt has {n} tokens (image tokens included) and max_tokens is {params.max_tokens}: "
-                f"{n + params.max_tokens} > max_model_len {self.max_model_len}; shorten the prompt, use fewer or "
-                "smaller images, or lower max_tokens")
+        check_room(n, params.max_tokens, self.max_model_len, "max_tokens", "max_model_len")
         if params.max_tokens < 1:
             raise ContextLengthError(f"the prompt has {n} tokens: no room is left in max_model_len "
                                      f"{self.max_model_len} to generate")
@@ -153,69 +137,14 @@ class RequestPreparer:
                                   f"{bad[:5]}")
         return list(ids)
 
-    def _preprocessed(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
-        if isinstance(image, dict):
-            if set(image) != {"pixel_values", "image_size"}:
-                raise InvalidImageError("a preprocessed image is {'pixel_values': tensor, 'image_size': (H, W)}")
-            tiles = torch.as_tensor(image["pixel_values"])
-            size = tuple(int(v) for v in image["image_size"])
-            if tiles.dim() == 5 and tiles.shape[0] == 1:
-                tiles = tiles[0]
-            return tiles, size
-        if self.processor is None:
-            raise InvalidImageError("images other than {'pixel_values', 'image_size'} dicts need a processor")
-        out = self.processor.image_processor.preprocess([image], return_tensors=None, do_pad=False)
-        return torch.from_numpy(np.asarray(out["pixel_values"][0])), tuple(int(v) for v in out["image_sizes"][0])
-
-    def _process(self, text: str, images) -> tuple[list[int], list]:
-        if self.processor is None:
-            raise ModelInputError("a text prompt needs the engine's processor; give prompt_token_ids instead")
-        tok = self.processor.tokenizer
-        kwargs = {}
-        if tok.bos_token is not None and text.startswith(tok.bos_token):
-            kwargs["add_special_tokens"] = False  # a chat template already wrote BOS
-        if any(isinstance(im, dict) for im in images):
-            if not all(isinstance(im, dict) for im in images):
-                raise InvalidImageError("mix of preprocessed and raw images in one prompt")
-            prepared = [self._preprocessed(im) for im in images]
-            counts = iter(self.geometry.num_image_tokens(h, w) for _, (h, w) in prepared)
-            placeholders = text.count(self.processor.image_token)
-            if placeholders != len(prepared):
-                raise ImageTokenMismatchError(f"the prompt has {placeholders} {self.processor.image_token} "
-                                              f"placeholder(s) but {len(prepared)} image(s) were given")
-            encoded = tok([self.processor._expand(text, counts)], **kwargs)
-            return list(encoded["input_ids"][0]), prepared
-        out = self.processor(images=images or None, text=text, do_pad=False, **kwargs) if images else \
-            self.processor(text=text, **kwargs)
-        ids = list(out["input_ids"][0])
-        tiles = [(torch.from_numpy(np.asarray(pv)), tuple(int(v) for v in hw))
-                 for pv, hw in zip(out.get("pixel_values", []) if images else [], out.get("image_sizes", []) if images else [])]
-        return ids, tiles
-
     def _spans(self, ids: list[int], images) -> list[ImageItem]:
-        """Each image's contiguous run of placeholders, in order; ImageTokenMismatchError otherwise."""
-        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        expected = []
+        """Each image's contiguous run of placeholders, in order, its tiles checked and hashed."""
         vision = self.config.vision_config
-        for tiles, (h, w) in images:
-            if h < 1 or w < 1:
-                raise InvalidImageError(f"image sizes must be positive, got {(h, w)}")
-            want = (self.geometry.num_tiles(h, w), vision.num_channels, vision.image_size, vision.image_size)
-            if tuple(tiles.shape) != want or not tiles.is_floating_point():
-                raise InvalidImageError(f"an image of size {(h, w)} needs float tiles of shape {want}, got "
-                                        f"{tuple(tiles.shape)} {tiles.dtype}")
+        for tiles, size in images:
+            check_pixel_values(self.geometry, vision, tiles, [size])
             if not bool(tiles.isfinite().all()):
                 raise InvalidImageError("pixel values hold NaN or infinite values")
-            expected.append(self.geometry.num_image_tokens(h, w))
-        if len(positions) != sum(expected):
-            raise ImageTokenMismatchError(f"the prompt holds {len(positions)} image tokens, the {len(images)} "
-                                          f"image(s) give {sum(expected)} features")
-        items, cursor = [], 0
-        for (tiles, size), length in zip(images, expected):
-            span = positions[cursor: cursor + length]
-            if span[-1] - span[0] != length - 1:
-                raise ImageTokenMismatchError(f"image {len(items)}'s {length} placeholders are not contiguous")
-            items.append(ImageItem(tiles.float() if tiles.dtype == torch.float64 else tiles, size, span[0], length,
-                                   mm_hash(tiles, size)))
-            cursor += length
-        return items
+        lengths = [self.geometry.num_image_tokens(h, w) for _, (h, w) in images]
+        starts = image_spans(ids, self.image_token_id, lengths)
+        return [ImageItem(tiles.float() if tiles.dtype == torch.float64 else tiles, size, start, length,
+                          mm_hash(tiles, size)) for (tiles, size), start, length in zip(images, starts, lengths)]

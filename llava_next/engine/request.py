@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import time
 from typing import Any
 
 import torch
@@ -63,7 +62,7 @@ class Sequence:
     """One completion: prompt + generated ids, KV progress (`num_computed_tokens`), its block table."""
 
     def __init__(self, request_id: str, index: int, prepared: PreparedRequest, params: SamplingParams,
-                 eos_token_ids: tuple[int, ...], arrival: int):
+                 eos_token_ids: tuple[int, ...]):
         self.request_id, self.index = request_id, index
         self.prepared = prepared
         self.params = params
@@ -74,7 +73,6 @@ class Sequence:
         self.stop_token_ids = frozenset(params.stop_token_ids or ())
         self.max_tokens = params.max_tokens
         self.status = Status.WAITING
-        self.arrival = arrival  # FCFS order (a counter: ties never happen)
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.num_hashed_blocks = 0  # full blocks already registered in the prefix cache
@@ -89,7 +87,11 @@ class Sequence:
         self.detokenizer = None  # engine/detokenizer.IncrementalDetokenizer, made by the engine at the first token
         self.sent_tokens = 0  # output tokens already reported
         self.sent_text = 0  # characters of text already reported
-        self.times = {"arrival": time.monotonic()}
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(request id, completion index): the name other maps hold this sequence by (never its id())."""
+        return self.request_id, self.index
 
     @property
     def num_tokens(self) -> int:

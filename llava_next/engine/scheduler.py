@@ -36,7 +36,6 @@ class SchedulerOutput:
 
     scheduled: list[tuple[Sequence, int, int]]
     images_to_encode: list[ImageItem]
-    preempted: list[Sequence]
 
     @property
     def num_batched_tokens(self) -> int:
@@ -64,9 +63,6 @@ class Scheduler:
     # -- queue ---------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     # -- blocks --------------------------------------------------------------------------------------------
     def block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
@@ -108,7 +104,7 @@ class Scheduler:
         seq.block_ids = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
-        self.encoder_cache.release_all(id(seq))
+        self.encoder_cache.release_all(seq.key)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -170,11 +166,11 @@ class Scheduler:
         images, seen = [], set()
         for seq, start, num_new in scheduled:
             for image in seq.images_in(start, start + num_new):
-                self.encoder_cache.acquire(image.mm_hash, id(seq))
+                self.encoder_cache.acquire(image.mm_hash, seq.key)
                 if image.mm_hash not in self.encoder_cache and image.mm_hash not in seen:
                     seen.add(image.mm_hash)
                     images.append(image)
-        return SchedulerOutput(scheduled, images, preempted)
+        return SchedulerOutput(scheduled, images)
 
     def update(self, seq: Sequence, num_new: int) -> None:
         """After the forward: `num_new` more positions of `seq` are in the pool; register its full blocks,
@@ -188,7 +184,7 @@ class Scheduler:
             seq.num_hashed_blocks = full
         for image in seq.images:
             if image.end <= seq.num_computed_tokens:
-                self.encoder_cache.release(image.mm_hash, id(seq))
+                self.encoder_cache.release(image.mm_hash, seq.key)
 
     def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         """End a sequence (stop, length, abort): its blocks and encoder references are freed now."""

@@ -21,10 +21,9 @@ import sys
 import time
 
 from llava_next.errors import LlavaNextError
+from llava_next.loading.dtypes import DTYPES
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
-DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 CHAT_HELP = "Commands: /image PATH (attach an image to your next message), /reset (new conversation), /quit"
 
 
@@ -46,13 +45,6 @@ def _temperature(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: greedy), got {text}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
@@ -207,7 +199,7 @@ def load(args):
     start = time.perf_counter()
     _say(f"Loading {args.model} ...")
     processor = AutoProcessor.from_pretrained(args.model)
-    model = LlavaNextForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[args.dtype],
+    model = LlavaNextForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype,
                                                               device=str(device))
     _say(f"Loaded in {time.perf_counter() - start:.1f} s ({model.dtype}, {model.device}).")
     return processor, model
@@ -358,7 +350,6 @@ def cmd_serve(args) -> int:
 def cmd_batch(args) -> int:
     from llava_next.entrypoints.batch.ray_job import run
 
-    args.dtype = DTYPES[args.dtype]
     return run(args)
 
 

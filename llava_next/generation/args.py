@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_next.errors import ContextLengthError, GenerationArgumentError
+from llava_next.errors import GenerationArgumentError
+from llava_next.preprocess.prompt import check_room
 from llava_next.sampling.params import HF_DEFAULTS, UNSUPPORTED, SamplingParams, check_number, validate_max_new_tokens
 from llava_next.sampling.stopping import StopStrings, eos_token_tensor
 
@@ -155,11 +156,7 @@ def _max_new_tokens(max_new, max_length, prompt_len: int, context: int) -> int:
                 f"the prompt has {prompt_len} tokens, already at max_length={max_length}; set max_new_tokens instead"
             )
     max_new = validate_max_new_tokens(max_new)
-    if prompt_len + max_new > context:
-        raise ContextLengthError(
-            f"prompt of {prompt_len} tokens (image tokens included) + max_new_tokens={max_new} exceeds the model's "
-            f"context of {context} tokens; shorten the prompt, use fewer or smaller images, or lower max_new_tokens"
-        )
+    check_room(prompt_len, max_new, context)
     return max_new
 
 

@@ -33,6 +33,16 @@ IGNORED_OPTIONS = {
     "_from_pipeline": "transformers' telemetry",
 }
 
+# Hub and ignored loading options: never "unused" config kwargs.
+_LOADER_NAMES = frozenset(HUB_OPTIONS) | set(IGNORED_OPTIONS) | {"use_auth_token"}
+
+
+def read_config(name_or_path, kwargs: dict, return_unused_kwargs: bool, where: str) -> tuple[dict, dict]:
+    """(config.json as a dict, the kwargs that are neither hub nor loading options when `return_unused_kwargs`):
+    the file side of `LlavaNextConfig.from_pretrained` (config field overrides are popped by the caller)."""
+    unused = {k: kwargs.pop(k) for k in list(kwargs) if return_unused_kwargs and k not in _LOADER_NAMES}
+    return read_json(resolve_file(name_or_path, "config.json", **hub_options(kwargs, where))), unused
+
 
 def hub_options(kwargs: dict, where: str, accepted=()) -> dict:
     """Pop the hub options out of `kwargs` (None values dropped) and drop `IGNORED_OPTIONS`; a name left that

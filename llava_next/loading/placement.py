@@ -13,20 +13,16 @@ from torch import nn
 
 from llava_next.config import LlavaNextConfig
 from llava_next.errors import DeviceUnavailableError
+from llava_next.loading.dtypes import torch_dtype
 
 
 def resolve_dtype(dtype, config: LlavaNextConfig) -> torch.dtype:
     """The load dtype: "auto"/None -> the checkpoint's; a name or torch.dtype, floating point only (as
     transformers: a model cannot be instantiated under torch.int8; quantize with quantization_config=)."""
-    if dtype is None or dtype == "auto":
+    dtype = torch_dtype(dtype)
+    if dtype is None:
         name = config.dtype or "float32"
         return getattr(torch, name) if isinstance(name, str) else name
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
-        dtype = getattr(torch, dtype.removeprefix("torch."))
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, a dtype name or 'auto', got {type(dtype).__name__}")
     if not dtype.is_floating_point:
         raise ValueError(f"the model cannot be instantiated under dtype={dtype} as it is not a floating-point dtype; "
                          "for 8-bit or 4-bit weights pass quantization_config=BitsAndBytesConfig(...)")

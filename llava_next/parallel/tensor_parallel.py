@@ -189,8 +189,8 @@ def _fused_column(linear: nn.Linear, sizes: list[int], specs: list) -> nn.Linear
 
 def shard_decoder(decoder: nn.Module, tp: TensorParallel) -> nn.Module:
     """Rewrite a built Decoder in place for rank `tp.rank` of `tp.world` (meta or real weights); returns it."""
-    if getattr(decoder, "tensor_parallel", None) is not None:
-        raise RuntimeError(f"this decoder is already sharded ({decoder.tensor_parallel})")
+    if sharding(decoder) is not None:
+        raise RuntimeError(f"this decoder is already sharded ({sharding(decoder)})")
     cfg = decoder.config
     specs = shard_specs(cfg, tp)
     H, Hkv, Hd, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
@@ -219,8 +219,13 @@ def shard_decoder(decoder: nn.Module, tp: TensorParallel) -> nn.Module:
         attn.heads = H // tp.world
         attn.kv_heads = specs["k_proj"][2] // Hd
         mlp.intermediate = inter // tp.world
-    decoder.tensor_parallel = tp  # set once, at build time (read by nobody in model/)
     return decoder
+
+
+def sharding(decoder: nn.Module) -> TensorParallel | None:
+    """The TensorParallel a decoder is sharded for (its row-parallel layers hold it), None when it is whole."""
+    o_proj = decoder.layers[0].self_attn.o_proj if len(decoder.layers) else None
+    return o_proj.tp if isinstance(o_proj, RowParallelLinear) else None
 
 
 def layer_slicer(tp: TensorParallel, text_config):

@@ -17,6 +17,7 @@ from llava_next.preprocess.chat_template import (
     TRACK_GENERATION,
     render_chat_template,
 )
+from llava_next.preprocess.prompt import expand_image_tokens
 
 
 def render_with_spans(conversations, template: str, **kwargs) -> tuple[list[str], list[list[tuple[int, int]]]]:
@@ -61,7 +62,7 @@ def assistant_masks(processor, prompts: list[str], spans, batch, add_special_tok
         n_images = prompt.count(token)
         mine = counts[used:used + n_images]
         used += n_images
-        expanded = processor._expand(prompt, iter(mine)) if n_images else prompt
+        expanded = expand_image_tokens(prompt, processor.image_token, iter(mine)) if n_images else prompt
         encoding = processor.tokenizer.backend_tokenizer.encode(expanded, add_special_tokens=add_special_tokens)
         moved = [_shifted(s, prompt, token, mine) for s in prompt_spans]
         mask = [int(any(a < end and b > start for start, end in moved) and b > a) for a, b in encoding.offsets]

@@ -50,8 +50,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llava_next.errors import ChatTemplateError
 from llava_next.loading.hub import read_json
 
-CHAT_TEMPLATE_FILES = ["chat_template.json", "chat_template.jinja", "additional_chat_templates/*.jinja",
-                       "chat_templates/*.jinja", "tokenizer_config.json"]
 # Where transformers 5.x writes named (non-default) templates; `chat_templates/` is read too (older saves).
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -400,34 +398,6 @@ def plain_data(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def normalize_conversations(conversation) -> tuple[list[list[dict]], bool]:
-    """One conversation or a batch -> (batch, is_batched); None-valued keys dropped, OpenAI image_url blocks mapped."""
-    if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise ChatTemplateError("a conversation must be a non-empty list of {'role', 'content'} messages")
-    batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
-    conversations = conversation if batched else [conversation]
-    out = []
-    for conv in conversations:
-        conv = getattr(conv, "messages", conv)
-        messages = []
-        for message in conv:
-            if not isinstance(message, Mapping):
-                raise ChatTemplateError(f"chat messages must be dicts, got {message!r}")
-            message = {k: v for k, v in message.items() if v is not None}
-            if isinstance(message.get("content"), list):
-                message["content"] = [_from_openai_block(block) for block in message["content"]]
-            messages.append(message)
-        out.append(messages)
-    return out, batched
-
-
-def _from_openai_block(block):
-    if isinstance(block, Mapping) and block.get("type") == "image_url" and "image_url" in block:
-        info = block["image_url"]
-        return {"type": "image", "url": info.get("url", "") if isinstance(info, Mapping) else info}
-    return block
-
-
 def _alias_reasoning(chat: list[dict]) -> list[dict]:
     out = []
     for message in chat:
@@ -536,5 +506,5 @@ def _read_json(path: Path) -> dict:
 
 __all__ = [
     "load_chat_template", "resolve_chat_template", "compile_template", "template_variables",
-    "render_chat_template", "normalize_conversations", "plain_data",
+    "render_chat_template", "plain_data",
 ]

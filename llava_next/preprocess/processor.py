@@ -30,10 +30,11 @@ from pathlib import Path
 from llava_next.model.anyres import AnyresGeometry
 from llava_next.preprocess.assistant_mask import assistant_masks, render_with_spans
 from llava_next.preprocess.batch_feature import BatchFeature
+from llava_next.preprocess.chat_messages import images_in, normalize_conversations
+from llava_next.preprocess.prompt import check_placeholders, expand_image_tokens
 from llava_next.preprocess.chat_template import (
     CHAT_TEMPLATE_DIR,
     load_chat_template,
-    normalize_conversations,
     render_chat_template,
     resolve_chat_template,
     template_variables,
@@ -211,12 +212,7 @@ class LlavaNextProcessor:
                                   allow_local_network=allow_local_network) if isinstance(im, str) else im
                        for im in flat_images]
         if texts is not None:
-            placeholders = sum(t.count(self.image_token) for t in texts)
-            if placeholders != len(flat_images):
-                raise ImageTokenMismatchError(
-                    f"the prompts contain {placeholders} {self.image_token} placeholder(s) but {len(flat_images)} "
-                    f"image(s) were given; they must match (one {self.image_token} per image, in order)"
-                )
+            check_placeholders(texts, self.image_token, len(flat_images))
 
         data = {}
         image_inputs = {}
@@ -225,7 +221,7 @@ class LlavaNextProcessor:
         if texts is not None:
             if flat_images:
                 counts = iter(self.num_image_tokens(h, w) for h, w in _as_pairs(image_inputs["image_sizes"]))
-                texts = [self._expand(t, counts) for t in texts]
+                texts = [expand_image_tokens(t, self.image_token, counts) for t in texts]
             encoded = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **text_kwargs)
             self._check_image_token_counts(texts, encoded["input_ids"])
             data.update(encoded)
@@ -244,14 +240,6 @@ class LlavaNextProcessor:
             elif key != "return_tensors":
                 raise TypeError(f"LlavaNextProcessor got an unexpected keyword argument {key!r}")
         return text_kwargs, image_kwargs
-
-    def _expand(self, text: str, counts) -> str:
-        pieces = text.split(self.image_token)
-        out = [pieces[0]]
-        for piece in pieces[1:]:
-            out.append(self.image_token * next(counts))
-            out.append(piece)
-        return "".join(out)
 
     def _check_image_token_counts(self, texts: list[str], input_ids) -> None:
         """Every placeholder written into the text must come out as exactly one image-token id."""
@@ -313,7 +301,7 @@ class LlavaNextProcessor:
         if images is not None:
             batch_images = images if batched else [images]
         else:
-            batch_images = [_images_in(conv, allow_local_network) for conv in conversations]
+            batch_images = [images_in(conv, allow_local_network) for conv in conversations]
         has_images = any(im is not None for ims in batch_images for im in ims)
         out = self(images=batch_images if has_images else None, text=prompts if batched else prompts[0],
                    return_tensors=return_tensors, **processor_kwargs)
@@ -350,27 +338,6 @@ class AutoProcessor:
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs) -> LlavaNextProcessor:
         return LlavaNextProcessor.from_pretrained(name_or_path, **kwargs)
-
-
-def _images_in(conversation: list[dict], allow_local_network: bool = False) -> list:
-    """Image sources of a conversation's content parts, loaded, in order (transformers' keys and order)."""
-    found = []
-    for message in conversation:
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
-        for block in content:
-            if isinstance(block, dict) and block.get("type") == "image":
-                for key in ("image", "url", "path", "base64"):
-                    if key in block:
-                        found.append(_load(block[key], key, allow_local_network))
-    return found
-
-
-def _load(source, key: str, allow_local_network: bool = False):
-    if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
-        source = "data:image/png;base64," + source  # a bare base64 payload; the decoder sniffs the real format
-    return load_image(source, allow_local_network=allow_local_network)
 
 
 def _looks_like_text(value) -> bool:

@@ -36,7 +36,6 @@ import concurrent.futures
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -65,8 +64,8 @@ def _llguidance():
 class Grammar:
     """A compiled constraint: `matcher()` gives each sequence its own copy."""
 
-    def __init__(self, key: str, pristine, compile_s: float):
-        self.key, self._pristine, self.compile_s = key, pristine, compile_s
+    def __init__(self, key: str, pristine):
+        self.key, self._pristine = key, pristine
 
     def matcher(self):
         return self._pristine.deep_copy()
@@ -122,7 +121,6 @@ class StructuredDecoding:
         ll = _llguidance()
         tokenizer = self._ll_tokenizer()
         kind = params.kind()
-        start = time.perf_counter()
         try:
             if kind in ("json", "json_object"):
                 spacing = ({"whitespace_flexible": False} if params.whitespace_pattern is None else
@@ -141,7 +139,7 @@ class StructuredDecoding:
         matcher = ll.LLMatcher(tokenizer, text, log_level=0, limits=limits)
         if matcher.is_error():
             return f"the {kind} constraint does not compile: {_short(matcher.get_error())}"
-        return Grammar(key, matcher, time.perf_counter() - start)
+        return Grammar(key, matcher)
 
     # -- one step (engine thread) ----------------------------------------------------------------------------
     def _buffer(self, rows: int) -> torch.Tensor:

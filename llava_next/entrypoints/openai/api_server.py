@@ -362,10 +362,6 @@ def run(server, sock: socket.socket | None = None) -> None:
     server.run(sockets=[sock] if sock is not None else None)
 
 
-_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -414,7 +410,7 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
             raise error_cls(f"--chat-template {args.chat_template}: {exc.strerror or exc}") from exc
     if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
         raise error_cls(f"--allowed-local-media-path {args.allowed_local_media_path}: not a folder")
-    from llava_next.engine.llm import LLM  # torch: after the cheap checks
+    from llava_next.entrypoints.llm import LLM  # torch: after the cheap checks
 
     if args.quantization and "quantization" not in inspect.signature(LLM.__init__).parameters:
         raise error_cls(f"--quantization {args.quantization} is not supported by the engine yet")
@@ -439,7 +435,7 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
             from llava_next.engine.driver import AsyncEngine
 
             extra = {"quantization": args.quantization} if args.quantization else {}
-            llm = LLM(args.model, dtype=_DTYPES[args.dtype], device=args.device, max_model_len=args.max_model_len,
+            llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       limit_mm_per_prompt=args.limit_mm_per_prompt, **extra)
             make_serving(AsyncEngine(llm.llm_engine), state, media=media,

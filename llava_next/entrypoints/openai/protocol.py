@@ -1,4 +1,4 @@
-"""OpenAI's wire format for the server: request, response, stream-chunk, usage and error models (pydantic v2).
+"""OpenAI's wire format for the server: request, response, usage and error models (pydantic v2).
 
 Requests are strict (`strict=True`: `"max_tokens": "5"` or `"stream": 1` is a 400, not coerced) and closed
 (`extra="forbid"`: a typo such as `max_token` is a 400 naming it, not silently ignored). Fields OpenAI clients
@@ -11,9 +11,10 @@ takes an arbitrary JSON value, so a 15M-item array is a 400 wherever it is put (
 values of a whole body before parsing). A message's content list must not be empty (OpenAI's rule).
 
 Responses are built as OpenAI documents them (`openai-python` types): `chat.completion`,
-`chat.completion.chunk` (`usage` present, as null, on every chunk only when `stream_options.include_usage`),
-`text_completion`, `list` of `model`, usage with `prompt_tokens_details.cached_tokens`, and errors as
-`{"error": {"message", "type", "param", "code"}}` with a string `code` (OpenAI's convention, not vLLM's int).
+`chat.completion.chunk` (dicts written by serving_chat.py; `usage` present, as null, on every chunk only when
+`stream_options.include_usage`), `text_completion`, `list` of `model`, usage with `prompt_tokens_details.
+cached_tokens`, and errors as `{"error": {"message", "type", "param", "code"}}` with a string `code` (OpenAI's
+convention, not vLLM's int).
 
 Structured output and tool calls (`response_format`, `tools`, `tool_choice`, `structured_outputs`,
 `logit_bias`) are checked by constraints.py (their models: protocol_tools.py). Current spec fields with no
@@ -251,33 +252,6 @@ class ChatCompletionResponse(BaseModel):
     service_tier: str | None = "default"
     choices: list[ChatChoice]
     usage: Usage
-
-
-class DeltaMessage(BaseModel):
-    model_config = _RESPONSE
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    model_config = _RESPONSE
-    index: int
-    delta: DeltaMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    model_config = _RESPONSE
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = SYSTEM_FINGERPRINT
-    service_tier: str | None = "default"
-    choices: list[ChatStreamChoice]
-    usage: Usage | None = None
 
 
 class CompletionLogprobs(BaseModel):

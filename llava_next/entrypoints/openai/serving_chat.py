@@ -50,7 +50,8 @@ from llava_next.entrypoints.openai.errors import (
 )
 from llava_next.entrypoints.openai.logprob_text import TokenTexts
 from llava_next.entrypoints.openai.media import MediaPolicy
-from llava_next.errors import EngineDeadError, SamplingParamsError
+from llava_next.errors import EngineDeadError, ModelInputError, SamplingParamsError
+from llava_next.preprocess.chat_messages import split_messages
 
 logger = logging.getLogger("llava_next.server")
 
@@ -146,27 +147,10 @@ class OpenAIServing:
     # -- chat ----------------------------------------------------------------------------------------------
     def _conversation(self, req: P.ChatCompletionRequest) -> tuple[list[dict], list[str]]:
         """(messages for the chat template, image URLs in order); 400 for what the template cannot take."""
-        messages, urls = [], []
-        for i, m in enumerate(req.messages):
-            content = m.content
-            if content is None:
-                content = ""
-            parts = []
-            if isinstance(content, str):
-                parts.append({"type": "text", "text": content})
-            else:
-                for part in content:
-                    if isinstance(part, P.TextPart):
-                        parts.append({"type": "text", "text": part.text})
-                    else:
-                        urls.append(part.image_url.url)
-                        parts.append({"type": "image"})
-            for part in parts:
-                if part["type"] == "text" and self.image_token in part["text"]:
-                    raise bad_request(f"messages[{i}] holds the image placeholder {self.image_token!r} as text; "
-                                      "send images as image_url parts", f"messages.{i}.content", "invalid_content")
-            role = "system" if m.role == "developer" else m.role
-            messages.append({"role": role, "content": parts})
+        try:  # the identity loader: the media policy fetches the URLs later, in its own pool
+            messages, urls = split_messages(req.messages, image_token=self.image_token)
+        except ModelInputError as exc:
+            raise bad_request(str(exc), "messages", "invalid_content") from None
         if len(urls) > self.image_limit:
             raise bad_request(f"the request has {len(urls)} images; at most {self.image_limit} are allowed per "
                               "prompt (--limit-mm-per-prompt)", "messages", "too_many_images")
@@ -180,10 +164,8 @@ class OpenAIServing:
         except ValueError as exc:
             raise bad_request(f"the chat template could not render the messages: {exc}", "messages",
                               "invalid_messages") from None
-        prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
-        if salt is not None:
-            prompt["cache_salt"] = salt
-        return self.llm.prepare(prompt, params)
+        salted = {} if salt is None else {"cache_salt": salt}
+        return self.llm.prepare({"prompt": text, "multi_modal_data": {"image": images}, **salted}, params)
 
     async def chat(self, req: P.ChatCompletionRequest, request):
         arrival = time.monotonic()

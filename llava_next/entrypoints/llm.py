@@ -7,7 +7,7 @@ Results come back in the order of the inputs, one RequestOutput each; `use_tqdm`
 
 Chat messages use OpenAI's content parts: {"type": "text", "text"}, {"type": "image_url", "image_url":
 {"url": "data:..." | path | URL}}, {"type": "image", "image": PIL}; they are rendered by the processor's chat
-template (add_generation_prompt=True) and the images go with the prompt in order.
+template (add_generation_prompt=True) and the images go with the prompt in order (preprocess/chat_messages.py).
 
 `LLM(path, tensor_parallel_size=N)` (N > 1) starts N - 1 worker processes (tp_workers.py): this process is
 rank 0 and schedules, the workers follow; each rank loads only its slices of the decoder. `shutdown()` (also
@@ -28,21 +28,10 @@ from llava_next.engine.llm_engine import LLMEngine
 from llava_next.engine.model_runner import EngineModel
 from llava_next.engine.params import SamplingParams
 from llava_next.errors import ModelInputError
-from llava_next.preprocess.images import load_image
+from llava_next.loading.dtypes import torch_dtype
+from llava_next.preprocess.chat_messages import load_part, split_messages
 
 _counter = itertools.count()
-
-
-def _dtype(dtype):
-    if dtype in (None, "auto"):
-        return None
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "half": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype must be 'auto', a torch dtype or one of {sorted(names)}, got {dtype!r}")
-    return names[dtype]
 
 
 class LLM:
@@ -50,7 +39,7 @@ class LLM:
                  max_num_batched_tokens=None, kv_cache_memory_bytes=None, block_size: int = 16,
                  enable_prefix_caching: bool = True, limit_mm_per_prompt=None, tensor_parallel_size: int = 1,
                  seed: int = 0, processor=None, **engine_args):
-        self._tp_leader = None
+        self._tp_leader, generation = None, None
         if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
                 or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
@@ -64,8 +53,7 @@ class LLM:
 
             folder = resolve_folder(model, allow_patterns=MODEL_PATTERNS)  # downloaded once, read by every rank
             self._tp_leader, built, generation = tp_workers.start(folder, tensor_parallel_size,
-                                                                 _dtype(dtype) or "auto", device)
-            built.generation_config = generation or {}
+                                                                 torch_dtype(dtype) or "auto", device)
             if processor is None:
                 processor = LlavaNextProcessor.from_pretrained(model)
             atexit.register(self._tp_leader.stop)  # the leader, not self: an unused LLM can still be collected
@@ -73,20 +61,21 @@ class LLM:
             built = model
             if device is not None:
                 built = built.to(device)
-            if _dtype(dtype) is not None:
-                built = built.to(_dtype(dtype))
+            if torch_dtype(dtype) is not None:
+                built = built.to(torch_dtype(dtype))
         else:
             from llava_next.loading.pretrained import load_pretrained
             from llava_next.preprocess.processor import LlavaNextProcessor
 
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            built, generation = load_pretrained(EngineModel, model, dtype=_dtype(dtype) or "auto",
+            built, generation = load_pretrained(EngineModel, model, dtype=torch_dtype(dtype) or "auto",
                                                 device_map=str(device))
-            built.generation_config = generation or {}
             if processor is None:
                 processor = LlavaNextProcessor.from_pretrained(model)
         self.model, self.processor = built, processor
+        # the checkpoint's generation_config.json EOS ids, unless given (nothing is stashed on the model)
+        engine_args.setdefault("eos_token_id", (generation or {}).get("eos_token_id"))
         try:
             self.llm_engine = LLMEngine(built, processor, tp_leader=self._tp_leader,
                                         tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
@@ -138,38 +127,13 @@ class LLM:
         """messages: one conversation (a list of {"role", "content"}) or a list of them."""
         if self.processor is None:
             raise ModelInputError("chat() needs a processor (its chat template)")
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self._render(conv, chat_template, add_generation_prompt) for conv in conversations]
+        prompts = []
+        for conversation in messages if messages and isinstance(messages[0], list) else [messages]:
+            turns, images = split_messages(conversation, load=load_part)
+            text = self.processor.apply_chat_template(turns, chat_template=chat_template,
+                                                      add_generation_prompt=add_generation_prompt)
+            prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
         return self.generate(prompts, sampling_params, use_tqdm)
-
-    def _render(self, conversation, chat_template, add_generation_prompt) -> dict:
-        images, rendered = [], []
-        for message in conversation:
-            if not isinstance(message, dict) or "role" not in message:
-                raise ModelInputError("each chat message must be a dict with 'role' and 'content'")
-            content = message.get("content")
-            if isinstance(content, str) or content is None:
-                rendered.append({"role": message["role"], "content": [{"type": "text", "text": content or ""}]})
-                continue
-            parts = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    parts.append({"type": "text", "text": part.get("text", "")})
-                elif kind == "image_url":
-                    url = part.get("image_url")
-                    url = url.get("url") if isinstance(url, dict) else url
-                    images.append(load_image(url))
-                    parts.append({"type": "image"})
-                elif kind == "image":
-                    images.append(load_image(part.get("image") if "image" in part else part.get("url")))
-                    parts.append({"type": "image"})
-                else:
-                    raise ModelInputError(f"unknown content part type {kind!r} (text, image_url, image)")
-            rendered.append({"role": message["role"], "content": parts})
-        text = self.processor.apply_chat_template(rendered, chat_template=chat_template,
-                                                  add_generation_prompt=add_generation_prompt)
-        return {"prompt": text, "multi_modal_data": {"image": images}} if images else {"prompt": text}
 
     def _run(self, prepared, use_tqdm: bool):
         engine = self.llm_engine
