@@ -110,7 +110,7 @@ class DecodeStep:
 
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, encoder_cache: EncoderCache, seed: int = 0, tp_leader=None,
-                 mode: str | None = None, structured=None):
+                 mode: str | None = None, structured=None, fuse: bool = True, compiled: bool | None = None):
         self.structured = structured  # sampling/structured.StructuredDecoding: grammar masks and logit_bias
         self.model = model
         self.tp_leader = tp_leader  # tp_workers.TPLeader when the decoder is sharded over worker processes
@@ -124,11 +124,13 @@ class ModelRunner:
             raise ValueError(f"unknown engine runner mode {self.mode!r} (eager, static, graph)")
         if self.mode != "eager" and tp_leader is not None:
             raise ValueError("a tensor-parallel engine decodes eagerly: runner mode must be 'eager'")
-        self.kernels = fast_decoder(self.decoder, compiled=self.mode == "graph")
+        # fuse=False (generate() on an eager runner): the model keeps its checkpoint's q/k/v and gate/up modules;
+        # compiled: the bucketed decode step's elementwise kernels (default: in "graph" mode)
+        compiled = self.mode == "graph" if compiled is None else compiled
+        self.kernels = fast_decoder(self.decoder, compiled) if fuse or self.mode != "eager" else KERNELS
         self.sampler = Sampler(self.device, seed)
         self.steps: dict[tuple[int, int], DecodeStep] = {}  # (batch bucket, key bucket) -> its static step
         self.graph_pool = None  # the CUDA graphs' shared memory pool, made at the first capture
-        self.timings = {"encoder_s": 0.0, "forward_s": 0.0}  # host-side wall time (bench)
 
     @torch.inference_mode()
     def encode(self, images) -> None:
@@ -156,36 +158,59 @@ class ModelRunner:
         masks = None if self.structured is None else self.structured.begin([s.matcher for s in samplers])
         ids = np.fromiter((t for seq, s, n in order for t in seq.token_ids[s:s + n]), np.int64)  # (T,)
         with_images = [i for i, (seq, s, _) in enumerate(order) if seq.images and s < seq.images[-1].end]
-        bucket = None
-        if self.mode != "eager" and num_decodes == B and not with_images:
-            bucket = (batch_bucket(B), -(-int((starts + 1).max()) // KEY_BUCKET) * KEY_BUCKET)
-            ids = np.concatenate([ids, np.zeros(bucket[0] - B, np.int64)])
-        plan = plan_step(starts, num_new, [seq.block_ids for seq, _, _ in order], self.cache.block_size,
-                         self.cache.scratch_block, self.decoder.windows, num_decodes, sample_rows, bucket)
-        if bucket is not None:
-            positions, slot_mapping, rows, ids_t, query_pos, kv_blocks = StepAttention.to_device(plan, self.device,
-                                                                                                 [ids])
-            step = self.steps.get(bucket)
-            if step is None:
-                step = self.steps[bucket] = DecodeStep(self, plan, graphs=self.mode == "graph")
-            logits = step(ids_t, positions, slot_mapping, query_pos.view(-1, 1), kv_blocks)[rows]
-        else:
-            meta, positions, rows, (ids_t,) = StepAttention.build(self.cache, self.decoder.windows, plan,
-                                                                  self.device, [ids])
-            embeds = self.decoder.embed_tokens(ids_t)  # (T, D)
-            self._write_images(embeds, order, with_images, num_new)
-            if self.tp_leader is not None:
-                self.tp_leader.step(plan, embeds[None])  # the followers run this forward on their shards
-            hidden = self.decoder(embeds[None], positions[None], meta, KERNELS)  # (1, T, D)
-            if not samplers:
-                return [], [], []
-            logits = self.model.lm_head(hidden[0, rows])  # (n, V): lm_head only where we sample
+        write = None
+        if with_images:
+            def write(embeds):
+                self._write_images(embeds, order, with_images, num_new)
+        logits = self.forward(starts, num_new, [seq.block_ids for seq, _, _ in order], ids, num_decodes,
+                              sample_rows, write)
         if not samplers:
             return [], [], []
         if self.structured is not None:  # logit_bias and grammar masks, in place (sampling/structured.py)
             self.structured.constrain(logits, masks, [s.params.logit_bias for s in samplers])
         tokens, logprobs = self.sampler(samplers, logits)
         return samplers, tokens, logprobs
+
+    @torch.inference_mode()
+    def forward(self, starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], ids, num_decodes: int,
+                sample_rows: np.ndarray, write=None, head: bool = True) -> torch.Tensor | None:
+        """The decoder over one flattened step -> logits (n, V) at `sample_rows` (hidden states (n, D) with
+        head=False, eager steps only), or None when nothing samples.
+
+        starts/num_new (B,): each row's first new position and count, its first `num_decodes` rows one token
+        each; tables: block ids per row; ids (T,) token ids (numpy, or a device tensor for a pure decode step);
+        write(embeds (T, D)): writes over the embedded rows in place (image features, a prompt's inputs_embeds).
+        """
+        B = len(tables)
+        on_device = isinstance(ids, torch.Tensor)
+        bucket = None
+        if self.mode != "eager" and num_decodes == B and write is None and head:
+            bucket = (batch_bucket(B), -(-int((starts + 1).max()) // KEY_BUCKET) * KEY_BUCKET)
+            pad = bucket[0] - B
+            ids = (torch.cat([ids, ids.new_zeros(pad)]) if on_device
+                   else np.concatenate([ids, np.zeros(pad, np.int64)]))
+        plan = plan_step(starts, num_new, tables, self.cache.block_size, self.cache.scratch_block,
+                         self.decoder.windows, num_decodes, sample_rows, bucket)
+        extra = [] if on_device else [ids]
+        if bucket is not None:
+            positions, slot_mapping, rows, *rest = StepAttention.to_device(plan, self.device, extra)
+            ids_t = ids if on_device else rest.pop(0)
+            query_pos, kv_blocks = rest
+            step = self.steps.get(bucket)
+            if step is None:
+                step = self.steps[bucket] = DecodeStep(self, plan, graphs=self.mode == "graph")
+            return step(ids_t, positions, slot_mapping, query_pos.view(-1, 1), kv_blocks)[rows]
+        meta, positions, rows, moved = StepAttention.build(self.cache, self.decoder.windows, plan, self.device, extra)
+        embeds = self.decoder.embed_tokens(ids if on_device else moved[0])  # (T, D)
+        if write is not None:
+            write(embeds)
+        if self.tp_leader is not None:
+            self.tp_leader.step(plan, embeds[None])  # the followers run this forward on their shards
+        hidden = self.decoder(embeds[None], positions[None], meta, KERNELS)  # (1, T, D)
+        if not len(sample_rows):
+            return None
+        last = hidden[0, rows]  # (n, D)
+        return self.model.lm_head(last) if head else last  # (n, V): lm_head only where we sample
 
     def _write_images(self, embeds, order, with_images, num_new) -> None:
         """Write image features over the placeholders of the chunks that hold some (embeds (T, D) in place)."""
