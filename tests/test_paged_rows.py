@@ -64,13 +64,13 @@ def test_feature_cache_reuses_images_without_changing_results(tmp_path):
         kwargs = dict(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[h, w]]), max_new_tokens=8)
         assert torch.equal(model.generate(**kwargs), reference.generate(**kwargs))
     cache = model.model.feature_cache
-    assert (cache.hits, cache.misses) == (2, 1)
+    assert (cache.num_hits, cache.num_encoded) == (2, 1)
     # A different image of the same size is a miss, not a collision.
     other = pixels.clone()
     other[0, 0, 0, 0, 0] += 1.0
     with torch.inference_mode():
         model.model.get_image_features(other, torch.tensor([[h, w]]))
-    assert cache.misses == 2
+    assert cache.num_encoded == 2
     # Under autograd the cache is bypassed, so gradients reach the vision tower.
     with torch.enable_grad():
         model.model.vision_tower.embeddings.patch_embedding.weight.requires_grad_(True)
@@ -187,7 +187,7 @@ def test_feature_cache_follows_weight_changes(tmp_path):
         model.model.multi_modal_projector.linear_2.weight.mul_(1.5)
         reference.model.multi_modal_projector.linear_2.weight.mul_(1.5)
     logits_match()
-    assert cache.misses == 2
+    assert cache.num_encoded == 2
     state = {k: v + 0.01 for k, v in reference.state_dict().items() if "vision_tower" in k}
     reference.load_state_dict(state, strict=False)
     ours = {k.replace("model.vision_tower.vision_model.", "model.vision_tower."): v for k, v in state.items()}
@@ -197,9 +197,9 @@ def test_feature_cache_follows_weight_changes(tmp_path):
         model.model.image_newline.add_(0.5)
         reference.model.image_newline.add_(0.5)
     logits_match()
-    assert cache.misses == 3
+    assert cache.num_encoded == 3
     logits_match()  # unchanged weights: served from the cache
-    assert cache.hits >= 1 and cache.misses == 3
+    assert cache.num_hits >= 1 and cache.num_encoded == 3
     model.to(torch.float64)  # a cast makes new tensors: the float32 features must not be reused
     with torch.inference_mode():
         cast = model(**inputs).logits
@@ -249,3 +249,29 @@ def test_block_tables_grow_fork_copy_on_write_and_return_to_the_pool(tmp_path):
         assert [len(t) for t in rows.tables] == [1, 1] and rows.lengths.tolist() == [10, 10] and pool.num_used == 1
         rows.release()
         assert pool.num_free == pool.num_blocks
+
+
+def test_engine_caches_follow_weight_changes(tmp_path):
+    """The engine's encoder cache and prefix cache belong to the weights that filled them: after an in-place
+    edit the same prompt is encoded again, hits no block, and still gives generate()'s tokens."""
+    from engine_cases import case, run
+    from llava_next.engine.llm_engine import LLMEngine
+    from llava_next.engine.params import SamplingParams
+
+    folder, _ = save_tiny(tmp_path / "m", "mistral")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    engine = LLMEngine(model, None, block_size=16)
+    prompt = case([(500, 316)], 1)
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    run(engine, [prompt], greedy)
+    again = run(engine, [prompt], greedy)["0"]
+    assert again.num_cached_tokens > 0 and engine.stats()["images_encoded"] == 1  # both caches hit
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.weight.mul_(1.5)
+        model.model.language_model.layers[0].mlp.down_proj.weight.mul_(-1.0)
+    out = run(engine, [prompt], greedy)["0"]
+    assert out.num_cached_tokens == 0 and engine.stats()["images_encoded"] == 2
+    image = prompt["multi_modal_data"]["image"][0]
+    expected = model.generate(input_ids=torch.tensor([prompt["prompt_token_ids"]]), max_new_tokens=4,
+                              pixel_values=image["pixel_values"][None], image_sizes=torch.tensor([image["image_size"]]))
+    assert out.outputs[0].token_ids == expected[0, len(prompt["prompt_token_ids"]):].tolist()

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import torch
 
+from llava_next.compat.outputs import ModelOutput
 from llava_next.compat.paged_rows import decode_step, prefill, prompt_ids
 from llava_next.errors import GenerationArgumentError
-from llava_next.generation.outputs import ModelOutput
 from llava_next.sampling.logits import LogitsPipeline
 
 _NEG = -1.0e9  # transformers' "impossible" score

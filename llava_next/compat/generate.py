@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from llava_next.errors import GenerationArgumentError
-from llava_next.generation.args import plan_generation
 from llava_next.compat.beam_search import beam_search
+from llava_next.compat.generate_args import plan_generation
+from llava_next.compat.outputs import ModelOutput
 from llava_next.compat.paged_rows import Rows, decode_step, prefill, prompt_ids
-from llava_next.generation.outputs import ModelOutput
+from llava_next.errors import GenerationArgumentError
 from llava_next.sampling.logits import LogitsPipeline
 from llava_next.sampling.stopping import eos_reached
 

@@ -26,10 +26,11 @@ from llava_next.config import LlavaNextConfig
 from llava_next.errors import ImageTokenMismatchError, ModelInputError
 from llava_next.compat.input_checks import check_inputs, image_sizes_as_ints, tiles_per_image
 from llava_next.compat.training import TrainingHooks
-from llava_next.generation.feature_cache import ImageFeatureCache
+from llava_next.engine.encoder_cache import EncoderCache
+from llava_next.engine.prepare import mm_hash
 from llava_next.compat.generate import generate
 from llava_next.compat.paged_rows import GenerateRunner
-from llava_next.generation.outputs import ModelOutput
+from llava_next.compat.outputs import ModelOutput
 from llava_next.loading.placement import check_available
 from llava_next.loading.pretrained import load_pretrained
 from llava_next.model.attention import DenseAttention
@@ -39,6 +40,7 @@ from llava_next.model.stamp import weights_stamp
 
 # forward() keyword arguments beyond its named parameters (transformers' TransformersKwargs we understand).
 FORWARD_OPTIONS = ("num_items_in_batch", "output_attentions")
+FEATURE_CACHE_TOKENS = 16384  # image feature rows the model keeps (about 6 large anyres images)
 
 
 class _CheckedMoves:
@@ -87,8 +89,8 @@ class LlavaNextModel(_CheckedMoves, LlavaNextCore):
 
     def __init__(self, config: LlavaNextConfig):
         super().__init__(config)
-        # Packed features of recently seen images (exact match on tiles); 0 disables. Never a parameter.
-        self.feature_cache = ImageFeatureCache(capacity=8)
+        # Packed features of recently seen images, by content hash (the engine's cache). Never a parameter.
+        self.feature_cache = EncoderCache(FEATURE_CACHE_TOKENS)
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextModel":
@@ -118,18 +120,19 @@ class LlavaNextModel(_CheckedMoves, LlavaNextCore):
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)], dim=0)
         per_image = pixel_values.split(tiles, dim=0)
         # The cache serves inference only: under autograd, features must stay connected to the tower.
-        if torch.is_grad_enabled():
-            cache = ImageFeatureCache(capacity=0)
-        else:
-            cache = self.feature_cache
+        cache = None if torch.is_grad_enabled() else self.feature_cache
+        keys: list[str | None] = [None] * len(sizes)
+        if cache is not None:
             cache.check_weights(weights_stamp(self.vision_tower, self.multi_modal_projector, self.image_newline))
-        packed: list[torch.Tensor | None] = [cache.get(t, size) for t, size in zip(per_image, sizes)]
+            keys = [mm_hash(t, size) for t, size in zip(per_image, sizes)]
+        packed: list[torch.Tensor | None] = [None if k is None else cache.get(k) for k in keys]
         missing = [i for i, p in enumerate(packed) if p is None]
         if missing:  # one tower pass over every tile of every image not seen before
             todo = torch.cat([per_image[i] for i in missing]) if len(missing) < len(sizes) else pixel_values
             for i, features in zip(missing, self.encode_images(todo, [sizes[i] for i in missing])):
                 packed[i] = features
-                cache.put(per_image[i], sizes[i], features)
+                if cache is not None:
+                    cache.put(keys[i], features.detach())
         return packed
 
     def embed(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None,

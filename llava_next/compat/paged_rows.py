@@ -15,6 +15,10 @@ embeddings are equal (images included) and prefills only the rest. A weight chan
 The screened head (sampling/screened_head.py) is an option here: on a float32 CPU head in eager mode, steps
 stop at the hidden state (ModelRunner.forward(head=False)) and the screen picks the token.
 
+A row whose last token is padding (right padding) takes its first new token from transformers' pad-position
+query (one masked dense pass over those rows: the engine's attention has no key mask) and then continues at
+transformers' mask-derived RoPE positions through a per-row position offset of the runner.
+
 Leaves out: the engine's scheduler (a generate() call runs its whole batch each step), hashing prompts into the
 engine's prefix cache (inputs_embeds prompts have no ids: prefixes are matched by embeddings).
 """
@@ -29,6 +33,7 @@ from llava_next.engine.block_pool import BlockPool
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.model_runner import ModelRunner
 from llava_next.errors import GenerationArgumentError
+from llava_next.model.attention import DenseAttention
 from llava_next.model.stamp import weights_stamp
 from llava_next.sampling.screened_head import ScreenedHead, screen_applies
 
@@ -97,13 +102,13 @@ class GenerateRunner:
             self._screen = ScreenedHead(head.weight)
         return self._screen
 
-    def start(self, batch: int, max_len: int, dtype: torch.dtype, headroom: int = 1) -> "Rows":
+    def start(self, batch: int, max_len: int, dtype: torch.dtype, headroom: int = 1) -> Rows:
         """Rows for `batch` sequences of up to `max_len` tokens each; forgets the remembered row."""
         self.forget()
         self._ensure(blocks_needed(batch, max_len), dtype, headroom)
         return Rows(self, batch)
 
-    def take_prefix(self, embeds: torch.Tensor, max_len: int) -> tuple["Rows", int] | None:
+    def take_prefix(self, embeds: torch.Tensor, max_len: int) -> tuple[Rows, int] | None:
         """The remembered row cut to the longest prefix whose embeddings equal `embeds` (1, T, D), and its
         length; None if nothing is kept. At least one token is left to prefill, so there are logits to sample.
         Nothing is reused if the decoder's weights changed since (model/stamp.py)."""
@@ -126,9 +131,8 @@ class GenerateRunner:
     def _drop(self, last):
         if last is not None:
             last[1].release()
-        return None
 
-    def remember(self, embeds: torch.Tensor, rows: "Rows") -> None:
+    def remember(self, embeds: torch.Tensor, rows: Rows) -> None:
         """Keep a batch-1 call's row and the (1, n, D) embeddings it was built from, for take_prefix."""
         if embeds.shape[0] != 1:
             rows.release()
@@ -151,6 +155,7 @@ class Rows:
         self.owner = owner
         self.tables: list[list[int]] = [[] for _ in range(batch)]
         self.lengths = np.zeros(batch, np.int64)  # (B,)
+        self.offsets: np.ndarray | None = None  # (B,) RoPE position minus slot of the next token, if not 0
 
     def _grow(self, need: np.ndarray) -> None:
         """Blocks so that each row's table covers need[i] tokens."""
@@ -181,7 +186,7 @@ class Rows:
         self.lengths = starts + 1
         B = len(self.tables)
         return self.owner.runner.forward(starts, np.ones(B, np.int64), self.tables, tokens, B, np.arange(B),
-                                         head=head)
+                                         head=head, position_offset=self.offsets)
 
     def fork(self, parents: list[int]) -> None:
         """Row i continues from row parents[i] (beam search): full blocks shared, partial last blocks copied
@@ -211,6 +216,7 @@ class Rows:
                 kv.index_copy_(2, dst_t, kv.index_select(2, src_t))
         self.tables = tables
         self.lengths = self.lengths[parents]
+        self.offsets = None if self.offsets is None else self.offsets[parents]
 
     def truncate(self, length: int) -> None:
         """Keep only the first `length` tokens of every row (its blocks past them go back to the pool)."""
@@ -256,10 +262,34 @@ def prefill(runner, embeds: torch.Tensor, attention_mask, max_new: int, reuse: b
         return rows, rows.prefill(flat[start:], lengths - start, head)
     rows = runner.start(len(lengths), int(lengths.max()) + max_new, embeds.dtype, headroom=2 if reuse else 1)
     try:
-        return rows, rows.prefill(flat, lengths, head)
+        out = rows.prefill(flat, lengths, head)
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            _trailing_padding(runner, rows, out, embeds, attention_mask.to(embeds.device), repeat, head)
+        return rows, out
     except BaseException:
         rows.release()
         raise
+
+
+def _trailing_padding(runner, rows: Rows, out: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, repeat: int,
+                      head: bool) -> None:
+    """Rows whose last token is padding, as transformers runs them: the first new token comes from that pad
+    position's query (position 0, attending to the real tokens only), so its logits (or hidden state) are
+    taken from one masked dense pass over those rows (model/attention.DenseAttention, forward()'s attention);
+    the new tokens then continue at RoPE position 1, 2, ... (mask-derived: the last position + 1) after the
+    real tokens' keys. out (B * repeat, V or D) is overwritten in place for those rows."""
+    pads = (mask[:, -1] == 0).nonzero()[:, 0]  # (b,)
+    decoder, T = runner.model.model.language_model, mask.shape[1]
+    sub = mask[pads]  # (b, T)
+    positions = (sub.long().cumsum(-1) - 1).masked_fill(sub == 0, 0)  # transformers' generate() positions
+    hidden = decoder(embeds[pads], positions, DenseAttention(decoder.windows, T, sub.bool(), embeds.device))[:, -1]
+    last = runner.model.lm_head(hidden) if head else hidden  # (b, V) or (b, D)
+    at = (pads[:, None] * repeat + torch.arange(repeat, device=pads.device)).reshape(-1)  # (b * repeat,)
+    out[at] = last.repeat_interleave(repeat, 0)
+    offsets = np.zeros(len(rows.lengths), np.int64)
+    at_host = at.tolist()
+    offsets[at_host] = 1 - rows.lengths[at_host]  # next token: position 1 at slot length
+    rows.offsets = offsets
 
 
 def decode_step(rows: Rows, tokens: torch.Tensor, head: bool) -> torch.Tensor:

@@ -10,11 +10,13 @@ decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T),
 lm_head only to the rows that sample. Grammar masks of constrained rows (sampling/structured.py) are started
 before the forward, on a worker thread, and applied with the rows' logit_bias right before the sampler.
 
-Modes (as generate()'s DecodeRunner): "eager" (default off CUDA) runs every step at its own shapes; "static"
-pads each pure-decode step to a batch bucket (1, 2, 4, ..., powers of two) and a key-length bucket (multiples
-of KEY_BUCKET) and runs it over static buffers; "graph" (default on CUDA) does the same and captures each
-bucket's step as a CUDA graph with compiled elementwise kernels, replayed every step. Projections are fused
-in every mode (model/decoder.fast_decoder, shared with generate()).
+generate() runs on this runner too (compat/paged_rows.py: `forward` with its rows' block tables; head=False
+stops at the hidden state for its screened lm_head). Modes: "eager" (default off CUDA) runs every step at its
+own shapes; "static" pads each pure-decode step to a batch bucket (1, 2, 4, ..., powers of two) and a key-length
+bucket (multiples of KEY_BUCKET) and runs it over static buffers; "graph" (default on CUDA) does the same and
+captures each bucket's step as a CUDA graph with compiled elementwise kernels, replayed every step. Projections
+are fused in every mode (model/decoder.fast_decoder), except for generate() in eager mode (`fuse=False`: the
+model keeps its checkpoint's modules).
 
 `EngineModel` is the small module a checkpoint loads into (parameter names `model.*` and `lm_head.weight`)
 when the engine is built from a path. Under tensor parallelism (tp_workers.py) rank 0's runner hands each
@@ -39,6 +41,7 @@ from llava_next.engine.scheduler import SchedulerOutput
 from llava_next.model.decoder import fast_decoder
 from llava_next.model.layers import KERNELS
 from llava_next.model.llava_next import WithLMHead
+from llava_next.model.stamp import weights_stamp
 
 KEY_BUCKET = 512  # key lengths of a bucketed decode step are rounded up to a multiple of this
 
@@ -132,6 +135,12 @@ class ModelRunner:
         self.steps: dict[tuple[int, int], DecodeStep] = {}  # (batch bucket, key bucket) -> its static step
         self.graph_pool = None  # the CUDA graphs' shared memory pool, made at the first capture
 
+    def check_weights(self, pool) -> None:
+        """Empty the encoder cache and the pool's prefix cache if the model's weights changed (model/stamp.py)
+        since their entries were made (a reload, an in-place edit, a cast)."""
+        if self.encoder_cache.check_weights(weights_stamp(self.model)):
+            pool.reset_prefix_cache()
+
     @torch.inference_mode()
     def encode(self, images) -> None:
         """Run the tower over every tile of `images` (one pass) and keep each image's features in the cache."""
@@ -173,13 +182,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], ids, num_decodes: int,
-                sample_rows: np.ndarray, write=None, head: bool = True) -> torch.Tensor | None:
+                sample_rows: np.ndarray, write=None, head: bool = True,
+                position_offset: np.ndarray | None = None) -> torch.Tensor | None:
         """The decoder over one flattened step -> logits (n, V) at `sample_rows` (hidden states (n, D) with
         head=False, eager steps only), or None when nothing samples.
 
         starts/num_new (B,): each row's first new position and count, its first `num_decodes` rows one token
         each; tables: block ids per row; ids (T,) token ids (numpy, or a device tensor for a pure decode step);
-        write(embeds (T, D)): writes over the embedded rows in place (image features, a prompt's inputs_embeds).
+        write(embeds (T, D)): writes over the embedded rows in place (image features, a prompt's inputs_embeds);
+        position_offset (B,): added to each row's RoPE positions (generate()'s right-padded rows continue at
+        transformers' mask-derived position, not at their length).
         """
         B = len(tables)
         on_device = isinstance(ids, torch.Tensor)
@@ -191,6 +203,8 @@ class ModelRunner:
                    else np.concatenate([ids, np.zeros(pad, np.int64)]))
         plan = plan_step(starts, num_new, tables, self.cache.block_size, self.cache.scratch_block,
                          self.decoder.windows, num_decodes, sample_rows, bucket)
+        if position_offset is not None:
+            plan.positions[: int(num_new.sum())] += np.repeat(position_offset, num_new)
         extra = [] if on_device else [ids]
         if bucket is not None:
             positions, slot_mapping, rows, *rest = StepAttention.to_device(plan, self.device, extra)

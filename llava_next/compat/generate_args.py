@@ -18,7 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from llava_next.errors import ContextLengthError, GenerationArgumentError
-from llava_next.sampling.params import HF_DEFAULTS, UNSUPPORTED, SamplingParams, check_number, validate_max_new_tokens
+from llava_next.sampling.params import (
+    HF_DEFAULTS,
+    UNSUPPORTED,
+    SamplingParams,
+    check_number,
+    validate_max_new_tokens,
+)
 from llava_next.sampling.stopping import StopStrings, eos_token_tensor
 
 # transformers GenerationConfig bookkeeping fields: they never change a token.
