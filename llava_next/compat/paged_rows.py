@@ -156,6 +156,7 @@ class Rows:
         self.tables: list[list[int]] = [[] for _ in range(batch)]
         self.lengths = np.zeros(batch, np.int64)  # (B,)
         self.offsets: np.ndarray | None = None  # (B,) RoPE position minus slot of the next token, if not 0
+        self._ones, self._rows = np.ones(batch, np.int64), np.arange(batch)
 
     def _grow(self, need: np.ndarray) -> None:
         """Blocks so that each row's table covers need[i] tokens."""
@@ -185,8 +186,10 @@ class Rows:
             self._grow(starts + 1)
         self.lengths = starts + 1
         B = len(self.tables)
-        return self.owner.runner.forward(starts, np.ones(B, np.int64), self.tables, tokens, B, np.arange(B),
-                                         head=head, position_offset=self.offsets)
+        if self._ones.shape[0] != B:
+            self._ones, self._rows = np.ones(B, np.int64), np.arange(B)  # (B,) each: one new token, every row samples
+        return self.owner.runner.forward(starts, self._ones, self.tables, tokens, B, self._rows, head=head,
+                                         position_offset=self.offsets)
 
     def fork(self, parents: list[int]) -> None:
         """Row i continues from row parents[i] (beam search): full blocks shared, partial last blocks copied

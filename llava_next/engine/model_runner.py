@@ -223,7 +223,7 @@ class ModelRunner:
         hidden = self.decoder(embeds[None], positions[None], meta, KERNELS)  # (1, T, D)
         if not len(sample_rows):
             return None
-        last = hidden[0, rows]  # (n, D)
+        last = hidden[0] if len(sample_rows) == len(positions) else hidden[0, rows]  # (n, D): every row, or a gather
         return self.model.lm_head(last) if head else last  # (n, V): lm_head only where we sample
 
     def _write_images(self, embeds, order, with_images, num_new) -> None:
