@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from llava_next.model.anyres import AnyresGeometry
-from llava_next.compat.paged_rows import BLOCK_SIZE, prefill
-from llava_next.compat.modeling import LlavaNextForConditionalGeneration
-from llava_next.model.layers import KERNELS, rms_norm
 from tiny import IMAGE_TOKEN, save_tiny
+
+from llava_next.compat.modeling import LlavaNextForConditionalGeneration
+from llava_next.compat.paged_rows import BLOCK_SIZE, prefill
+from llava_next.model.anyres import AnyresGeometry
+from llava_next.model.layers import KERNELS, rms_norm
 
 
 def _padded_batch():
@@ -255,6 +255,7 @@ def test_engine_caches_follow_weight_changes(tmp_path):
     """The engine's encoder cache and prefix cache belong to the weights that filled them: after an in-place
     edit the same prompt is encoded again, hits no block, and still gives generate()'s tokens."""
     from engine_cases import case, run
+
     from llava_next.engine.llm_engine import LLMEngine
     from llava_next.engine.params import SamplingParams
 
