@@ -276,3 +276,28 @@ def test_engine_caches_follow_weight_changes(tmp_path):
     expected = model.generate(input_ids=torch.tensor([prompt["prompt_token_ids"]]), max_new_tokens=4,
                               pixel_values=image["pixel_values"][None], image_sizes=torch.tensor([image["image_size"]]))
     assert out.outputs[0].token_ids == expected[0, len(prompt["prompt_token_ids"]):].tolist()
+
+
+def test_a_failed_call_leaves_no_blocks_behind(tmp_path, monkeypatch):
+    """A call that fails after its prefill (here: the first token choice) holds blocks it never gives back;
+    the next call still finds every block free and matches transformers."""
+    import llava_next.compat.generate as generate_module
+
+    folder, reference = save_tiny(tmp_path / "m", "llama")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids = torch.tensor([[1] + list(range(5, 60))])
+    model.generate(input_ids=ids, max_new_tokens=4)
+    pool_blocks = model.decode_runner().pool.num_blocks
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("token choice failed")
+
+    monkeypatch.setattr(generate_module, "_token_picker", boom)
+    with pytest.raises(RuntimeError, match="token choice failed"):
+        model.generate(input_ids=ids, max_new_tokens=4)
+    assert model.decode_runner().pool.num_used > 0  # the failed call's prefill blocks
+    monkeypatch.undo()
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=400),
+                       reference.generate(input_ids=ids, max_new_tokens=400))
+    runner = model.decode_runner()
+    assert runner.pool.num_free == runner.pool.num_blocks and runner.pool.num_blocks == pool_blocks
