@@ -1,4 +1,4 @@
-"""Where does a 7b decode step go? Times the CUDA-graph step and profiles one eager static step.
+"""Where does a 7b decode step go? Times generate()'s CUDA-graph step and profiles two eager steps.
 
     python bench/gpu_decode_profile.py            # on a GPU, 7b shape, W1-length prompt (text only)
 
@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import build_models, make_inputs  # noqa: E402
-from llava_next.generation.kv_cache import CacheAttention  # noqa: E402
-from llava_next.generation.prefill import Prefill  # noqa: E402
+from llava_next.compat.paged_rows import prefill  # noqa: E402
 
 
 def sync():
@@ -37,24 +36,23 @@ def main():
                        and "projector" not in n and "embed_tokens" not in n)
     inputs, _ = make_inputs(ours, [(1000, 750)], device=device, dtype=dtype, text_only_tokens=2350)
     with torch.inference_mode():
-        prefill = Prefill(ours, inputs["input_ids"], inputs["attention_mask"], None, None, None, 256)
-        cache, position = prefill.cache, prefill.next_position
         engine = ours.decode_runner()
-        tokens = prefill.logits.argmax(-1)
+        embeds = ours.model.embed(inputs["input_ids"])
+        rows, logits = prefill(engine, embeds, inputs["attention_mask"], 256, False, True)
+        tokens = logits.argmax(-1)
         for _ in range(3):  # capture + warm
-            engine.step(tokens, position, cache)
-            position = position + 1
+            rows.decode(tokens)
         sync()
         n = 50
         start = time.perf_counter()
         for _ in range(n):
-            engine.step(tokens, position, cache)
-            position = position + 1
+            rows.decode(tokens)
         sync()
         graph_ms = (time.perf_counter() - start) / n * 1e3
         print(json.dumps({"stage": "graph_step", "ms": graph_ms, "weights_gb": weight_bytes / 1e9,
                           "implied_tb_s": weight_bytes / (graph_ms / 1e3) / 1e12,
-                          "cache_len": cache.max_len, "graphs": engine.use_graphs}), flush=True)
+                          "cache_len": int(rows.lengths.max()), "mode": engine.mode}), flush=True)
+        rows.release()
         # generate() end to end, per new token
         for n_new in (2, 66):
             sync()
@@ -62,17 +60,14 @@ def main():
             ours.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new)
             sync()
             print(json.dumps({"stage": "generate", "new": n_new, "s": time.perf_counter() - t}), flush=True)
-        # one eager static step under the profiler
-        decoder = ours.model.language_model
-        slot = torch.tensor([cache.length], device=device)
-        cache.static = True
+        # two eager steps of the same runner under the profiler
+        ours.decode_runner(mode="eager")
+        rows, logits = prefill(ours.decode_runner(), embeds, inputs["attention_mask"], 8, False, True)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
             for _ in range(2):
-                meta = CacheAttention.static_step(cache, decoder.windows, slot)
-                hidden = decoder(decoder.embed_tokens(tokens[:, None]), position[:, None], meta, engine.kernels)
-                ours.lm_head(hidden[:, -1])
+                rows.decode(tokens)
             sync()
         table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=14, max_name_column_width=70)
         print(table, flush=True)

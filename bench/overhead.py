@@ -5,7 +5,7 @@ that never runs), random weights, CPU fp32: compute is nothing, what remains is 
 For 1, 16 and 64 running sequences (8-token text prompts, ignore_eos, prefilled and warmed up first) it
 counts the aten ops one engine step dispatches (torch.profiler, every `aten::` event, nested ones included)
 and times the step (median of `--steps`: wall time and this thread's CPU time), greedy and temperature 0.8 / top-p 0.9; then the same for
-generate()'s eager decode step (DecodeRunner.step + argmax) at the same batch sizes on the same model.
+generate()'s eager decode step (its runner's one-token step + argmax) at the same batch sizes on the same model.
 Prints one JSON line per measurement; `--results` appends a Markdown section to bench/RESULTS.md.
 
 Only public engine API is used (LLMEngine, SamplingParams), so the script also measures older checkouts
@@ -87,15 +87,23 @@ def engine_step(model, batch: int, sampled: bool, steps: int) -> dict:
 
 def generate_step(model, batch: int, steps: int) -> dict:
     runner = model.decode_runner()
-    cache = runner.cache_for(batch, 8 + 2 * steps + 8, torch.float32)
-    cache.reserve(8)  # a prefilled 8-token prompt (the values do not matter for the op count)
     tokens = torch.full((batch,), 100)
-    position = [8]
+    if hasattr(runner, "cache_for"):  # before issue 19: generate()'s own static cache and DecodeRunner.step
+        cache = runner.cache_for(batch, 8 + 2 * steps + 8, torch.float32)
+        cache.reserve(8)  # a prefilled 8-token prompt (the values do not matter for the op count)
+        position = [8]
 
-    def step():
-        logits = runner.step(tokens, torch.full((batch,), position[0]), cache)
-        position[0] += 1
-        return logits.argmax(-1)
+        def step():
+            logits = runner.step(tokens, torch.full((batch,), position[0]), cache)
+            position[0] += 1
+            return logits.argmax(-1)
+    else:  # generate() on the engine's ModelRunner (compat/paged_rows.py)
+        from llava_next.compat.paged_rows import prefill
+
+        rows, _ = prefill(runner, model.model.embed(torch.full((batch, 8), 100)), None, 2 * steps + 8, False, True)
+
+        def step():
+            return rows.decode(tokens).argmax(-1)
 
     step()
     ops = count_ops(step)

@@ -11,10 +11,9 @@ import threading
 import pytest
 import torch
 
-import llava_next.generation.prefill as prefill_module
+from llava_next.compat.paged_rows import Rows
 from llava_next.model.anyres import AnyresGeometry
 from llava_next.errors import ContextLengthError, GenerationArgumentError
-from llava_next.generation.kv_cache import StaticKVCache
 from tiny import BACKBONES, IMAGE_TOKEN
 
 GEOMETRY = AnyresGeometry()
@@ -84,22 +83,15 @@ BATCHES = {
     # long rows, 1,464 to 2,358 tokens; the first two equally long (one prefill run)
     "long": [((200, 300), 2), ((200, 300), 6), ((750, 1000), 4), ((336, 1008), 5)],
 }
-RUNS = {"mixed": 4, "long": 3}
-
-
-@pytest.mark.parametrize("prefill", ["padded", "row_by_row"])
 @pytest.mark.parametrize("batch_name", BATCHES)
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_left_padded_batch_matches_transformers_and_rows_alone(tiny_pair, backbone, batch_name, prefill,
-                                                               monkeypatch):
-    """Both prefills of a padded batch: one masked pass (forced here) and runs of equally long rows."""
+def test_left_padded_batch_matches_transformers_and_rows_alone(tiny_pair, backbone, batch_name, monkeypatch):
+    """A padded batch is stripped of its padding: one engine step prefills each row's real tokens only."""
     ours, theirs = tiny_pair(backbone)
     specs = BATCHES[batch_name]
-    if prefill == "padded":
-        monkeypatch.setattr(prefill_module, "RAGGED_MIN_TOKENS", 10**9)
     views = []
-    row_view = StaticKVCache.row_view
-    monkeypatch.setattr(StaticKVCache, "row_view", lambda self, *a: views.append(a) or row_view(self, *a))
+    prefill = Rows.prefill
+    monkeypatch.setattr(Rows, "prefill", lambda self, e, n, h: views.append(n.tolist()) or prefill(self, e, n, h))
     rows, images = [], []
     for size, seed in specs:
         sizes = [size] if size else []
@@ -107,7 +99,7 @@ def test_left_padded_batch_matches_transformers_and_rows_alone(tiny_pair, backbo
         if size:
             images.append((_image(*size, seed), size))
     batch = _same_as_transformers(ours, theirs, _inputs(rows, images))
-    assert len(views) == (RUNS[batch_name] if prefill == "row_by_row" else 0)
+    assert views[0] == [len(ids) for ids, _ in rows]  # the batch's first call: real tokens only, one step
     width = max(len(ids) for ids, _ in rows)
     image_index = 0
     for (ids, sizes), row_out in zip(rows, batch):

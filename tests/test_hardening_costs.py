@@ -1,7 +1,7 @@
 """Chat-template cost bounds (issue 15, item 4): filters and methods that allocate by an argument are refused fast.
 
 Each template would build hundreds of MB (or run for long) if rendered; each must fail with ChatTemplateError in
-well under a second, with no large allocation (tracemalloc peak). Leaves out: num_beams caps (generation/).
+well under a second, with no large allocation (tracemalloc peak). Leaves out: num_beams caps (compat/generate_args.py).
 """
 
 from __future__ import annotations

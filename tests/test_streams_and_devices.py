@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-import llava_next.generation.prefill as prefill_module
+from llava_next.compat.paged_rows import Rows
 from llava_next import DeviceUnavailableError, GenerationArgumentError, ModelInputError, TextIteratorStreamer
 
 
@@ -48,7 +48,7 @@ def test_a_streamer_consumer_ends_on_every_error(tiny_pair, monkeypatch, case):
     elif case == "beams_with_streamer":
         kwargs["num_beams"] = 2
     else:
-        monkeypatch.setattr("llava_next.generation.generate.decode_step", _boom)
+        monkeypatch.setattr("llava_next.compat.generate.decode_step", _boom)
     with pytest.raises(expected):
         ours.generate(**kwargs)
     consumer.join(timeout=10)
@@ -80,6 +80,6 @@ def test_moving_to_a_missing_gpu_is_one_clear_error(tiny_pair, move):
 
 def test_num_beams_is_capped_before_any_work(tiny_pair, monkeypatch):
     ours, _ = tiny_pair("mistral")
-    monkeypatch.setattr(prefill_module.Prefill, "__init__", _boom)  # a prefill would mean work was done
+    monkeypatch.setattr(Rows, "prefill", _boom)  # a prefill would mean work was done
     with pytest.raises(GenerationArgumentError, match="num_beams"):
         ours.generate(input_ids=torch.tensor([[1, 5, 6]]), max_new_tokens=2, num_beams=10_000)

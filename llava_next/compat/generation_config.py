@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llava_next.generation.args import BOOKKEEPING
+from llava_next.compat.generate_args import BOOKKEEPING
 
 CONFIG_NAME = "generation_config.json"
 

@@ -5,7 +5,7 @@ image_sizes with a typed error (ModelInputError, InvalidImageError, ContextLengt
 ImageTokenMismatchError) before any forward pass; the value checks (ids in the vocabulary, finite pixels, a 0/1
 mask, positions in the context, placeholders = image features) are one reduction and one host sync.
 
-Leaves out: generation arguments (generation/args.py) and processor-side checks (preprocess/).
+Leaves out: generation arguments (compat/generate_args.py) and processor-side checks (preprocess/).
 """
 
 from __future__ import annotations

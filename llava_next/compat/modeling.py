@@ -6,8 +6,8 @@ mirror transformers. `embed()` is where images stop: it turns input_ids + pixel_
 follow the newer transformers layout (`model.language_model.*`, `model.vision_tower.*`, `lm_head.*`);
 loading/weights.py maps the hub layouts onto it.
 
-Each model object owns its generation state, created in __init__: the image-feature cache, the decode runner
-(generation/runner.py, built on first use for the model's device) and `generation_lock`, a per-model lock that
+Each model object owns its generation state, created in __init__: the image-feature cache, the runner generate()
+decodes on (compat/paged_rows.py: the engine's ModelRunner over a paged pool, built on first use for the device) and `generation_lock`, a per-model lock that
 serialises generate() calls on this model (two models generate concurrently; one model, one call at a time).
 
 Leaves out: a KV cache through forward() (generate() keeps its own), returning attention weights.
@@ -26,10 +26,11 @@ from llava_next.config import LlavaNextConfig
 from llava_next.errors import ImageTokenMismatchError, ModelInputError
 from llava_next.compat.input_checks import check_inputs, image_sizes_as_ints
 from llava_next.compat.training import TrainingHooks
-from llava_next.generation.feature_cache import ImageFeatureCache
-from llava_next.generation.generate import generate
-from llava_next.generation.outputs import ModelOutput
-from llava_next.generation.runner import DecodeRunner
+from llava_next.engine.encoder_cache import EncoderCache
+from llava_next.engine.prepare import mm_hash
+from llava_next.compat.generate import generate
+from llava_next.compat.paged_rows import GenerateRunner
+from llava_next.compat.outputs import ModelOutput
 from llava_next.loading.placement import check_available
 from llava_next.loading.pretrained import load_pretrained
 from llava_next.model.attention import DenseAttention
@@ -40,6 +41,7 @@ from llava_next.preprocess.prompt import check_pixel_values
 
 # forward() keyword arguments beyond its named parameters (transformers' TransformersKwargs we understand).
 FORWARD_OPTIONS = ("num_items_in_batch", "output_attentions")
+FEATURE_CACHE_TOKENS = 16384  # image feature rows the model keeps (about 6 large anyres images)
 
 
 class _CheckedMoves:
@@ -88,8 +90,8 @@ class LlavaNextModel(_CheckedMoves, LlavaNextCore):
 
     def __init__(self, config: LlavaNextConfig):
         super().__init__(config)
-        # Packed features of recently seen images (exact match on tiles); 0 disables. Never a parameter.
-        self.feature_cache = ImageFeatureCache(capacity=8)
+        # Packed features of recently seen images, by content hash (the engine's cache). Never a parameter.
+        self.feature_cache = EncoderCache(FEATURE_CACHE_TOKENS)
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs) -> "LlavaNextModel":
@@ -119,18 +121,19 @@ class LlavaNextModel(_CheckedMoves, LlavaNextCore):
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, tiles)], dim=0)
         per_image = pixel_values.split(tiles, dim=0)
         # The cache serves inference only: under autograd, features must stay connected to the tower.
-        if torch.is_grad_enabled():
-            cache = ImageFeatureCache(capacity=0)
-        else:
-            cache = self.feature_cache
+        cache = None if torch.is_grad_enabled() else self.feature_cache
+        keys: list[str | None] = [None] * len(sizes)
+        if cache is not None:
             cache.check_weights(weights_stamp(self.vision_tower, self.multi_modal_projector, self.image_newline))
-        packed: list[torch.Tensor | None] = [cache.get(t, size) for t, size in zip(per_image, sizes)]
+            keys = [mm_hash(t, size) for t, size in zip(per_image, sizes)]
+        packed: list[torch.Tensor | None] = [None if k is None else cache.get(k) for k in keys]
         missing = [i for i, p in enumerate(packed) if p is None]
         if missing:  # one tower pass over every tile of every image not seen before
             todo = torch.cat([per_image[i] for i in missing]) if len(missing) < len(sizes) else pixel_values
             for i, features in zip(missing, self.encode_images(todo, [sizes[i] for i in missing])):
                 packed[i] = features
-                cache.put(per_image[i], sizes[i], features)
+                if cache is not None:
+                    cache.put(keys[i], features.detach())
         return packed
 
     def embed(self, input_ids=None, pixel_values=None, image_sizes=None, inputs_embeds=None,
@@ -227,7 +230,7 @@ class LlavaNextForConditionalGeneration(_CheckedMoves, TrainingHooks, WithLMHead
         super().__init__(config)
         self.generation_config = GenerationConfig()
         self.generation_lock = threading.Lock()  # serialises generate() on this model (see the module docstring)
-        self._runner: DecodeRunner | None = None
+        self._runner: GenerateRunner | None = None
         self.tensor_parallel = None  # parallel.tensor_parallel.TensorParallel when loaded with tp_plan / tp_size
         self._require_grads_hooks: list = []  # enable_input_require_grads (compat/training.py)
 
@@ -262,18 +265,18 @@ class LlavaNextForConditionalGeneration(_CheckedMoves, TrainingHooks, WithLMHead
         out = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return out.to_tuple() if return_dict is False else out
 
-    def decode_runner(self, **settings) -> DecodeRunner:
-        """This model's decode runner (pooled KV caches, the CUDA-graph step), built on first use and again after
-        a move to another device type. With settings (`mode=`, `screen_head=`: DecodeRunner's), a new runner
-        with them replaces the current one."""
+    def decode_runner(self, **settings) -> GenerateRunner:
+        """This model's generate() runner (the engine's ModelRunner over a paged KV pool, CUDA-graph decode
+        buckets), built on first use and again after a move to another device type. With settings (`mode=`,
+        `screen_head=`: GenerateRunner's), a new runner with them replaces the current one."""
         if settings or self._runner is None or self._runner.device_type != self.device.type:
             if self._runner is not None:
                 self._runner.release()
-            self._runner = DecodeRunner(self, **settings)
+            self._runner = GenerateRunner(self, **settings)
         return self._runner
 
     def generate(self, input_ids=None, **kwargs):
-        """transformers' generate (generation/generate.py; beam search with num_beams > 1)."""
+        """transformers' generate (compat/generate.py; beam search with num_beams > 1)."""
         if self.tensor_parallel is not None:
             self.tensor_parallel.sync_rng(kwargs.get("generator"))  # every rank samples rank 0's draws
         return generate(self, input_ids=input_ids, **kwargs)

@@ -41,7 +41,7 @@ import torch
 
 from llava_next.errors import DeviceUnavailableError
 from llava_next.preprocess.batch_feature import BatchFeature
-from llava_next.generation.args import BOOKKEEPING, GENERATION_ARGUMENTS, check_generate_kwargs
+from llava_next.compat.generate_args import BOOKKEEPING, GENERATION_ARGUMENTS, check_generate_kwargs
 from llava_next.preprocess.images import load_image
 
 TASKS = ("image-text-to-text",)

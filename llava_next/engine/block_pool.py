@@ -120,3 +120,8 @@ class BlockPool:
             return
         self.block_hash[block] = block_hash
         self.cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every hash (blocks in use stay allocated): the weights changed (model_runner.check_weights)."""
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks

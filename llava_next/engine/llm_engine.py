@@ -261,6 +261,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         touched: dict[str, _Group] = {g.request_id: g for g in self._aborted}
         self._aborted = []
+        if self.scheduler.waiting:  # new prompts may hit the caches: not with features or keys of older weights
+            self.runner.check_weights(self.pool)
         step = self.scheduler.schedule()
         if not step.is_empty:
             t0 = time.perf_counter()

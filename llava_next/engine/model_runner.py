@@ -10,11 +10,13 @@ decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T),
 lm_head only to the rows that sample. Grammar masks of constrained rows (sampling/structured.py) are started
 before the forward, on a worker thread, and applied with the rows' logit_bias right before the sampler.
 
-Modes (as generate()'s DecodeRunner): "eager" (default off CUDA) runs every step at its own shapes; "static"
-pads each pure-decode step to a batch bucket (1, 2, 4, ..., powers of two) and a key-length bucket (multiples
-of KEY_BUCKET) and runs it over static buffers; "graph" (default on CUDA) does the same and captures each
-bucket's step as a CUDA graph with compiled elementwise kernels, replayed every step. Projections are fused
-in every mode (model/decoder.fast_decoder, shared with generate()).
+generate() runs on this runner too (compat/paged_rows.py: `forward` with its rows' block tables; head=False
+stops at the hidden state for its screened lm_head). Modes: "eager" (default off CUDA) runs every step at its
+own shapes; "static" pads each pure-decode step to a batch bucket (1, 2, 4, ..., powers of two) and a key-length
+bucket (multiples of KEY_BUCKET) and runs it over static buffers; "graph" (default on CUDA) does the same and
+captures each bucket's step as a CUDA graph with compiled elementwise kernels, replayed every step. Projections
+are fused in every mode (model/decoder.fast_decoder), except for generate() in eager mode (`fuse=False`: the
+model keeps its checkpoint's modules).
 
 `EngineModel` is the small module a checkpoint loads into (parameter names `model.*` and `lm_head.weight`)
 when the engine is built from a path. Under tensor parallelism (tp_workers.py) rank 0's runner hands each
@@ -39,6 +41,7 @@ from llava_next.engine.scheduler import SchedulerOutput
 from llava_next.model.decoder import fast_decoder
 from llava_next.model.layers import KERNELS
 from llava_next.model.llava_next import WithLMHead
+from llava_next.model.stamp import weights_stamp
 
 KEY_BUCKET = 512  # key lengths of a bucketed decode step are rounded up to a multiple of this
 
@@ -110,7 +113,7 @@ class DecodeStep:
 
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, encoder_cache: EncoderCache, seed: int = 0, tp_leader=None,
-                 mode: str | None = None, structured=None):
+                 mode: str | None = None, structured=None, fuse: bool = True, compiled: bool | None = None):
         self.structured = structured  # sampling/structured.StructuredDecoding: grammar masks and logit_bias
         self.model = model
         self.tp_leader = tp_leader  # tp_workers.TPLeader when the decoder is sharded over worker processes
@@ -124,11 +127,19 @@ class ModelRunner:
             raise ValueError(f"unknown engine runner mode {self.mode!r} (eager, static, graph)")
         if self.mode != "eager" and tp_leader is not None:
             raise ValueError("a tensor-parallel engine decodes eagerly: runner mode must be 'eager'")
-        self.kernels = fast_decoder(self.decoder, compiled=self.mode == "graph")
+        # fuse=False (generate() on an eager runner): the model keeps its checkpoint's q/k/v and gate/up modules;
+        # compiled: the bucketed decode step's elementwise kernels (default: in "graph" mode)
+        compiled = self.mode == "graph" if compiled is None else compiled
+        self.kernels = fast_decoder(self.decoder, compiled) if fuse or self.mode != "eager" else KERNELS
         self.sampler = Sampler(self.device, seed)
         self.steps: dict[tuple[int, int], DecodeStep] = {}  # (batch bucket, key bucket) -> its static step
         self.graph_pool = None  # the CUDA graphs' shared memory pool, made at the first capture
-        self.timings = {"encoder_s": 0.0, "forward_s": 0.0}  # host-side wall time (bench)
+
+    def check_weights(self, pool) -> None:
+        """Empty the encoder cache and the pool's prefix cache if the model's weights changed (model/stamp.py)
+        since their entries were made (a reload, an in-place edit, a cast)."""
+        if self.encoder_cache.check_weights(weights_stamp(self.model)):
+            pool.reset_prefix_cache()
 
     @torch.inference_mode()
     def encode(self, images) -> None:
@@ -156,36 +167,64 @@ class ModelRunner:
         masks = None if self.structured is None else self.structured.begin([s.matcher for s in samplers])
         ids = np.fromiter((t for seq, s, n in order for t in seq.token_ids[s:s + n]), np.int64)  # (T,)
         with_images = [i for i, (seq, s, _) in enumerate(order) if seq.images and s < seq.images[-1].end]
-        bucket = None
-        if self.mode != "eager" and num_decodes == B and not with_images:
-            bucket = (batch_bucket(B), -(-int((starts + 1).max()) // KEY_BUCKET) * KEY_BUCKET)
-            ids = np.concatenate([ids, np.zeros(bucket[0] - B, np.int64)])
-        plan = plan_step(starts, num_new, [seq.block_ids for seq, _, _ in order], self.cache.block_size,
-                         self.cache.scratch_block, self.decoder.windows, num_decodes, sample_rows, bucket)
-        if bucket is not None:
-            positions, slot_mapping, rows, ids_t, query_pos, kv_blocks = StepAttention.to_device(plan, self.device,
-                                                                                                 [ids])
-            step = self.steps.get(bucket)
-            if step is None:
-                step = self.steps[bucket] = DecodeStep(self, plan, graphs=self.mode == "graph")
-            logits = step(ids_t, positions, slot_mapping, query_pos.view(-1, 1), kv_blocks)[rows]
-        else:
-            meta, positions, rows, (ids_t,) = StepAttention.build(self.cache, self.decoder.windows, plan,
-                                                                  self.device, [ids])
-            embeds = self.decoder.embed_tokens(ids_t)  # (T, D)
-            self._write_images(embeds, order, with_images, num_new)
-            if self.tp_leader is not None:
-                self.tp_leader.step(plan, embeds[None])  # the followers run this forward on their shards
-            hidden = self.decoder(embeds[None], positions[None], meta, KERNELS)  # (1, T, D)
-            if not samplers:
-                return [], [], []
-            logits = self.model.lm_head(hidden[0, rows])  # (n, V): lm_head only where we sample
+        write = None
+        if with_images:
+            def write(embeds):
+                self._write_images(embeds, order, with_images, num_new)
+        logits = self.forward(starts, num_new, [seq.block_ids for seq, _, _ in order], ids, num_decodes,
+                              sample_rows, write)
         if not samplers:
             return [], [], []
         if self.structured is not None:  # logit_bias and grammar masks, in place (sampling/structured.py)
             self.structured.constrain(logits, masks, [s.params.logit_bias for s in samplers])
         tokens, logprobs = self.sampler(samplers, logits)
         return samplers, tokens, logprobs
+
+    @torch.inference_mode()
+    def forward(self, starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], ids, num_decodes: int,
+                sample_rows: np.ndarray, write=None, head: bool = True,
+                position_offset: np.ndarray | None = None) -> torch.Tensor | None:
+        """The decoder over one flattened step -> logits (n, V) at `sample_rows` (hidden states (n, D) with
+        head=False, eager steps only), or None when nothing samples.
+
+        starts/num_new (B,): each row's first new position and count, its first `num_decodes` rows one token
+        each; tables: block ids per row; ids (T,) token ids (numpy, or a device tensor for a pure decode step);
+        write(embeds (T, D)): writes over the embedded rows in place (image features, a prompt's inputs_embeds);
+        position_offset (B,): added to each row's RoPE positions (generate()'s right-padded rows continue at
+        transformers' mask-derived position, not at their length).
+        """
+        B = len(tables)
+        on_device = isinstance(ids, torch.Tensor)
+        bucket = None
+        if self.mode != "eager" and num_decodes == B and write is None and head:
+            bucket = (batch_bucket(B), -(-int((starts + 1).max()) // KEY_BUCKET) * KEY_BUCKET)
+            pad = bucket[0] - B
+            ids = (torch.cat([ids, ids.new_zeros(pad)]) if on_device
+                   else np.concatenate([ids, np.zeros(pad, np.int64)]))
+        plan = plan_step(starts, num_new, tables, self.cache.block_size, self.cache.scratch_block,
+                         self.decoder.windows, num_decodes, sample_rows, bucket)
+        if position_offset is not None:
+            plan.positions[: int(num_new.sum())] += np.repeat(position_offset, num_new)
+        extra = [] if on_device else [ids]
+        if bucket is not None:
+            positions, slot_mapping, rows, *rest = StepAttention.to_device(plan, self.device, extra)
+            ids_t = ids if on_device else rest.pop(0)
+            query_pos, kv_blocks = rest
+            step = self.steps.get(bucket)
+            if step is None:
+                step = self.steps[bucket] = DecodeStep(self, plan, graphs=self.mode == "graph")
+            return step(ids_t, positions, slot_mapping, query_pos.view(-1, 1), kv_blocks)[rows]
+        meta, positions, rows, moved = StepAttention.build(self.cache, self.decoder.windows, plan, self.device, extra)
+        embeds = self.decoder.embed_tokens(ids if on_device else moved[0])  # (T, D)
+        if write is not None:
+            write(embeds)
+        if self.tp_leader is not None:
+            self.tp_leader.step(plan, embeds[None])  # the followers run this forward on their shards
+        hidden = self.decoder(embeds[None], positions[None], meta, KERNELS)  # (1, T, D)
+        if not len(sample_rows):
+            return None
+        last = hidden[0] if len(sample_rows) == len(positions) else hidden[0, rows]  # (n, D): every row, or a gather
+        return self.model.lm_head(last) if head else last  # (n, V): lm_head only where we sample
 
     def _write_images(self, embeds, order, with_images, num_new) -> None:
         """Write image features over the placeholders of the chunks that hold some (embeds (T, D) in place)."""

@@ -3,8 +3,8 @@
 The decoder never decides where keys and values live. Each forward takes a metadata object (`AttentionMeta`)
 whose `attend(layer, q, k, v, window, scale, backend)` stores the new keys/values where its cache keeps them
 and attends over what the layer may see: `DenseAttention` here (no cache: the tokens attend among
-themselves, causally, with an optional padding mask), the static KV cache of generation/, the paged cache of
-engine/. Tensor parallelism changes only the head counts the layers hold, not this interface.
+themselves, causally, with an optional padding mask) and the paged cache of engine/ (which generate() runs
+on too). Tensor parallelism changes only the head counts the layers hold, not this interface.
 
 Backends: "sdpa" (PyTorch scaled_dot_product_attention, which runs FlashAttention-2 / memory-efficient
 kernels on GPU), "eager" (matmul + fp32 softmax, as transformers' eager path), and "flash_attention_2"

@@ -154,7 +154,7 @@ class Decoder(Checkpointed, nn.Module):
 
 
 def fast_decoder(decoder: Decoder, compiled: bool):
-    """Make a built decoder fast for inference, for every runner that decodes (generate()'s DecodeRunner and the
+    """Make a built decoder fast for inference, for every runner that decodes (generate()'s runner and the
     engine's ModelRunner): fuse q/k/v and gate/up of every layer in place (idempotent; same math, fewer GEMMs)
     and return the elementwise kernel table to pass to `forward`: compiled versions when `compiled` (for
     static-shape steps such as captured CUDA graphs), else layers.KERNELS."""

@@ -1,2 +1,2 @@
-"""Layer 3, sampling: logits processors, token choice, stopping and the screened lm_head, shared by generation/ and
-engine/."""
+"""Layer 3, sampling: logits processors, token choice, stopping and the screened lm_head, shared by generate()
+(compat/) and the engine."""

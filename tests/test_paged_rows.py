@@ -1,19 +1,21 @@
-"""The decode runner's static (CUDA-graph) step and the image-feature cache, checked on the CPU.
+"""generate()'s runner (compat/paged_rows.py: the engine's ModelRunner over a paged pool) and the image-feature
+cache, checked on the CPU.
 
 The static step is what the GPU captures into a graph; run eagerly here it must give the same logits as
-the dynamic step, for padded batches and sliding windows too. The feature cache must never change results.
+the dynamic step, for padded batches and sliding windows too. Block tables grow, fork (beam search: shared
+full blocks, copied partial blocks) and go back to the pool. The feature cache must never change results.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from llava_next.model.anyres import AnyresGeometry
-from llava_next.generation.prefill import Prefill
-from llava_next.compat.modeling import LlavaNextForConditionalGeneration
-from llava_next.model.layers import KERNELS, rms_norm
 from tiny import IMAGE_TOKEN, save_tiny
+
+from llava_next.compat.modeling import LlavaNextForConditionalGeneration
+from llava_next.compat.paged_rows import BLOCK_SIZE, prefill
+from llava_next.model.anyres import AnyresGeometry
+from llava_next.model.layers import KERNELS, rms_norm
 
 
 def _padded_batch():
@@ -25,8 +27,8 @@ def _padded_batch():
 
 
 def test_static_step_equals_dynamic_step(tmp_path):
-    """The runner's two decode steps, called as generate() calls them: "eager" (the filled slots of a fresh
-    cache) and "static" (a pooled cache read over all its slots, masked: what the GPU captures as a graph)."""
+    """The runner's two decode steps, called as generate() calls them: "eager" (each step at its own shapes)
+    and "static" (padded to a batch and key-length bucket, static buffers: what the GPU captures as a graph)."""
     # A sliding window shorter than the sequence exercises the window mask of the static step.
     folder, _ = save_tiny(tmp_path / "m", "mistral", text_overrides=dict(sliding_window=6))
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)
@@ -35,17 +37,17 @@ def test_static_step_equals_dynamic_step(tmp_path):
         runs = []
         for mode in ("eager", "static"):
             runner = model.decode_runner(mode=mode)
-            prefill = Prefill(model, ids, mask, None, None, None, extra_slots=8)
-            cache, logits, position = prefill.cache, prefill.logits, prefill.next_position
-            assert cache.max_len % 512 == 0 and (mode == "static") == any(c is cache for c, _ in runner._pool.values())
+            rows, logits = prefill(runner, model.model.embed(ids), mask, 8, False, True)
             out = []
             for _ in range(6):
                 tokens = logits.argmax(-1)
-                logits = runner.step(tokens, position, cache)
-                position = position + 1
+                logits = rows.decode(tokens)
                 out.append(logits)
-            assert cache.length == ids.shape[1] + 6  # the runner claimed one slot per step
+            assert rows.lengths.tolist() == (mask.sum(1) + 6).tolist()  # one slot per step, padding stripped
+            assert (mode == "static") == bool(runner.runner.steps)  # the bucketed static step ran
             runs.append(torch.stack(out))
+            rows.release()
+            assert runner.pool.num_free == runner.pool.num_blocks
         model.decode_runner(mode=None)
     assert torch.allclose(runs[0], runs[1], atol=1e-5, rtol=0), (runs[0] - runs[1]).abs().max()
 
@@ -62,13 +64,13 @@ def test_feature_cache_reuses_images_without_changing_results(tmp_path):
         kwargs = dict(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[h, w]]), max_new_tokens=8)
         assert torch.equal(model.generate(**kwargs), reference.generate(**kwargs))
     cache = model.model.feature_cache
-    assert (cache.hits, cache.misses) == (2, 1)
+    assert (cache.num_hits, cache.num_encoded) == (2, 1)
     # A different image of the same size is a miss, not a collision.
     other = pixels.clone()
     other[0, 0, 0, 0, 0] += 1.0
     with torch.inference_mode():
         model.model.get_image_features(other, torch.tensor([[h, w]]))
-    assert cache.misses == 2
+    assert cache.num_encoded == 2
     # Under autograd the cache is bypassed, so gradients reach the vision tower.
     with torch.enable_grad():
         model.model.vision_tower.embeddings.patch_embedding.weight.requires_grad_(True)
@@ -95,9 +97,14 @@ def _two_turns(model, reference):
     assert torch.equal(first, reference.generate(input_ids=turn1, max_new_tokens=6, **image))
     turn2 = torch.cat([first, torch.tensor([[70, 80, 90]])], dim=1)  # the answer, then a new question
     engine = model.decode_runner()
-    remembered_cache = engine._last[1]
+    remembered_rows = engine._last[1]
+    calls = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda starts, *a, **k: calls.append(starts.tolist()) or forward(starts, *a, **k)
     second = model.generate(input_ids=turn2, max_new_tokens=6, reuse_prefix=True, **image)
-    assert engine._last[1] is remembered_cache  # the cache was continued, not rebuilt
+    del engine.runner.forward
+    assert engine._last[1] is remembered_rows  # the blocks were continued, not rebuilt
+    assert calls[0] == [turn1.shape[1] + 5]  # the prefill starts after the first turn (its last token is new)
     expected = reference.generate(input_ids=turn2, max_new_tokens=6, **image)
     assert torch.equal(second, expected)
     # A different image under the same placeholders must not reuse the old keys and values.
@@ -180,7 +187,7 @@ def test_feature_cache_follows_weight_changes(tmp_path):
         model.model.multi_modal_projector.linear_2.weight.mul_(1.5)
         reference.model.multi_modal_projector.linear_2.weight.mul_(1.5)
     logits_match()
-    assert cache.misses == 2
+    assert cache.num_encoded == 2
     state = {k: v + 0.01 for k, v in reference.state_dict().items() if "vision_tower" in k}
     reference.load_state_dict(state, strict=False)
     ours = {k.replace("model.vision_tower.vision_model.", "model.vision_tower."): v for k, v in state.items()}
@@ -190,9 +197,9 @@ def test_feature_cache_follows_weight_changes(tmp_path):
         model.model.image_newline.add_(0.5)
         reference.model.image_newline.add_(0.5)
     logits_match()
-    assert cache.misses == 3
+    assert cache.num_encoded == 3
     logits_match()  # unchanged weights: served from the cache
-    assert cache.hits >= 1 and cache.misses == 3
+    assert cache.num_hits >= 1 and cache.num_encoded == 3
     model.to(torch.float64)  # a cast makes new tensors: the float32 features must not be reused
     with torch.inference_mode():
         cast = model(**inputs).logits
@@ -214,26 +221,83 @@ def test_prefix_reuse_is_dropped_when_decoder_weights_change(tmp_path):
                        reference.generate(**turn2, max_new_tokens=6))
 
 
-def test_static_kv_cache_slots_rows_and_truncation():
-    """StaticKVCache's own bookkeeping, through its methods: reserve, row_view + filled, reorder, truncate."""
-    from llava_next.generation.kv_cache import StaticKVCache
+def test_block_tables_grow_fork_copy_on_write_and_return_to_the_pool(tmp_path):
+    """Rows' bookkeeping through its methods: prefill allocates, decode grows at block boundaries, fork shares
+    full blocks and copies a partial one only for a parent's second child, truncate and release free blocks."""
+    folder, _ = save_tiny(tmp_path / "m", "llama")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    runner = model.decode_runner()
+    ids = torch.tensor([[1] + list(range(5, 5 + BLOCK_SIZE + 3))] * 2)  # 20 tokens: one full block + 4
+    with torch.inference_mode():
+        rows, logits = prefill(runner, model.model.embed(ids), None, 30, False, True)
+        pool = runner.pool
+        assert [len(t) for t in rows.tables] == [2, 2] and pool.num_used == 4
+        rows.decode(logits.argmax(-1))
+        rows.fork([1, 1])  # both beams continue row 1: the full block shared, the partial block copied once
+        full, partial = rows.tables[0][0], rows.tables[0][1]
+        assert rows.tables[1][0] == full and rows.tables[1][1] != partial
+        assert pool.ref_count[full] == 2 and pool.num_used == 3  # row 0's two blocks went back, one copy made
+        bs = BLOCK_SIZE
+        cache = runner.cache
+        src, dst = slice(partial * bs, partial * bs + 5), slice(rows.tables[1][1] * bs, rows.tables[1][1] * bs + 5)
+        assert torch.equal(cache.keys[:, :, src], cache.keys[:, :, dst])  # the copy holds the parent's keys
+        after = rows.decode(logits.argmax(-1))
+        assert torch.equal(after[0], after[1])  # two identical beams: identical next logits
+        rows.fork([0, 1])  # nobody moved: no copy
+        assert pool.num_used == 3
+        rows.truncate(10)
+        assert [len(t) for t in rows.tables] == [1, 1] and rows.lengths.tolist() == [10, 10] and pool.num_used == 1
+        rows.release()
+        assert pool.num_free == pool.num_blocks
 
-    cache = StaticKVCache(num_layers=1, batch=2, num_kv_heads=1, max_len=8, head_dim=2, dtype=torch.float32,
-                          device="cpu")
-    slots = cache.reserve(3, torch.tensor([[False, True, True], [True, True, True]]))
-    assert slots.tolist() == [0, 1, 2] and cache.length == 3 and cache.has_padding
-    k = torch.arange(12.0).view(2, 1, 3, 2)
-    keys, _ = cache.write(0, slots, k, -k)
-    assert torch.equal(keys, k)  # the filled part only
-    row = cache.row_view(slice(1, 2), 3)  # row 1 alone, from slot 3 on
-    row_slots = row.reserve(2)
-    row.write(0, row_slots, torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
-    cache.filled(5)
-    assert cache.key_valid[1].tolist() == [True] * 5 + [False] * 3 and torch.equal(cache.keys[0, 1, 0, 3:5], torch.ones(2, 2))
-    assert cache.key_valid[0, 3:5].tolist() == [False, False]  # the other row was not touched
-    cache.reorder(torch.tensor([1, 1]))
-    assert torch.equal(cache.keys[0, 0, :, :5], cache.keys[0, 1, :, :5]) and cache.key_valid[0].tolist() == cache.key_valid[1].tolist()
-    cache.truncate(2)
-    assert cache.length == 2 and not cache.key_valid[:, 2:].any()
-    with pytest.raises(RuntimeError, match="KV cache full"):
-        cache.reserve(7)
+
+def test_engine_caches_follow_weight_changes(tmp_path):
+    """The engine's encoder cache and prefix cache belong to the weights that filled them: after an in-place
+    edit the same prompt is encoded again, hits no block, and still gives generate()'s tokens."""
+    from engine_cases import case, run
+
+    from llava_next.engine.llm_engine import LLMEngine
+    from llava_next.engine.params import SamplingParams
+
+    folder, _ = save_tiny(tmp_path / "m", "mistral")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    engine = LLMEngine(model, None, block_size=16)
+    prompt = case([(500, 316)], 1)
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    run(engine, [prompt], greedy)
+    again = run(engine, [prompt], greedy)["0"]
+    assert again.num_cached_tokens > 0 and engine.stats()["images_encoded"] == 1  # both caches hit
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.weight.mul_(1.5)
+        model.model.language_model.layers[0].mlp.down_proj.weight.mul_(-1.0)
+    out = run(engine, [prompt], greedy)["0"]
+    assert out.num_cached_tokens == 0 and engine.stats()["images_encoded"] == 2
+    image = prompt["multi_modal_data"]["image"][0]
+    expected = model.generate(input_ids=torch.tensor([prompt["prompt_token_ids"]]), max_new_tokens=4,
+                              pixel_values=image["pixel_values"][None], image_sizes=torch.tensor([image["image_size"]]))
+    assert out.outputs[0].token_ids == expected[0, len(prompt["prompt_token_ids"]):].tolist()
+
+
+def test_a_failed_call_leaves_no_blocks_behind(tmp_path, monkeypatch):
+    """A call that fails after its prefill (here: the first token choice) holds blocks it never gives back;
+    the next call still finds every block free and matches transformers."""
+    import llava_next.compat.generate as generate_module
+
+    folder, reference = save_tiny(tmp_path / "m", "llama")
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ids = torch.tensor([[1] + list(range(5, 60))])
+    model.generate(input_ids=ids, max_new_tokens=4)
+    pool_blocks = model.decode_runner().pool.num_blocks
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("token choice failed")
+
+    monkeypatch.setattr(generate_module, "_token_picker", boom)
+    with pytest.raises(RuntimeError, match="token choice failed"):
+        model.generate(input_ids=ids, max_new_tokens=4)
+    assert model.decode_runner().pool.num_used > 0  # the failed call's prefill blocks
+    monkeypatch.undo()
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=400),
+                       reference.generate(input_ids=ids, max_new_tokens=400))
+    runner = model.decode_runner()
+    assert runner.pool.num_free == runner.pool.num_blocks and runner.pool.num_blocks == pool_blocks

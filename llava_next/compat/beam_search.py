@@ -1,9 +1,10 @@
-"""Beam search (and beam sampling) with transformers 5.23's `_beam_search` semantics, over one shared KV cache.
+"""Beam search (and beam sampling) with transformers 5.23's `_beam_search` semantics, on the engine's runner.
 
 Images are encoded once: the prefill embeds the prompt for each batch row and repeats it `num_beams` times
-(`Prefill(batch_repeat=num_beams)`), where transformers expands pixel_values and runs the vision tower on every
-copy. After each step the cache rows are gathered by beam parent (`StaticKVCache.reorder`), unless every beam
-continued its own row. One host sync per step decides both that and whether the search goes on.
+(`prefill(repeat=num_beams)`), where transformers expands pixel_values and runs the vision tower on every
+copy. After each step the beams fork their block tables by parent (compat/paged_rows.Rows.fork: full blocks
+shared, the partial last block copied on write), unless every beam continued its own row. One host sync per
+step decides both that and whether the search goes on.
 
 The search itself follows transformers' vectorised formulation step for step, so the same float32 operations
 pick the same beams:
@@ -35,9 +36,9 @@ from __future__ import annotations
 
 import torch
 
+from llava_next.compat.outputs import ModelOutput
+from llava_next.compat.paged_rows import decode_step, prefill, prompt_ids
 from llava_next.errors import GenerationArgumentError
-from llava_next.generation.prefill import Prefill, decode_step, prompt_ids
-from llava_next.generation.outputs import ModelOutput
 from llava_next.sampling.logits import LogitsPipeline
 
 _NEG = -1.0e9  # transformers' "impossible" score
@@ -82,7 +83,7 @@ class _Beams:
 
     def step(self, log_probs: torch.Tensor, step: int, do_sample: bool, generator) -> tuple[bool, torch.Tensor | None]:
         """Advance by one token from processed log-probs (B*n, V). Returns (go on?, the parent row of each
-        new beam (B*n,) when beams moved, else None); one host sync."""
+        new beam (a list of B*n) when beams moved, else None); one host sync."""
         B, n, K, P, plan = self.B, self.n, self.K, self.P, self.plan
         cur_len = P + step
         V = log_probs.shape[-1]
@@ -108,7 +109,7 @@ class _Beams:
         go_on = torch.any(self.can_improve) & ~(torch.all(self.is_finished) & (plan.early_stopping is True)) \
             & ~torch.all(hits)
         rows = self.running_parents[:, :, step].reshape(-1).long()  # (B*n,) parent row of each new beam
-        go_on, moved = torch.stack((go_on, torch.any(rows != self.flat_rows))).tolist()
+        go_on, moved, *rows = torch.cat((torch.stack((go_on, torch.any(rows != self.flat_rows))), rows)).tolist()
         return bool(go_on), rows if moved else None
 
     def _ends(self, cand_seqs: torch.Tensor, cur_len: int) -> torch.Tensor:
@@ -173,31 +174,39 @@ def beam_search(model, plan, input_ids, attention_mask, pixel_values, image_size
         ignore = None  # repetition penalty skips each row's left padding, as transformers' prompt_ignore_length
         if params.repetition_penalty != 1.0 and attention_mask is not None:
             ignore = (attention_mask.to(device) != 0).int().argmax(dim=1).repeat_interleave(n)  # (B*n,)
-        prefill = Prefill(model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds,
-                          plan.max_new_tokens, batch_repeat=n)
-        cache, logits, position = prefill.cache, prefill.logits, prefill.next_position
-        beams = _Beams(prompt, n, n_eos, plan.max_new_tokens, fill, plan)
-        scores, raw_logits = [], []
-        for step in range(plan.max_new_tokens):
-            cur_len = P + step
-            logits32 = logits.float()
-            log_probs = torch.log_softmax(logits32, dim=-1)  # (B*n, V)
-            valid = None if ignore is None else torch.arange(cur_len, device=device)[None, :] >= ignore[:, None]
-            log_probs = processors(beams.history(cur_len), log_probs, valid)  # (B*n, V), sampling steps included
-            if want_scores:
-                scores.append(log_probs)
-            if want_logits:
-                raw_logits.append(logits32.clone())
-            go_on, rows = beams.step(log_probs, step, params.do_sample, kwargs.get("generator"))
-            if not go_on:
-                break
-            if rows is not None:  # each beam continues from its parent's cache (skipped when none moved)
-                cache.reorder(rows)
-            logits = decode_step(model, beams.running_seqs[:, :, cur_len].reshape(-1), position, cache)
-            position = position + 1
-        seqs, finished_scores, parents = beams.best()
+        embeds = model.model.embed(input_ids, pixel_values, image_sizes, inputs_embeds)  # (B, T, D)
+        kv, logits = prefill(model.decode_runner(), embeds, attention_mask, plan.max_new_tokens, False, True, n)
+        try:
+            beams = _Beams(prompt, n, n_eos, plan.max_new_tokens, fill, plan)
+            seqs, finished_scores, parents, scores, raw_logits = _search(beams, kv, logits, processors, ignore, plan,
+                                                                         kwargs, want_scores, want_logits)
+        finally:
+            kv.release()
     if kwargs.get("return_dict_in_generate"):
         return ModelOutput(sequences=seqs, sequences_scores=finished_scores if want_scores else None,
                            scores=tuple(scores) if want_scores else None,
                            logits=tuple(raw_logits) if want_logits else None, beam_indices=parents)
     return seqs
+
+
+def _search(beams: _Beams, kv, logits, processors, ignore, plan, kwargs, want_scores, want_logits):
+    """The step loop: processed log-probs -> beams.step -> fork the block tables -> one decode step."""
+    P, device, params = beams.P, logits.device, plan.sampling
+    scores, raw_logits = [], []
+    for step in range(plan.max_new_tokens):
+        cur_len = P + step
+        logits32 = logits.float()
+        log_probs = torch.log_softmax(logits32, dim=-1)  # (B*n, V)
+        valid = None if ignore is None else torch.arange(cur_len, device=device)[None, :] >= ignore[:, None]
+        log_probs = processors(beams.history(cur_len), log_probs, valid)  # (B*n, V), sampling steps included
+        if want_scores:
+            scores.append(log_probs)
+        if want_logits:
+            raw_logits.append(logits32.clone())
+        go_on, rows = beams.step(log_probs, step, params.do_sample, kwargs.get("generator"))
+        if not go_on:
+            break
+        if rows is not None:  # each beam continues from its parent's blocks (skipped when none moved)
+            kv.fork(rows)
+        logits = decode_step(kv, beams.running_seqs[:, :, cur_len].reshape(-1), True)
+    return (*beams.best(), scores, raw_logits)

@@ -1,4 +1,4 @@
-"""generate(): prefill with images once, then a decode loop over a preallocated KV cache.
+"""generate(): transformers' generate() as a front on the engine's ModelRunner (compat/paged_rows.py).
 
 Semantics are transformers' `generate` for decoder-only models: output is prompt + new tokens, rows that
 finished are padded with `pad_token_id`, the loop stops when every row has hit EOS (or a stop string) or
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from llava_next.compat.beam_search import beam_search
+from llava_next.compat.generate_args import plan_generation
+from llava_next.compat.outputs import ModelOutput
+from llava_next.compat.paged_rows import Rows, decode_step, prefill, prompt_ids
 from llava_next.errors import GenerationArgumentError
-from llava_next.generation.args import plan_generation
-from llava_next.generation.beam_search import beam_search
-from llava_next.generation.outputs import ModelOutput
-from llava_next.generation.prefill import Prefill, decode_step, prompt_ids
 from llava_next.sampling.logits import LogitsPipeline
 from llava_next.sampling.stopping import eos_reached
 
@@ -34,7 +34,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
              **kwargs):
     """transformers-compatible generate: returns (B, prompt + new) ids, or a ModelOutput with return_dict_in_generate.
 
-    Beyond transformers: `reuse_prefix=True` (batch 1) keeps the KV cache of this call, and a next call whose
+    Beyond transformers: `reuse_prefix=True` (batch 1) keeps the KV blocks of this call, and a next call whose
     prompt starts with the same tokens and images (a conversation's next turn) prefills only what is new.
     A `streamer` is always ended, also when the call fails (before or during generation), so its consumer
     never waits forever; the error is re-raised here.
@@ -67,9 +67,10 @@ def _generate(model, input_ids, attention_mask, pixel_values, image_sizes, input
         reuse = bool(kwargs.get("reuse_prefix"))
         processors = LogitsPipeline(plan.sampling, plan.eos, P)
         # Greedy or top-k sampling without scores on a float32 CPU head: the screened lm_head (screened_head.py).
-        screen = model.decode_runner().head_screen(processors.screen_k, want_scores or want_logits)
-        prefill = Prefill(model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds,
-                          plan.max_new_tokens, reuse_prefix=reuse, head=screen is None)
+        runner = model.decode_runner()
+        screen = runner.head_screen(processors.screen_k, want_scores or want_logits)
+        embeds = model.model.embed(input_ids, pixel_values, image_sizes, inputs_embeds)  # (B, T, D)
+        rows, first = prefill(runner, embeds, attention_mask, plan.max_new_tokens, reuse, head=screen is None)
         sequences = torch.full((B, P + plan.max_new_tokens), plan.pad_token_id, dtype=torch.long,
                                device=model.device)
         sequences[:, :P] = prompt
@@ -86,12 +87,18 @@ def _generate(model, input_ids, attention_mask, pixel_values, image_sizes, input
             streamer.put(prompt.cpu())
         pick = _token_picker(processors, screen, kwargs.get("generator"), valid, seen,
                              scores if want_scores else None, raw_logits if want_logits else None)
-        length = _decode_loop(model, plan, prefill, sequences, P, pick, seen, valid, streamer, head=screen is None)
+        try:
+            length = _decode_loop(plan, rows, first, sequences, P, pick, seen, valid, streamer, head=screen is None)
+        except BaseException:
+            rows.release()
+            raise
         if streamer is not None:
             streamer.end()
         if reuse:  # remember what the cache holds (prompt + all but the last new token) for the next turn
             new = model.model.language_model.embed_tokens(sequences[:, P:length - 1])
-            model.decode_runner().remember(torch.cat([prefill.embeds, new], dim=1), prefill.cache)
+            runner.remember(torch.cat([embeds, new], dim=1), rows)
+        else:
+            rows.release()
         out = sequences[:, :length]
     if kwargs.get("return_dict_in_generate"):
         return ModelOutput(sequences=out, scores=tuple(scores) if want_scores else None,
@@ -128,12 +135,11 @@ def _token_picker(processors: LogitsPipeline, screen, generator, valid, seen, sc
     return pick
 
 
-def _decode_loop(model, plan, prefill: Prefill, sequences: torch.Tensor, prompt_len: int, pick, seen, valid,
+def _decode_loop(plan, rows: Rows, out: torch.Tensor, sequences: torch.Tensor, prompt_len: int, pick, seen, valid,
                  streamer, head: bool) -> int:
     """Fill sequences[:, prompt_len:] token by token until every row stopped or the budget is spent; returns
     the filled length. Finished rows get pad_token_id."""
     B = sequences.shape[0]
-    cache, position, out = prefill.cache, prefill.next_position, prefill.logits if head else prefill.hidden
     unfinished = torch.ones(B, dtype=torch.bool, device=sequences.device)
     pad = torch.tensor(plan.pad_token_id, device=sequences.device)
     stop, eos = plan.stop, plan.eos
@@ -151,6 +157,5 @@ def _decode_loop(model, plan, prefill: Prefill, sequences: torch.Tensor, prompt_
             unfinished &= ~stop(sequences[:, :length])
         if step + 1 == plan.max_new_tokens or plan.out_of_time() or not bool(unfinished.any()):
             break
-        out = decode_step(model, tokens, position, cache, head=head)
-        position = position + 1
+        out = decode_step(rows, tokens, head)
     return length
