@@ -104,12 +104,12 @@ class GenerateRunner:
 
     def start(self, batch: int, max_len: int, dtype: torch.dtype, headroom: int = 1) -> Rows:
         """Rows for `batch` sequences of up to `max_len` tokens each; forgets the remembered row. One call runs
-        at a time per model (its generation_lock), so blocks still held here were lost by a failed call: the
-        pool starts empty again."""
+        at a time per model (its generation_lock), so the pool starts empty again (blocks still held here were
+        lost by a failed call), handing out blocks in order: a lone row's blocks are consecutive and its
+        attention reads them in place (attention_metadata.Group.view_start)."""
         self.forget()
         self._ensure(blocks_needed(batch, max_len), dtype, headroom)
-        if self.pool.num_used:
-            self.pool = BlockPool(self.cache.num_blocks, BLOCK_SIZE, enable_prefix_caching=False)
+        self.pool = BlockPool(self.cache.num_blocks, BLOCK_SIZE, enable_prefix_caching=False)
         return Rows(self, batch)
 
     def take_prefix(self, embeds: torch.Tensor, max_len: int) -> tuple[Rows, int] | None:

@@ -56,7 +56,9 @@ class Group:
     kv_blocks (B, ceil(S / block_size)) the blocks holding each sequence's key positions 0..S-1 (beyond its
     end: any block, masked), gathered whole (block-sized copies) and cut to S;
     gather/scatter: (B*Q,) flat row of each padded query and (last-first,) padded index of each real row, or
-    None when the group is one unpadded run (decode rows, or one chunk); mask_kind: "tensor", "none", "causal".
+    None when the group is one unpadded run (decode rows, or one chunk); mask_kind: "tensor", "none", "causal";
+    view_start: for one sequence whose blocks are consecutive (generate() at batch 1, a lone request), the slot of
+    its first key: its keys are read as a slice of the pool, with no gather.
     """
     first: int
     last: int
@@ -68,6 +70,7 @@ class Group:
     gather: np.ndarray | None
     scatter: np.ndarray | None
     mask_kind: str
+    view_start: int | None = None
 
 
 @dataclasses.dataclass
@@ -116,7 +119,7 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
         one = num_decodes == 1 and bucket is None and not _window_cuts(windows, S)
         blocks = kv_table[:, :-(-S // block_size)]  # (Bd, ceil(S / block_size))
         groups.append(Group(0, num_decodes + pad, num_decodes + pad, 1, S, query_pos, blocks, None, None,
-                            "none" if one else "tensor"))
+                            "none" if one else "tensor", None if bucket else _view_start(blocks, block_size)))
     prefill = np.arange(num_decodes, B)
     fresh = starts[prefill] == 0
     # continuing chunks (a mask with each chunk's offset), then chunks from position 0 (is_causal): two calls,
@@ -136,8 +139,16 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
         # dropped, and the kernel skips the upper triangle; otherwise a mask with each chunk's offset
         kind = "causal" if not starts[seqs].any() and not _window_cuts(windows, S) else "tensor"
         blocks = table[seqs, :-(-S // block_size)]  # (Bp, ceil(S / block_size))
-        groups.append(Group(first, last, len(seqs), Q, S, query_pos, blocks, gather, scatter, kind))
+        groups.append(Group(first, last, len(seqs), Q, S, query_pos, blocks, gather, scatter, kind,
+                            _view_start(blocks, block_size)))
     return StepPlan(positions, slot_mapping, sample_rows, groups)
+
+
+def _view_start(blocks: np.ndarray, block_size: int) -> int | None:
+    """blocks (B, n): the first key's slot if B == 1 and the blocks are consecutive, else None."""
+    if blocks.shape[0] != 1 or (blocks.shape[1] > 1 and not (np.diff(blocks[0]) == 1).all()):
+        return None
+    return int(blocks[0, 0]) * block_size
 
 
 def _window_cuts(windows, S: int) -> bool:
@@ -190,7 +201,7 @@ class StepAttention:
                 if window is not None:
                     allowed = allowed & (diff < window)
                 masks[window] = allowed[:, None]  # (B, 1, Q, S), True = attend
-            groups.append((g.first, g.last, g.B, g.Q, g.S, kv_blocks.reshape(-1), index, masks))
+            groups.append((g.first, g.last, g.B, g.Q, g.S, kv_blocks.reshape(-1), index, masks, g.view_start))
         return cls(cache, slot_mapping, groups)
 
     def attend(self, layer, q, k, v, window, scale, backend):
@@ -200,21 +211,24 @@ class StepAttention:
         values.index_copy_(1, self.slot_mapping, v[0])
         Hkv, H, Hd, bs = keys.shape[0], q.shape[1], q.shape[3], self.cache.block_size
         outs = []
-        for first, last, B, Q, S, kv_blocks, index, masks in self.groups:
-            # whole blocks (Hkv, B * blocks, bs, Hd), then each sequence's first S positions: (B, Hkv, S, Hd)
-            kg = keys.view(Hkv, -1, bs, Hd).index_select(1, kv_blocks).view(Hkv, B, -1, Hd)[:, :, :S].transpose(0, 1)
-            vg = values.view(Hkv, -1, bs, Hd).index_select(1, kv_blocks).view(Hkv, B, -1, Hd)[:, :, :S].transpose(0, 1)
-            if Q == 1:  # one token per sequence: rows are sequences
+        for first, last, B, Q, S, kv_blocks, index, masks, view_start in self.groups:
+            if view_start is not None:  # one sequence in consecutive blocks: a slice (1, Hkv, S, Hd)
+                kg, vg = keys[None, :, view_start:view_start + S], values[None, :, view_start:view_start + S]
+            else:  # whole blocks (Hkv, B * blocks, bs, Hd), then each sequence's first S positions: (B, Hkv, S, Hd)
+                kg = keys.view(Hkv, -1, bs, Hd).index_select(1, kv_blocks).view(Hkv, B, -1, Hd)[:, :, :S]
+                vg = values.view(Hkv, -1, bs, Hd).index_select(1, kv_blocks).view(Hkv, B, -1, Hd)[:, :, :S]
+                kg, vg = kg.transpose(0, 1), vg.transpose(0, 1)
+            if index is None and B == 1:  # one sequence (one chunk, or one token)
+                outs.append(attend(q[:, :, first:last], kg, vg, masks[window], scale, backend))  # (1, H, Q, Hd)
+            elif Q == 1:  # one token per sequence: rows are sequences
                 qg = q[0, :, first:last, None].transpose(0, 1)  # (B, H, 1, Hd)
-                outs.append(attend(qg, kg, vg, masks[window], scale, backend).transpose(0, 2)[0])  # (H, B, Hd)
-            elif index is None:  # one chunk
-                outs.append(attend(q[:, :, first:last], kg, vg, masks[window], scale, backend)[0])  # (H, Q, Hd)
+                outs.append(attend(qg, kg, vg, masks[window], scale, backend).transpose(0, 2))  # (1, H, B, Hd)
             else:  # chunks padded to Q rows each
                 gather, scatter = index
                 qg = q[0].index_select(1, gather).view(H, B, Q, Hd).transpose(0, 1)  # (B, H, Q, Hd)
                 out = attend(qg, kg, vg, masks[window], scale, backend)  # (B, H, Q, Hd)
-                outs.append(out.transpose(0, 1).reshape(H, B * Q, Hd).index_select(1, scatter))  # (H, Tp, Hd)
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))[None]
+                outs.append(out.transpose(0, 1).reshape(1, H, B * Q, Hd).index_select(2, scatter))  # (1, H, Tp, Hd)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def prefill_plan(T: int, num_blocks: int, block_size: int, windows) -> StepPlan:
