@@ -12,20 +12,22 @@ vocabulary (ids the tokenizer lacks, e.g. padding rows of the embedding, are nev
   and memory one compile takes; structured_params.py caps sizes before that.
 - `Grammar.matcher()` is a fresh matcher for one sequence (a copy of the pristine one: microseconds).
 - `begin(matchers)` (before the step's forward) -> a pending mask, or None when no row is constrained:
-  `matchers[i]` is sampling row i's matcher or None. The mask work runs on one worker thread while the model
-  runs (as vLLM overlaps its bitmask with the forward): the token bitmask of every constrained row is filled in
-  one llguidance call (parallel, GIL released) into a preallocated host buffer; on a CPU each mask byte of the
-  constrained rows (only those: a row without a grammar costs nothing) is then looked up in a (256, 8) table
-  of 0 / -inf, giving their (C, V) addend (branch-free; torch's CPU masked_fill and where on such masks were
-  ~4-8x slower); on a GPU rows without a grammar are all ones in the (R, W) bitmask. A matcher in an error
-  state allows nothing: the sampler finds the row all -inf, fails it, and the engine ends that request only
-  (finish_reason "error"). llguidance's tokenizer gets extra "slices" for short strings (`_slices`): the
-  masks are the same, the fill of the bench's rows ~30% cheaper.
+  `matchers[i]` is sampling row i's matcher or None. On a GPU the mask work runs on one worker thread while
+  the model runs (as vLLM overlaps its bitmask with the forward); on a CPU the forward already keeps every core
+  busy (torch's intra-op threads), the overlap measured slower than computing the masks after the forward
+  (the thread handoff), so `begin` hands the matchers on and `constrain` computes them. The token bitmask of
+  every constrained row is filled in one llguidance call (parallel, GIL released) into a preallocated host
+  buffer; on a CPU each mask byte of the constrained rows (only those: a row without a grammar costs nothing)
+  is then looked up in a (256, 8) table of 0 / -inf, giving their (C, V) addend (branch-free; torch's CPU
+  masked_fill and where on such masks were ~4-8x slower); on a GPU rows without a grammar are all ones in the
+  (R, W) bitmask. A matcher in an error state allows nothing: the sampler finds the row all -inf, fails it,
+  and the engine ends that request only (finish_reason "error"). llguidance's tokenizer gets extra "slices"
+  for short strings (`_slices`): the masks are the same, the fill of the bench's rows ~30% cheaper.
 - `constrain(logits, pending, biases)`: in place on the logits of the sampling rows (R, V), before the sampler
   (as vLLM applies its bitmask: logprobs see the mask): every row's logit_bias {id: bias} (one scatter), then
   the pending mask in one op (CPU: one add, or one index_add over the constrained rows; GPU: the packed int32
   words copied over, unpacked there, one masked_fill). `pending` may also be the matcher list itself
-  (computed then, without overlap).
+  (computed then, without overlap, as on a CPU).
 - `advance(matcher, token)`: after sampling; None (go on), "end" (the grammar is complete: finish with
   "stop") or "error" (the token was rejected: that request ends with "error").
 
@@ -92,7 +94,11 @@ class StructuredDecoding:
         self._max_rows = max_rows
         self._shifts = None  # (32,) int32 bit positions on the GPU
         self._addend = np.empty((0, 4 * self.words, 8), np.float32)  # (rows, 4W, 8) CPU addend, grown on demand
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llava-next-grammar-mask")
+        # overlap the masks with the forward on a worker thread where the forward leaves the CPU idle (a GPU);
+        # a CPU forward keeps torch's intra-op threads on every core: there the handoff only adds (RESULTS.md)
+        self.overlap = self.device.type != "cpu"
+        self._worker = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llava-next-grammar-mask")
+                        if self.overlap else None)
 
     # -- compiling (any thread) ------------------------------------------------------------------------------
     def _ll_tokenizer(self):
@@ -157,10 +163,13 @@ class StructuredDecoding:
                                      pin_memory=self.device.type == "cuda")
         return self._host[:rows]  # (rows, W), contiguous
 
-    def begin(self, matchers: list) -> concurrent.futures.Future | None:
-        """Start this step's masks for the sampling rows (row i: `matchers[i]` or None) on the worker thread."""
+    def begin(self, matchers: list) -> concurrent.futures.Future | list | None:
+        """Start this step's masks for the sampling rows (row i: `matchers[i]` or None) on the worker thread
+        (a GPU engine); on a CPU the matchers themselves, for `constrain` to compute the masks then."""
         if all(m is None for m in matchers):
             return None
+        if not self.overlap:
+            return list(matchers)  # computed in constrain
         return self._worker.submit(self._masks, list(matchers))
 
     def _masks(self, matchers: list):
@@ -197,14 +206,14 @@ class StructuredDecoding:
                     vals.extend(bias.values())
             index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
             logits.index_put_(index, torch.tensor(vals, device=logits.device, dtype=logits.dtype), accumulate=True)
-        if isinstance(pending, list):
-            pending = self.begin(pending)
+        if isinstance(pending, list) and all(m is None for m in pending):
+            pending = None
         if pending is None:
             return
         V = logits.shape[1]
         if V > 32 * self.words:
             raise ValueError(f"logits have {V} columns; the grammar masks cover {32 * self.words}")
-        masks = pending.result()
+        masks = self._masks(pending) if isinstance(pending, list) else pending.result()
         if logits.device.type == "cpu":
             rows, addend = masks  # -inf where not allowed
             if rows is None:
