@@ -17,9 +17,9 @@ vocabulary (ids the tokenizer lacks, e.g. padding rows of the embedding, are nev
   busy (torch's intra-op threads), the overlap measured slower than computing the masks after the forward
   (the thread handoff), so `begin` hands the matchers on and `constrain` computes them. The token bitmask of
   every constrained row is filled in one llguidance call (parallel, GIL released) into a preallocated host
-  buffer; on a CPU each mask byte of the constrained rows (only those: a row without a grammar costs nothing)
-  is then looked up in a (256, 8) table of 0 / -inf, giving their (C, V) addend (branch-free; torch's CPU
-  masked_fill and where on such masks were ~4-8x slower); on a GPU rows without a grammar are all ones in the
+  buffer; on a CPU the bits of the constrained rows (only those: a row without a grammar costs nothing) then
+  become their (C, V) 0 / -inf addend by integer ops on the unpacked bits (`cpu_addend`, branch-free: torch's
+  CPU masked_fill and where on such masks were ~4-8x slower); on a GPU rows without a grammar are all ones in the
   (R, W) bitmask. A matcher in an error state allows nothing: the sampler finds the row all -inf, fails it,
   and the engine ends that request only (finish_reason "error"). llguidance's tokenizer gets extra "slices"
   for short strings (`_slices`): the masks are the same, the fill of the bench's rows ~30% cheaper.
@@ -55,8 +55,7 @@ logger = logging.getLogger("llava_next.structured")
 CACHE_SIZE = 256
 _STRING_CHAR = r'[^"\\\x00-\x1F\x7F]'  # a JSON string character that needs no escape
 SHORT_STRING_SLICES = [_STRING_CHAR + f"{{1,{n}}}" for n in range(1, 10)]  # see _slices()
-_ADD = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0.0, -np.inf).astype(np.float32)  # (256, 8):
-# byte value -> what is added to the logits of its 8 tokens (bit j of a mask byte allows its j-th token)
+NEG_INF_BITS = -8388608  # 0xFF800000 as int32: the bits of float32 -inf
 MAX_ERROR_CHARS = 240
 
 
@@ -93,7 +92,7 @@ class StructuredDecoding:
         self._host = torch.empty(0, self.words, dtype=torch.int32)  # (rows, W) bitmask buffer, grown on demand
         self._max_rows = max_rows
         self._shifts = None  # (32,) int32 bit positions on the GPU
-        self._addend = np.empty((0, 4 * self.words, 8), np.float32)  # (rows, 4W, 8) CPU addend, grown on demand
+        self._addend = torch.empty(0, 32 * self.words, dtype=torch.int32)  # (rows, 32W) CPU addend, grown on demand
         # overlap the masks with the forward on a worker thread where the forward leaves the CPU idle (a GPU);
         # a CPU forward keeps torch's intra-op threads on every core: there the handoff only adds (RESULTS.md)
         self.overlap = self.device.type != "cpu"
@@ -156,11 +155,16 @@ class StructuredDecoding:
         return Grammar(key, matcher, time.perf_counter() - start)
 
     # -- one step (engine thread) ----------------------------------------------------------------------------
+    def _grown(self, buffer: torch.Tensor, rows: int, pin: bool = False) -> torch.Tensor:
+        """`buffer` (n, C), or a larger one when n < rows; a normal tensor even when made inside the engine's
+        inference mode, so it can be written in place outside it too."""
+        if buffer.shape[0] >= rows:
+            return buffer
+        with torch.inference_mode(False):
+            return torch.empty(max(rows, self._max_rows), buffer.shape[1], dtype=buffer.dtype, pin_memory=pin)
+
     def _buffer(self, rows: int) -> torch.Tensor:
-        if self._host.shape[0] < rows:
-            size = max(rows, self._max_rows)
-            self._host = torch.empty(size, self.words, dtype=torch.int32,
-                                     pin_memory=self.device.type == "cuda")
+        self._host = self._grown(self._host, rows, pin=self.device.type == "cuda")
         return self._host[:rows]  # (rows, W), contiguous
 
     def begin(self, matchers: list) -> concurrent.futures.Future | list | None:
@@ -190,8 +194,7 @@ class StructuredDecoding:
                 bitmask[k] = 0
         if not on_cpu:
             return bitmask
-        if self._addend.shape[0] < n:
-            self._addend = np.empty((max(n, self._max_rows), 4 * self.words, 8), np.float32)
+        self._addend = self._grown(self._addend, n)
         return (None if n == R else torch.tensor(rows)), cpu_addend(bitmask, self._addend[:n])
 
     def constrain(self, logits: torch.Tensor, pending, biases: list) -> None:
@@ -232,12 +235,15 @@ class StructuredDecoding:
         return "end" if matcher.is_stopped() else None
 
 
-def cpu_addend(bitmask: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
-    """The host bitmask (R, W) int32 -> (R, 32W) float32, 0 where allowed and -inf elsewhere (into `out`,
-    (R, 4W, 8), when given): each mask byte looked up in a (256, 8) table, branch-free."""
-    R = bitmask.shape[0]
-    addend = np.take(_ADD, bitmask.numpy().view(np.uint8), axis=0, out=out)  # (R, 4W, 8): a byte -> its 8 tokens
-    return torch.from_numpy(addend.reshape(R, -1))
+def cpu_addend(bitmask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The host bitmask (R, W) int32 -> (R, 32W) float32, 0 where allowed and -inf elsewhere (in `out`, an
+    (R, 32W) int32 buffer, when given). Branch-free: the bits unpacked to bytes (numpy, bit j of a word is
+    token 32w + j), widened to int32, minus 1 (0 or all ones), and with -inf's bits (a table lookup per byte was
+    ~1.6x slower: it writes the 8 MB addend from a gather)."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # (R, 32W) uint8: 1 allowed
+    out = torch.empty(bits.shape, dtype=torch.int32) if out is None else out
+    out.copy_(torch.from_numpy(bits))
+    return out.sub_(1).bitwise_and_(NEG_INF_BITS).view(torch.float32)
 
 
 def apply_on_device(logits: torch.Tensor, words: torch.Tensor, shifts: torch.Tensor) -> None:
