@@ -79,7 +79,7 @@ def decode_step_s(llm, n: int, steps: int, constrained: bool) -> tuple[float, fl
 
 def components(llm, repeats: int = 30) -> dict:
     """The constrained step's own work at 1/16/64 rows, each the fastest of `repeats`, in states the engine
-    reached on SCHEMA: the masks (llguidance's fill and the CPU addend, as `begin` starts them) of fresh matcher
+    reached on SCHEMA: the masks (`_masks`: llguidance's fill and, on a CPU, the addend) of fresh matcher
     copies, their apply to the logits (`constrain` given them done), and the matchers' advance."""
     import torch
 
@@ -105,7 +105,7 @@ def components(llm, repeats: int = 30) -> dict:
         for _ in range(repeats):
             matchers = [m.deep_copy() for m in states]
             start = time.perf_counter()
-            masks = engine.structured._masks(matchers)  # what begin runs (on its worker, or in constrain)
+            masks = engine.structured._masks(matchers)  # on a CPU in constrain, else on begin's worker
             best["masks"] = min(best["masks"], time.perf_counter() - start)
             done = concurrent.futures.Future()
             done.set_result(masks)

@@ -22,7 +22,7 @@ vocabulary (ids the tokenizer lacks, e.g. padding rows of the embedding, are nev
   CPU masked_fill and where on such masks were ~4-8x slower); on a GPU rows without a grammar are all ones in the
   (R, W) bitmask. A matcher in an error state allows nothing: the sampler finds the row all -inf, fails it,
   and the engine ends that request only (finish_reason "error"). llguidance's tokenizer gets extra "slices"
-  for short strings (`_slices`): the masks are the same, the fill of the bench's rows ~30% cheaper.
+  for short strings (`_slices`): the masks are the same, the fill of the bench's rows ~10% cheaper.
 - `constrain(logits, pending, biases)`: in place on the logits of the sampling rows (R, V), before the sampler
   (as vLLM applies its bitmask: logprobs see the mask): every row's logit_bias {id: bias} (one scatter), then
   the pending mask in one op (CPU: one add, or one index_add over the constrained rows; GPU: the packed int32
@@ -258,9 +258,9 @@ def _slices(ll) -> list[str]:
     mask bits are set at once, without walking its part of the token trie, when every token of it is allowed
     (an under-approximation: the masks are the same with or without). The defaults cover string contents of
     up to 10, 30 or any characters, so inside a string with `maxLength` below 10 (or fewer than 10 characters
-    left) every token was walked (0.1-0.18 ms a row for a 32k vocabulary); with these, the short tokens that
-    still fit are taken whole: 0.07-0.12 ms at 9-5 characters left, about the same below (where the walk
-    is short anyway), ~30% off the fill of the bench's 64 rows (bench/RESULTS.md)."""
+    left) every token was walked. Measured on the bench's engine states (tiny model, 32k vocabulary, one
+    thread): a row with most of the vocabulary allowed ~120 instead of ~190 us, a row near the end of its
+    string ~105 instead of ~65 us (more slices to walk), ~10% off the fill in all (bench/RESULTS.md)."""
     defaults = ll.LLTokenizer.general_slices()
     first_string = next((i for i, s in enumerate(defaults) if s.startswith(_STRING_CHAR)), len(defaults))
     return defaults[:first_string] + SHORT_STRING_SLICES + defaults[first_string:]
