@@ -1,9 +1,11 @@
 """The grammar mask paths of sampling/structured.py, row by row against llguidance's own masks.
 
-- `constrain` on a CPU engine builds and adds the 0 / -inf addend of the constrained rows only: rows without a
-  grammar come out bit-for-bit unchanged, a constrained row is -inf exactly where its matcher's mask (computed
-  alone, on a copy) has a 0 bit, a matcher in an error state leaves its row all -inf; the device path (the (R, W)
-  bitmask unpacked by shifts) gives the same logits from the same matchers.
+- `constrain` on a CPU engine, with the masks computed after the forward or on the worker thread, adds the
+  0 / -inf addend of the constrained rows only: rows without a grammar come out bit-for-bit unchanged, a
+  constrained row is -inf exactly where its matcher's mask (computed alone, on a copy) has a 0 bit, a matcher in
+  an error state leaves its row all -inf; the device path (the (R, W) bitmask unpacked by shifts) gives the
+  same logits from the same matchers.
+- `overlaps`: the worker thread on a GPU always, on a CPU only with a core torch leaves free and 16+ rows.
 - The tokenizer's extra slices (string lengths 1..9) change no mask: along random token paths of schemas with
   short and long strings, every mask equals the one of a tokenizer without slices.
 """
@@ -79,13 +81,17 @@ def _check_rows(out: torch.Tensor, logits: torch.Tensor, matchers: list, vocab: 
             assert torch.equal(out[i][allowed], logits[i][allowed]), i
 
 
-def test_cpu_constrain_masks_exactly_the_constrained_rows(llm):
+@pytest.mark.parametrize("overlap", [False, True], ids=["after the forward", "on the worker thread"])
+def test_cpu_constrain_masks_exactly_the_constrained_rows(llm, monkeypatch, overlap):
     structured = llm.llm_engine.structured
+    monkeypatch.setattr(structured, "overlaps", lambda rows: overlap)
     V = llm.llm_engine.vocab_size
     matchers = _matchers(structured, V)
     logits = torch.randn(len(matchers), V, generator=torch.Generator().manual_seed(0))
     out = logits.clone()
-    structured.constrain(out, structured.begin(matchers), [None] * len(matchers))
+    pending = structured.begin(matchers)
+    assert isinstance(pending, list) != overlap  # the matchers themselves, or the worker's future
+    structured.constrain(out, pending, [None] * len(matchers))
     _check_rows(out, logits, matchers, V)
     every = [m for m in matchers if m is not None]  # every row constrained: the one-add path
     out = logits[: len(every)].clone()
@@ -109,6 +115,21 @@ def test_device_bitmask_path_gives_the_same_rows(llm):
     out = logits.clone()
     apply_on_device(out, words, torch.arange(32, dtype=torch.int32))
     _check_rows(out, logits, matchers, V)
+
+
+def test_overlap_only_where_a_core_is_free(llm, monkeypatch):
+    from llava_next.sampling import structured as module
+
+    engine = llm.llm_engine
+    gpu = module.StructuredDecoding(engine._tokenizer_json, engine.vocab_size, engine.eos_token_ids,
+                                    torch.device("meta"))
+    cpu = engine.structured
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 4)
+    for threads, rows, expected in ((4, 64, False), (3, 64, True), (3, module.OVERLAP_MIN_ROWS - 1, False),
+                                    (3, module.OVERLAP_MIN_ROWS, True)):
+        monkeypatch.setattr(module.torch, "get_num_threads", lambda t=threads: t)
+        assert cpu.overlaps(rows) is expected, (threads, rows)
+        assert gpu.overlaps(rows) is True
 
 
 def test_short_string_slices_change_no_mask(llm):

@@ -12,10 +12,11 @@ vocabulary (ids the tokenizer lacks, e.g. padding rows of the embedding, are nev
   and memory one compile takes; structured_params.py caps sizes before that.
 - `Grammar.matcher()` is a fresh matcher for one sequence (a copy of the pristine one: microseconds).
 - `begin(matchers)` (before the step's forward) -> a pending mask, or None when no row is constrained:
-  `matchers[i]` is sampling row i's matcher or None. On a GPU the mask work runs on one worker thread while
-  the model runs (as vLLM overlaps its bitmask with the forward); on a CPU the forward already keeps every core
-  busy (torch's intra-op threads), the overlap measured slower than computing the masks after the forward
-  (the thread handoff), so `begin` hands the matchers on and `constrain` computes them. The token bitmask of
+  `matchers[i]` is sampling row i's matcher or None. Where a core is free for it (`overlaps`: a GPU engine,
+  or a CPU engine whose torch threads leave one, with enough rows) the mask work runs on one worker thread
+  while the model runs (as vLLM overlaps its bitmask with the forward); otherwise `begin` hands the matchers
+  on and `constrain` computes the masks after the forward (with torch's threads on every core the overlap
+  measured slower: the worker competes with the forward, and the handoff costs ~0.1 ms). The token bitmask of
   every constrained row is filled in one llguidance call (parallel, GIL released) into a preallocated host
   buffer; on a CPU the bits of the constrained rows (only those: a row without a grammar costs nothing) then
   become their (C, V) 0 / -inf addend by integer ops on the unpacked bits (`cpu_addend`, branch-free: torch's
@@ -27,7 +28,7 @@ vocabulary (ids the tokenizer lacks, e.g. padding rows of the embedding, are nev
   (as vLLM applies its bitmask: logprobs see the mask): every row's logit_bias {id: bias} (one scatter), then
   the pending mask in one op (CPU: one add, or one index_add over the constrained rows; GPU: the packed int32
   words copied over, unpacked there, one masked_fill). `pending` may also be the matcher list itself
-  (computed then, without overlap, as on a CPU).
+  (computed then, without overlap).
 - `advance(matcher, token)`: after sampling; None (go on), "end" (the grammar is complete: finish with
   "stop") or "error" (the token was rejected: that request ends with "error").
 
@@ -40,6 +41,7 @@ import collections
 import concurrent.futures
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +55,7 @@ from llava_next.sampling.structured_params import ANY_OBJECT, StructuredOutputsP
 logger = logging.getLogger("llava_next.structured")
 
 CACHE_SIZE = 256
+OVERLAP_MIN_ROWS = 16  # on a CPU with a free core: fewer rows fill in less time than the worker's handoff
 _STRING_CHAR = r'[^"\\\x00-\x1F\x7F]'  # a JSON string character that needs no escape
 SHORT_STRING_SLICES = [_STRING_CHAR + f"{{1,{n}}}" for n in range(1, 10)]  # see _slices()
 NEG_INF_BITS = -8388608  # 0xFF800000 as int32: the bits of float32 -inf
@@ -93,11 +96,7 @@ class StructuredDecoding:
         self._max_rows = max_rows
         self._shifts = None  # (32,) int32 bit positions on the GPU
         self._addend = torch.empty(0, 32 * self.words, dtype=torch.int32)  # (rows, 32W) CPU addend, grown on demand
-        # overlap the masks with the forward on a worker thread where the forward leaves the CPU idle (a GPU);
-        # a CPU forward keeps torch's intra-op threads on every core: there the handoff only adds (RESULTS.md)
-        self.overlap = self.device.type != "cpu"
-        self._worker = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llava-next-grammar-mask")
-                        if self.overlap else None)
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llava-next-grammar-mask")
 
     # -- compiling (any thread) ------------------------------------------------------------------------------
     def _ll_tokenizer(self):
@@ -172,9 +171,18 @@ class StructuredDecoding:
         (a GPU engine); on a CPU the matchers themselves, for `constrain` to compute the masks then."""
         if all(m is None for m in matchers):
             return None
-        if not self.overlap:
+        if not self.overlaps(sum(m is not None for m in matchers)):
             return list(matchers)  # computed in constrain
         return self._worker.submit(self._masks, list(matchers))
+
+    def overlaps(self, rows: int) -> bool:
+        """Whether `begin` puts the masks of `rows` constrained rows on the worker thread, to overlap the
+        forward: on a GPU (its forward leaves the CPU idle) always; on a CPU only when torch's intra-op threads
+        leave a core free and there are OVERLAP_MIN_ROWS rows or more. With torch on every core the worker only
+        competes with the forward and the handoff adds ~0.1 ms (bench/RESULTS.md)."""
+        if self.device.type != "cpu":
+            return True
+        return rows >= OVERLAP_MIN_ROWS and torch.get_num_threads() < (os.cpu_count() or 1)
 
     def _masks(self, matchers: list):
         """Worker thread. A CPU engine: (rows, addend), the constrained rows' indices ((C,) int64, or None when
