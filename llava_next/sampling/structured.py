@@ -97,6 +97,7 @@ class StructuredDecoding:
         self._shifts = None  # (32,) int32 bit positions on the GPU
         self._addend = torch.empty(0, 32 * self.words, dtype=torch.int32)  # (rows, 32W) CPU addend, grown on demand
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llava-next-grammar-mask")
+        self._last: concurrent.futures.Future | None = None  # the worker's latest job
 
     # -- compiling (any thread) ------------------------------------------------------------------------------
     def _ll_tokenizer(self):
@@ -168,12 +169,13 @@ class StructuredDecoding:
 
     def begin(self, matchers: list) -> concurrent.futures.Future | list | None:
         """Start this step's masks for the sampling rows (row i: `matchers[i]` or None) on the worker thread
-        (a GPU engine); on a CPU the matchers themselves, for `constrain` to compute the masks then."""
+        where `overlaps` says so; otherwise the matchers themselves, for `constrain` to compute the masks."""
         if all(m is None for m in matchers):
             return None
         if not self.overlaps(sum(m is not None for m in matchers)):
             return list(matchers)  # computed in constrain
-        return self._worker.submit(self._masks, list(matchers))
+        self._last = self._worker.submit(self._masks, list(matchers))
+        return self._last
 
     def overlaps(self, rows: int) -> bool:
         """Whether `begin` puts the masks of `rows` constrained rows on the worker thread, to overlap the
@@ -185,7 +187,7 @@ class StructuredDecoding:
         return rows >= OVERLAP_MIN_ROWS and torch.get_num_threads() < (os.cpu_count() or 1)
 
     def _masks(self, matchers: list):
-        """Worker thread. A CPU engine: (rows, addend), the constrained rows' indices ((C,) int64, or None when
+        """On the worker thread or in `constrain`. A CPU engine: (rows, addend), the constrained rows' indices ((C,) int64, or None when
         every row is constrained) and their (C, 32W) float32 0 / -inf addend; rows without a grammar get no
         mask work at all. Other devices: the (R, W) int32 bitmask, rows without a grammar all ones."""
         R = len(matchers)
@@ -224,7 +226,12 @@ class StructuredDecoding:
         V = logits.shape[1]
         if V > 32 * self.words:
             raise ValueError(f"logits have {V} columns; the grammar masks cover {32 * self.words}")
-        masks = self._masks(pending) if isinstance(pending, list) else pending.result()
+        if isinstance(pending, list):
+            if self._last is not None:  # a step that failed after begin may have left one running: same buffers
+                concurrent.futures.wait([self._last])
+            masks = self._masks(pending)
+        else:
+            masks = pending.result()
         if logits.device.type == "cpu":
             rows, addend = masks  # -inf where not allowed
             if rows is None:
