@@ -7,17 +7,23 @@ no sequence finishes within the measured steps and the masks mix structure (few 
 (nearly all allowed); both sides use ignore_eos. Per setting: a warm-up generate, then `--runs`
 alternating runs of each side; in each run n requests are added, prefilled, then --steps pure-decode
 `engine.step()` calls are timed one by one. Reported: the fastest step (the least disturbed on a shared
-machine) and the median step, each the best over runs. Compile: each of the 50 schemas compiled once on a fresh
-StructuredDecoding (no cache), after the llguidance tokenizer is built (its build time is reported alone).
+machine) and the median step, each the best over runs, and the median CPU time of a step (`time.process_time`:
+every thread of the process, the mask worker and llguidance's included; with `--threads 1` it is the step's
+whole work, robust to other jobs on the machine). Components: the masks of 1/16/64 rows from fresh matchers
+(llguidance keeps a matcher's last mask, so a repeated fill of one state measures nothing), their apply to the
+logits, the matchers' advance. Compile: each of the 50 schemas compiled once on a fresh StructuredDecoding (no
+cache), after the llguidance tokenizer is built (its build time is reported alone).
 
-Usage: PYTHONPATH=. python bench/bench_structured.py [--runs 3] [--steps 32] [--device cpu|cuda]
+Usage: PYTHONPATH=. python bench/bench_structured.py [--runs 3] [--steps 32] [--threads N] [--device cpu|cuda]
 Leaves out: sampled decoding, prefill cost (the mask applies to sampled positions only).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -46,9 +52,9 @@ def checkpoint(root: Path) -> Path:
     return folder
 
 
-def decode_step_s(llm, n: int, steps: int, constrained: bool) -> tuple[float, float]:
-    """(min, median) wall seconds of one pure-decode `engine.step()` with n running sequences, over `steps`
-    steps timed one by one (the minimum: the least disturbed step on a shared machine)."""
+def decode_step_s(llm, n: int, steps: int, constrained: bool) -> tuple[float, float, float]:
+    """(min wall, median wall, median CPU) seconds of one pure-decode `engine.step()` with n running sequences,
+    over `steps` steps timed one by one (the minimum: the least disturbed step on a shared machine)."""
     from llava_next import SamplingParams, StructuredOutputsParams
 
     engine = llm.llm_engine
@@ -59,21 +65,22 @@ def decode_step_s(llm, n: int, steps: int, constrained: bool) -> tuple[float, fl
         engine.add_request(request_id, engine.prepare(f"Item list {i}:", params))
     while any(s.num_output_tokens == 0 for g in engine.groups.values() for s in g.seqs):
         engine.step()  # prefill (and first tokens)
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         engine.step()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     for request_id in ids:
         engine.abort(request_id)
     engine.step()
-    return min(times), statistics.median(times)
+    return min(times), statistics.median(times), statistics.median(cpu)
 
 
-def components(llm, repeats: int = 50) -> dict:
-    """The constrained step's own work at 1/16/64 rows, each timed alone (fastest of `repeats`): the mask fill
-    and its application to the logits (`constrain`) and the matchers' advance, in states the engine reached on
-    SCHEMA; next to the fastest plain decode step measured above."""
+def components(llm, repeats: int = 30) -> dict:
+    """The constrained step's own work at 1/16/64 rows, each the fastest of `repeats`, in states the engine
+    reached on SCHEMA: the masks (`_masks`: llguidance's fill and, on a CPU, the addend) of fresh matcher
+    copies, their apply to the logits (`constrain` given them done), and the matchers' advance."""
     import torch
 
     from llava_next import SamplingParams, StructuredOutputsParams
@@ -85,25 +92,31 @@ def components(llm, repeats: int = 50) -> dict:
     grammar = engine.structured.compile(params.structured_outputs)
     out = {}
     for n in (1, 16, 64):
-        matchers = []
-        for o in outs[:n]:
+        states, last = [], []
+        for k, o in enumerate(outs[:n]):  # each sequence stopped at a different point of its output
+            tokens = o.outputs[0].token_ids
+            cut = 1 + (7 * k) % (len(tokens) - 1)
             m = grammar.matcher()
-            assert m.consume_tokens(o.outputs[0].token_ids[:-1])
-            matchers.append(m)
+            assert m.consume_tokens(tokens[:cut])
+            states.append(m)
+            last.append(tokens[cut])
         logits = torch.randn(n, engine.vocab_size)
-        last = [o.outputs[0].token_ids[-1] for o in outs[:n]]
-        best_mask = best_advance = float("inf")
+        best = {"masks": float("inf"), "apply": float("inf"), "advance": float("inf")}
         for _ in range(repeats):
+            matchers = [m.deep_copy() for m in states]
             start = time.perf_counter()
-            engine.structured.constrain(logits, matchers, [None] * n)
-            best_mask = min(best_mask, time.perf_counter() - start)
+            masks = engine.structured._masks(matchers)  # on a CPU in constrain, else on begin's worker
+            best["masks"] = min(best["masks"], time.perf_counter() - start)
+            done = concurrent.futures.Future()
+            done.set_result(masks)
+            start = time.perf_counter()
+            engine.structured.constrain(logits, done, [None] * n)
+            best["apply"] = min(best["apply"], time.perf_counter() - start)
             start = time.perf_counter()
             for m, t in zip(matchers, last):
                 engine.structured.advance(m, t)
-            best_advance = min(best_advance, time.perf_counter() - start)
-            for m in matchers:
-                m.rollback(1)
-        out[f"n{n}"] = {"mask_ms": round(best_mask * 1e3, 3), "advance_ms": round(best_advance * 1e3, 3)}
+            best["advance"] = min(best["advance"], time.perf_counter() - start)
+        out[f"n{n}"] = {f"{k}_ms": round(v * 1e3, 3) for k, v in best.items()}
     return out
 
 
@@ -112,6 +125,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
     import llguidance
     import structured_cases
@@ -120,11 +134,14 @@ def main() -> None:
     from llava_next import LLM, StructuredOutputsParams
     from llava_next.sampling.structured import StructuredDecoding
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp())
     folder = checkpoint(root)
     llm = LLM(str(folder), dtype="float32", device=args.device, max_num_seqs=64)
     results = {"device": args.device, "torch": torch.__version__, "llguidance": llguidance.__version__,
-               "threads": torch.get_num_threads(), "steps": args.steps, "runs": args.runs}
+               "threads": torch.get_num_threads(), "steps": args.steps, "runs": args.runs,
+               "load_avg_before": [round(x, 2) for x in os.getloadavg()]}
     for n in (1, 16, 64):
         decode_step_s(llm, n, 4, True)  # warm-up (tokenizer, cache, allocations)
         decode_step_s(llm, n, 4, False)
@@ -133,12 +150,13 @@ def main() -> None:
             plain.append(decode_step_s(llm, n, args.steps, False))
             constrained.append(decode_step_s(llm, n, args.steps, True))
         row = {}
-        for i, kind in enumerate(("min", "median")):
+        for i, kind in enumerate(("min", "median", "cpu")):
             p, c = min(r[i] for r in plain), min(r[i] for r in constrained)
             row.update({f"plain_{kind}_ms": round(p * 1e3, 3), f"constrained_{kind}_ms": round(c * 1e3, 3),
                         f"overhead_{kind}_pct": round(100 * (c / p - 1), 1)})
         results[f"n{n}"] = row
         print(json.dumps({"sequences": n, **row}), flush=True)
+    results["load_avg_after_steps"] = [round(x, 2) for x in os.getloadavg()]
     results["components"] = components(llm)
     print(json.dumps({"components": results["components"]}), flush=True)
     engine = llm.llm_engine

@@ -208,7 +208,7 @@ def test_a_grammar_that_cannot_continue_ends_only_its_request(llm, monkeypatch, 
 
 
 def test_cpu_and_device_mask_paths_agree():
-    """The GPU path (unpack by shifts + masked_fill) and the CPU path (byte table add) give the same logits."""
+    """The GPU path (unpack by shifts + masked_fill) and the CPU path (the 0 / -inf addend added) give the same logits."""
     import torch
 
     from llava_next.sampling.structured import apply_on_device, cpu_addend
