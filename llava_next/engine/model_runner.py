@@ -7,8 +7,9 @@ step's host plan once with numpy (attention_metadata.plan_step: positions, slots
 and moves it to the device in one transfer. It runs the CLIP tower once over the tiles of every image the step
 needs that the encoder cache lacks, writes image features over placeholders only for the chunks that hold some (a pure
 decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)` and applies the
-lm_head only to the rows that sample. Grammar masks of constrained rows (sampling/structured.py) are started
-before the forward, on a worker thread, and applied with the rows' logit_bias right before the sampler.
+lm_head only to the rows that sample. Grammar masks of constrained rows (sampling/structured.py) are computed
+on a worker thread during the forward where a core is free (a GPU engine; a CPU engine whose torch threads leave
+one), else right after it, and applied with the rows' logit_bias right before the sampler.
 
 generate() runs on this runner too (compat/paged_rows.py: `forward` with its rows' block tables; head=False
 stops at the hidden state for its screened lm_head). Modes: "eager" (default off CUDA) runs every step at its
