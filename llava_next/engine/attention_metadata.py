@@ -101,18 +101,23 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
     for i, blocks in enumerate(tables):
         n = min(len(blocks), width)
         table[i, :n] = blocks[:n]
-    row_seq = np.repeat(np.arange(B), num_new)  # (T,) which sequence each row belongs to
-    row_start = np.cumsum(num_new) - num_new  # (B,) first flat row of each sequence
-    positions = np.arange(row_seq.shape[0]) - row_start[row_seq] + starts[row_seq]  # (T,)
+    if num_decodes == B:  # one row per sequence
+        row_seq = row_start = np.arange(B)  # (B,)
+        positions = starts + 0  # (B,) a copy: callers may shift it in place
+    else:
+        row_seq = np.repeat(np.arange(B), num_new)  # (T,) which sequence each row belongs to
+        row_start = np.cumsum(num_new) - num_new  # (B,) first flat row of each sequence
+        positions = np.arange(row_seq.shape[0]) - row_start[row_seq] + starts[row_seq]  # (T,)
     slot_mapping = table[row_seq, positions // block_size] * block_size + positions % block_size  # (T,)
     groups = []
     if num_decodes:
-        rows = np.arange(num_decodes)
         pad = 0 if bucket is None else bucket[0] - num_decodes
         S = int(ends[:num_decodes].max()) if bucket is None else bucket[1]
-        query_pos = np.concatenate([ends[:num_decodes] - 1, np.zeros(pad, np.int64)])[:, None]  # (Bd, 1)
-        kv_table = np.concatenate([table[rows], np.full((pad, width), scratch, np.int64)])
+        query_pos = (ends[:num_decodes] - 1)[:, None]  # (Bd, 1)
+        kv_table = table[:num_decodes]
         if pad:
+            query_pos = np.concatenate([query_pos, np.zeros((pad, 1), np.int64)])
+            kv_table = np.concatenate([kv_table, np.full((pad, width), scratch, np.int64)])
             scratch_slots = np.full(pad, scratch * block_size, np.int64)
             positions = np.concatenate([positions, np.zeros(pad, np.int64)])
             slot_mapping = np.concatenate([slot_mapping, scratch_slots])
@@ -120,6 +125,8 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
         blocks = kv_table[:, :-(-S // block_size)]  # (Bd, ceil(S / block_size))
         groups.append(Group(0, num_decodes + pad, num_decodes + pad, 1, S, query_pos, blocks, None, None,
                             "none" if one else "tensor", None if bucket else _view_start(blocks, block_size)))
+    if num_decodes == B:
+        return StepPlan(positions, slot_mapping, sample_rows, groups)
     prefill = np.arange(num_decodes, B)
     fresh = starts[prefill] == 0
     # continuing chunks (a mask with each chunk's offset), then chunks from position 0 (is_causal): two calls,

@@ -181,12 +181,12 @@ class ModelRunner:
         tokens, logprobs = self.sampler(samplers, logits)
         return samplers, tokens, logprobs
 
-    @torch.inference_mode()
     def forward(self, starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], ids, num_decodes: int,
                 sample_rows: np.ndarray, write=None, head: bool = True,
                 position_offset: np.ndarray | None = None) -> torch.Tensor | None:
         """The decoder over one flattened step -> logits (n, V) at `sample_rows` (hidden states (n, D) with
-        head=False, eager steps only), or None when nothing samples.
+        head=False, eager steps only), or None when nothing samples. Callers run it under torch.inference_mode
+        (execute, generate()): entering it once per step costs a decode step of a small model a few percent.
 
         starts/num_new (B,): each row's first new position and count, its first `num_decodes` rows one token
         each; tables: block ids per row; ids (T,) token ids (numpy, or a device tensor for a pure decode step);
