@@ -29,8 +29,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from llava_next.entrypoints.openai.protocol_tools import REQUEST_CONFIG as _REQUEST
+from llava_next.entrypoints.openai.protocol_tools import RESPONSE_CONFIG as _RESPONSE
 from llava_next.entrypoints.openai.protocol_tools import ToolCall
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -48,8 +50,6 @@ MAX_NAME = 256  # characters of short strings (names, tiers, efforts, cache_salt
 JSONObject = Annotated[dict[str, Any], Field(max_length=MAX_MAP)]  # free-form; its size is bounded by the body caps
 ShortStr = Annotated[str, Field(max_length=MAX_NAME)]
 
-_REQUEST = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-_RESPONSE = ConfigDict(extra="forbid")
 
 
 # ---------------------------------------------------------------------- requests

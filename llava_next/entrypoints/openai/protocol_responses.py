@@ -19,16 +19,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from llava_next.entrypoints.openai.protocol import (
     MAX_MESSAGES,
     MAX_TOKENS_CAP,
     MAX_TOP_LOGPROBS,
 )
+from llava_next.entrypoints.openai.protocol_tools import REQUEST_CONFIG as _REQUEST
+from llava_next.entrypoints.openai.protocol_tools import RESPONSE_CONFIG as _RESPONSE
 
-_REQUEST = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-_RESPONSE = ConfigDict(extra="forbid")
 _ANY = Annotated[dict[str, Any], Field(max_length=64)]
 _SHORT = Annotated[str, Field(max_length=256)]
 

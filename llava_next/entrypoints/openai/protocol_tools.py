@@ -17,8 +17,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-_REQUEST = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-_RESPONSE = ConfigDict(extra="forbid")
+# every request model of the server's protocol_*.py files: strict types, unknown fields refused, no inf/nan
+REQUEST_CONFIG = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+RESPONSE_CONFIG = ConfigDict(extra="forbid")
+_REQUEST, _RESPONSE = REQUEST_CONFIG, RESPONSE_CONFIG
 NAME = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 
