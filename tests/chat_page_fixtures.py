@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+from server_fixtures import AppThread
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -167,32 +168,12 @@ def data_url(data: bytes, mime="image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
-class PageServer:
+class PageServer(AppThread):
     """The real app and uvicorn in a thread with no model attached (phase "loading"): the page and /v1/models
-    answer, POSTs get the server's own 503. For tests of the page's rendering; stopped by uvicorn's exit flag."""
+    answer, POSTs get the server's own 503. For tests of the page's rendering."""
 
     def __init__(self, name="tiny-llava"):
-        import threading
-
         from llava_next.entrypoints.openai import api_server
 
         self.state = api_server.ServerState([name])
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = api_server.make_server(api_server.build_app(self.state), self.state, "127.0.0.1", 0)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        end = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > end or not self.thread.is_alive():
-                raise RuntimeError("the page server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        if self.thread.is_alive():
-            self.server.force_exit = True
-            self.thread.join(5)
-        self.sock.close()
+        self._serve()

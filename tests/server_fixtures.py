@@ -56,7 +56,36 @@ def image_message(text: str, *urls: str) -> list[dict]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
-class ThreadServer:
+class AppThread:
+    """The real app (`self.state`, set by the subclass) under uvicorn in a thread of this process, on a free
+    127.0.0.1 port; stopped by uvicorn's exit flags, never by a name."""
+
+    def _serve(self) -> None:
+        from llava_next.entrypoints.openai import api_server
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = api_server.make_server(api_server.build_app(self.state), self.state, "127.0.0.1", self.port)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(5)
+        self.sock.close()
+
+
+class ThreadServer(AppThread):
     def __init__(self, folder, *, api_key=None, max_num_seqs=None, max_queued_requests=64, media=None,
                  limit_mm_per_prompt=None, max_body_bytes=None, max_model_len=None, shutdown_timeout=5.0,
                  num_kv_blocks=None, **state_options):
@@ -74,18 +103,7 @@ class ThreadServer:
         self.serving = api_server.make_serving(self.engine, self.state, media=media or MediaPolicy(),
                                                max_num_seqs=self.llm.llm_engine.max_num_seqs,
                                                max_queued_requests=max_queued_requests)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = api_server.make_server(api_server.build_app(self.state), self.state, "127.0.0.1", self.port)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
+        self._serve()
 
     def client(self, api_key="unused", **kwargs):
         import openai
@@ -111,13 +129,6 @@ class ThreadServer:
                 values[name] = float(value)
         return values
 
-    def stop(self, timeout: float = 15.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.server.force_exit = True
-            self.thread.join(5)
-        self.sock.close()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
