@@ -101,7 +101,7 @@ def test_bucketed_decode_gives_the_same_tokens_as_unpadded(tiny_pair):
     eager = run(LLMEngine(model, None, block_size=16, runner_mode="eager"), prompts, params)
     engine = LLMEngine(model, None, block_size=16, runner_mode="static")
     static = run(engine, prompts, params)
-    assert [b for b, _ in engine.runner.steps] == [4]  # 3 rows padded to the bucket of 4, every decode step
+    assert [b for b, _ in engine.stats()["decode_buckets"]] == [4]  # 3 rows padded to the bucket of 4, every decode step
     for i, prompt in enumerate(prompts):
         want = reference(model, prompt, 8)
         assert static[str(i)].outputs[0].token_ids == eager[str(i)].outputs[0].token_ids == want

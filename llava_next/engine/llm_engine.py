@@ -255,6 +255,7 @@ class LLMEngine:
                     prefix_cache_queried_tokens=self.pool.queried_tokens,
                     kv_blocks_allocated=self.pool.num_allocated, kv_blocks_released=self.pool.num_released,
                     num_preemptions=self.scheduler.num_preemptions, images_encoded=self.encoder_cache.num_encoded,
+                    encoder_cache_hits=self.encoder_cache.num_hits, decode_buckets=sorted(self.runner.steps),
                     encoder_cache_entries=len(self.encoder_cache.entries),
                     encoder_cache_held=len(self.encoder_cache.refs), **self.step_times)
 
