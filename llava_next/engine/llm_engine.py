@@ -43,8 +43,6 @@ from llava_next.engine.prepare import RequestPreparer, image_limit
 from llava_next.engine.request import PreparedRequest, Sequence
 from llava_next.sampling.structured import StructuredDecoding
 
-logger = logging.getLogger("llava_next.engine")
-
 logger = logging.getLogger(__name__)
 
 CPU_KV_BYTES_CAP = 2 << 30  # a CPU pool is sized for max_model_len x max_num_seqs, at most this many bytes
