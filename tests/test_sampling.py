@@ -158,6 +158,9 @@ def tiny_lm():
         ({}, dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, min_p=0.02,
                   repetition_penalty=1.3, min_new_tokens=3)),
         ({}, dict(do_sample=False, repetition_penalty=1.5, min_new_tokens=2)),
+        ({"min_length": 15}, dict(do_sample=True, top_k=None)),  # min_length counts the padded prompt (9)
+        ({"min_length": 15}, dict(do_sample=True, min_new_tokens=2)),  # min_new_tokens replaces min_length
+        ({}, dict(do_sample=False, min_length=12, min_new_tokens=5)),
     ],
 )
 def test_matches_transformers_generate(tiny_lm, checkpoint_config, kwargs):
@@ -301,11 +304,13 @@ def test_from_generate_kwargs_priority():
 
 
 @pytest.mark.parametrize("min_new, min_length, prompt_len, min_tokens",
-                         [(0, 0, 9, 0), (3, 0, 9, 3), (0, 12, 9, 3), (2, 14, 9, 5), (6, 14, 9, 6), (0, 5, 9, 0),
-                          (None, 12, 0, 12)])
+                         [(None, 0, 9, 0), (3, 0, 9, 3), (None, 12, 9, 3), (None, 5, 9, 0), (None, 12, 0, 12),
+                          (2, 14, 9, 2), (6, 14, 9, 6), (0, 12, 9, 0)])
 def test_min_length_and_min_new_tokens_become_min_tokens(min_new, min_length, prompt_len, min_tokens):
+    """EOS is blocked for min_tokens new tokens: min_new_tokens when set (transformers then sets min_length to
+    prompt + min_new_tokens), else what min_length leaves after the padded prompt."""
     p = sampling_params({"min_new_tokens": min_new, "min_length": min_length}, prompt_len=prompt_len)
-    assert p.min_tokens == min_tokens  # EOS blocked while shorter than max(min_length, prompt_len + min_new_tokens)
+    assert p.min_tokens == min_tokens
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=4), dict(typical_p=0.5), dict(no_repeat_ngram_size=3),

@@ -8,7 +8,7 @@ context (ContextLengthError); `num_beams` is capped (MAX_BEAMS) so one call cann
 The sampling kwargs become the one SamplingParams (sampling/params.py, vLLM's fields), as vLLM maps a
 generation_config.json (`sampling_params`): checked transformers-style first (GenerationArgumentError naming the
 argument), then do_sample=False -> greedy (temperature 0: top_k / top_p / min_p do not act, as transformers'
-warpers), top_k None -> 0 (off), min_new_tokens and min_length -> min_tokens. Sampling needs temperature >= 1e-5
+warpers), top_k None -> 0 (off), min_new_tokens or else min_length -> min_tokens. Sampling needs temperature >= 1e-5
 (below it the one class is greedy); transformers also samples at smaller positive temperatures.
 
 Leaves out: the generation_config object itself (compat/generation_config.py); generate() only reads it as a
@@ -116,9 +116,9 @@ def sampling_params(kwargs: Mapping[str, Any], generation_config: Any = None, pr
 
     Priority as transformers' `_prepare_generation_config`: kwargs (an explicit None included: the step is off) >
     a `generation_config` in kwargs > the checkpoint's > transformers' defaults; keys not about sampling are
-    ignored. EOS stays blocked while the sequence is shorter than max(min_length, prompt_len + min_new_tokens),
-    prompt_len the padded prompt: min_tokens = max(min_new_tokens, min_length - prompt_len). max_tokens is None
-    (the GenerationPlan holds max_new_tokens).
+    ignored. min_tokens: min_new_tokens when set (transformers' `_prepare_generated_length` then replaces
+    min_length by prompt_len + min_new_tokens), else max(min_length - prompt_len, 0), prompt_len the padded prompt
+    (inputs_embeds' length when they come alone). max_tokens is None (the GenerationPlan holds max_new_tokens).
     """
     merged = dict(HF_DEFAULTS)
     for config in (generation_config, kwargs.get("generation_config")):
@@ -132,8 +132,9 @@ def sampling_params(kwargs: Mapping[str, Any], generation_config: Any = None, pr
             raise GenerationArgumentError(f"`{name}`={value!r} is not supported by llava_next")
     v = {name: off if merged.get(name) is None else merged[name] for name, off in _OFF.items()}
     check_sampling_args(v)
-    common = {"repetition_penalty": v["repetition_penalty"], "max_tokens": None,
-              "min_tokens": max(v["min_new_tokens"], v["min_length"] - prompt_len)}
+    set_min_new = merged.get("min_new_tokens") is not None
+    min_tokens = v["min_new_tokens"] if set_min_new else max(v["min_length"] - prompt_len, 0)
+    common = {"repetition_penalty": v["repetition_penalty"], "max_tokens": None, "min_tokens": min_tokens}
     if not v["do_sample"]:  # greedy; the warpers' values do not act (vLLM resets them too)
         return SamplingParams(temperature=0.0, **common)
     return SamplingParams(temperature=v["temperature"], top_k=v["top_k"], top_p=v["top_p"], min_p=v["min_p"], **common)
