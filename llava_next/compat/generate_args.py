@@ -120,11 +120,7 @@ def sampling_params(kwargs: Mapping[str, Any], generation_config: Any = None, pr
     min_length by prompt_len + min_new_tokens), else max(min_length - prompt_len, 0), prompt_len the padded prompt
     (inputs_embeds' length when they come alone). max_tokens is None (the GenerationPlan holds max_new_tokens).
     """
-    merged = dict(HF_DEFAULTS)
-    for config in (generation_config, kwargs.get("generation_config")):
-        if config is not None:
-            items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-            merged.update({k: v for k, v in items.items() if v is not None})
+    merged = {**HF_DEFAULTS, **_merged_config(generation_config, kwargs)}
     merged.update({k: v for k, v in kwargs.items() if k != "generation_config"})
     for name, noops in UNSUPPORTED.items():
         value = merged.get(name)
@@ -159,12 +155,16 @@ class GenerationPlan:
         return self.deadline is not None and time.monotonic() > self.deadline
 
 
-def _merged_generation_config(model, kwargs) -> dict:
-    config = dict(getattr(model, "generation_config", None) or {})
-    override = kwargs.get("generation_config")
-    if override is not None:
-        items = override.to_dict() if hasattr(override, "to_dict") else dict(override)
-        config.update({k: v for k, v in items.items() if v is not None})
+
+
+def _merged_config(checkpoint, kwargs) -> dict:
+    """The checkpoint's generation_config updated by a `generation_config=` in kwargs (dicts or objects with
+    `to_dict`; None entries are unset)."""
+    config = {}
+    for part in (checkpoint, kwargs.get("generation_config")):
+        if part is not None:
+            items = part.to_dict() if hasattr(part, "to_dict") else dict(part)
+            config.update({k: v for k, v in items.items() if v is not None})
     return config
 
 
@@ -213,7 +213,7 @@ def plan_generation(model, prompt_len: int, kwargs: dict) -> GenerationPlan:
     holds only the new tokens and min_length does not count the prompt: min_tokens is the same either way)."""
     start = time.monotonic()  # transformers' MaxTimeCriteria counts from here, before the prefill
     check_generate_kwargs(model, kwargs)
-    gen = _merged_generation_config(model, kwargs)
+    gen = _merged_config(getattr(model, "generation_config", None), kwargs)
 
     def pick(name, default=None):
         if kwargs.get(name) is not None:

@@ -27,6 +27,7 @@ Leaves out: best_of, beam search, prompt_logprobs, include_stop_str_in_output, b
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -155,6 +156,7 @@ class SamplingParams:
 
     def child(self, index: int) -> SamplingParams:
         """The params of completion `index` of an n > 1 request: n = 1, seed + index (vLLM's parallel sampling;
-        it fits int64, checked on construction)."""
-        seed = None if self.seed is None else self.seed + index
-        return dataclasses.replace(self, n=1, seed=seed)
+        it fits int64, checked on construction, so the copy is not validated again)."""
+        child = copy.copy(self)
+        child.n, child.seed = 1, None if self.seed is None else self.seed + index
+        return child
