@@ -34,9 +34,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llava_next.engine.params import SamplingParams
 from llava_next.engine.request import PreparedRequest, Sequence
 from llava_next.engine.sampler import Sampler
+from llava_next.sampling.params import SamplingParams
 
 V = 32064
 WORKLOADS = {

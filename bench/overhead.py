@@ -67,8 +67,8 @@ def median_time(fn, steps: int) -> tuple[float, float]:
 
 
 def engine_step(model, batch: int, sampled: bool, steps: int) -> dict:
+    from llava_next import SamplingParams
     from llava_next.engine.llm_engine import LLMEngine
-    from llava_next.engine.params import SamplingParams
 
     engine = LLMEngine(model, None, max_num_seqs=max(batch, 1), max_num_batched_tokens=4096, max_model_len=1024)
     kind = {"temperature": 0.8, "top_p": 0.9} if sampled else {"temperature": 0.0}

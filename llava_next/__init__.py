@@ -41,7 +41,7 @@ _EXPORTS = {
     "TooManyImagesError": "errors",
     "KVCacheCapacityError": "errors",
     "EngineDeadError": "errors",
-    "SamplingParams": "engine.params",
+    "SamplingParams": "sampling.params",
     "StructuredOutputsParams": "sampling.structured_params",
     "StructuredOutputError": "errors",
     "LLM": "entrypoints.llm",

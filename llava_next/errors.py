@@ -47,7 +47,7 @@ class DeviceUnavailableError(LlavaNextError, ValueError, RuntimeError):
 
 
 class SamplingParamsError(GenerationArgumentError):
-    """An engine `SamplingParams` field is out of range or of the wrong type (the message names the field)."""
+    """A `SamplingParams` field is out of range or of the wrong type (the message names the field)."""
 
 
 class TooManyImagesError(LlavaNextError, ValueError):

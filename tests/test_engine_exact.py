@@ -11,8 +11,8 @@ import pytest
 
 from engine_cases import MIXED, case, reference, run
 from llava_next.engine.llm_engine import LLMEngine
-from llava_next.engine.params import SamplingParams
 from llava_next.engine.scheduler import Scheduler
+from llava_next.sampling.params import SamplingParams
 from tiny import BACKBONES
 
 NEW = 8

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from llava_next.engine.params import SamplingParams
 from llava_next.engine.request import PreparedRequest, Sequence
 from llava_next.engine.sampler import Sampler
 from llava_next.sampling.logits import LogitsPipeline
+from llava_next.sampling.params import SamplingParams
 
 V = 97
 EOS = (2,)
@@ -34,7 +34,7 @@ def reference_token(seq: Sequence, logits: torch.Tensor, generator: torch.Genera
         counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long), minlength=V)[:V]
         row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
     stops = sorted(set(seq.eos_token_ids) | set(seq.stop_token_ids))
-    pipe = LogitsPipeline(p.to_internal(), stops or None, seq.prompt_len)
+    pipe = LogitsPipeline(p, stops or None, seq.prompt_len)
     scores = pipe(torch.tensor(seq.token_ids)[None], row)
     return int(pipe.sample(scores, generator)[0])
 
@@ -88,7 +88,7 @@ def test_unseeded_rows_follow_the_pipeline_distribution():
     logits = torch.randn(V) * 2
     params = SamplingParams(temperature=0.7, top_k=8, top_p=0.95, presence_penalty=0.3)
     ref = make_seq(params, [5, 6, 7], "ref")
-    pipe = LogitsPipeline(params.to_internal(), None, 3)
+    pipe = LogitsPipeline(params, None, 3)
     probs = torch.softmax(pipe(torch.tensor(ref.token_ids)[None], logits[None]), -1)[0]  # no output yet: no counts
     support = probs.nonzero().squeeze(1).tolist()
     sampler = Sampler(torch.device("cpu"), seed=3)

@@ -11,7 +11,7 @@ from engine_cases import case, reference, run
 
 from llava_next.engine import attention_metadata
 from llava_next.engine.llm_engine import LLMEngine
-from llava_next.engine.params import SamplingParams
+from llava_next.sampling.params import SamplingParams
 
 WINDOW = 12  # Mistral's sliding window, shorter than the contexts below so it cuts
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -7,8 +7,8 @@ import pytest
 from engine_cases import case, reference, run
 from llava_next.engine.block_pool import BlockPool, hash_block
 from llava_next.engine.llm_engine import LLMEngine
-from llava_next.engine.params import SamplingParams
 from llava_next.engine.scheduler import Scheduler
+from llava_next.sampling.params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4)
 

@@ -257,7 +257,7 @@ def test_engine_caches_follow_weight_changes(tmp_path):
     from engine_cases import case, run
 
     from llava_next.engine.llm_engine import LLMEngine
-    from llava_next.engine.params import SamplingParams
+    from llava_next.sampling.params import SamplingParams
 
     folder, _ = save_tiny(tmp_path / "m", "mistral")
     model = LlavaNextForConditionalGeneration.from_pretrained(folder)

@@ -1,5 +1,6 @@
 """Sampling parity with transformers: each logits processor, transformers' own processor list inside a real
-`generate`, seeded sampling, argument validation, and stop criteria."""
+`generate`, seeded sampling, argument validation, and stop criteria. transformers' kwargs reach the pipeline
+through compat's conversion into the one SamplingParams (vLLM's fields): `hf(**kwargs)`."""
 
 import math
 import os
@@ -17,9 +18,14 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from llava_next.compat.generate_args import (
+    check_sampling_args,
+    sampling_params,
+    validate_max_new_tokens,
+)
 from llava_next.errors import GenerationArgumentError
 from llava_next.sampling.logits import LogitsPipeline, sample_next_token
-from llava_next.sampling.params import SamplingParams, validate_max_new_tokens
+from llava_next.sampling.params import SamplingParams
 from llava_next.sampling.stopping import StopStrings, eos_reached, eos_token_tensor
 
 B, V, T = 3, 1000, 40
@@ -47,6 +53,11 @@ def assert_same(ours, ref):
     assert torch.equal(ours, ref), (ours != ref).nonzero()[:5]
 
 
+def hf(**kwargs) -> SamplingParams:
+    """transformers' generate() kwargs (its defaults: do_sample=False, top_k=50) as the one SamplingParams."""
+    return sampling_params(kwargs)
+
+
 def run(params, logits, ids=None, **kw):
     ids = torch.zeros(B, 1, dtype=torch.long) if ids is None else ids
     return LogitsPipeline(params)(ids, logits, **kw)
@@ -63,11 +74,11 @@ def test_repetition_penalty(seed, penalty):
     ids, pads, valid = history(seed)
     ref = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
     for do_sample in (False, True):  # a processor, not a warper: greedy applies it too
-        params = SamplingParams(do_sample=do_sample, top_k=0, repetition_penalty=penalty)
+        params = hf(do_sample=do_sample, top_k=0, repetition_penalty=penalty)
         assert_same(run(params, logits, ids), ref)
     # left padding ignored, as transformers' generate does through `prompt_ignore_length`
     ref = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=pads)(ids, logits.clone())
-    assert_same(run(SamplingParams(repetition_penalty=penalty), logits, ids, valid=valid), ref)
+    assert_same(run(hf(repetition_penalty=penalty), logits, ids, valid=valid), ref)
     assert torch.equal(logits, before)  # input untouched
 
 
@@ -81,12 +92,14 @@ def test_repetition_penalty(seed, penalty):
 )
 def test_warper(seed, name, value, ref_cls):
     logits = random_logits(seed)
-    params = SamplingParams(do_sample=True, **{"top_k": 0, name: value})
+    params = hf(do_sample=True, **{"top_k": 0, name: value})
     ref = ref_cls(value)(torch.zeros(B, 1, dtype=torch.long), logits.clone())
     assert_same(run(params, logits), ref)
     # warpers do nothing when not sampling (greedy ignores them, as in transformers)
-    greedy = SamplingParams(do_sample=False, **({} if name == "top_k" else {name: value}))
+    greedy = hf(do_sample=False, **({} if name == "top_k" else {name: value}))
     assert torch.equal(run(greedy, logits), logits)
+    if name != "temperature":  # the one class's own terms: temperature < 1e-5 is greedy, whatever the warpers say
+        assert torch.equal(run(SamplingParams(**{"temperature": 0.0, name: value}), logits), logits)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -103,14 +116,14 @@ def test_chain_in_transformers_order(seed):
     ref = logits.clone()
     for proc in chain:
         ref = proc(ids, ref)
-    params = SamplingParams(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
+    params = hf(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
     assert_same(run(params, logits, ids, valid=valid), ref)
 
 
 def test_min_new_tokens_and_device_length():
     logits = random_logits(0)
     ids, _, _ = history(0)
-    params = SamplingParams(min_new_tokens=2)
+    params = hf(min_new_tokens=2)
     pipe = LogitsPipeline(params, eos_token_id=[2, 7], prompt_len=T)
     for cur_len, blocked in [(T, True), (T + 1, True), (T + 2, False)]:
         for length in (cur_len, torch.tensor(cur_len)):  # a host int or a 0-d device tensor
@@ -145,6 +158,9 @@ def tiny_lm():
         ({}, dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, min_p=0.02,
                   repetition_penalty=1.3, min_new_tokens=3)),
         ({}, dict(do_sample=False, repetition_penalty=1.5, min_new_tokens=2)),
+        ({"min_length": 15}, dict(do_sample=True, top_k=None)),  # min_length counts the padded prompt (9)
+        ({"min_length": 15}, dict(do_sample=True, min_new_tokens=2)),  # min_new_tokens replaces min_length
+        ({}, dict(do_sample=False, min_length=12, min_new_tokens=5)),
     ],
 )
 def test_matches_transformers_generate(tiny_lm, checkpoint_config, kwargs):
@@ -162,8 +178,8 @@ def test_matches_transformers_generate(tiny_lm, checkpoint_config, kwargs):
         input_ids=prompt, attention_mask=mask, max_new_tokens=steps, eos_token_id=eos, pad_token_id=pad,
         output_scores=True, output_logits=True, return_dict_in_generate=True, **kwargs,
     )
-    params = SamplingParams.from_generate_kwargs(kwargs, tiny_lm.generation_config)
     P = prompt.shape[1]
+    params = sampling_params(kwargs, tiny_lm.generation_config, P)
     pipe = LogitsPipeline(params, eos_token_id=eos, prompt_len=P)
     torch.manual_seed(1234)
     finished = torch.zeros(B, dtype=torch.bool)
@@ -184,7 +200,7 @@ def test_matches_transformers_generate(tiny_lm, checkpoint_config, kwargs):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_seeded_sampling(seed):
-    params = SamplingParams(do_sample=True, temperature=0.9, top_p=0.95)
+    params = hf(do_sample=True, temperature=0.9, top_p=0.95)
     scores = run(params, random_logits(seed))
     a = sample_next_token(scores, params, torch.Generator().manual_seed(seed))
     b = sample_next_token(scores, params, torch.Generator().manual_seed(seed))
@@ -192,12 +208,12 @@ def test_seeded_sampling(seed):
     assert a.shape == (B,) and a.dtype == torch.long
     assert torch.equal(a, b) and torch.equal(a, ref)
     assert torch.isfinite(scores.gather(1, a[:, None])).all()  # never a filtered token
-    greedy = SamplingParams()
+    greedy = hf()
     assert torch.equal(sample_next_token(scores, greedy), scores.argmax(-1))
 
 
 def test_draws_follow_the_distribution():
-    params = SamplingParams(do_sample=True, top_k=0)
+    params = hf(do_sample=True, top_k=0)
     scores = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0]]))
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([sample_next_token(scores, params, g) for _ in range(4000)])
@@ -207,8 +223,8 @@ def test_draws_follow_the_distribution():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_on_cuda():
-    params = SamplingParams(do_sample=True, temperature=0.7, top_k=40, top_p=0.9, min_p=0.05,
-                            repetition_penalty=1.2, min_new_tokens=2)
+    params = hf(do_sample=True, temperature=0.7, top_k=40, top_p=0.9, min_p=0.05,
+                repetition_penalty=1.2, min_new_tokens=2)
     pipe = LogitsPipeline(params, eos_token_id=[2], prompt_len=T)
     ids, _, valid = history(0)
     ids, valid, logits = ids.cuda(), valid.cuda(), random_logits(0).cuda()
@@ -230,6 +246,7 @@ BAD = [
     ("temperature", dict(do_sample=True, temperature=-1.0)),
     ("temperature", dict(temperature=math.nan)),
     ("temperature", dict(do_sample=True, temperature=math.inf)),
+    ("temperature", dict(do_sample=True, temperature=5e-6)),  # the one class would read it as greedy
     ("top_p", dict(top_p=0.0)),
     ("top_p", dict(top_p=1.01)),
     ("top_p", dict(top_p=-0.5)),
@@ -252,14 +269,15 @@ BAD = [
 @pytest.mark.parametrize("name, kwargs", BAD)
 def test_bad_arguments(name, kwargs):
     with pytest.raises(GenerationArgumentError, match=name) as info:
-        SamplingParams(**kwargs)
+        check_sampling_args(kwargs)
     assert isinstance(info.value, ValueError)
     with pytest.raises(GenerationArgumentError, match=name):
-        SamplingParams.from_generate_kwargs(kwargs)
+        sampling_params(kwargs)
 
 
 def test_greedy_tolerates_sampling_only_values():
-    assert SamplingParams(do_sample=False, temperature=0.0).temperature == 0.0  # ignored, as in transformers
+    p = hf(do_sample=False, temperature=0.0)  # ignored, as in transformers
+    assert p.greedy and p.temperature == 0.0
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, math.nan, None, "8"])
@@ -270,24 +288,37 @@ def test_max_new_tokens(bad):
 
 
 def test_from_generate_kwargs_priority():
-    p = SamplingParams.from_generate_kwargs({})
-    assert p == SamplingParams(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=0.0)
+    p = sampling_params({})  # transformers' defaults: greedy (its top_k=50 acts only when sampling)
+    assert p == SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=None) and p.greedy
+    assert sampling_params({"do_sample": True}).top_k == 50
     ckpt = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": None, "eos_token_id": 2}
-    p = SamplingParams.from_generate_kwargs({"max_new_tokens": 5, "pixel_values": object()}, ckpt)
-    assert (p.do_sample, p.temperature, p.top_p, p.top_k) == (True, 0.6, 0.9, 50)
-    p = SamplingParams.from_generate_kwargs({"temperature": 0.2, "top_p": None}, ckpt)
+    p = sampling_params({"max_new_tokens": 5, "pixel_values": object()}, ckpt)
+    assert (p.greedy, p.temperature, p.top_p, p.top_k) == (False, 0.6, 0.9, 50)
+    p = sampling_params({"temperature": 0.2, "top_p": None}, ckpt)
     assert (p.temperature, p.top_p) == (0.2, 1.0)  # an explicit None turns a step off
     user = GenerationConfig(temperature=0.3)
-    p = SamplingParams.from_generate_kwargs({"generation_config": user}, GenerationConfig(**ckpt))
-    assert (p.do_sample, p.temperature, p.top_p) == (True, 0.3, 0.9)
+    p = sampling_params({"generation_config": user}, GenerationConfig(**ckpt))
+    assert (p.greedy, p.temperature, p.top_p) == (False, 0.3, 0.9)
+    p = sampling_params({"do_sample": True, "top_k": None})
+    assert p.top_k == 0 and not p.greedy  # transformers' None: top_k off
+
+
+@pytest.mark.parametrize("min_new, min_length, prompt_len, min_tokens",
+                         [(None, 0, 9, 0), (3, 0, 9, 3), (None, 12, 9, 3), (None, 5, 9, 0), (None, 12, 0, 12),
+                          (2, 14, 9, 2), (6, 14, 9, 6), (0, 12, 9, 0)])
+def test_min_length_and_min_new_tokens_become_min_tokens(min_new, min_length, prompt_len, min_tokens):
+    """EOS is blocked for min_tokens new tokens: min_new_tokens when set (transformers then sets min_length to
+    prompt + min_new_tokens), else what min_length leaves after the padded prompt."""
+    p = sampling_params({"min_new_tokens": min_new, "min_length": min_length}, prompt_len=prompt_len)
+    assert p.min_tokens == min_tokens
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=4), dict(typical_p=0.5), dict(no_repeat_ngram_size=3),
                                     dict(renormalize_logits=True), dict(num_return_sequences=2)])
 def test_unsupported_arguments_refused(kwargs):
     with pytest.raises(GenerationArgumentError, match=next(iter(kwargs))):
-        SamplingParams.from_generate_kwargs(kwargs)
-    SamplingParams.from_generate_kwargs({"num_beams": 1, "typical_p": 1.0, "renormalize_logits": False})
+        sampling_params(kwargs)
+    sampling_params({"num_beams": 1, "typical_p": 1.0, "renormalize_logits": False})
 
 
 # ---- stop criteria ---------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llava_next.compat.generate_args import sampling_params
 from llava_next.sampling.logits import LogitsPipeline
-from llava_next.sampling.params import SamplingParams
 from llava_next.sampling.screened_head import ScreenedHead, screen_applies
 
 
@@ -61,7 +61,8 @@ def _random_head(seed: int, V: int, D: int, rows: int = 1):
 
 
 def _pipeline(**kwargs):
-    return LogitsPipeline(SamplingParams(**kwargs), eos_token_id=[2, 7], prompt_len=5)
+    """The pipeline of transformers' generate() kwargs (converted into the one SamplingParams)."""
+    return LogitsPipeline(sampling_params(kwargs, prompt_len=5), eos_token_id=[2, 7], prompt_len=5)
 
 
 def _greedy(head, x, pipeline=None, history=None):

@@ -28,7 +28,7 @@ cropped to the longest returned hypothesis; shorter ones are filled with transfo
 `sequences`, `beam_indices`, and with `output_scores` `sequences_scores` + per-step processed log-probs
 `scores`, with `output_logits` the raw float32 `logits`.
 
-Leaves out: num_return_sequences > 1 (refused by SamplingParams), group/constrained beam search, streamers
+Leaves out: num_return_sequences > 1 (refused by generate_args.py), group/constrained beam search, streamers
 (transformers refuses them with beams too), low_memory.
 """
 
@@ -203,7 +203,7 @@ def _search(beams: _Beams, kv, logits, processors, ignore, plan, kwargs, want_sc
             scores.append(log_probs)
         if want_logits:
             raw_logits.append(logits32.clone())
-        go_on, rows = beams.step(log_probs, step, params.do_sample, kwargs.get("generator"))
+        go_on, rows = beams.step(log_probs, step, not params.greedy, kwargs.get("generator"))
         if not go_on:
             break
         if rows is not None:  # each beam continues from its parent's blocks (skipped when none moved)

@@ -51,7 +51,7 @@ def generate(model, input_ids=None, attention_mask=None, pixel_values=None, imag
 def _generate(model, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, kwargs):
     model.model.check_inputs(input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds)
     prompt_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-    plan = plan_generation(model, prompt_len, kwargs, embedded_prompt=input_ids is None)
+    plan = plan_generation(model, prompt_len, kwargs)
     if plan.num_beams > 1:
         return beam_search(model, plan, input_ids, attention_mask, pixel_values, image_sizes, inputs_embeds, kwargs)
     streamer = kwargs.get("streamer")

@@ -5,22 +5,50 @@ generation_config.json > transformers' defaults. A typo or an unknown name is re
 `_validate_model_kwargs`); the prompt (image tokens included) plus `max_new_tokens` is checked against the
 context (ContextLengthError); `num_beams` is capped (MAX_BEAMS) so one call cannot exhaust memory.
 
+The sampling kwargs become the one SamplingParams (sampling/params.py, vLLM's fields), as vLLM maps a
+generation_config.json (`sampling_params`): checked transformers-style first (GenerationArgumentError naming the
+argument), then do_sample=False -> greedy (temperature 0: top_k / top_p / min_p do not act, as transformers'
+warpers), top_k None -> 0 (off), min_new_tokens or else min_length -> min_tokens. Sampling needs temperature >= 1e-5
+(below it the one class is greedy); transformers also samples at smaller positive temperatures.
+
 Leaves out: the generation_config object itself (compat/generation_config.py); generate() only reads it as a
 mapping.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from llava_next.errors import GenerationArgumentError
 from llava_next.preprocess.prompt import check_room
-from llava_next.sampling.params import HF_DEFAULTS, UNSUPPORTED, SamplingParams, check_number, validate_max_new_tokens
+from llava_next.sampling.params import GREEDY_BELOW, SamplingParams
 from llava_next.sampling.stopping import StopStrings, eos_token_tensor
+
+# transformers' `GenerationConfig._get_default_generation_params()` for the sampling fields.
+HF_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None,
+                               "repetition_penalty": 1.0, "min_length": 0, "min_new_tokens": None}
+_OFF = {**HF_DEFAULTS, "top_k": 0, "min_p": 0.0, "min_new_tokens": 0}  # what None ("not applied") means
+# Arguments transformers accepts that this package does not implement, with their no-op values (() for none).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (),
+    "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "top_h": (), "no_repeat_ngram_size": (0,),
+    "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,), "bad_words_ids": (),
+    "force_words_ids": (), "constraints": (), "sequence_bias": (), "guidance_scale": (1.0,),
+    "forced_bos_token_id": (), "forced_eos_token_id": (), "suppress_tokens": (), "begin_suppress_tokens": (),
+    "exponential_decay_length_penalty": (), "renormalize_logits": (False,), "remove_invalid_values": (False,),
+    "watermarking_config": (), "dola_layers": (), "prompt_lookup_num_tokens": (), "assistant_model": (),
+    "assistant_early_exit": (), "diversity_penalty": (0.0,), "token_healing": (False,), "use_mtp": (False,),
+    "speculation_type": (),
+    # generate()'s own arguments in transformers
+    "logits_processor": ([],), "stopping_criteria": ([],), "prefix_allowed_tokens_fn": (), "synced_gpus": (False,),
+    "negative_prompt_ids": (), "negative_prompt_attention_mask": (), "custom_generate": (),
+}
 
 # transformers GenerationConfig bookkeeping fields: they never change a token.
 BOOKKEEPING = ("transformers_version", "_from_model_config")
@@ -32,7 +60,7 @@ _LOOP_ARGS = ("max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "b
               "use_cache", "num_beams", "length_penalty", "early_stopping", "output_attentions",
               "output_hidden_states", "generation_config", "cache_implementation", "max_time", "reuse_prefix")
 # transformers GenerationConfig fields that change no token here: bookkeeping, compile and cache settings, and
-# assisted-decoding knobs that only act with an assistant model (refused in sampling.UNSUPPORTED).
+# assisted-decoding knobs that only act with an assistant model (refused in UNSUPPORTED).
 _IGNORED = BOOKKEEPING + ("decoder_start_token_id", "is_assistant",
                 "disable_compile", "compile_config", "cache_config", "max_cache_len", "low_memory",
                 "prefill_chunk_size", "continuous_batching_config", "num_assistant_tokens",
@@ -42,6 +70,70 @@ _IGNORED = BOOKKEEPING + ("decoder_start_token_id", "is_assistant",
 _MODEL_KWARGS = ("position_ids", "past_key_values", "vision_feature_layer", "vision_feature_select_strategy")
 # Every keyword generate() takes besides its named inputs; a name outside this set (a typo) is refused.
 GENERATION_ARGUMENTS = frozenset(_LOOP_ARGS) | set(HF_DEFAULTS) | set(UNSUPPORTED) | set(_IGNORED)
+
+
+def check_number(name: str, value: Any, integer: bool = False) -> None:
+    """Type and finiteness check; bools are refused (True is an int in Python)."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise GenerationArgumentError(f"`{name}` must be {'an int' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise GenerationArgumentError(f"`{name}` must be finite, got {value!r}")
+
+
+def validate_max_new_tokens(max_new_tokens: Any) -> int:
+    """`max_new_tokens` must be an int > 0; returns it."""
+    check_number("max_new_tokens", max_new_tokens, integer=True)
+    if max_new_tokens <= 0:
+        raise GenerationArgumentError(f"`max_new_tokens` must be greater than 0, got {max_new_tokens}")
+    return max_new_tokens
+
+
+def check_sampling_args(values: Mapping[str, Any]) -> None:
+    """transformers-style checks of the sampling arguments in `values` (missing or None: not applied); raises
+    GenerationArgumentError naming the first bad one. Only the temperature bound is for sampling alone."""
+    v = {**_OFF, **{k: x for k, x in values.items() if k in _OFF and x is not None}}
+    if not isinstance(v["do_sample"], bool):
+        raise GenerationArgumentError(f"`do_sample` must be a bool, got {v['do_sample']!r}")
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        check_number(name, v[name])
+    for name in ("top_k", "min_new_tokens", "min_length"):
+        check_number(name, v[name], integer=True)
+    if v["do_sample"] and v["temperature"] < GREEDY_BELOW:
+        raise GenerationArgumentError(f"`temperature` must be >= {GREEDY_BELOW} when sampling (> 0 in transformers; "
+                                      f"below it decoding is greedy), got {v['temperature']}; for greedy decoding "
+                                      "set do_sample=False")
+    ranges = (("top_p", 0 < v["top_p"] <= 1, "in (0, 1]"), ("top_k", v["top_k"] >= 0, ">= 0 (0 turns it off)"),
+              ("min_p", 0 <= v["min_p"] <= 1, "in [0, 1]"), ("repetition_penalty", v["repetition_penalty"] > 0, "> 0"),
+              ("min_new_tokens", v["min_new_tokens"] >= 0, ">= 0"), ("min_length", v["min_length"] >= 0, ">= 0"))
+    for name, ok, rule in ranges:
+        if not ok:
+            raise GenerationArgumentError(f"`{name}` must be {rule}, got {v[name]}")
+
+
+def sampling_params(kwargs: Mapping[str, Any], generation_config: Any = None, prompt_len: int = 0) -> SamplingParams:
+    """`generate(**kwargs)` and a checkpoint's generation_config (dict or object with `to_dict`) -> SamplingParams.
+
+    Priority as transformers' `_prepare_generation_config`: kwargs (an explicit None included: the step is off) >
+    a `generation_config` in kwargs > the checkpoint's > transformers' defaults; keys not about sampling are
+    ignored. min_tokens: min_new_tokens when set (transformers' `_prepare_generated_length` then replaces
+    min_length by prompt_len + min_new_tokens), else max(min_length - prompt_len, 0), prompt_len the padded prompt
+    (inputs_embeds' length when they come alone). max_tokens is None (the GenerationPlan holds max_new_tokens).
+    """
+    merged = {**HF_DEFAULTS, **_merged_config(generation_config, kwargs)}
+    merged.update({k: v for k, v in kwargs.items() if k != "generation_config"})
+    for name, noops in UNSUPPORTED.items():
+        value = merged.get(name)
+        if value is not None and value not in noops:
+            raise GenerationArgumentError(f"`{name}`={value!r} is not supported by llava_next")
+    v = {name: off if merged.get(name) is None else merged[name] for name, off in _OFF.items()}
+    check_sampling_args(v)
+    set_min_new = merged.get("min_new_tokens") is not None
+    min_tokens = v["min_new_tokens"] if set_min_new else max(v["min_length"] - prompt_len, 0)
+    common = {"repetition_penalty": v["repetition_penalty"], "max_tokens": None, "min_tokens": min_tokens}
+    if not v["do_sample"]:  # greedy; the warpers' values do not act (vLLM resets them too)
+        return SamplingParams(temperature=0.0, **common)
+    return SamplingParams(temperature=v["temperature"], top_k=v["top_k"], top_p=v["top_p"], min_p=v["min_p"], **common)
 
 
 @dataclass
@@ -63,12 +155,16 @@ class GenerationPlan:
         return self.deadline is not None and time.monotonic() > self.deadline
 
 
-def _merged_generation_config(model, kwargs) -> dict:
-    config = dict(getattr(model, "generation_config", None) or {})
-    override = kwargs.get("generation_config")
-    if override is not None:
-        items = override.to_dict() if hasattr(override, "to_dict") else dict(override)
-        config.update({k: v for k, v in items.items() if v is not None})
+
+
+def _merged_config(checkpoint, kwargs) -> dict:
+    """The checkpoint's generation_config updated by a `generation_config=` in kwargs (dicts or objects with
+    `to_dict`; None entries are unset)."""
+    config = {}
+    for part in (checkpoint, kwargs.get("generation_config")):
+        if part is not None:
+            items = part.to_dict() if hasattr(part, "to_dict") else dict(part)
+            config.update({k: v for k, v in items.items() if v is not None})
     return config
 
 
@@ -110,14 +206,14 @@ def check_generate_kwargs(model, kwargs: dict) -> None:
             raise GenerationArgumentError("stop_strings needs tokenizer= (e.g. processor.tokenizer)")
 
 
-def plan_generation(model, prompt_len: int, kwargs: dict, embedded_prompt: bool = False) -> GenerationPlan:
+def plan_generation(model, prompt_len: int, kwargs: dict) -> GenerationPlan:
     """Check the arguments, then resolve lengths, special ids and sampling settings (transformers' priority order).
 
-    embedded_prompt: the prompt came as inputs_embeds alone, so (as transformers) the output holds only the new
-    tokens and min_length does not count the prompt."""
+    prompt_len: input_ids' padded length, or inputs_embeds' when they come alone (then, as transformers, the output
+    holds only the new tokens and min_length does not count the prompt: min_tokens is the same either way)."""
     start = time.monotonic()  # transformers' MaxTimeCriteria counts from here, before the prefill
     check_generate_kwargs(model, kwargs)
-    gen = _merged_generation_config(model, kwargs)
+    gen = _merged_config(getattr(model, "generation_config", None), kwargs)
 
     def pick(name, default=None):
         if kwargs.get(name) is not None:
@@ -130,9 +226,7 @@ def plan_generation(model, prompt_len: int, kwargs: dict, embedded_prompt: bool 
     num_beams, length_penalty, early_stopping = _beam_settings(pick)
     sampling_kwargs = {k: v for k, v in kwargs.items() if k not in _LOOP_ARGS}
     gen_sampling = {k: v for k, v in gen.items() if k not in _LOOP_ARGS}
-    sampling = SamplingParams.from_generate_kwargs(sampling_kwargs, gen_sampling)
-    if embedded_prompt:
-        sampling = dataclasses.replace(sampling, min_length=max(sampling.min_length - prompt_len, 0))
+    sampling = sampling_params(sampling_kwargs, gen_sampling, prompt_len)
     stop = None if kwargs.get("stop_strings") is None else StopStrings(kwargs["tokenizer"], kwargs["stop_strings"])
     max_time = pick("max_time")
     if max_time is not None:

@@ -38,9 +38,9 @@ from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.model_runner import ModelRunner
 from llava_next.engine.outputs import CompletionOutput, RequestOutput
 from llava_next.engine.attention_metadata import PagedKVCache
-from llava_next.engine.params import SamplingParams
 from llava_next.engine.prepare import RequestPreparer, image_limit
 from llava_next.engine.request import PreparedRequest, Sequence
+from llava_next.sampling.params import SamplingParams
 from llava_next.sampling.structured import StructuredDecoding
 
 logger = logging.getLogger(__name__)

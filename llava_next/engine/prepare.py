@@ -22,12 +22,12 @@ import dataclasses
 
 import torch
 
-from llava_next.engine.params import SamplingParams
 from llava_next.engine.request import ImageItem, PreparedRequest
 from llava_next.errors import (ContextLengthError, InvalidImageError, KVCacheCapacityError, ModelInputError,
                                SamplingParamsError, TooManyImagesError)
 from llava_next.preprocess.prompt import (check_pixel_values, check_room, encode_prompt, image_spans, mm_hash,
                                           preprocessed_image)
+from llava_next.sampling.params import SamplingParams
 
 DEFAULT_IMAGE_LIMIT = 8  # images per prompt when limit_mm_per_prompt is not given
 MAX_CACHE_SALT = 1024  # characters

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llava_next.engine.params import SamplingParams
+from llava_next.sampling.params import SamplingParams
 
 
 @dataclasses.dataclass

@@ -26,10 +26,10 @@ import torch
 
 from llava_next.engine.llm_engine import LLMEngine
 from llava_next.engine.model_runner import EngineModel
-from llava_next.engine.params import SamplingParams
 from llava_next.errors import ModelInputError
 from llava_next.loading.dtypes import torch_dtype
 from llava_next.preprocess.chat_messages import load_part, split_messages
+from llava_next.sampling.params import SamplingParams
 
 _counter = itertools.count()
 

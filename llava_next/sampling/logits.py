@@ -4,7 +4,7 @@ Implements the part of transformers' generation that LLaVA-NeXT users reach for,
 arithmetic and in the order of `GenerationMixin._get_logits_processor`, so processed scores are bitwise
 equal to the reference:
 
-    repetition_penalty -> min_length / min_new_tokens (EOS gets -inf) -> [sampling only:]
+    repetition_penalty -> min_tokens (EOS gets -inf) -> [sampling only, i.e. not `params.greedy`:]
     temperature -> top_k -> top_p -> min_p
 
 then greedy `argmax` or `softmax` + `torch.multinomial` (same RNG draws as transformers with the same
@@ -15,6 +15,9 @@ Repetition penalty, EOS suppression and temperature act per entry and keep order
 that (`LogitsPipeline.monotone`, `LogitsPipeline.screen_k`). The repetition penalty's "seen" mask can be kept
 incrementally (`seen_tokens` once, `mark_seen` per new token) instead of scattering the whole history each step.
 
+The settings are the one SamplingParams (params.py, vLLM's fields); compat/generate_args.py converts
+transformers' kwargs into it (do_sample=False -> greedy, min_length/min_new_tokens -> min_tokens).
+
 The processors' math is a set of module functions (`repetition_penalty`, `temperature`, `top_k`, `top_p`,
 `min_p`) taking a float or a per-row (B, 1) tensor: the pipeline calls them with its floats, the engine's
 batched sampler (engine/sampler.py) with one row per sequence.
@@ -23,7 +26,7 @@ Beam search (beam_search.py) runs the same pipeline with transformers' min_token
 Leaves out: num_return_sequences > 1, typical_p, epsilon/eta cutoff, top_h,
 no_repeat_ngram_size, bad_words_ids, sequence_bias, guidance, forced BOS/EOS, suppress_tokens,
 watermarking, renormalize_logits. Set to anything but their no-op value, they raise
-`GenerationArgumentError` instead of being silently ignored. Stop criteria live in `stopping.py`.
+`GenerationArgumentError` (compat/generate_args.py) instead of being silently ignored. Stop criteria: `stopping.py`.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from llava_next.sampling.params import SamplingParams
 class LogitsPipeline:
     """transformers' logits processors for one `generate` call, as a fixed list of torch ops.
 
-    `eos_token_id` (int, list or tensor) is needed for min_new_tokens / min_length; `prompt_len` is the
-    padded prompt length (transformers' `input_ids.shape[-1]` before the first new token);
+    `eos_token_id` (int, list or tensor) is needed for min_tokens; `prompt_len` is the padded prompt length
+    (transformers' `input_ids.shape[-1]` before the first new token): EOS is blocked while the sequence is
+    shorter than prompt_len + min_tokens;
     `min_tokens_to_keep` is transformers' for the sampling steps (1, or #EOS + 1 in beam sampling).
     """
 
@@ -50,26 +54,25 @@ class LogitsPipeline:
         prompt_len: int = 0,
         min_tokens_to_keep: int = 1,
     ):
-        params.validate()
-        self.params = params
+        self.params = params  # validated on construction
         self.keep = min_tokens_to_keep  # top_k / top_p / min_p keep at least this many (beam sampling: #EOS + 1)
         self._eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, dtype=torch.long).reshape(-1)
         self._eos_mask: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._eos_ids: dict[tuple[int, torch.device], torch.Tensor] = {}
-        # Both EOS processors do the same thing, so one threshold stands for both.
-        self.eos_until = max(params.min_length, prompt_len + params.min_new_tokens)
-        p = params
+        # transformers' min_length and min_new_tokens, as one threshold (compat/generate_args.py's min_tokens)
+        self.eos_until = prompt_len + params.min_tokens
+        p, sample = params, not params.greedy
         steps = []
         if p.repetition_penalty != 1.0:
             steps.append(self._repetition_penalty)
-        if self._eos is not None and self._eos.numel() > 0 and (p.min_length > 0 or p.min_new_tokens > 0):
-            steps.append(self._min_length)
-        if p.do_sample and p.temperature != 1.0:  # transformers' former "warpers" only act when sampling
+        if self._eos is not None and self._eos.numel() > 0 and p.min_tokens > 0:
+            steps.append(self._min_tokens)
+        if sample and p.temperature != 1.0:  # transformers' former "warpers" only act when sampling
             steps.append(self._temperature)
         self.monotone_steps = tuple(steps)  # per entry, order-keeping
         selection = []
-        if p.do_sample:
-            if p.top_k != 0:
+        if sample:
+            if p.top_k > 0:  # 0 or -1: off
                 selection.append(self._top_k)
             if p.top_p < 1.0:
                 selection.append(self._top_p)
@@ -79,7 +82,7 @@ class LogitsPipeline:
         self.steps = self.monotone_steps + self.selection_steps
         # How many best entries of the monotone scores decide the token: 1 for greedy, top_k when sampling
         # with top_k (the later steps only look at what top_k keeps); None: every entry may matter.
-        self.screen_k = 1 if not p.do_sample else (max(p.top_k, self.keep) if p.top_k != 0 else None)
+        self.screen_k = 1 if not sample else (max(p.top_k, self.keep) if p.top_k > 0 else None)
 
     def __call__(
         self,
@@ -152,7 +155,7 @@ class LogitsPipeline:
             seen = self.seen_tokens(input_ids, V, valid)
         return repetition_penalty(scores, seen[:, :V], self.params.repetition_penalty)
 
-    def _min_length(self, scores, input_ids, valid, cur_len, seen):
+    def _min_tokens(self, scores, input_ids, valid, cur_len, seen):
         V = scores.shape[-1]
         key = (V, scores.device)
         if key not in self._eos_mask:  # built once per (vocab, device), on the first step
@@ -232,7 +235,7 @@ def sample_next_token(
     With `generator=None` the global RNG is used, as transformers does, so `torch.manual_seed(s)` gives
     transformers' tokens. torch.multinomial with one sample checks its input with an async assert: no sync.
     """
-    if not params.do_sample:
+    if params.greedy:
         return torch.argmax(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

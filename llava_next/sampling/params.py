@@ -1,175 +1,162 @@
-"""Sampling settings of transformers' generate(): the defaults, the refused arguments, the checked values.
+"""The one `SamplingParams`: vLLM's per-request fields, used by the engine, the server, `LLM` and generate().
 
-`SamplingParams` is validated on construction, so an instance is always usable; `from_generate_kwargs` merges
-keyword arguments with generation configs in transformers' priority order.
+Fields and meanings are vLLM's: `temperature` below 1e-5 is greedy (`greedy`; temperature, top_k, top_p and
+min_p then do not act), `top_k` 0 or -1 is off, `stop` strings are cut from the text (not included),
+`stop_token_ids` end a completion like EOS, `min_tokens` holds EOS and stop ids back for that many new tokens,
+`max_tokens=None` means "up to the context". Validated on construction (`SamplingParamsError`, a ValueError naming
+the field), with caps that bound one request's cost: n <= 16, logprobs <= 20, at most 16 stop strings of at most
+256 characters.
 
-Leaves out: the processors themselves (logits.py) and vLLM's per-request SamplingParams (engine/).
+Only values the sampler can compute pass (each a 400 at the server, which maps to this class): a temperature
+below 1e-5 (1e-300, 5e-324 underflow to 0 in float32) is greedy, vLLM's rule; repetition_penalty
+is > 0 as in transformers and vLLM (the sampler clamps it to float32's normal range, so 1e-300 is defined: the
+seen tokens with positive logits tie at the top); stop_token_ids and seeds fit int64, and so does the last
+child seed of an n > 1 request (seed + n - 1, vLLM's parallel sampling); the vocabulary bound of
+stop_token_ids is checked by engine/prepare.py, which knows the vocabulary.
+
+transformers' generation kwargs (do_sample, top_k=50, min_length, ...) are converted into this class by
+compat/generate_args.py, as vLLM maps a generation_config.json; the logits pipeline of generate()
+(sampling/logits.py) and the engine's batched sampler read the same fields.
+
+`structured_outputs` (sampling/structured_params.StructuredOutputsParams: json, regex, choice, grammar,
+json_object) constrains the output with llguidance; a dict is accepted and turned into one. `logit_bias`
+({token id: bias in [-100, 100]}, at most 1024 entries) is added to the logits before sampling.
+
+Leaves out: best_of, beam search, prompt_logprobs, include_stop_str_in_output, bad_words, truncate_prompt_tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
-from llava_next.errors import GenerationArgumentError
+from llava_next.errors import SamplingParamsError
+from llava_next.sampling.structured_params import StructuredOutputsParams
 
-# transformers' `GenerationConfig._get_default_generation_params()` for the fields used here.
-HF_DEFAULTS: dict[str, Any] = {
-    "do_sample": False,
-    "temperature": 1.0,
-    "top_k": 50,
-    "top_p": 1.0,
-    "min_p": None,
-    "repetition_penalty": 1.0,
-    "min_length": 0,
-    "min_new_tokens": None,
-}
-
-# Arguments transformers accepts that this package does not implement, with their no-op values.
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,),
-    "num_beam_groups": (1,),
-    "num_return_sequences": (1,),
-    "penalty_alpha": (),
-    "typical_p": (1.0,),
-    "epsilon_cutoff": (0.0,),
-    "eta_cutoff": (0.0,),
-    "top_h": (),
-    "no_repeat_ngram_size": (0,),
-    "encoder_no_repeat_ngram_size": (0,),
-    "encoder_repetition_penalty": (1.0,),
-    "bad_words_ids": (),
-    "force_words_ids": (),
-    "constraints": (),
-    "sequence_bias": (),
-    "guidance_scale": (1.0,),
-    "forced_bos_token_id": (),
-    "forced_eos_token_id": (),
-    "suppress_tokens": (),
-    "begin_suppress_tokens": (),
-    "exponential_decay_length_penalty": (),
-    "renormalize_logits": (False,),
-    "remove_invalid_values": (False,),
-    "watermarking_config": (),
-    "dola_layers": (),
-    "prompt_lookup_num_tokens": (),
-    "assistant_model": (),
-    "assistant_early_exit": (),
-    "diversity_penalty": (0.0,),
-    "token_healing": (False,),
-    "use_mtp": (False,),
-    "speculation_type": (),
-    # generate()'s own arguments in transformers
-    "logits_processor": ([],),
-    "stopping_criteria": ([],),
-    "prefix_allowed_tokens_fn": (),
-    "synced_gpus": (False,),
-    "negative_prompt_ids": (),
-    "negative_prompt_attention_mask": (),
-    "custom_generate": (),
-}
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_SEED = 2**63 - 1
+MAX_LOGIT_BIAS = 1024
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it samples greedily (dividing by it would overflow)
 
 
-def check_number(name: str, value: Any, integer: bool = False) -> None:
-    """Type and finiteness check; bools are refused (True is an int in Python)."""
+def _number(name: str, value: Any, integer: bool = False, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
-        kind = "an int" if integer else "a number"
-        raise GenerationArgumentError(f"`{name}` must be {kind}, got {value!r}")
+        raise SamplingParamsError(f"SamplingParams.{name} must be {'an int' if integer else 'a number'}, got {value!r}")
     if not math.isfinite(value):
-        raise GenerationArgumentError(f"`{name}` must be finite, got {value!r}")
+        raise SamplingParamsError(f"SamplingParams.{name} must be finite, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise SamplingParamsError(f"SamplingParams.{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise SamplingParamsError(f"SamplingParams.{name} must be <= {high}, got {value!r}")
 
 
-def validate_max_new_tokens(max_new_tokens: Any) -> int:
-    """`max_new_tokens` must be an int > 0; returns it."""
-    check_number("max_new_tokens", max_new_tokens, integer=True)
-    if max_new_tokens <= 0:
-        raise GenerationArgumentError(f"`max_new_tokens` must be greater than 0, got {max_new_tokens}")
-    return max_new_tokens
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class SamplingParams:
-    """How to pick the next token. Defaults are transformers' (`top_k=50` only acts when sampling).
+    """How one request is sampled and when it stops (vLLM's fields and defaults)."""
 
-    Off values: temperature 1.0, top_k 0, top_p 1.0, min_p 0.0, repetition_penalty 1.0. Validated on
-    construction, so an instance is always usable.
-    """
-
-    do_sample: bool = False
+    n: int = 1
     temperature: float = 1.0
-    top_k: int = 50
     top_p: float = 1.0
+    top_k: int = 0
     min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
     repetition_penalty: float = 1.0
-    min_new_tokens: int = 0  # EOS is suppressed until this many tokens are generated
-    min_length: int = 0  # same, counting the (padded) prompt, like transformers
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `GenerationArgumentError` naming the first bad argument."""
-        if not isinstance(self.do_sample, bool):
-            raise GenerationArgumentError(f"`do_sample` must be a bool, got {self.do_sample!r}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            check_number(name, getattr(self, name))
-        for name in ("top_k", "min_new_tokens", "min_length"):
-            check_number(name, getattr(self, name), integer=True)
-        if self.do_sample and self.temperature <= 0:
-            raise GenerationArgumentError(
-                f"`temperature` must be > 0 when sampling, got {self.temperature}; "
-                "for greedy decoding set do_sample=False"
-            )
-        if not 0 < self.top_p <= 1:
-            raise GenerationArgumentError(f"`top_p` must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise GenerationArgumentError(f"`top_k` must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise GenerationArgumentError(f"`min_p` must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise GenerationArgumentError(f"`repetition_penalty` must be > 0, got {self.repetition_penalty}")
-        if self.min_new_tokens < 0:
-            raise GenerationArgumentError(f"`min_new_tokens` must be >= 0, got {self.min_new_tokens}")
-        if self.min_length < 0:
-            raise GenerationArgumentError(f"`min_length` must be >= 0, got {self.min_length}")
+        """Raise SamplingParamsError naming the first bad field; normalises `stop` to a list."""
+        _number("n", self.n, integer=True, low=1, high=MAX_N)
+        _number("temperature", self.temperature, low=0.0)
+        _number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _number("top_k", self.top_k, integer=True, low=-1)
+        _number("min_p", self.min_p, low=0.0, high=1.0)
+        if self.seed is not None:
+            _number("seed", self.seed, integer=True, low=-MAX_SEED - 1, high=MAX_SEED)
+            if self.seed + self.n - 1 > MAX_SEED:  # completion i is seeded with seed + i
+                raise SamplingParamsError(f"SamplingParams.seed + n - 1 (the seed of the last completion) must be "
+                                          f"<= {MAX_SEED}, got seed={self.seed} with n={self.n}")
+        if self.max_tokens is not None:
+            _number("max_tokens", self.max_tokens, integer=True, low=1)
+        _number("min_tokens", self.min_tokens, integer=True, low=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamsError(f"SamplingParams.min_tokens ({self.min_tokens}) must be <= max_tokens "
+                                      f"({self.max_tokens})")
+        if self.logprobs is not None:
+            _number("logprobs", self.logprobs, integer=True, low=0, high=MAX_LOGPROBS)
+        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
+        stop = self.stop
+        if stop is not None:
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+                raise SamplingParamsError(f"SamplingParams.stop must be a string or a list of strings, got {self.stop!r}")
+            if len(stop) > MAX_STOP_STRINGS:
+                raise SamplingParamsError(f"SamplingParams.stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS}")
+            for s in stop:
+                if not s or len(s) > MAX_STOP_LENGTH:
+                    raise SamplingParamsError(f"SamplingParams.stop strings must hold 1 to {MAX_STOP_LENGTH} "
+                                              f"characters, got one of {len(s)}")
+            self.stop = list(stop)
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            if not isinstance(ids, (list, tuple)) or len(ids) > 64 or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_SEED for i in ids):
+                raise SamplingParamsError(f"SamplingParams.stop_token_ids must be a list of at most 64 token ids, "
+                                          f"got {str(ids)[:200]}")
+            self.stop_token_ids = list(ids)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise SamplingParamsError("SamplingParams.structured_outputs must be a StructuredOutputsParams")
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+                raise SamplingParamsError(f"SamplingParams.logit_bias must be a dict of at most {MAX_LOGIT_BIAS} "
+                                          "{token id: bias}")
+            clean = {}
+            for key, value in bias.items():
+                token = int(key) if isinstance(key, str) and key.isdigit() else key
+                if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                    raise SamplingParamsError(f"SamplingParams.logit_bias keys must be token ids, got {key!r}")
+                _number("logit_bias", value, low=-100.0, high=100.0)
+                clean[token] = float(value)
+            self.logit_bias = clean or None
 
-    @classmethod
-    def from_generate_kwargs(
-        cls, kwargs: Mapping[str, Any], generation_config: Any = None
-    ) -> SamplingParams:
-        """Build from `generate(**kwargs)` and a checkpoint's generation_config (dict or object with `to_dict`).
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
-        Priority as in transformers' `_prepare_generation_config`: kwargs (an explicit None included) >
-        a `generation_config` passed in kwargs > the checkpoint's generation_config.json > transformers'
-        defaults. Keys not about sampling (max_new_tokens, pixel_values, streamer, ...) are ignored.
-        """
-        merged = dict(HF_DEFAULTS)
-        for config in (generation_config, kwargs.get("generation_config")):
-            if config is None:
-                continue
-            items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-            merged.update({k: v for k, v in items.items() if v is not None})
-        merged.update({k: v for k, v in kwargs.items() if k != "generation_config"})
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])
 
-        for name, noops in UNSUPPORTED.items():
-            value = merged.get(name)
-            if value is not None and value not in noops:
-                raise GenerationArgumentError(f"`{name}`={value!r} is not supported by llava_next")
-
-        def pick(name: str, off: Any) -> Any:  # None means "not applied" in transformers
-            value = merged.get(name)
-            return off if value is None else value
-
-        return cls(
-            do_sample=pick("do_sample", False),
-            temperature=pick("temperature", 1.0),
-            top_k=pick("top_k", 0),
-            top_p=pick("top_p", 1.0),
-            min_p=pick("min_p", 0.0),
-            repetition_penalty=pick("repetition_penalty", 1.0),
-            min_new_tokens=pick("min_new_tokens", 0),
-            min_length=pick("min_length", 0),
-        )
+    def child(self, index: int) -> SamplingParams:
+        """The params of completion `index` of an n > 1 request: n = 1, seed + index (vLLM's parallel sampling;
+        it fits int64, checked on construction, so the copy is not validated again)."""
+        child = copy.copy(self)
+        child.n, child.seed = 1, None if self.seed is None else self.seed + index
+        return child

@@ -96,8 +96,8 @@ class Captioner:
                  top_p: float = 1.0, seed: int | None = None, dtype: str = "auto", device: str | None = "cpu",
                  image_column: str = "bytes", path_column: str = "path", keep_image_column: bool = False,
                  engine_kwargs: dict | None = None, max_bytes: int = MAX_IMAGE_BYTES, json_schema: dict | None = None):
-        from llava_next.engine.params import SamplingParams
         from llava_next.entrypoints.llm import LLM
+        from llava_next.sampling.params import SamplingParams
         from llava_next.sampling.structured_params import StructuredOutputsParams
 
         self.prompt = prompt

@@ -37,7 +37,7 @@ from llava_next.entrypoints.openai.protocol_tools import ToolCall
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOKENS_CAP = 1 << 31  # larger is a schema error; smaller but beyond the context is context_length_exceeded
-MAX_N = 16  # the engine's cap (engine/params.py)
+MAX_N = 16  # the engine's cap (sampling/params.py)
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 MAX_STOP = 16

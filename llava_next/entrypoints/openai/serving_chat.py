@@ -39,7 +39,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from llava_next.engine.params import SamplingParams
 from llava_next.entrypoints.openai import constraints
 from llava_next.entrypoints.openai import protocol as P
 from llava_next.entrypoints.openai.errors import (
@@ -52,6 +51,7 @@ from llava_next.entrypoints.openai.logprob_text import TokenTexts
 from llava_next.entrypoints.openai.media import MediaPolicy
 from llava_next.errors import EngineDeadError, ModelInputError, SamplingParamsError
 from llava_next.preprocess.chat_messages import split_messages
+from llava_next.sampling.params import SamplingParams
 
 logger = logging.getLogger("llava_next.server")
 
