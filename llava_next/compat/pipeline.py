@@ -38,6 +38,7 @@ import os
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 
 from llava_next.errors import DeviceUnavailableError
 from llava_next.preprocess.batch_feature import BatchFeature
@@ -458,22 +459,13 @@ def _collate(features: list[BatchFeature], pad_token_id) -> BatchFeature:
     out = {}
     for key in features[0].keys():
         values = [f[key] for f in features]
-        if key in ("input_ids", "attention_mask"):
+        if key in ("input_ids", "attention_mask"):  # (rows, length): pad on the left
             fill = pad_token_id if key == "input_ids" else 0
-            rows = []
-            for v in values:
-                pad = torch.full((v.shape[0], length - v.shape[1]), fill, dtype=v.dtype)
-                rows.append(torch.cat([pad, v], dim=1))
-            out[key] = torch.cat(rows, dim=0)
-        elif key == "pixel_values" and values[0].dim() == 5:
+            values = [F.pad(v, (length - v.shape[1], 0), value=fill) for v in values]
+        elif key == "pixel_values" and values[0].dim() == 5:  # (rows, tiles, C, H, W): pad the tiles with zeros
             tiles = max(v.shape[1] for v in values)
-            padded = []
-            for v in values:
-                extra = v.new_zeros((v.shape[0], tiles - v.shape[1], *v.shape[2:]))
-                padded.append(torch.cat([v, extra], dim=1))
-            out[key] = torch.cat(padded, dim=0)
-        else:
-            out[key] = torch.cat(values, dim=0)
+            values = [F.pad(v, (0, 0, 0, 0, 0, 0, 0, tiles - v.shape[1])) for v in values]
+        out[key] = torch.cat(values, dim=0)
     return BatchFeature(out)
 
 
