@@ -374,7 +374,6 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve_from_args(args, error_cls=RuntimeError) -> int:
     """`llava-next serve`: check the flags, listen at once (/health is 503 while the model loads), load the model
     in a background thread, serve until SIGTERM/SIGINT, exit 0 after the drain."""
-    import inspect
     import sys
     from pathlib import Path
 
@@ -410,10 +409,10 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
             raise error_cls(f"--chat-template {args.chat_template}: {exc.strerror or exc}") from exc
     if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
         raise error_cls(f"--allowed-local-media-path {args.allowed_local_media_path}: not a folder")
+    if args.quantization:  # LLM takes no quantization argument
+        raise error_cls(f"--quantization {args.quantization} is not supported by the engine yet")
     from llava_next.entrypoints.llm import LLM  # torch: after the cheap checks
 
-    if args.quantization and "quantization" not in inspect.signature(LLM.__init__).parameters:
-        raise error_cls(f"--quantization {args.quantization} is not supported by the engine yet")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = args.served_model_name or [args.model]
     state = ServerState(names, keys, args.max_request_bytes, args.shutdown_timeout,
@@ -434,10 +433,9 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
         try:
             from llava_next.engine.driver import AsyncEngine
 
-            extra = {"quantization": args.quantization} if args.quantization else {}
             llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                      limit_mm_per_prompt=args.limit_mm_per_prompt, **extra)
+                      limit_mm_per_prompt=args.limit_mm_per_prompt)
             make_serving(AsyncEngine(llm.llm_engine), state, media=media,
                          max_num_seqs=llm.llm_engine.max_num_seqs, max_queued_requests=args.max_queued_requests,
                          chat_template=template)
