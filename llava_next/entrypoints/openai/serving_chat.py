@@ -19,7 +19,7 @@ drain deadline comes are aborted; their streams end with an error event and `[DO
 
 Structured output and tool calls: constraints.py turns `response_format`, `tools`/`tool_choice` and
 `structured_outputs` into the engine's constraint (compiled in the prepare worker) and renders `tool_calls`.
-Logprob tokens are decoded in context (logprob_text.py): they concatenate to the text.
+Logprobs are rendered by logprob_text.py, each token decoded in context: they concatenate to the text.
 
 Prefix-cache isolation: a request's `cache_salt` goes with its prompt to the engine (block_pool.salt_root);
 with `cache_salt_per_key` (`--cache-salt-per-key`) the bearer key's digest is mixed in too, so clients with
@@ -48,7 +48,10 @@ from llava_next.entrypoints.openai.errors import (
     clean,
     from_library,
 )
-from llava_next.entrypoints.openai.logprob_text import TokenTexts
+from llava_next.entrypoints.openai.logprob_text import (
+    chat_logprobs,
+    completion_logprobs,
+)
 from llava_next.entrypoints.openai.media import MediaPolicy
 from llava_next.errors import EngineDeadError, ModelInputError, SamplingParamsError
 from llava_next.preprocess.chat_messages import split_messages
@@ -281,13 +284,14 @@ class OpenAIServing:
         if kind == "chat":
             choices = [P.ChatChoice(index=c.index, message=P.ChatMessage(content=c.text) if tools is None else
                                     P.ChatMessage(content=None, tool_calls=tools.calls(c.index, c.text)),
-                                    logprobs=self._chat_logprobs(c.token_ids, c.logprobs, params),
+                                    logprobs=chat_logprobs(self.tokenizer, c.token_ids, c.logprobs, params),
                                     finish_reason=c.finish_reason if tools is None else
                                     tools.finish_reason(c.finish_reason)) for c in out.outputs]
             body = P.ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=use)
         else:
             choices = [P.CompletionChoice(index=c.index, text=c.text,
-                                          logprobs=self._completion_logprobs(c.token_ids, c.logprobs, params, 0),
+                                          logprobs=completion_logprobs(self.tokenizer, c.token_ids, c.logprobs,
+                                                                       params, 0),
                                           finish_reason=c.finish_reason) for c in out.outputs]
             body = P.CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=use)
         return body
@@ -352,13 +356,15 @@ class OpenAIServing:
                             if tools is not None:
                                 delta = tools.delta(c.index, c.new_text, first_out and bool(new), done, c.text)
                             choices.append({"index": c.index, "delta": delta,
-                                            "logprobs": None if lp_list is None else self._chat_logprobs(
-                                                c.token_ids, lp_list, params, start, done).model_dump(),
+                                            "logprobs": None if lp_list is None else chat_logprobs(
+                                                self.tokenizer, c.token_ids, lp_list, params, start,
+                                                done).model_dump(),
                                             "finish_reason": c.finish_reason if tools is None else
                                             tools.finish_reason(c.finish_reason)})
                         else:
-                            lps = None if lp_list is None else self._completion_logprobs(
-                                c.token_ids, lp_list, params, offsets[c.index], start, done).model_dump()
+                            lps = None if lp_list is None else completion_logprobs(
+                                self.tokenizer, c.token_ids, lp_list, params, offsets[c.index], start,
+                                done).model_dump()
                             offsets[c.index] += sum(map(len, lps["tokens"])) if lps else len(c.new_text)
                             choices.append({"index": c.index, "text": c.new_text, "logprobs": lps,
                                             "finish_reason": c.finish_reason})
@@ -387,44 +393,6 @@ class OpenAIServing:
                 close(abort=not finished)  # not finished: the client went away (or the server is cancelling)
 
         return events(), close
-
-    # -- logprobs ------------------------------------------------------------------------------------------
-    def _entries(self, token_ids, logprobs, params, start: int, final: bool):
-        """Per output token from `start`: (piece, chosen Logprob, [(piece, Logprob) of the top k]), each token
-        and alternative decoded in its context (logprob_text.py), so the pieces add up to the text."""
-        k = params.logprobs
-        texts = TokenTexts(self.tokenizer, token_ids, params.skip_special_tokens, final)
-        for i in range(start, min(len(token_ids), len(logprobs))):
-            token_id, entry = token_ids[i], logprobs[i] or {}
-            ranked = sorted((lp.rank or 0, tid, lp) for tid, lp in entry.items() if lp.rank is not None
-                            and lp.rank <= k)[:k] if k else []
-            top = [(texts.piece(i) if tid == token_id else texts.piece(i, tid), lp) for _, tid, lp in ranked]
-            yield texts.piece(i), entry.get(token_id), top
-
-    def _chat_logprobs(self, token_ids, logprobs, params, start: int = 0, final: bool = True
-                       ) -> P.ChoiceLogprobs | None:
-        if params.logprobs is None or logprobs is None:
-            return None
-        content = []
-        for text, chosen, tops in self._entries(token_ids, logprobs, params, start, final):
-            top = [P.TopLogprob(token=t, logprob=max(lp.logprob, -9999.0), bytes=list(t.encode("utf-8", "replace")))
-                   for t, lp in tops]
-            content.append(P.TokenLogprob(token=text, logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
-                                          bytes=list(text.encode("utf-8", "replace")), top_logprobs=top))
-        return P.ChoiceLogprobs(content=content)
-
-    def _completion_logprobs(self, token_ids, logprobs, params, offset: int, start: int = 0, final: bool = True
-                             ) -> P.CompletionLogprobs | None:
-        if params.logprobs is None or logprobs is None:
-            return None
-        tokens, values, tops, offsets = [], [], [], []
-        for text, chosen, top in self._entries(token_ids, logprobs, params, start, final):
-            tokens.append(text)
-            values.append(max(chosen.logprob, -9999.0) if chosen else None)
-            tops.append({t: max(lp.logprob, -9999.0) for t, lp in top} if params.logprobs else None)
-            offsets.append(offset)
-            offset += len(text)
-        return P.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
 
     # -- draining ------------------------------------------------------------------------------------------
     def end_all(self) -> int:
