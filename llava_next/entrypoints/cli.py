@@ -329,7 +329,7 @@ def cmd_demo_checkpoint(args) -> int:
 def cmd_serve(args) -> int:
     """`llava-next serve`: the server imports fastapi/uvicorn, so only this command needs the 'serve' extra."""
     try:
-        from llava_next.entrypoints.openai.api_server import serve_from_args
+        from llava_next.entrypoints.openai.serve import serve_from_args
     except ImportError as exc:
         raise CliError(f"serve needs the 'serve' extra (pip install 'llava_next[serve]'): {exc}") from exc
     return serve_from_args(args, CliError)
