@@ -39,20 +39,9 @@ from collections.abc import Mapping
 
 import torch
 
+from llava_next.compat import pipeline_inputs as PI
 from llava_next.compat.generate_args import check_generate_kwargs
-from llava_next.compat.pipeline_inputs import (
-    Chat,
-    ReturnType,
-    as_dict_inputs,
-    batches,
-    collate,
-    is_chat,
-    load_images,
-    merged,
-    plain,
-    sanitize,
-    with_generation_defaults,
-)
+from llava_next.compat.pipeline_inputs import ReturnType
 from llava_next.errors import DeviceUnavailableError
 
 TASKS = ("image-text-to-text",)
@@ -160,7 +149,7 @@ class ImageTextToTextPipeline:
         self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._defaults = sanitize(self.tokenizer, **kwargs)
+        self._defaults = PI.sanitize(self.tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ properties
 
@@ -182,8 +171,8 @@ class ImageTextToTextPipeline:
         """Chat(s), or images + prompt(s), or prompt(s) alone -> transformers' records (see the module docstring)."""
         if images is None and text is None:
             raise ValueError("You must at least provide either text or images.")
-        pre, generate, post = merged(self._defaults, sanitize(self.tokenizer, **kwargs))
-        generate = with_generation_defaults(self.model, self.tokenizer, generate)
+        pre, generate, post = PI.merged(self._defaults, PI.sanitize(self.tokenizer, **kwargs))
+        generate = PI.with_generation_defaults(self.model, self.tokenizer, generate)
         check_generate_kwargs(self.model, generate)  # typos and wrong kinds fail before any image is loaded
         if text is not None and not isinstance(text, (str, list, tuple, Mapping)) and hasattr(text, "__iter__"):
             text = list(text)  # a generator of chats or prompts: consumed eagerly
@@ -191,7 +180,7 @@ class ImageTextToTextPipeline:
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-        if is_chat(text):
+        if PI.is_chat(text):
             if images is not None:
                 raise ValueError(
                     "Invalid input: you passed `chat` and `images` as separate input arguments. Images must be placed "
@@ -199,10 +188,10 @@ class ImageTextToTextPipeline:
                     "'image_url'}, {'type': 'text', 'text': 'Describe the image.'}]"
                 )
             return self._run_chats(text, pre, generate, post, size)
-        if text is None and is_chat(images):
+        if text is None and PI.is_chat(images):
             return self._run_chats(images, pre, generate, post, size)
         if images is not None and text is None:
-            items = as_dict_inputs(images)
+            items = PI.as_dict_inputs(images)
             if items is None:
                 raise ValueError("You must provide text for this pipeline.")
             single = isinstance(images, Mapping)
@@ -219,8 +208,8 @@ class ImageTextToTextPipeline:
 
     def _run_chats(self, chats, pre, generate, post, size):
         if isinstance(chats[0], Mapping):
-            return self._run_batched([Chat(chats)], pre, generate, post, 1)[0]
-        return self._run_batched([Chat(chat) for chat in chats], pre, generate, post, size)
+            return self._run_batched([PI.Chat(chats)], pre, generate, post, 1)[0]
+        return self._run_batched([PI.Chat(chat) for chat in chats], pre, generate, post, size)
 
     def _run_batched(self, items: list, pre, generate, post, size: int) -> list:
         """Preprocess each item alone (transformers' path), generate in left-padded batches, postprocess each."""
@@ -228,7 +217,7 @@ class ImageTextToTextPipeline:
             size = 1  # no pad token, or a streamer (one sequence at a time): rows run one by one
         prepared = [self.preprocess(item, **pre) for item in items]
         results = []
-        for group in batches(prepared, size):
+        for group in PI.batches(prepared, size):
             outputs = self._forward(group, generate)
             results.extend(self.postprocess(out, **post) for out in outputs)
         return results
@@ -242,7 +231,7 @@ class ImageTextToTextPipeline:
         if allow_local_network:
             processor_kwargs["allow_local_network"] = True
         template_kwargs = dict(template_kwargs or {})
-        if isinstance(item, Chat):
+        if isinstance(item, PI.Chat):
             if continue_final_message is None:  # a chat ending with an assistant turn is a prefill
                 continue_final_message = item.messages[-1]["role"] == "assistant"
             inputs = self.processor.apply_chat_template(
@@ -255,7 +244,7 @@ class ImageTextToTextPipeline:
         text = item["text"]
         images = item.get("images")
         if images is not None:
-            images = load_images(images, timeout, bool(processor_kwargs.pop("allow_local_network", False)))
+            images = PI.load_images(images, timeout, bool(processor_kwargs.pop("allow_local_network", False)))
         if isinstance(text, (list, tuple)) and len(text) > 1:
             processor_kwargs.setdefault("padding", True)
             processor_kwargs.setdefault("padding_side", "left")
@@ -264,7 +253,7 @@ class ImageTextToTextPipeline:
 
     def _forward(self, group: list[dict], generate: dict) -> list[dict]:
         """Generate for a group of preprocessed inputs in one left-padded batch; split the outputs back."""
-        inputs = collate([g["inputs"] for g in group], self.tokenizer.pad_token_id)
+        inputs = PI.collate([g["inputs"] for g in group], self.tokenizer.pad_token_id)
         inputs = inputs.to(dtype=self.dtype).to(self.device)
         sequences = self.model.generate(**inputs, **generate)
         if not isinstance(sequences, torch.Tensor):  # return_dict_in_generate
@@ -284,7 +273,7 @@ class ImageTextToTextPipeline:
                     skip_special_tokens=None, tools=None, **decode_kwargs) -> list[dict]:
         """transformers' ImageTextToTextPipeline.postprocess, record for record."""
         input_texts = model_outputs["prompt_text"]
-        input_texts = [input_texts] if isinstance(input_texts, (str, Chat)) else list(input_texts)
+        input_texts = [input_texts] if isinstance(input_texts, (str, PI.Chat)) else list(input_texts)
         generated = model_outputs["generated_sequence"]
         input_ids = model_outputs["input_ids"]
         if generated.dim() == 3:
@@ -292,7 +281,7 @@ class ImageTextToTextPipeline:
         per_input = len(generated) // len(input_texts)
         input_texts = [t for t in input_texts for _ in range(per_input)]
         if return_type == ReturnType.TENSORS:
-            return [{"input_text": plain(input_texts[i]), "generated_token_ids": generated[i]}
+            return [{"input_text": PI.plain(input_texts[i]), "generated_token_ids": generated[i]}
                     for i in range(len(input_texts))]
 
         skip = True if skip_special_tokens is None else skip_special_tokens
@@ -323,7 +312,7 @@ class ImageTextToTextPipeline:
                 else:
                     full_texts.append(list(messages) + [{"role": "assistant", "content": new}])
             new_texts = full_texts
-        return [{"input_text": plain(t), "generated_text": g} for t, g in zip(input_texts, new_texts)]
+        return [{"input_text": PI.plain(t), "generated_text": g} for t, g in zip(input_texts, new_texts)]
 
 
 __all__ = ["pipeline", "ImageTextToTextPipeline", "ReturnType", "TASKS"]

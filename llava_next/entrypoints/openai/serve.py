@@ -16,12 +16,7 @@ import signal
 import socket
 import threading
 
-from llava_next.entrypoints.openai.api_server import (
-    ServerState,
-    build_app,
-    make_server,
-    make_serving,
-)
+from llava_next.entrypoints.openai import api_server
 from llava_next.entrypoints.openai.connections import allowed_hosts
 
 
@@ -86,15 +81,15 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = args.served_model_name or [args.model]
-    state = ServerState(names, keys, args.max_request_bytes, args.shutdown_timeout,
-                        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
-                        limit_concurrency=args.limit_concurrency, header_timeout=args.header_timeout,
-                        body_timeout=args.body_timeout, send_timeout=args.send_timeout,
-                        cache_salt_per_key=args.cache_salt_per_key,
-                        metrics_without_auth=args.metrics_without_auth)
+    state = api_server.ServerState(names, keys, args.max_request_bytes, args.shutdown_timeout,
+                                   allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
+                                   limit_concurrency=args.limit_concurrency, header_timeout=args.header_timeout,
+                                   body_timeout=args.body_timeout, send_timeout=args.send_timeout,
+                                   cache_salt_per_key=args.cache_salt_per_key,
+                                   metrics_without_auth=args.metrics_without_auth)
     media = MediaPolicy(frozenset(args.allowed_media_domains), args.allowed_local_media_path)
-    app = build_app(state, ui=not getattr(args, "no_ui", False))
-    server = make_server(app, state, args.host, args.port, args.log_level)
+    app = api_server.build_app(state, ui=not getattr(args, "no_ui", False))
+    server = api_server.make_server(app, state, args.host, args.port, args.log_level)
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
@@ -107,9 +102,9 @@ def serve_from_args(args, error_cls=RuntimeError) -> int:
             llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       limit_mm_per_prompt=args.limit_mm_per_prompt)
-            make_serving(AsyncEngine(llm.llm_engine), state, media=media,
-                         max_num_seqs=llm.llm_engine.max_num_seqs, max_queued_requests=args.max_queued_requests,
-                         chat_template=template)
+            api_server.make_serving(AsyncEngine(llm.llm_engine), state, media=media,
+                                    max_num_seqs=llm.llm_engine.max_num_seqs,
+                                    max_queued_requests=args.max_queued_requests, chat_template=template)
             print(f"llava-next: serving {names[0]!r} at http://{args.host}:{sock.getsockname()[1]} "
                   f"(max_model_len {llm.llm_engine.max_model_len}, max_num_seqs {llm.llm_engine.max_num_seqs})",
                   file=sys.stderr, flush=True)
