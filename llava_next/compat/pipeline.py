@@ -15,7 +15,8 @@ gives a list of such lists, in input order.
 
 Postprocessing is transformers' code path: the whole sequence (prompt + new tokens) and the prompt are decoded
 with special tokens skipped, and the decoded prompt is removed from the front of the decoded sequence if it is
-found within its first 2 characters.
+found within its first 2 characters. Call arguments are routed, and inputs recognised, loaded and batched, by
+pipeline_inputs.py.
 
 Where it differs from transformers, on purpose:
 - a list of chats (or of dict inputs) runs as left-padded batches of `batch_size` (default 8) instead of one at
@@ -33,27 +34,19 @@ datasets/KeyDataset inputs (any iterable of inputs is accepted and consumed eage
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Mapping
 
 import torch
 
+from llava_next.compat import pipeline_inputs as PI
+from llava_next.compat.generate_args import check_generate_kwargs
+from llava_next.compat.pipeline_inputs import ReturnType
 from llava_next.errors import DeviceUnavailableError
-from llava_next.preprocess.batch_feature import BatchFeature
-from llava_next.compat.generate_args import BOOKKEEPING, GENERATION_ARGUMENTS, check_generate_kwargs
-from llava_next.preprocess.images import load_image
 
 TASKS = ("image-text-to-text",)
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_NEW_TOKENS = 256  # transformers' ImageTextToTextPipeline default when generation_config sets none
 
-
-
-class ReturnType(enum.Enum):
-    TENSORS = 0
-    NEW_TEXT = 1
-    FULL_TEXT = 2
 
 
 def pipeline(task: str | None = None, model=None, config=None, tokenizer=None, feature_extractor=None,
@@ -156,7 +149,7 @@ class ImageTextToTextPipeline:
         self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._defaults = self._sanitize(**kwargs)
+        self._defaults = PI.sanitize(self.tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ properties
 
@@ -172,86 +165,14 @@ class ImageTextToTextPipeline:
         return (f"ImageTextToTextPipeline: {{'model': {type(self.model).__name__!r}, 'dtype': "
                 f"{str(self.dtype).split('.')[-1]!r}, 'device': {self.device.type!r}}}")
 
-    # ------------------------------------------------------------------ parameters
-
-    def _sanitize(self, max_new_tokens=None, generate_kwargs=None, timeout=None, return_full_text=None,
-                  return_tensors=None, return_type=None, clean_up_tokenization_spaces=None, stop_sequence=None,
-                  continue_final_message=None, skip_special_tokens=None, processor_kwargs=None,
-                  allow_local_network=None, **kwargs) -> dict:
-        """Split call arguments into preprocess / generate / postprocess settings (transformers' rules)."""
-        pre, post = {}, {}
-        generate = dict(generate_kwargs or {})
-        for key in list(kwargs):
-            if key in GENERATION_ARGUMENTS:  # the rest reach the processor, which refuses what it does not know
-                generate[key] = kwargs.pop(key)
-        if "tools" in kwargs:
-            post["tools"] = kwargs["tools"]
-        pre["template_kwargs"] = kwargs  # template variables; the rest reaches the processor
-        if timeout is not None:
-            pre["timeout"] = timeout
-        if allow_local_network is not None:  # image URLs may reach loopback/private addresses (off by default)
-            pre["allow_local_network"] = bool(allow_local_network)
-        if continue_final_message is not None:
-            pre["continue_final_message"] = post["continue_final_message"] = continue_final_message
-        if processor_kwargs is not None:
-            pre["processor_kwargs"] = dict(processor_kwargs)
-        if stop_sequence is not None:  # checked with the other generation arguments (check_generate_kwargs)
-            generate["stop_strings"] = stop_sequence
-            generate["tokenizer"] = self.tokenizer
-        if max_new_tokens is not None:
-            if "max_new_tokens" in (generate_kwargs or {}):
-                raise ValueError("'max_new_tokens' is defined twice, once in 'generate_kwargs' and once as a direct "
-                                 "parameter, please use only one")
-            generate["max_new_tokens"] = max_new_tokens
-        if return_full_text is not None and return_type is None:
-            if return_tensors is not None:
-                raise ValueError("`return_full_text` is mutually exclusive with `return_tensors`")
-            return_type = ReturnType.FULL_TEXT if return_full_text else ReturnType.NEW_TEXT
-        if return_tensors is not None and return_type is None:
-            return_type = ReturnType.TENSORS
-        if return_type is not None:
-            post["return_type"] = return_type
-        if clean_up_tokenization_spaces is not None:
-            post["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
-        if skip_special_tokens is not None:
-            post["skip_special_tokens"] = skip_special_tokens
-        return {"pre": pre, "generate": generate, "post": post}
-
-    def _merged(self, kwargs: dict) -> tuple[dict, dict, dict]:
-        call = self._sanitize(**kwargs)
-        pre = {**self._defaults["pre"], **call["pre"]}
-        pre["template_kwargs"] = {**self._defaults["pre"].get("template_kwargs", {}),
-                                  **call["pre"].get("template_kwargs", {})}
-        generate = call["generate"]
-        if "generation_config" not in generate:
-            generate = {**self._defaults["generate"], **generate}
-        post = {**self._defaults["post"], **call["post"]}
-        return pre, self._with_generation_defaults(generate), post
-
-    def _with_generation_defaults(self, generate: dict) -> dict:
-        """transformers' `_prepare_generate_kwargs`: max_new_tokens=256 and the tokenizer's pad id, unless set
-        by the call or the checkpoint's generation_config.json."""
-        config = getattr(self.model, "generation_config", None) or {}
-        set_params = {k for k, v in dict(config).items() if k not in BOOKKEEPING and v is not None}
-        override = generate.get("generation_config")
-        if override is not None:
-            items = override.to_dict() if hasattr(override, "to_dict") else dict(override)
-            set_params |= {k for k, v in items.items() if v is not None}
-        set_params |= set(generate)
-        defaults = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
-        if self.tokenizer.pad_token_id is not None:
-            defaults["pad_token_id"] = self.tokenizer.pad_token_id
-        added = {k: v for k, v in defaults.items()
-                 if k not in set_params and not (k == "max_new_tokens" and "max_length" in set_params)}
-        return {**generate, **added}
-
     # ------------------------------------------------------------------ __call__
 
     def __call__(self, images=None, text=None, batch_size: int | None = None, num_workers=None, **kwargs):
         """Chat(s), or images + prompt(s), or prompt(s) alone -> transformers' records (see the module docstring)."""
         if images is None and text is None:
             raise ValueError("You must at least provide either text or images.")
-        pre, generate, post = self._merged(kwargs)
+        pre, generate, post = PI.merged(self._defaults, PI.sanitize(self.tokenizer, **kwargs))
+        generate = PI.with_generation_defaults(self.model, self.tokenizer, generate)
         check_generate_kwargs(self.model, generate)  # typos and wrong kinds fail before any image is loaded
         if text is not None and not isinstance(text, (str, list, tuple, Mapping)) and hasattr(text, "__iter__"):
             text = list(text)  # a generator of chats or prompts: consumed eagerly
@@ -259,7 +180,7 @@ class ImageTextToTextPipeline:
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-        if _is_chat(text):
+        if PI.is_chat(text):
             if images is not None:
                 raise ValueError(
                     "Invalid input: you passed `chat` and `images` as separate input arguments. Images must be placed "
@@ -267,10 +188,10 @@ class ImageTextToTextPipeline:
                     "'image_url'}, {'type': 'text', 'text': 'Describe the image.'}]"
                 )
             return self._run_chats(text, pre, generate, post, size)
-        if text is None and _is_chat(images):
+        if text is None and PI.is_chat(images):
             return self._run_chats(images, pre, generate, post, size)
         if images is not None and text is None:
-            items = _as_dict_inputs(images)
+            items = PI.as_dict_inputs(images)
             if items is None:
                 raise ValueError("You must provide text for this pipeline.")
             single = isinstance(images, Mapping)
@@ -287,8 +208,8 @@ class ImageTextToTextPipeline:
 
     def _run_chats(self, chats, pre, generate, post, size):
         if isinstance(chats[0], Mapping):
-            return self._run_batched([_Chat(chats)], pre, generate, post, 1)[0]
-        return self._run_batched([_Chat(chat) for chat in chats], pre, generate, post, size)
+            return self._run_batched([PI.Chat(chats)], pre, generate, post, 1)[0]
+        return self._run_batched([PI.Chat(chat) for chat in chats], pre, generate, post, size)
 
     def _run_batched(self, items: list, pre, generate, post, size: int) -> list:
         """Preprocess each item alone (transformers' path), generate in left-padded batches, postprocess each."""
@@ -296,7 +217,7 @@ class ImageTextToTextPipeline:
             size = 1  # no pad token, or a streamer (one sequence at a time): rows run one by one
         prepared = [self.preprocess(item, **pre) for item in items]
         results = []
-        for group in _batches(prepared, size):
+        for group in PI.batches(prepared, size):
             outputs = self._forward(group, generate)
             results.extend(self.postprocess(out, **post) for out in outputs)
         return results
@@ -310,7 +231,7 @@ class ImageTextToTextPipeline:
         if allow_local_network:
             processor_kwargs["allow_local_network"] = True
         template_kwargs = dict(template_kwargs or {})
-        if isinstance(item, _Chat):
+        if isinstance(item, PI.Chat):
             if continue_final_message is None:  # a chat ending with an assistant turn is a prefill
                 continue_final_message = item.messages[-1]["role"] == "assistant"
             inputs = self.processor.apply_chat_template(
@@ -323,7 +244,7 @@ class ImageTextToTextPipeline:
         text = item["text"]
         images = item.get("images")
         if images is not None:
-            images = _load_images(images, timeout, bool(processor_kwargs.pop("allow_local_network", False)))
+            images = PI.load_images(images, timeout, bool(processor_kwargs.pop("allow_local_network", False)))
         if isinstance(text, (list, tuple)) and len(text) > 1:
             processor_kwargs.setdefault("padding", True)
             processor_kwargs.setdefault("padding_side", "left")
@@ -332,7 +253,7 @@ class ImageTextToTextPipeline:
 
     def _forward(self, group: list[dict], generate: dict) -> list[dict]:
         """Generate for a group of preprocessed inputs in one left-padded batch; split the outputs back."""
-        inputs = _collate([g["inputs"] for g in group], self.tokenizer.pad_token_id)
+        inputs = PI.collate([g["inputs"] for g in group], self.tokenizer.pad_token_id)
         inputs = inputs.to(dtype=self.dtype).to(self.device)
         sequences = self.model.generate(**inputs, **generate)
         if not isinstance(sequences, torch.Tensor):  # return_dict_in_generate
@@ -352,7 +273,7 @@ class ImageTextToTextPipeline:
                     skip_special_tokens=None, tools=None, **decode_kwargs) -> list[dict]:
         """transformers' ImageTextToTextPipeline.postprocess, record for record."""
         input_texts = model_outputs["prompt_text"]
-        input_texts = [input_texts] if isinstance(input_texts, (str, _Chat)) else list(input_texts)
+        input_texts = [input_texts] if isinstance(input_texts, (str, PI.Chat)) else list(input_texts)
         generated = model_outputs["generated_sequence"]
         input_ids = model_outputs["input_ids"]
         if generated.dim() == 3:
@@ -360,7 +281,7 @@ class ImageTextToTextPipeline:
         per_input = len(generated) // len(input_texts)
         input_texts = [t for t in input_texts for _ in range(per_input)]
         if return_type == ReturnType.TENSORS:
-            return [{"input_text": _plain(input_texts[i]), "generated_token_ids": generated[i]}
+            return [{"input_text": PI.plain(input_texts[i]), "generated_token_ids": generated[i]}
                     for i in range(len(input_texts))]
 
         skip = True if skip_special_tokens is None else skip_special_tokens
@@ -391,90 +312,7 @@ class ImageTextToTextPipeline:
                 else:
                     full_texts.append(list(messages) + [{"role": "assistant", "content": new}])
             new_texts = full_texts
-        return [{"input_text": _plain(t), "generated_text": g} for t, g in zip(input_texts, new_texts)]
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-class _Chat:
-    """A conversation (transformers' `Chat`): a list of messages, each with "role" and "content"."""
-
-    def __init__(self, messages):
-        messages = list(messages)
-        if not messages or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
-            raise ValueError("When passing chat dicts as input, each dict must have a 'role' and 'content' key.")
-        self.messages = messages
-
-
-def _plain(text):
-    return text.messages if isinstance(text, _Chat) else text
-
-
-def _is_chat(arg) -> bool:
-    return isinstance(arg, (list, tuple)) and len(arg) > 0 and isinstance(arg[0], (list, tuple, Mapping))
-
-
-def _as_dict_inputs(images):
-    """{"images"/"image": ..., "text": ...} or a list of them -> a list of {"images", "text"} items; else None."""
-    candidates = [images] if isinstance(images, Mapping) else images
-    if not isinstance(candidates, (list, tuple)) or not candidates:
-        return None
-    if not all(isinstance(c, Mapping) and "text" in c for c in candidates):
-        return None
-    return [{"images": c.get("images", c.get("image")), "text": c["text"], "input_text": c["text"]}
-            for c in candidates]
-
-
-def _load_images(images, timeout, allow_local_network: bool = False):
-    """Paths, URLs and PIL images, in the nesting given (one image, a list, a list of lists)."""
-    if isinstance(images, (list, tuple)):
-        return [_load_images(image, timeout, allow_local_network) for image in images]
-    if timeout is not None and isinstance(images, str):
-        return load_image(images, timeout=timeout, allow_local_network=allow_local_network)
-    return load_image(images, allow_local_network=allow_local_network)
-
-
-def _batches(prepared: list[dict], size: int):
-    """Consecutive groups of at most `size` inputs that can share a batch (the same input keys)."""
-    group: list[dict] = []
-    for item in prepared:
-        if group and (len(group) == size or set(item["inputs"].keys()) != set(group[0]["inputs"].keys())):
-            yield group
-            group = []
-        group.append(item)
-    if group:
-        yield group
-
-
-def _collate(features: list[BatchFeature], pad_token_id) -> BatchFeature:
-    """Left-pad input_ids/attention_mask; zero-pad pixel_values on the tile axis; concatenate the rest."""
-    if len(features) == 1:
-        return BatchFeature(dict(features[0]))
-    for f in features:
-        if "attention_mask" not in f:
-            f["attention_mask"] = torch.ones_like(f["input_ids"])
-    length = max(f["input_ids"].shape[1] for f in features)
-    out = {}
-    for key in features[0].keys():
-        values = [f[key] for f in features]
-        if key in ("input_ids", "attention_mask"):
-            fill = pad_token_id if key == "input_ids" else 0
-            rows = []
-            for v in values:
-                pad = torch.full((v.shape[0], length - v.shape[1]), fill, dtype=v.dtype)
-                rows.append(torch.cat([pad, v], dim=1))
-            out[key] = torch.cat(rows, dim=0)
-        elif key == "pixel_values" and values[0].dim() == 5:
-            tiles = max(v.shape[1] for v in values)
-            padded = []
-            for v in values:
-                extra = v.new_zeros((v.shape[0], tiles - v.shape[1], *v.shape[2:]))
-                padded.append(torch.cat([v, extra], dim=1))
-            out[key] = torch.cat(padded, dim=0)
-        else:
-            out[key] = torch.cat(values, dim=0)
-    return BatchFeature(out)
+        return [{"input_text": PI.plain(t), "generated_text": g} for t, g in zip(input_texts, new_texts)]
 
 
 __all__ = ["pipeline", "ImageTextToTextPipeline", "ReturnType", "TASKS"]

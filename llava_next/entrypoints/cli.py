@@ -34,39 +34,27 @@ class CliError(Exception):
 # ---------------------------------------------------------------------- argument parsing
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(kind, name: str, ok, expected: str):
+    """An argparse type: `kind(text)` that must satisfy `ok`, else "must be {expected}, got {text}".
+
+    `name` is what argparse says when `kind` itself fails ("invalid _top_k value: 'x'")."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def _temperature(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: greedy), got {text}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
-    return value
-
-
-def _top_k(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (0: no top-k filter), got {text}")
-    return value
-
-
-def _penalty(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (1: no penalty), got {text}")
-    return value
+_positive_int = _checked(int, "_positive_int", lambda v: v > 0, "a positive integer")
+_temperature = _checked(float, "_temperature", lambda v: math.isfinite(v) and v >= 0,
+                        "a finite number >= 0 (0: greedy)")
+_top_p = _checked(float, "_top_p", lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]")
+_top_k = _checked(int, "_top_k", lambda v: v >= 0, "an integer >= 0 (0: no top-k filter)")
+_penalty = _checked(float, "_penalty", lambda v: math.isfinite(v) and v > 0, "a finite number > 0 (1: no penalty)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -341,7 +329,7 @@ def cmd_demo_checkpoint(args) -> int:
 def cmd_serve(args) -> int:
     """`llava-next serve`: the server imports fastapi/uvicorn, so only this command needs the 'serve' extra."""
     try:
-        from llava_next.entrypoints.openai.api_server import serve_from_args
+        from llava_next.entrypoints.openai.serve import serve_from_args
     except ImportError as exc:
         raise CliError(f"serve needs the 'serve' extra (pip install 'llava_next[serve]'): {exc}") from exc
     return serve_from_args(args, CliError)

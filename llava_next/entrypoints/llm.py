@@ -49,13 +49,10 @@ class LLM:
                                  "each rank loads only its own slices of the weights")
             from llava_next.engine import tp_workers
             from llava_next.loading.hub import MODEL_PATTERNS, resolve_folder
-            from llava_next.preprocess.processor import LlavaNextProcessor
 
             folder = resolve_folder(model, allow_patterns=MODEL_PATTERNS)  # downloaded once, read by every rank
             self._tp_leader, built, generation = tp_workers.start(folder, tensor_parallel_size,
                                                                  torch_dtype(dtype) or "auto", device)
-            if processor is None:
-                processor = LlavaNextProcessor.from_pretrained(model)
             atexit.register(self._tp_leader.stop)  # the leader, not self: an unused LLM can still be collected
         elif isinstance(model, torch.nn.Module):
             built = model
@@ -65,14 +62,15 @@ class LLM:
                 built = built.to(torch_dtype(dtype))
         else:
             from llava_next.loading.pretrained import load_pretrained
-            from llava_next.preprocess.processor import LlavaNextProcessor
 
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             built, generation = load_pretrained(EngineModel, model, dtype=torch_dtype(dtype) or "auto",
                                                 device_map=str(device))
-            if processor is None:
-                processor = LlavaNextProcessor.from_pretrained(model)
+        if processor is None and not isinstance(model, torch.nn.Module):  # a checkpoint path or hub id
+            from llava_next.preprocess.processor import LlavaNextProcessor
+
+            processor = LlavaNextProcessor.from_pretrained(model)
         self.model, self.processor = built, processor
         # the checkpoint's generation_config.json EOS ids, unless given (nothing is stashed on the model)
         engine_args.setdefault("eos_token_id", (generation or {}).get("eos_token_id"))

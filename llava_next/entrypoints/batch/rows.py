@@ -74,15 +74,12 @@ def _parquet_dataset(ray, path: str, done: set[str]):
 
     image, path_col = _parquet_columns(path)
     total = pq.ParquetFile(path).metadata.num_rows
-    if path_col is None:  # number the rows here: FILE#i
-        table = pq.read_table(path, columns=[image])
-        table = table.append_column("path", pa.array([f"{path}#{i}" for i in range(total)], pa.string()))
-        keep = [p not in done for p in table.column("path").to_pylist()]
-        table = table.filter(pa.array(keep))
-        return ray.data.from_arrow(table), total, table.num_rows
-    paths = [str(p) for p in pq.read_table(path, columns=[path_col]).column(path_col).to_pylist()]
-    if len(set(paths)) < len(paths):  # a repeated path would be one row: number the repeats (read here)
-        keys = row_keys(paths)
+    paths = None if path_col is None else [
+        str(p) for p in pq.read_table(path, columns=[path_col]).column(path_col).to_pylist()]
+    # no path column (rows numbered FILE#i), or a repeated path that would be one row (repeats numbered
+    # PATH#i): the keys are made here and travel as the `path` column
+    if paths is None or len(set(paths)) < len(paths):
+        keys = [f"{path}#{i}" for i in range(total)] if paths is None else row_keys(paths)
         table = pq.read_table(path, columns=[image]).append_column("path", pa.array(keys, pa.string()))
         table = table.filter(pa.array([k not in done for k in keys]))
         return ray.data.from_arrow(table), total, table.num_rows

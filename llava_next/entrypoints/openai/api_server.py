@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server: FastAPI app factory, request guard, routes, lifecycle, uvicorn runner.
+"""The OpenAI-compatible HTTP server: FastAPI app factory, request guard, routes, lifecycle, uvicorn server
+(the `llava-next serve` command that loads the model and runs it: serve.py).
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses` (serving_responses.py),
 `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`, `GET /openapi.json` and `GET /docs`
@@ -37,10 +38,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
-import signal
-import socket
-import threading
 import time
 
 from llava_next.entrypoints.openai import openapi
@@ -48,7 +45,6 @@ from llava_next.entrypoints.openai import protocol as P
 from llava_next.entrypoints.openai import protocol_responses as RP
 from llava_next.entrypoints.openai.connections import (
     SendTimeout,
-    allowed_hosts,
     h11_with_header_timeout,
     host_allowed,
     send_with_deadline,
@@ -352,114 +348,3 @@ def make_server(app, state: ServerState, host: str = "127.0.0.1", port: int = 80
                             timeout_keep_alive=5, limit_concurrency=state.limit_concurrency,
                             http=h11_with_header_timeout(state.header_timeout))
     return Server(config)
-
-
-def run(server, sock: socket.socket | None = None) -> None:
-    """Run until a signal; a re-raised SIGTERM/SIGINT (uvicorn does that at exit) is swallowed so we exit 0."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
-    server.run(sockets=[sock] if sock is not None else None)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
-
-
-def serve_from_args(args, error_cls=RuntimeError) -> int:
-    """`llava-next serve`: check the flags, listen at once (/health is 503 while the model loads), load the model
-    in a background thread, serve until SIGTERM/SIGINT, exit 0 after the drain."""
-    import inspect
-    import sys
-    from pathlib import Path
-
-    from llava_next.entrypoints.openai.media import MediaPolicy
-
-    if args.tensor_parallel_size != 1:
-        raise error_cls("--tensor-parallel-size > 1 is not supported by the engine yet")
-    if args.max_queued_requests < 0:
-        raise error_cls("--max-queued-requests must be >= 0")
-    if args.limit_mm_per_prompt is not None and args.limit_mm_per_prompt < 0:
-        raise error_cls("--limit-mm-per-prompt must be >= 0")
-    if not (args.shutdown_timeout > 0):
-        raise error_cls("--shutdown-timeout must be > 0")
-    if not 0 <= args.port <= 65535:
-        raise error_cls(f"--port must be in 0..65535, got {args.port}")
-    keys = args.api_key
-    if keys is None and os.environ.get("LLAVA_NEXT_API_KEY") is not None:
-        keys = [os.environ["LLAVA_NEXT_API_KEY"]]
-    keys = [keys] if isinstance(keys, str) else keys
-    if keys is not None and any(not key.strip() for key in keys):
-        raise error_cls("the API key (--api-key or $LLAVA_NEXT_API_KEY) is empty: no client could use the server; "
-                        "set a non-empty key or unset it")
-    if args.cache_salt_per_key and keys is None:
-        raise error_cls("--cache-salt-per-key needs --api-key (the salt is the client's key)")
-    for name in ("header_timeout", "body_timeout", "send_timeout"):
-        if not getattr(args, name) > 0:
-            raise error_cls(f"--{name.replace('_', '-')} must be > 0")
-    template = None
-    if args.chat_template is not None:
-        try:
-            template = Path(args.chat_template).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise error_cls(f"--chat-template {args.chat_template}: {exc.strerror or exc}") from exc
-    if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
-        raise error_cls(f"--allowed-local-media-path {args.allowed_local_media_path}: not a folder")
-    from llava_next.entrypoints.llm import LLM  # torch: after the cheap checks
-
-    if args.quantization and "quantization" not in inspect.signature(LLM.__init__).parameters:
-        raise error_cls(f"--quantization {args.quantization} is not supported by the engine yet")
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    names = args.served_model_name or [args.model]
-    state = ServerState(names, keys, args.max_request_bytes, args.shutdown_timeout,
-                        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
-                        limit_concurrency=args.limit_concurrency, header_timeout=args.header_timeout,
-                        body_timeout=args.body_timeout, send_timeout=args.send_timeout,
-                        cache_salt_per_key=args.cache_salt_per_key,
-                        metrics_without_auth=args.metrics_without_auth)
-    media = MediaPolicy(frozenset(args.allowed_media_domains), args.allowed_local_media_path)
-    app = build_app(state, ui=not getattr(args, "no_ui", False))
-    server = make_server(app, state, args.host, args.port, args.log_level)
-    try:
-        sock = _bind(args.host, args.port)
-    except OSError as exc:
-        raise error_cls(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
-
-    def load() -> None:
-        try:
-            from llava_next.engine.driver import AsyncEngine
-
-            extra = {"quantization": args.quantization} if args.quantization else {}
-            llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                      limit_mm_per_prompt=args.limit_mm_per_prompt, **extra)
-            make_serving(AsyncEngine(llm.llm_engine), state, media=media,
-                         max_num_seqs=llm.llm_engine.max_num_seqs, max_queued_requests=args.max_queued_requests,
-                         chat_template=template)
-            print(f"llava-next: serving {names[0]!r} at http://{args.host}:{sock.getsockname()[1]} "
-                  f"(max_model_len {llm.llm_engine.max_model_len}, max_num_seqs {llm.llm_engine.max_num_seqs})",
-                  file=sys.stderr, flush=True)
-        except BaseException as exc:  # noqa: BLE001 (reported as one line by the CLI after the server stops)
-            state.load_error = " ".join(str(exc).split()) or type(exc).__name__
-            state.phase = "failed"
-            server.should_exit = True
-
-    print(f"llava-next: loading {args.model} ...", file=sys.stderr, flush=True)
-    loader = threading.Thread(target=load, name="llava-next-load", daemon=True)
-    loader.start()
-    run(server, sock)
-    if state.load_error is not None:
-        raise error_cls(f"could not load {args.model}: {state.load_error}")
-    if loader.is_alive():
-        print("llava-next: stopped while loading the model", file=sys.stderr, flush=True)
-    # Everything is closed: skip the interpreter's teardown, which takes seconds with torch loaded (and aborts
-    # when the loader thread is still inside torch), so the exit stays within --shutdown-timeout.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

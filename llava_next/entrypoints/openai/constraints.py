@@ -110,10 +110,8 @@ def plan(req) -> tuple[StructuredOutputsParams | None, ToolCalls | None, str | N
     extra = getattr(req, "structured_outputs", None)
     if extra is not None:
         so = _validate(TypeAdapter(T.StructuredOutputsField), extra, "structured_outputs")
-        found.append(("structured_outputs", _params("structured_outputs", json=so.json_, regex=so.regex,
-                                                    choice=so.choice, grammar=so.grammar,
-                                                    json_object=so.json_object,
-                                                    whitespace_pattern=so.whitespace_pattern)))
+        # the field's names (json by its alias) are StructuredOutputsParams' own
+        found.append(("structured_outputs", _params("structured_outputs", **so.model_dump(by_alias=True))))
     if getattr(req, "functions", None) or getattr(req, "function_call", None) not in (None, "none"):
         raise bad_request("the legacy functions/function_call fields are not supported; use tools and tool_choice",
                           "functions", "unsupported_parameter")

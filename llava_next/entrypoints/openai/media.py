@@ -111,7 +111,8 @@ class MediaPolicy:
         if total > self.max_request_pixels:
             raise InvalidImageError(f"the request's images hold {total:,} pixels in all, over the limit of "
                                     f"{self.max_request_pixels:,} per request; send fewer or smaller images")
-        return [self._checked(self._decode(data, source)) for data, source in raw]
+        return [self._checked(image_io.decode_image(data, max_pixels=self.max_pixels, source=source))
+                for data, source in raw]
 
     # -- one URL ------------------------------------------------------------------------------------------
     def load(self, url: str):
@@ -141,9 +142,6 @@ class MediaPolicy:
         if max(w / h, h / w) > self.max_aspect_ratio:
             raise InvalidImageError(f"image is {w}x{h}: aspect ratio over {self.max_aspect_ratio:g} is refused")
         return image
-
-    def _decode(self, data: bytes, source: str):
-        return image_io.decode_image(data, max_pixels=self.max_pixels, source=source)
 
     # -- file:// -------------------------------------------------------------------------------------------
     def _read_local(self, url: str) -> bytes:

@@ -35,27 +35,22 @@ class _EngineCollector:
             s = self.stats()
         except Exception:  # noqa: BLE001 (a dead engine still gets scraped)
             s = {"healthy": False}
-        gauges = (("num_requests_running", "num_running", "Sequences running in the engine"),
-                  ("num_requests_waiting", "num_waiting", "Sequences waiting in the engine"),
-                  ("kv_blocks_used", "kv_blocks_used", "KV cache blocks in use"),
-                  ("kv_blocks_total", "kv_blocks_total", "KV cache blocks in the pool"))
-        for name, key, doc in gauges:
-            g = GaugeMetricFamily(f"llava_next_{name}", doc)
-            g.add_metric([], float(s.get(key, 0) or 0))
-            yield g
-        counters = (("prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
-                    ("prefix_cache_queried_tokens", "prefix_cache_queried_tokens", "Prompt tokens looked up"),
-                    ("num_preemptions", "num_preemptions", "Sequences preempted"))
-        for name, key, doc in counters:
-            c = CounterMetricFamily(f"llava_next_{name}", doc)
-            c.add_metric([], float(s.get(key, 0) or 0))
-            yield c
-        g = GaugeMetricFamily("llava_next_num_requests_admitted", "Requests holding an admission slot (server)")
-        g.add_metric([], float(self.admitted()))
-        yield g
-        g = GaugeMetricFamily("llava_next_engine_healthy", "1 while the engine serves")
-        g.add_metric([], 1.0 if s.get("healthy") else 0.0)
-        yield g
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        values = (("num_requests_running", gauge, "Sequences running in the engine", s.get("num_running")),
+                  ("num_requests_waiting", gauge, "Sequences waiting in the engine", s.get("num_waiting")),
+                  ("kv_blocks_used", gauge, "KV cache blocks in use", s.get("kv_blocks_used")),
+                  ("kv_blocks_total", gauge, "KV cache blocks in the pool", s.get("kv_blocks_total")),
+                  ("prefix_cache_hit_tokens", counter, "Prompt tokens served from the prefix cache",
+                   s.get("prefix_cache_hit_tokens")),
+                  ("prefix_cache_queried_tokens", counter, "Prompt tokens looked up",
+                   s.get("prefix_cache_queried_tokens")),
+                  ("num_preemptions", counter, "Sequences preempted", s.get("num_preemptions")),
+                  ("num_requests_admitted", gauge, "Requests holding an admission slot (server)", self.admitted()),
+                  ("engine_healthy", gauge, "1 while the engine serves", 1 if s.get("healthy") else 0))
+        for name, family, doc, value in values:
+            metric = family(f"llava_next_{name}", doc)
+            metric.add_metric([], float(value or 0))
+            yield metric
 
 
 class ServerMetrics:

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from llava_next.entrypoints.openai.protocol_tools import REQUEST_CONFIG as _REQUEST
-from llava_next.entrypoints.openai.protocol_tools import RESPONSE_CONFIG as _RESPONSE
-from llava_next.entrypoints.openai.protocol_tools import ToolCall
+from llava_next.entrypoints.openai.protocol_tools import (
+    RequestModel,
+    ResponseModel,
+    ToolCall,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOKENS_CAP = 1 << 31  # larger is a schema error; smaller but beyond the context is context_length_exceeded
@@ -55,20 +57,17 @@ ShortStr = Annotated[str, Field(max_length=MAX_NAME)]
 # ---------------------------------------------------------------------- requests
 
 
-class TextPart(BaseModel):
-    model_config = _REQUEST
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ImageURL(BaseModel):
-    model_config = _REQUEST
+class ImageURL(RequestModel):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImagePart(BaseModel):
-    model_config = _REQUEST
+class ImagePart(RequestModel):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -76,22 +75,19 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class SystemMessage(BaseModel):
-    model_config = _REQUEST
+class SystemMessage(RequestModel):
     role: Literal["system", "developer"]
     content: str | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_PARTS)]
     name: ShortStr | None = None
 
 
-class UserMessage(BaseModel):
-    model_config = _REQUEST
+class UserMessage(RequestModel):
     role: Literal["user"]
     content: str | Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_PARTS)]
     name: ShortStr | None = None
 
 
-class AssistantMessage(BaseModel):
-    model_config = _REQUEST
+class AssistantMessage(RequestModel):
     role: Literal["assistant"]
     content: str | Annotated[list[TextPart], Field(max_length=MAX_PARTS)] | None = None
     name: ShortStr | None = None
@@ -101,17 +97,15 @@ class AssistantMessage(BaseModel):
 Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
 
 
-class StreamOptions(BaseModel):
-    model_config = _REQUEST
+class StreamOptions(RequestModel):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None  # vLLM's; accepted, usage is sent at the end only
     include_obfuscation: bool | None = None  # OpenAI's; accepted, no obfuscation padding is sent
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestModel):
     """The sampling fields both endpoints share (OpenAI's ranges, vLLM's extras)."""
 
-    model_config = _REQUEST
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -196,21 +190,18 @@ def unsupported(request: SamplingFields) -> tuple[str, str] | None:
 # ---------------------------------------------------------------------- responses
 
 
-class PromptTokensDetails(BaseModel):
-    model_config = _RESPONSE
+class PromptTokensDetails(ResponseModel):
     cached_tokens: int = 0
 
 
-class Usage(BaseModel):
-    model_config = _RESPONSE
+class Usage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
 
 
-class TopLogprob(BaseModel):
-    model_config = _RESPONSE
+class TopLogprob(ResponseModel):
     token: str
     logprob: float
     bytes: list[int] | None
@@ -220,30 +211,26 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
-class ChoiceLogprobs(BaseModel):
-    model_config = _RESPONSE
+class ChoiceLogprobs(ResponseModel):
     content: list[TokenLogprob] | None
     refusal: list[TokenLogprob] | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = _RESPONSE
+class ChatMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(BaseModel):
-    model_config = _RESPONSE
+class ChatChoice(ResponseModel):
     index: int
     message: ChatMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None
 
 
-class ChatCompletionResponse(BaseModel):
-    model_config = _RESPONSE
+class ChatCompletionResponse(ResponseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -254,24 +241,21 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class CompletionLogprobs(BaseModel):
-    model_config = _RESPONSE
+class CompletionLogprobs(ResponseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
-    model_config = _RESPONSE
+class CompletionChoice(ResponseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
-class CompletionResponse(BaseModel):
-    model_config = _RESPONSE
+class CompletionResponse(ResponseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -281,30 +265,26 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class ModelCard(BaseModel):
-    model_config = _RESPONSE
+class ModelCard(ResponseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llava_next"
 
 
-class ModelList(BaseModel):
-    model_config = _RESPONSE
+class ModelList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class ErrorInfo(BaseModel):
-    model_config = _RESPONSE
+class ErrorInfo(ResponseModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(BaseModel):
-    model_config = _RESPONSE
+class ErrorResponse(ResponseModel):
     error: ErrorInfo
 
 

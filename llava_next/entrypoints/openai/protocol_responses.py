@@ -19,36 +19,32 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from llava_next.entrypoints.openai.protocol import (
     MAX_MESSAGES,
     MAX_TOKENS_CAP,
     MAX_TOP_LOGPROBS,
 )
-from llava_next.entrypoints.openai.protocol_tools import REQUEST_CONFIG as _REQUEST
-from llava_next.entrypoints.openai.protocol_tools import RESPONSE_CONFIG as _RESPONSE
+from llava_next.entrypoints.openai.protocol_tools import RequestModel, ResponseModel
 
 _ANY = Annotated[dict[str, Any], Field(max_length=64)]
 _SHORT = Annotated[str, Field(max_length=256)]
 
 
-class InputText(BaseModel):
-    model_config = _REQUEST
+class InputText(RequestModel):
     type: Literal["input_text"]
     text: str
 
 
-class InputImage(BaseModel):
-    model_config = _REQUEST
+class InputImage(RequestModel):
     type: Literal["input_image"]
     image_url: str | None = Field(None, min_length=1)
     file_id: _SHORT | None = None
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class OutputTextPart(BaseModel):
-    model_config = _REQUEST
+class OutputTextPart(RequestModel):
     type: Literal["output_text"]
     text: str
     annotations: list[_ANY] | None = Field(None, max_length=256)
@@ -58,8 +54,7 @@ class OutputTextPart(BaseModel):
 InputPart = Annotated[InputText | InputImage | OutputTextPart, Field(discriminator="type")]
 
 
-class InputMessage(BaseModel):
-    model_config = _REQUEST
+class InputMessage(RequestModel):
     type: Literal["message"] | None = None
     role: Literal["user", "system", "developer", "assistant"]
     content: str | Annotated[list[InputPart], Field(min_length=1, max_length=256)]
@@ -67,8 +62,7 @@ class InputMessage(BaseModel):
     status: _SHORT | None = None
 
 
-class TextFormat(BaseModel):
-    model_config = _REQUEST
+class TextFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     name: _SHORT | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -76,14 +70,12 @@ class TextFormat(BaseModel):
     description: str | None = Field(None, max_length=4096)
 
 
-class TextConfig(BaseModel):
-    model_config = _REQUEST
+class TextConfig(RequestModel):
     format: TextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
-class ResponsesRequest(BaseModel):
-    model_config = _REQUEST
+class ResponsesRequest(RequestModel):
     model: str | None = None
     input: str | Annotated[list[InputMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     instructions: str | None = None
@@ -117,16 +109,14 @@ class ResponsesRequest(BaseModel):
 # ---------------------------------------------------------------------- responses
 
 
-class OutputText(BaseModel):
-    model_config = _RESPONSE
+class OutputText(ResponseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[dict] = []
     logprobs: list[dict] | None = None
 
 
-class OutputMessage(BaseModel):
-    model_config = _RESPONSE
+class OutputMessage(ResponseModel):
     type: Literal["message"] = "message"
     id: str
     status: Literal["in_progress", "completed", "incomplete"]
@@ -134,18 +124,15 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
-class InputTokensDetails(BaseModel):
-    model_config = _RESPONSE
+class InputTokensDetails(ResponseModel):
     cached_tokens: int = 0
 
 
-class OutputTokensDetails(BaseModel):
-    model_config = _RESPONSE
+class OutputTokensDetails(ResponseModel):
     reasoning_tokens: int = 0
 
 
-class ResponseUsage(BaseModel):
-    model_config = _RESPONSE
+class ResponseUsage(ResponseModel):
     input_tokens: int
     input_tokens_details: InputTokensDetails
     output_tokens: int
@@ -153,13 +140,11 @@ class ResponseUsage(BaseModel):
     total_tokens: int
 
 
-class IncompleteDetails(BaseModel):
-    model_config = _RESPONSE
+class IncompleteDetails(ResponseModel):
     reason: Literal["max_output_tokens", "content_filter"]
 
 
-class Response(BaseModel):
-    model_config = _RESPONSE
+class Response(ResponseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int

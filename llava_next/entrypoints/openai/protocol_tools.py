@@ -17,33 +17,39 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# every request model of the server's protocol_*.py files: strict types, unknown fields refused, no inf/nan
-REQUEST_CONFIG = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-RESPONSE_CONFIG = ConfigDict(extra="forbid")
-_REQUEST, _RESPONSE = REQUEST_CONFIG, RESPONSE_CONFIG
+
+class RequestModel(BaseModel):
+    """The base of every request model of the server's protocol_*.py files: strict types, unknown fields
+    refused, no inf/nan."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class ResponseModel(BaseModel):
+    """The base of every response model: unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 NAME = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 
-class JsonSchemaSpec(BaseModel):
-    model_config = _REQUEST
+class JsonSchemaSpec(RequestModel):
     name: NAME
     description: str | None = Field(None, max_length=4096)
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormatText(BaseModel):
-    model_config = _REQUEST
+class ResponseFormatText(RequestModel):
     type: Literal["text"]
 
 
-class ResponseFormatJsonObject(BaseModel):
-    model_config = _REQUEST
+class ResponseFormatJsonObject(RequestModel):
     type: Literal["json_object"]
 
 
-class ResponseFormatJsonSchema(BaseModel):
-    model_config = _REQUEST
+class ResponseFormatJsonSchema(RequestModel):
     type: Literal["json_schema"]
     json_schema: JsonSchemaSpec
 
@@ -52,27 +58,23 @@ ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJsonObject | Respo
                            Field(discriminator="type")]
 
 
-class FunctionDefinition(BaseModel):
-    model_config = _REQUEST
+class FunctionDefinition(RequestModel):
     name: NAME
     description: str | None = Field(None, max_length=4096)
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDefinition(BaseModel):
-    model_config = _REQUEST
+class ToolDefinition(RequestModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
-    model_config = _REQUEST
+class NamedFunction(RequestModel):
     name: NAME
 
 
-class NamedToolChoice(BaseModel):
-    model_config = _REQUEST
+class NamedToolChoice(RequestModel):
     type: Literal["function"]
     function: NamedFunction
 
@@ -80,10 +82,9 @@ class NamedToolChoice(BaseModel):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-class StructuredOutputsField(BaseModel):
+class StructuredOutputsField(RequestModel):
     """vLLM's `structured_outputs` extra field (exactly one constraint)."""
 
-    model_config = _REQUEST
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = Field(None, max_length=256)
@@ -95,14 +96,12 @@ class StructuredOutputsField(BaseModel):
 # ---------------------------------------------------------------------- responses
 
 
-class FunctionCall(BaseModel):
-    model_config = _RESPONSE
+class FunctionCall(ResponseModel):
     name: str
     arguments: str
 
 
-class ToolCall(BaseModel):
-    model_config = _RESPONSE
+class ToolCall(ResponseModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall

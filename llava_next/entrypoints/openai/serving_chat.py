@@ -9,7 +9,7 @@ Order of work for one request (cheap checks first, so a bad or unlucky request c
 4. images fetched and decoded by media.MediaPolicy in its own bounded pool (a text-only request never queues
    behind images), then in a worker thread the chat template rendered and `LLMEngine.prepare` (tokens, image
    placeholders, `context_length_exceeded` before any encoder work);
-5. `AsyncEngine.submit`; a stream is then SSE (`data: {chunk}` ... `data: [DONE]`), else one JSON body.
+5. `AsyncEngine.submit`; a stream is then SSE (sse.py: `data: {chunk}` ... `data: [DONE]`), else one JSON body.
 
 Text deltas are the engine's `new_text` pieces, whose concatenation is exactly the decode of all output tokens
 (the engine re-decodes the whole output each step and holds back a possible stop string). A client that goes
@@ -19,7 +19,7 @@ drain deadline comes are aborted; their streams end with an error event and `[DO
 
 Structured output and tool calls: constraints.py turns `response_format`, `tools`/`tool_choice` and
 `structured_outputs` into the engine's constraint (compiled in the prepare worker) and renders `tool_calls`.
-Logprob tokens are decoded in context (logprob_text.py): they concatenate to the text.
+Logprobs are rendered by logprob_text.py, each token decoded in context: they concatenate to the text.
 
 Prefix-cache isolation: a request's `cache_salt` goes with its prompt to the engine (block_pool.salt_root);
 with `cache_salt_per_key` (`--cache-salt-per-key`) the bearer key's digest is mixed in too, so clients with
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 import uuid
@@ -47,8 +46,12 @@ from llava_next.entrypoints.openai.errors import (
     clean,
     from_library,
 )
-from llava_next.entrypoints.openai.logprob_text import TokenTexts
+from llava_next.entrypoints.openai.logprob_text import (
+    chat_logprobs,
+    completion_logprobs,
+)
 from llava_next.entrypoints.openai.media import MediaPolicy
+from llava_next.entrypoints.openai.sse import sse_stream
 from llava_next.errors import EngineDeadError, ModelInputError, SamplingParamsError
 from llava_next.preprocess.chat_messages import split_messages
 from llava_next.sampling.params import SamplingParams
@@ -236,8 +239,8 @@ class OpenAIServing:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if req.stream:
                 handed_over = True
-                return self._sse(kind, request_id, stream, prepared, params, arrival, include_usage, active,
-                                 req.model or self.names[0], tools)
+                return sse_stream(self, kind, request_id, stream, prepared, params, arrival, include_usage, active,
+                                  req.model or self.names[0], tools)
             return await self._full(kind, request_id, stream, prepared, params, arrival, request, active,
                                     req.model or self.names[0], tools)
         except EngineDeadError as exc:
@@ -281,150 +284,17 @@ class OpenAIServing:
         if kind == "chat":
             choices = [P.ChatChoice(index=c.index, message=P.ChatMessage(content=c.text) if tools is None else
                                     P.ChatMessage(content=None, tool_calls=tools.calls(c.index, c.text)),
-                                    logprobs=self._chat_logprobs(c.token_ids, c.logprobs, params),
+                                    logprobs=chat_logprobs(self.tokenizer, c.token_ids, c.logprobs, params),
                                     finish_reason=c.finish_reason if tools is None else
                                     tools.finish_reason(c.finish_reason)) for c in out.outputs]
             body = P.ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=use)
         else:
             choices = [P.CompletionChoice(index=c.index, text=c.text,
-                                          logprobs=self._completion_logprobs(c.token_ids, c.logprobs, params, 0),
+                                          logprobs=completion_logprobs(self.tokenizer, c.token_ids, c.logprobs,
+                                                                       params, 0),
                                           finish_reason=c.finish_reason) for c in out.outputs]
             body = P.CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=use)
         return body
-
-    def _sse(self, kind, request_id, stream, prepared, params, arrival, include_usage, active, model, tools=None):
-        created = int(time.time())
-        n = params.n
-        chat = kind == "chat"
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choices, usage=None) -> str:
-            body = {"id": request_id, "object": obj, "created": created, "model": model,
-                    "system_fingerprint": P.SYSTEM_FINGERPRINT, "choices": choices}
-            if chat:
-                body["service_tier"] = "default"
-            if include_usage:
-                body["usage"] = usage
-            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-        state = {"open": True}
-
-        def close(abort: bool) -> None:
-            """Idempotent: abort the engine request if asked, give the slot back (also called by the response
-            when its generator never started, e.g. the client left before the first byte)."""
-            if state["open"]:
-                state["open"] = False
-                if abort:
-                    self.engine.abort(request_id)
-                self.active.pop(request_id, None)
-                self.admission.release(n)
-
-        async def events():
-            finished = False
-            first = None
-            n_out = [0] * n
-            offsets = [0] * n
-            last = None
-            try:
-                if chat:
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None} for i in range(n)])
-                async for out in stream:
-                    last = out
-                    choices = []
-                    for c in out.outputs:
-                        new = c.new_token_ids
-                        if first is None and new:
-                            first = time.monotonic()
-                        done = c.finish_reason is not None
-                        if c.finish_reason == "abort":
-                            continue
-                        if not c.new_text and not done and not (new and params.logprobs is not None):
-                            continue
-                        lp_list = None
-                        start = len(c.token_ids) - len(new)
-                        if params.logprobs is not None and new:
-                            lp_list = c.logprobs if c.logprobs else None
-                        first_out = n_out[c.index] == 0
-                        n_out[c.index] = len(c.token_ids)
-                        if chat:
-                            delta = {"content": c.new_text} if c.new_text or not done else {}
-                            if tools is not None:
-                                delta = tools.delta(c.index, c.new_text, first_out and bool(new), done, c.text)
-                            choices.append({"index": c.index, "delta": delta,
-                                            "logprobs": None if lp_list is None else self._chat_logprobs(
-                                                c.token_ids, lp_list, params, start, done).model_dump(),
-                                            "finish_reason": c.finish_reason if tools is None else
-                                            tools.finish_reason(c.finish_reason)})
-                        else:
-                            lps = None if lp_list is None else self._completion_logprobs(
-                                c.token_ids, lp_list, params, offsets[c.index], start, done).model_dump()
-                            offsets[c.index] += sum(map(len, lps["tokens"])) if lps else len(c.new_text)
-                            choices.append({"index": c.index, "text": c.new_text, "logprobs": lps,
-                                            "finish_reason": c.finish_reason})
-                    if choices:
-                        yield chunk(choices)
-                    if out.finished:
-                        finished = True
-                if active.shutdown or (last is not None and any(c.finish_reason == "abort" for c in last.outputs)):
-                    yield _error_event(APIError(503, "the server is shutting down; the stream was ended early",
-                                                "service_unavailable", None, "server_shutdown"))
-                else:
-                    now = time.monotonic()
-                    total = sum(n_out)
-                    self.metrics.observe(arrival, first, now, prepared.num_prompt_tokens, total,
-                                         [c.finish_reason for c in last.outputs] if last else [])
-                    if include_usage:
-                        use = P.usage(prepared.num_prompt_tokens, total, last.num_cached_tokens if last else 0)
-                        yield chunk([], use.model_dump())
-                yield "data: [DONE]\n\n"
-            except EngineDeadError:
-                finished = True
-                yield _error_event(APIError(500, "the engine failed while generating", "server_error", None,
-                                            "engine_error"))
-                yield "data: [DONE]\n\n"
-            finally:
-                close(abort=not finished)  # not finished: the client went away (or the server is cancelling)
-
-        return events(), close
-
-    # -- logprobs ------------------------------------------------------------------------------------------
-    def _entries(self, token_ids, logprobs, params, start: int, final: bool):
-        """Per output token from `start`: (piece, chosen Logprob, [(piece, Logprob) of the top k]), each token
-        and alternative decoded in its context (logprob_text.py), so the pieces add up to the text."""
-        k = params.logprobs
-        texts = TokenTexts(self.tokenizer, token_ids, params.skip_special_tokens, final)
-        for i in range(start, min(len(token_ids), len(logprobs))):
-            token_id, entry = token_ids[i], logprobs[i] or {}
-            ranked = sorted((lp.rank or 0, tid, lp) for tid, lp in entry.items() if lp.rank is not None
-                            and lp.rank <= k)[:k] if k else []
-            top = [(texts.piece(i) if tid == token_id else texts.piece(i, tid), lp) for _, tid, lp in ranked]
-            yield texts.piece(i), entry.get(token_id), top
-
-    def _chat_logprobs(self, token_ids, logprobs, params, start: int = 0, final: bool = True
-                       ) -> P.ChoiceLogprobs | None:
-        if params.logprobs is None or logprobs is None:
-            return None
-        content = []
-        for text, chosen, tops in self._entries(token_ids, logprobs, params, start, final):
-            top = [P.TopLogprob(token=t, logprob=max(lp.logprob, -9999.0), bytes=list(t.encode("utf-8", "replace")))
-                   for t, lp in tops]
-            content.append(P.TokenLogprob(token=text, logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
-                                          bytes=list(text.encode("utf-8", "replace")), top_logprobs=top))
-        return P.ChoiceLogprobs(content=content)
-
-    def _completion_logprobs(self, token_ids, logprobs, params, offset: int, start: int = 0, final: bool = True
-                             ) -> P.CompletionLogprobs | None:
-        if params.logprobs is None or logprobs is None:
-            return None
-        tokens, values, tops, offsets = [], [], [], []
-        for text, chosen, top in self._entries(token_ids, logprobs, params, start, final):
-            tokens.append(text)
-            values.append(max(chosen.logprob, -9999.0) if chosen else None)
-            tops.append({t: max(lp.logprob, -9999.0) for t, lp in top} if params.logprobs else None)
-            offsets.append(offset)
-            offset += len(text)
-        return P.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
 
     # -- draining ------------------------------------------------------------------------------------------
     def end_all(self) -> int:
@@ -433,7 +303,3 @@ class OpenAIServing:
             active.shutdown = True
             self.engine.abort(active.request_id)
         return len(self.active)
-
-
-def _error_event(error: APIError) -> str:
-    return f"data: {json.dumps(error.body(), separators=(',', ':'))}\n\n"

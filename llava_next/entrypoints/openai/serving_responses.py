@@ -5,8 +5,9 @@ messages, `input_text` / `input_image` / `output_text` parts as text and image_u
 `max_completion_tokens`, `text.format` as `response_format`, `top_logprobs` as logprobs), validated by
 protocol.py's model and served by serving_chat.OpenAIServing.chat, so admission, image fetching, the prepare
 worker, constraints, disconnects, the drain and every error code are the chat path's own. The chat answer is
-then re-shaped: one `message` output item with one `output_text` part; finish_reason "length" gives status
-"incomplete" with reason "max_output_tokens".
+then re-shaped: one `message` output item with one `output_text` part (its `logprobs` are the chat answer's
+`logprobs.content` as they are: the two APIs share the token / logprob / bytes / top_logprobs shape);
+finish_reason "length" gives status "incomplete" with reason "max_output_tokens".
 
 Streaming turns the chat chunks into the Responses events, in OpenAI's order, each `event: <type>` +
 `data: {...}` with a `sequence_number`: response.created, response.in_progress, response.output_item.added,
@@ -88,12 +89,6 @@ def _chat_request(req: RP.ResponsesRequest) -> P.ChatCompletionRequest:
     return P.ChatCompletionRequest.model_validate(body, strict=False)
 
 
-def _logprobs(content: list[dict] | None) -> list[dict]:
-    return [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"],
-             "top_logprobs": [{"token": a["token"], "logprob": a["logprob"], "bytes": a["bytes"]}
-                              for a in t["top_logprobs"]]} for t in content or []]
-
-
 class ResponsesServing:
     def __init__(self, serving):
         self.serving = serving  # serving_chat.OpenAIServing
@@ -126,7 +121,7 @@ class ResponsesServing:
         status = "incomplete" if choice.finish_reason == "length" else "completed"
         lps = choice.logprobs.model_dump()["content"] if choice.logprobs is not None else None
         item = RP.OutputMessage(id=mid, status=status, content=[RP.OutputText(
-            text=choice.message.content or "", logprobs=_logprobs(lps))])
+            text=choice.message.content or "", logprobs=lps or [])])
         return self._response(req, rid, created, status, [item], result.usage.model_dump(), model)
 
     async def _events(self, chunks, req, rid: str, mid: str, created: int, model: str):
@@ -159,7 +154,7 @@ class ResponsesServing:
                 usage = body.get("usage") or usage
                 for choice in body.get("choices", []):
                     delta = choice.get("delta", {}).get("content")
-                    lps = _logprobs((choice.get("logprobs") or {}).get("content"))
+                    lps = (choice.get("logprobs") or {}).get("content") or []
                     logprobs.extend(lps)
                     if delta:
                         text.append(delta)

@@ -20,10 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 
 FOLDER = Path(__file__).resolve().parent
-FILES = {"app.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-         "attach.js": "text/javascript; charset=utf-8",
-         "chat.js": "text/javascript; charset=utf-8", "markdown.js": "text/javascript; charset=utf-8",
-         "store.js": "text/javascript; charset=utf-8"}
+SCRIPTS = ("app.js", "attach.js", "chat.js", "markdown.js", "store.js")
+FILES = {"app.css": "text/css; charset=utf-8", **dict.fromkeys(SCRIPTS, "text/javascript; charset=utf-8")}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
