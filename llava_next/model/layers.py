@@ -19,7 +19,14 @@ from torch import nn
 
 from llava_next.config import TextConfig
 
-ACTIVATIONS = MappingProxyType({"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+# The one activation table of the decoder, the CLIP tower and the projector; which names each part accepts is
+# config.py's (TEXT_ACTIVATIONS, VISION_ACTIVATIONS, PROJECTOR_ACTIVATIONS), checked when the config is read.
+ACTIVATIONS = MappingProxyType({"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "quick_gelu": quick_gelu,
                                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")})
 
 
