@@ -31,7 +31,7 @@ from llava_next.model.anyres import AnyresGeometry
 from llava_next.preprocess.assistant_mask import assistant_masks, render_with_spans
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.preprocess.chat_messages import images_in, normalize_conversations
-from llava_next.preprocess.prompt import check_placeholders, expand_image_tokens
+from llava_next.preprocess.prompt import check_placeholders, expand_image_tokens, image_sizes_as_ints
 from llava_next.preprocess.chat_template import (
     CHAT_TEMPLATE_DIR,
     load_chat_template,
@@ -220,7 +220,7 @@ class LlavaNextProcessor:
             image_inputs = self.image_processor.preprocess(flat_images, return_tensors=return_tensors, **image_kwargs)
         if texts is not None:
             if flat_images:
-                counts = iter(self.num_image_tokens(h, w) for h, w in _as_pairs(image_inputs["image_sizes"]))
+                counts = iter(self.num_image_tokens(h, w) for h, w in image_sizes_as_ints(image_inputs["image_sizes"]))
                 texts = [expand_image_tokens(t, self.image_token, counts) for t in texts]
             encoded = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **text_kwargs)
             self._check_image_token_counts(texts, encoded["input_ids"])
@@ -352,11 +352,6 @@ def _is_image_path(value: str) -> bool:
     return value.startswith(("http://", "https://", "data:image/", "file://")) or (
         len(value) < 4096 and "\n" not in value and os.path.isfile(value)
     )
-
-
-def _as_pairs(image_sizes) -> list[tuple[int, int]]:
-    sizes = image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes
-    return [(int(h), int(w)) for h, w in sizes]
 
 
 __all__ = ["LlavaNextProcessor", "AutoProcessor"]
