@@ -44,7 +44,7 @@ from llava_next.loading.hub import read_json
 from llava_next.preprocess.image_processor import DEFAULTS as IMAGE_SETTINGS
 from llava_next.preprocess.image_processor import LlavaNextImageProcessor, flatten_images
 from llava_next.preprocess.images import DEFAULT_MAX_PIXELS, load_image
-from llava_next.preprocess.tokenizer import Tokenizer, pop_tokenizer_settings
+from llava_next.preprocess.tokenizer import Tokenizer, pop_tokenizer_settings, text_batch
 
 PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja", "additional_chat_templates/*.jinja"]
 # `from_pretrained` kwargs that override processor_config.json (the __init__ arguments other than the parts).
@@ -197,14 +197,7 @@ class LlavaNextProcessor:
             raise ValueError("give at least one of images= or text=")
         allow_local_network = bool(kwargs.pop("allow_local_network", False))
         text_kwargs, image_kwargs = self._split_kwargs(kwargs)
-        texts = None
-        if text is not None:
-            if isinstance(text, str):
-                texts = [text]
-            elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-                texts = list(text)
-            else:
-                raise ValueError("text must be a string or a list of strings")
+        texts = None if text is None else text_batch(text)[0]
         flat_images = flatten_images(images) if images is not None else []
         # URLs and paths are fetched here, with the caller's local-network choice (the image processor's own
         # loading refuses local addresses)

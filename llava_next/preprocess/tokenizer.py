@@ -83,6 +83,15 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+def text_batch(text) -> tuple[list[str], bool]:
+    """(texts, batched) of one string or a list of strings; ValueError for anything else."""
+    if isinstance(text, str):
+        return [text], False
+    if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        return list(text), True
+    raise ValueError("text must be a string or a list of strings")
+
+
 class Tokenizer:
     """A checkpoint's tokenizer: `tokenizer(text)`, `decode(ids)` and the special-token attributes of transformers."""
 
@@ -308,12 +317,7 @@ class Tokenizer:
         **unused,
     ) -> BatchFeature:
         """Encode one text or a batch: `input_ids` and `attention_mask`, padded and tensorised on request."""
-        if isinstance(text, str):
-            batched, texts = False, [text]
-        elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-            batched, texts = True, list(text)
-        else:
-            raise ValueError("text must be a string or a list of strings")
+        texts, batched = text_batch(text)
         strategy, max_length, truncate = self._strategies(padding, truncation, max_length)
         ids = [self._encode_one(t, add_special_tokens, max_length if truncate else None) for t in texts]
         masks = [[1] * len(x) for x in ids]
@@ -479,4 +483,4 @@ def pop_tokenizer_settings(kwargs: dict) -> dict:
     return {k: v for k, v in settings.items() if v is not None or k.endswith("_token")}
 
 
-__all__ = ["Tokenizer", "clean_up_tokenization", "pop_tokenizer_settings"]
+__all__ = ["Tokenizer", "clean_up_tokenization", "pop_tokenizer_settings", "text_batch"]
