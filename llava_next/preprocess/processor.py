@@ -109,17 +109,9 @@ class LlavaNextProcessor:
         config = {**read_json(folder / "processor_config.json", required=False), **settings}
         tokenizer = given_tokenizer if given_tokenizer is not None else Tokenizer.from_pretrained(
             folder, **tokenizer_settings)
-        if given_image_processor is not None:
-            image_processor = given_image_processor
-        elif (folder / "preprocessor_config.json").is_file():
-            image_processor = LlavaNextImageProcessor.from_pretrained(folder, **image_settings)
-        elif isinstance(config.get("image_processor"), dict):  # layout written by transformers 5.x
-            image_processor = LlavaNextImageProcessor.from_dict(config["image_processor"], **image_settings)
-        else:
-            raise FileNotFoundError(
-                f"no image processor settings in {str(name_or_path)!r}: expected preprocessor_config.json "
-                "or an 'image_processor' entry in processor_config.json"
-            )
+        # preprocessor_config.json, else the "image_processor" entry of processor_config.json (transformers 5.x)
+        image_processor = given_image_processor if given_image_processor is not None else \
+            LlavaNextImageProcessor.from_pretrained(folder, **image_settings)
         return cls(
             image_processor=image_processor,
             tokenizer=tokenizer,
