@@ -430,8 +430,7 @@ class LlavaNextConfig:
             raw["image_token_index"] = raw.pop("image_token_id")
         if raw.get("image_grid_pinpoints") is None:
             raw.pop("image_grid_pinpoints", None)
-        known, extra = _split(cls, raw)
-        known.pop("text_config", None), known.pop("vision_config", None), known.pop("dtype", None)
+        known, extra = _split(cls, raw)  # text_config, vision_config and dtype were popped from raw above
         return cls(text_config=text, vision_config=vision, dtype=dtype, **known, extra=extra)
 
     @classmethod
