@@ -444,11 +444,9 @@ class Tokenizer:
             config["extra_special_tokens"] = list(self._extra_special)
         config["padding_side"] = self.padding_side
         config["truncation_side"] = self.truncation_side
-        config["added_tokens_decoder"] = {
-            str(i): {"content": t.content, "single_word": t.single_word, "lstrip": t.lstrip, "rstrip": t.rstrip,
-                     "normalized": t.normalized, "special": t.special}
-            for i, t in sorted(self._backend.get_added_tokens_decoder().items())
-        }
+        # AddedToken's state is the {content, single_word, lstrip, rstrip, normalized, special} dict transformers writes
+        added = sorted(self._backend.get_added_tokens_decoder().items())
+        config["added_tokens_decoder"] = {str(i): token.__getstate__() for i, token in added}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return [str(folder / "tokenizer.json"), str(folder / "tokenizer_config.json")]
 
