@@ -263,7 +263,6 @@ class LlavaNextProcessor:
         processor_kwargs = dict(processor_kwargs or {})
         processor_kwargs.update({k: v for k, v in kwargs.items() if k not in variables})
         allow_local_network = bool(processor_kwargs.pop("allow_local_network", kwargs.pop("allow_local_network", False)))
-        kwargs.pop("allow_local_network", None)
         conversations, batched = normalize_conversations(conversation)
         track = bool(processor_kwargs.pop("return_assistant_tokens_mask", False))
         if track and (continue_final_message or not (tokenize and return_dict)):
