@@ -55,8 +55,8 @@ _TRANSFORMERS_ONLY_KEYS = {"architectures", "transformers_version", "_name_or_pa
                 "output_attentions", "use_cache", "torch_dtype", "dtype", "model_type", "vocab_size_text"}
 
 
-# Activations the model implements (model/decoder.py ACTIVATIONS, model/vision.py VISION_ACTIVATIONS, the
-# projector's table in compat/modeling.py); a test checks these names against those tables.
+# Activations each part accepts, all of them names of model/layers.py's ACTIVATIONS table (tests/test_config.py
+# checks that).
 TEXT_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 PROJECTOR_ACTIVATIONS = TEXT_ACTIVATIONS
@@ -430,8 +430,7 @@ class LlavaNextConfig:
             raw["image_token_index"] = raw.pop("image_token_id")
         if raw.get("image_grid_pinpoints") is None:
             raw.pop("image_grid_pinpoints", None)
-        known, extra = _split(cls, raw)
-        known.pop("text_config", None), known.pop("vision_config", None), known.pop("dtype", None)
+        known, extra = _split(cls, raw)  # text_config, vision_config and dtype were popped from raw above
         return cls(text_config=text, vision_config=vision, dtype=dtype, **known, extra=extra)
 
     @classmethod

@@ -251,6 +251,18 @@ def test_vision_defaults_match_transformers():
     assert not diffs, "\n".join(diffs)
 
 
+def test_every_accepted_activation_is_in_the_model_table_and_matches_transformers():
+    from transformers.activations import ACT2FN
+
+    from llava_next.config import PROJECTOR_ACTIVATIONS, TEXT_ACTIVATIONS, VISION_ACTIVATIONS
+    from llava_next.model.layers import ACTIVATIONS
+
+    x = torch.linspace(-6, 6, 101)
+    for name in {*TEXT_ACTIVATIONS, *VISION_ACTIVATIONS, *PROJECTOR_ACTIVATIONS}:
+        assert name in ACTIVATIONS, name
+        torch.testing.assert_close(ACTIVATIONS[name](x), ACT2FN[name](x), rtol=0, atol=1e-6, msg=name)
+
+
 def test_newer_form_reads_rope_parameters_and_dtype():
     cfg = LlavaNextConfig.from_dict(copy.deepcopy(HUB_CONFIGS["newer-form"]))
     assert cfg.text_config.rope_theta == 500000.0 and cfg.text_config.rope_parameters["rope_type"] == "default"

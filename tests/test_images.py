@@ -120,6 +120,16 @@ def test_data_urls_strict_base64():
         load_image("data:image/png;base64," + base64.b64encode(b"hello world").decode())
 
 
+def test_bytes_and_data_urls_over_max_bytes_are_refused_before_decoding():
+    data = good_png()
+    with pytest.raises(InvalidImageError, match=f"image bytes: {len(data):,} bytes, over the limit of 100"):
+        load_image(data, max_bytes=100)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    with pytest.raises(InvalidImageError, match=f"data URL: {len(data):,} bytes, over the limit of 100"):
+        load_image(url, max_bytes=100)
+    assert load_image(data, max_bytes=len(data)).size == load_image(url, max_bytes=len(data)).size
+
+
 @pytest.mark.parametrize("url", ["ftp://example.com/a.png", "gopher://x/y", "s3://bucket/key.jpg", "HTTPX://a"])
 def test_unknown_schemes_are_refused(url):
     with pytest.raises(InvalidImageError, match="scheme"):

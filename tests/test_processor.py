@@ -229,6 +229,13 @@ def test_image_token_must_be_in_vocabulary(tmp_path):
         LlavaNextProcessor.from_pretrained(folder)
 
 
+def test_a_folder_without_image_processor_settings_is_refused(tmp_path):
+    folder = make_processor_folder(tmp_path, "vicuna", layout="hub")
+    (folder / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json.*'image_processor' entry"):
+        LlavaNextProcessor.from_pretrained(folder)
+
+
 def test_images_from_files_and_arrays(pair, tmp_path):
     ours, ref = pair
     rng = np.random.default_rng(3)

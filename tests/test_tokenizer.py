@@ -203,6 +203,10 @@ def test_save_pretrained_round_trip(pair, tmp_path):
     for text in TEXTS:
         assert again(text)["input_ids"] == ours(text)["input_ids"] == ref_again(text).input_ids
     assert again.special_tokens_map == ours.special_tokens_map and again.padding_side == ours.padding_side
+    # added_tokens_decoder: every added token with all its flags, as the backend's tokenizer.json lists them
+    backend = json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"]
+    expected = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in backend}
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"] == expected
 
 
 def test_bad_inputs(pair, tmp_path):

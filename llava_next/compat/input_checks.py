@@ -13,24 +13,7 @@ from __future__ import annotations
 import torch
 
 from llava_next.errors import ContextLengthError, ImageTokenMismatchError, InvalidImageError, ModelInputError
-from llava_next.preprocess.prompt import check_pixel_values, check_room
-
-
-def image_sizes_as_ints(image_sizes) -> list[tuple[int, int]]:
-    """(images, 2) tensor/array/list of (H, W) -> python ints (one host sync, never through a float cast);
-    InvalidImageError for anything else."""
-    if image_sizes is None:
-        raise InvalidImageError("pixel_values were given without image_sizes")
-    if torch.is_tensor(image_sizes) and (image_sizes.is_floating_point() or image_sizes.dtype is torch.bool):
-        raise InvalidImageError(f"image_sizes must be integers, got {image_sizes.dtype}")
-    shape = tuple(image_sizes.shape) if hasattr(image_sizes, "shape") else None
-    try:
-        sizes = [(int(h), int(w)) for h, w in (image_sizes.tolist() if shape is not None else image_sizes)]
-    except (TypeError, ValueError):
-        sizes = None
-    if sizes is None or (shape is not None and (len(shape) != 2 or shape[1] != 2)) or not sizes:
-        raise InvalidImageError(f"image_sizes must be (images, 2) of (height, width), got {shape or image_sizes!r}")
-    return sizes
+from llava_next.preprocess.prompt import check_pixel_values, check_room, image_sizes_as_ints
 
 
 def _tensor(name: str, value, dims: int, what: str, device: torch.device | None = None) -> torch.Tensor:

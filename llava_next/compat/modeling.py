@@ -24,7 +24,7 @@ from torch import nn
 from llava_next.compat.generation_config import GenerationConfig
 from llava_next.config import LlavaNextConfig
 from llava_next.errors import ImageTokenMismatchError, ModelInputError
-from llava_next.compat.input_checks import check_inputs, image_sizes_as_ints
+from llava_next.compat.input_checks import check_inputs
 from llava_next.compat.training import TrainingHooks
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.prepare import mm_hash
@@ -36,7 +36,7 @@ from llava_next.loading.pretrained import load_pretrained
 from llava_next.model.attention import DenseAttention
 from llava_next.model.llava_next import LlavaNextCore, WithLMHead
 from llava_next.model.stamp import weights_stamp
-from llava_next.preprocess.prompt import check_pixel_values
+from llava_next.preprocess.prompt import check_pixel_values, image_sizes_as_ints
 
 
 # forward() keyword arguments beyond its named parameters (transformers' TransformersKwargs we understand).

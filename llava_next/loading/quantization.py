@@ -240,18 +240,8 @@ def check_backend_support(bnb, config: BitsAndBytesConfig, device: torch.device,
     try:
         with torch.no_grad():
             x = torch.randn(2, 64, dtype=dtype, device=device)
-            if config.load_in_8bit:
-                layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=config.llm_int8_has_fp16_weight,
-                                            threshold=config.llm_int8_threshold)
-                layer.weight = bnb.nn.Int8Params(torch.randn(64, 64), requires_grad=False,
-                                                 has_fp16_weights=config.llm_int8_has_fp16_weight).to(device)
-            else:
-                layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=config.bnb_4bit_compute_dtype,
-                                          compress_statistics=config.bnb_4bit_use_double_quant,
-                                          quant_type=config.bnb_4bit_quant_type,
-                                          quant_storage=config.bnb_4bit_quant_storage)
-                layer.weight = bnb.nn.Params4bit(torch.randn(64, 64, dtype=dtype), requires_grad=False,
-                                                 **_param_kwargs(layer.weight)).to(device)
+            layer = _bnb_linear(bnb, config, 64, 64, bias=False)
+            layer.weight = _quantized_weight(bnb, layer, torch.randn(64, 64, dtype=dtype, device=device))
             layer.eval()(x)
     except Exception as exc:  # noqa: BLE001 -- any failure here means "this device cannot run it"
         kind = "8-bit (LLM.int8)" if config.load_in_8bit else f"4-bit ({config.bnb_4bit_quant_type})"
@@ -259,6 +249,26 @@ def check_backend_support(bnb, config: BitsAndBytesConfig, device: torch.device,
         hint = " Use load_in_4bit=True, or a CUDA device." if config.load_in_8bit and device.type == "cpu" else ""
         raise RuntimeError(f"bitsandbytes {version} cannot run {kind} on {device}: {type(exc).__name__}: {exc}.{hint}") \
             from exc
+
+
+def _bnb_linear(bnb, config: BitsAndBytesConfig, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """The bitsandbytes layer transformers puts in place of an nn.Linear for this config."""
+    if config.load_in_8bit:
+        return bnb.nn.Linear8bitLt(in_features, out_features, bias, has_fp16_weights=config.llm_int8_has_fp16_weight,
+                                   threshold=config.llm_int8_threshold)
+    return bnb.nn.Linear4bit(in_features, out_features, bias, config.bnb_4bit_compute_dtype,
+                             compress_statistics=config.bnb_4bit_use_double_quant,
+                             quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage)
+
+
+def _quantized_weight(bnb, module: nn.Module, tensor: torch.Tensor):
+    """`module`'s weight from a cast, placed tensor, quantized on the tensor's device as transformers does."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        # as transformers' Bnb4bitQuantize: a Params4bit of the cast tensor, quantized by .to(device)
+        return bnb.nn.Params4bit(tensor, requires_grad=False, module=module,
+                                 **_param_kwargs(module.weight)).to(tensor.device)
+    # as transformers' Bnb8bitQuantize: Int8Params quantizes when it leaves the CPU for a device
+    return bnb.nn.Int8Params(tensor.to("cpu"), requires_grad=False, **_param_kwargs(module.weight)).to(tensor.device)
 
 
 def _param_kwargs(param) -> dict:
@@ -290,16 +300,7 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype, device_map, config):
     for name in names:
         old = model.get_submodule(name)
         with torch.device("meta"):
-            if config.load_in_8bit:
-                new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, old.bias is not None,
-                                          has_fp16_weights=config.llm_int8_has_fp16_weight,
-                                          threshold=config.llm_int8_threshold)
-            else:
-                new = bnb.nn.Linear4bit(old.in_features, old.out_features, old.bias is not None,
-                                        config.bnb_4bit_compute_dtype,
-                                        compress_statistics=config.bnb_4bit_use_double_quant,
-                                        quant_type=config.bnb_4bit_quant_type,
-                                        quant_storage=config.bnb_4bit_quant_storage)
+            new = _bnb_linear(bnb, config, old.in_features, old.out_features, old.bias is not None)
         new.requires_grad_(False)
         model.set_submodule(name, new)
     quantized = set(names)
@@ -310,14 +311,7 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype, device_map, config):
         if leaf != "weight" or module_name not in quantized:
             set_tensor(model, name, tensor)
             return
-        old = module.weight
-        if isinstance(module, bnb.nn.Linear4bit):
-            # as transformers' Bnb4bitQuantize: a Params4bit of the cast tensor, quantized by .to(device)
-            param = bnb.nn.Params4bit(tensor, requires_grad=False, module=module, **_param_kwargs(old)).to(tensor.device)
-        else:
-            # as transformers' Bnb8bitQuantize: Int8Params quantizes when it leaves the CPU for a device
-            param = bnb.nn.Int8Params(tensor.to("cpu"), requires_grad=False, **_param_kwargs(old)).to(tensor.device)
-        module._parameters["weight"] = param
+        module._parameters["weight"] = _quantized_weight(bnb, module, tensor)
 
     return assign, config, sorted(quantized)
 

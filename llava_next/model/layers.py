@@ -19,7 +19,14 @@ from torch import nn
 
 from llava_next.config import TextConfig
 
-ACTIVATIONS = MappingProxyType({"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+# The one activation table of the decoder, the CLIP tower and the projector; which names each part accepts is
+# config.py's (TEXT_ACTIVATIONS, VISION_ACTIVATIONS, PROJECTOR_ACTIVATIONS), checked when the config is read.
+ACTIVATIONS = MappingProxyType({"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "quick_gelu": quick_gelu,
                                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")})
 
 
@@ -103,16 +110,21 @@ class Checkpointed:
         return layer(*args)
 
 
+def linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain nn.Linear holding `weight` (out, in) and `bias` as frozen parameters (nothing else allocated)."""
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        new.bias = nn.Parameter(bias, requires_grad=False)
+    return new
+
+
 def fused_linear(parts: list[nn.Linear]) -> nn.Linear | None:
     """One Linear whose output is the parts' outputs side by side, or None if they are not plain Linears."""
     if not all(type(p) is nn.Linear for p in parts):
         return None  # e.g. quantized layers: keep them as they are
-    weight = torch.cat([p.weight for p in parts], dim=0)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if parts[0].bias is not None:
-        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-    return fused
+    bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+    return linear_of(torch.cat([p.weight for p in parts], dim=0), bias)
 
 
 class RMSNorm(nn.Module):

@@ -13,7 +13,6 @@ Leaves out: vision_feature_select_strategy "full" on a CLIP tower (577 features 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llava_next.config import LlavaNextConfig
@@ -21,8 +20,6 @@ from llava_next.model.anyres import AnyresGeometry
 from llava_next.model.decoder import Decoder
 from llava_next.model.layers import ACTIVATIONS
 from llava_next.model.vision import VisionTower
-
-PROJECTOR_ACTIVATIONS = dict(ACTIVATIONS, gelu=F.gelu)
 
 
 class MultiModalProjector(nn.Module):
@@ -34,7 +31,7 @@ class MultiModalProjector(nn.Module):
         text_dim = cfg.text_config.hidden_size
         self.linear_1 = nn.Linear(vision_dim, text_dim, bias=cfg.multimodal_projector_bias)
         self.linear_2 = nn.Linear(text_dim, text_dim, bias=cfg.multimodal_projector_bias)
-        self.act = PROJECTOR_ACTIVATIONS[cfg.projector_hidden_act]
+        self.act = ACTIVATIONS[cfg.projector_hidden_act]
 
     def forward(self, x):
         return self.linear_2(self.act(self.linear_1(x)))

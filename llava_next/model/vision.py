@@ -11,20 +11,11 @@ Leaves out: position-embedding interpolation, the pooled output, the text tower.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llava_next.model.attention import attend
-from llava_next.model.layers import Checkpointed
+from llava_next.model.layers import ACTIVATIONS, Checkpointed
 from llava_next.config import VisionConfig
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu,
-                      "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def layers_needed(feature_layers: tuple[int, ...], num_layers: int) -> int:
@@ -68,7 +59,7 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = VISION_ACTIVATIONS[cfg.hidden_act]
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))

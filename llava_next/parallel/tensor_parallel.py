@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from llava_next.model.layers import linear_of
+
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
 
@@ -155,36 +157,22 @@ def param_spec(specs: dict, proj: str, leaf: str) -> tuple[int, int, int] | None
     return spec if leaf == "weight" else (0, spec[1], spec[2])
 
 
-def _narrow(t: torch.Tensor | None, spec) -> torch.Tensor | None:
-    if t is None or spec is None:
-        return t
-    dim, start, length = spec
-    return t.narrow(dim, start, length).clone() if not t.is_meta else t.narrow(dim, start, length)
+def _narrow(t: torch.Tensor, spec: tuple[int, int, int]) -> torch.Tensor:
+    """t's (dim, start, length) slice, copied (a view would keep the whole tensor alive) unless on meta."""
+    part = t.narrow(*spec)
+    return part if t.is_meta else part.clone()
 
 
-def _column(linear: nn.Linear, spec) -> nn.Linear:
-    weight = _narrow(linear.weight.data, spec)
-    bias = _narrow(linear.bias.data, (0, spec[1], spec[2])) if linear.bias is not None else None
-    return _linear_of(weight, bias)
-
-
-def _linear_of(weight, bias) -> nn.Linear:
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    new.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        new.bias = nn.Parameter(bias, requires_grad=False)
-    return new
-
-
-def _fused_column(linear: nn.Linear, sizes: list[int], specs: list) -> nn.Linear:
-    """Slice a fused column Linear (parts of `sizes` rows side by side) part by part."""
+def _column(linear: nn.Linear, specs: list, sizes: list[int] | None = None) -> nn.Linear:
+    """This rank's rows of a column-parallel Linear (weight and bias); a fused one (parts of `sizes` rows side by
+    side) is sliced part by part."""
     weights, biases, offset = [], [], 0
-    for size, (_, start, length) in zip(sizes, specs):
+    for size, (_, start, length) in zip(sizes or [linear.out_features], specs):
         weights.append(linear.weight.data.narrow(0, offset + start, length))
         if linear.bias is not None:
             biases.append(linear.bias.data.narrow(0, offset + start, length))
         offset += size
-    return _linear_of(torch.cat(weights), torch.cat(biases) if biases else None)
+    return linear_of(torch.cat(weights), torch.cat(biases) if biases else None)
 
 
 def shard_decoder(decoder: nn.Module, tp: TensorParallel) -> nn.Module:
@@ -203,15 +191,15 @@ def shard_decoder(decoder: nn.Module, tp: TensorParallel) -> nn.Module:
                                     "with tensor parallelism)")
         for name in ("q_proj", "k_proj", "v_proj"):
             if hasattr(attn, name):
-                setattr(attn, name, _column(getattr(attn, name), specs[name]))
+                setattr(attn, name, _column(getattr(attn, name), [specs[name]]))
         if attn.qkv_proj is not None:
-            attn.qkv_proj = _fused_column(attn.qkv_proj, [H * Hd, Hkv * Hd, Hkv * Hd],
-                                          [specs["q_proj"], specs["k_proj"], specs["v_proj"]])
+            attn.qkv_proj = _column(attn.qkv_proj, [specs["q_proj"], specs["k_proj"], specs["v_proj"]],
+                                    [H * Hd, Hkv * Hd, Hkv * Hd])
         for name in ("gate_proj", "up_proj"):
             if hasattr(mlp, name):
-                setattr(mlp, name, _column(getattr(mlp, name), specs[name]))
+                setattr(mlp, name, _column(getattr(mlp, name), [specs[name]]))
         if mlp.gate_up_proj is not None:
-            mlp.gate_up_proj = _fused_column(mlp.gate_up_proj, [inter, inter], [specs["gate_proj"], specs["up_proj"]])
+            mlp.gate_up_proj = _column(mlp.gate_up_proj, [specs["gate_proj"], specs["up_proj"]], [inter, inter])
         for owner, name in ((attn, "o_proj"), (mlp, "down_proj")):
             old = getattr(owner, name)
             setattr(owner, name, RowParallelLinear(_narrow(old.weight.data, specs[name]),

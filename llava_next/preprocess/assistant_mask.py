@@ -17,7 +17,7 @@ from llava_next.preprocess.chat_template import (
     TRACK_GENERATION,
     render_chat_template,
 )
-from llava_next.preprocess.prompt import expand_image_tokens
+from llava_next.preprocess.prompt import expand_image_tokens, image_sizes_as_ints
 
 
 def render_with_spans(conversations, template: str, **kwargs) -> tuple[list[str], list[list[tuple[int, int]]]]:
@@ -52,7 +52,7 @@ def assistant_masks(processor, prompts: list[str], spans, batch, add_special_tok
                     padding_side: str | None = None) -> list[list[int]]:
     """One 0/1 row per prompt, aligned with batch["input_ids"] (its padding included)."""
     sizes = batch.get("image_sizes")
-    sizes = [] if sizes is None else [tuple(int(x) for x in s) for s in (sizes.tolist() if hasattr(sizes, "tolist") else sizes)]
+    sizes = [] if sizes is None else image_sizes_as_ints(sizes)
     counts = [processor.num_image_tokens(h, w) for h, w in sizes]
     token = processor.image_token
     ids = batch["input_ids"]

@@ -150,6 +150,31 @@ def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return image[..., top:top + height, left:left + width]
 
 
+def anyres_tiles(image, s: dict, geometry: AnyresGeometry, resize, pad) -> list:
+    """The tiles of one image (C, H, W), or of a batch of same-size images (n, C, H, W), numpy or torch: the base
+    tile (the whole image squashed to `size`), then the image resized to fit its pinpoint, padded centred with
+    zeros and cut into `crop_size` tiles row by row; each tile then resized to `size` and centre-cropped to
+    `crop_size`. `resize(x, h, w)` and `pad(x, top, bottom, left, right)` are the processor's (PIL or torch)."""
+    (base_h, base_w), tile = base_and_tile_size(s["size"], s["crop_size"])
+    height, width = image.shape[-2:]
+    best_h, best_w = geometry.best_resolution(height, width)
+    new_h, new_w = fit_size(height, width, best_h, best_w)
+    top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
+    padded = pad(resize(image, new_h, new_w), top, best_h - new_h - top, left, best_w - new_w - left)
+    tiles = [resize(image, base_h, base_w)]  # base: the whole image, squashed
+    tiles += [padded[..., i:i + tile, j:j + tile] for i in range(0, best_h, tile) for j in range(0, best_w, tile)]
+    for k, t in enumerate(tiles):
+        if s["do_resize"]:
+            t = resize(t, *resize_output_size(*t.shape[-2:], s["size"]))
+        if s["do_center_crop"] and s["crop_size"]:
+            t = _center_crop(t, s["crop_size"]["height"], s["crop_size"]["width"])  # slicing: tensors too
+        tiles[k] = t
+    shapes = {tuple(t.shape) for t in tiles}
+    if len(shapes) > 1:
+        raise ValueError(f"tiles of different shapes {sorted(shapes)}: size/crop_size do not fit image_grid_pinpoints")
+    return tiles
+
+
 def _rescale_normalize(x: np.ndarray, s: dict) -> np.ndarray:
     """transformers' rescale (float64 multiply, cast to float32) then normalise in the image's float dtype."""
     if s["do_rescale"]:
@@ -343,24 +368,8 @@ class LlavaNextImageProcessor:
 
     def _process_one(self, image: np.ndarray, s: dict, geometry: AnyresGeometry) -> np.ndarray:
         """(C, H, W) -> (tiles, C, th, tw): base tile first, then the grid row by row."""
-        (base_h, base_w), tile = base_and_tile_size(s["size"], s["crop_size"])
-        height, width = image.shape[-2:]
-        best_h, best_w = geometry.best_resolution(height, width)
-        new_h, new_w = fit_size(height, width, best_h, best_w)
-        resized = _pil_resize(image, new_h, new_w, s["resample"])  # (C, new_h, new_w)
-        top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
-        padded = np.pad(resized, ((0, 0), (top, best_h - new_h - top), (left, best_w - new_w - left)))
-        tiles = [_pil_resize(image, base_h, base_w, s["resample"])]  # base: the whole image, squashed
-        tiles += [padded[:, i:i + tile, j:j + tile] for i in range(0, best_h, tile) for j in range(0, best_w, tile)]
-        for k, t in enumerate(tiles):
-            if s["do_resize"]:
-                t = _pil_resize(t, *resize_output_size(*t.shape[-2:], s["size"]), s["resample"])
-            if s["do_center_crop"] and s["crop_size"]:
-                t = _center_crop(t, s["crop_size"]["height"], s["crop_size"]["width"])
-            tiles[k] = t
-        if len({t.shape for t in tiles}) > 1:
-            raise ValueError(f"tiles of different shapes {sorted({t.shape for t in tiles})}: size/crop_size do not "
-                             "fit image_grid_pinpoints")
+        tiles = anyres_tiles(image, s, geometry, lambda x, h, w: _pil_resize(x, h, w, s["resample"]),
+                             lambda x, top, bottom, left, right: np.pad(x, ((0, 0), (top, bottom), (left, right))))
         stacked = np.stack(tiles)  # (tiles, C, th, tw)
         if stacked.dtype != np.uint8 or not (s["do_rescale"] or s["do_normalize"]):
             return _rescale_normalize(stacked, s)

@@ -1,8 +1,8 @@
 """LLaVA-NeXT anyres preprocessing in torch ops only: batched, on CPU or GPU (`device=`).
 
 Same settings, API and output layout as `image_processor.LlavaNextImageProcessor` (it subclasses it for the
-config, from_pretrained and save_pretrained), and the same geometry (`anyres` for the pinpoint, `fit_size` for the
-resized size, centred zero padding, base tile first, zero tiles padding the batch).
+config, from_pretrained and save_pretrained), and the same tiling (`image_processor.anyres_tiles`, given torch's
+resize and pad: the pinpoint, the resized size, centred zero padding, base tile first), zero tiles padding the batch.
 
 Resizing is `F.interpolate(mode="bicubic", antialias=True)`, PIL's bicubic filter (a = -0.5, widened when
 shrinking), run as Pillow runs it: two 1-D passes in the installed Pillow's order (`_vertical_first`), rounded to 8 bits
@@ -30,14 +30,7 @@ import torch.nn.functional as F
 
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.preprocess.arrays import tensor_to_chw
-from llava_next.preprocess.image_processor import (
-    LlavaNextImageProcessor,
-    _center_crop,
-    base_and_tile_size,
-    fit_size,
-    image_to_chw,
-    resize_output_size,
-)
+from llava_next.preprocess.image_processor import LlavaNextImageProcessor, anyres_tiles, image_to_chw
 
 
 _MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}  # PIL resample code -> interpolate mode
@@ -154,37 +147,19 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessor):
 
     def _tiles(self, images: list[torch.Tensor], s: dict) -> list[torch.Tensor]:
         """Base tile + grid tiles for each image; images of the same size are resized in one call."""
-        (base_h, base_w), tile = base_and_tile_size(s["size"], s["crop_size"])
         geometry = self.geometry(s)
         groups = defaultdict(list)
         for i, image in enumerate(images):
             groups[tuple(image.shape)].append(i)
         result: list = [None] * len(images)
-        for (_, height, width), members in groups.items():
+        for members in groups.values():
             batch = torch.stack([images[i] for i in members])  # (n, C, H, W) uint8
-            best_h, best_w = geometry.best_resolution(height, width)
-            new_h, new_w = fit_size(height, width, best_h, best_w)
-            resized = _resize(batch, new_h, new_w, s["resample"])  # (n, C, new_h, new_w)
-            top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
-            padded = F.pad(resized, (left, best_w - new_w - left, top, best_h - new_h - top))  # (n, C, best_h, best_w)
-            parts = [_resize(batch, base_h, base_w, s["resample"])]  # base tile: the whole image, squashed
-            parts += [padded[..., i:i + tile, j:j + tile] for i in range(0, best_h, tile) for j in range(0, best_w, tile)]
-            parts = [self._fit_tile(p, s) for p in parts]
-            if len({p.shape for p in parts}) > 1:
-                raise ValueError("tiles of different shapes: size/crop_size do not fit image_grid_pinpoints")
+            parts = anyres_tiles(batch, s, geometry, lambda x, h, w: _resize(x, h, w, s["resample"]),
+                                 lambda x, top, bottom, left, right: F.pad(x, (left, right, top, bottom)))
             stacked = torch.stack(parts, dim=1)  # (n, tiles, C, th, tw)
             for k, i in enumerate(members):
                 result[i] = stacked[k]
         return result
-
-    @staticmethod
-    def _fit_tile(t: torch.Tensor, s: dict) -> torch.Tensor:
-        """Per-tile resize to `size` and centre crop to `crop_size` (no-ops for the published configs)."""
-        if s["do_resize"]:
-            t = _resize(t, *resize_output_size(*t.shape[-2:], s["size"]), s["resample"])
-        if s["do_center_crop"] and s["crop_size"]:
-            t = _center_crop(t, s["crop_size"]["height"], s["crop_size"]["width"])  # slicing: tensors too
-        return t
 
     @staticmethod
     def _normalize(x: torch.Tensor, unit_scale: float, s: dict) -> torch.Tensor:

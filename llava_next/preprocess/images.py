@@ -162,8 +162,12 @@ def image_size(data: bytes, *, source: str = "image bytes") -> tuple[int, int]:
         image.close()
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, source: str = "image bytes") -> Image.Image:
-    """Decode encoded image bytes (allow-listed formats only), refusing bombs from the header; RGB out."""
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, source: str = "image bytes",
+                 max_bytes: int | None = None) -> Image.Image:
+    """Decode encoded image bytes (allow-listed formats only, at most `max_bytes`), refusing bombs from the
+    header; RGB out."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidImageError(f"{source}: {len(data):,} bytes, over the limit of {max_bytes:,}")
     image = _open(data, source)
     try:
         check_pixels(image.width, image.height, max_pixels)  # BEFORE any pixel is decoded
@@ -256,10 +260,7 @@ def load_image(source, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: flo
     if isinstance(source, np.ndarray) or (hasattr(source, "detach") and hasattr(source, "shape")):
         return array_to_pil(source, max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        if max_bytes is not None and len(data) > max_bytes:
-            raise InvalidImageError(f"image bytes: {len(data):,} bytes, over the limit of {max_bytes:,}")
-        return decode_image(data, max_pixels=max_pixels)
+        return decode_image(bytes(source), max_pixels=max_pixels, max_bytes=max_bytes)
     if isinstance(source, Path):
         source = str(source)
     if not isinstance(source, str):
@@ -270,10 +271,7 @@ def load_image(source, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: flo
     if not source:
         raise InvalidImageError("empty string given as an image source")
     if source[:5].lower() == "data:":
-        data = decode_data_url(source)
-        if max_bytes is not None and len(data) > max_bytes:
-            raise InvalidImageError(f"data URL: {len(data):,} bytes, over the limit of {max_bytes:,}")
-        return decode_image(data, max_pixels=max_pixels, source="data URL")
+        return decode_image(decode_data_url(source), max_pixels=max_pixels, source="data URL", max_bytes=max_bytes)
     scheme_match = _SCHEME.match(source)
     if scheme_match is None:
         return decode_image(read_regular_file(source, max_bytes), max_pixels=max_pixels, source=_short(source, 200))

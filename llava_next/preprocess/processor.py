@@ -31,7 +31,7 @@ from llava_next.model.anyres import AnyresGeometry
 from llava_next.preprocess.assistant_mask import assistant_masks, render_with_spans
 from llava_next.preprocess.batch_feature import BatchFeature
 from llava_next.preprocess.chat_messages import images_in, normalize_conversations
-from llava_next.preprocess.prompt import check_placeholders, expand_image_tokens
+from llava_next.preprocess.prompt import check_placeholders, expand_image_tokens, image_sizes_as_ints
 from llava_next.preprocess.chat_template import (
     CHAT_TEMPLATE_DIR,
     load_chat_template,
@@ -44,7 +44,7 @@ from llava_next.loading.hub import read_json
 from llava_next.preprocess.image_processor import DEFAULTS as IMAGE_SETTINGS
 from llava_next.preprocess.image_processor import LlavaNextImageProcessor, flatten_images
 from llava_next.preprocess.images import DEFAULT_MAX_PIXELS, load_image
-from llava_next.preprocess.tokenizer import Tokenizer, pop_tokenizer_settings
+from llava_next.preprocess.tokenizer import Tokenizer, pop_tokenizer_settings, text_batch
 
 PROCESSOR_FILES = ["*.json", "*.jinja", "chat_templates/*.jinja", "additional_chat_templates/*.jinja"]
 # `from_pretrained` kwargs that override processor_config.json (the __init__ arguments other than the parts).
@@ -109,17 +109,9 @@ class LlavaNextProcessor:
         config = {**read_json(folder / "processor_config.json", required=False), **settings}
         tokenizer = given_tokenizer if given_tokenizer is not None else Tokenizer.from_pretrained(
             folder, **tokenizer_settings)
-        if given_image_processor is not None:
-            image_processor = given_image_processor
-        elif (folder / "preprocessor_config.json").is_file():
-            image_processor = LlavaNextImageProcessor.from_pretrained(folder, **image_settings)
-        elif isinstance(config.get("image_processor"), dict):  # layout written by transformers 5.x
-            image_processor = LlavaNextImageProcessor.from_dict(config["image_processor"], **image_settings)
-        else:
-            raise FileNotFoundError(
-                f"no image processor settings in {str(name_or_path)!r}: expected preprocessor_config.json "
-                "or an 'image_processor' entry in processor_config.json"
-            )
+        # preprocessor_config.json, else the "image_processor" entry of processor_config.json (transformers 5.x)
+        image_processor = given_image_processor if given_image_processor is not None else \
+            LlavaNextImageProcessor.from_pretrained(folder, **image_settings)
         return cls(
             image_processor=image_processor,
             tokenizer=tokenizer,
@@ -197,14 +189,7 @@ class LlavaNextProcessor:
             raise ValueError("give at least one of images= or text=")
         allow_local_network = bool(kwargs.pop("allow_local_network", False))
         text_kwargs, image_kwargs = self._split_kwargs(kwargs)
-        texts = None
-        if text is not None:
-            if isinstance(text, str):
-                texts = [text]
-            elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-                texts = list(text)
-            else:
-                raise ValueError("text must be a string or a list of strings")
+        texts = None if text is None else text_batch(text)[0]
         flat_images = flatten_images(images) if images is not None else []
         # URLs and paths are fetched here, with the caller's local-network choice (the image processor's own
         # loading refuses local addresses)
@@ -220,7 +205,7 @@ class LlavaNextProcessor:
             image_inputs = self.image_processor.preprocess(flat_images, return_tensors=return_tensors, **image_kwargs)
         if texts is not None:
             if flat_images:
-                counts = iter(self.num_image_tokens(h, w) for h, w in _as_pairs(image_inputs["image_sizes"]))
+                counts = iter(self.num_image_tokens(h, w) for h, w in image_sizes_as_ints(image_inputs["image_sizes"]))
                 texts = [expand_image_tokens(t, self.image_token, counts) for t in texts]
             encoded = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **text_kwargs)
             self._check_image_token_counts(texts, encoded["input_ids"])
@@ -278,7 +263,6 @@ class LlavaNextProcessor:
         processor_kwargs = dict(processor_kwargs or {})
         processor_kwargs.update({k: v for k, v in kwargs.items() if k not in variables})
         allow_local_network = bool(processor_kwargs.pop("allow_local_network", kwargs.pop("allow_local_network", False)))
-        kwargs.pop("allow_local_network", None)
         conversations, batched = normalize_conversations(conversation)
         track = bool(processor_kwargs.pop("return_assistant_tokens_mask", False))
         if track and (continue_final_message or not (tokenize and return_dict)):
@@ -352,11 +336,6 @@ def _is_image_path(value: str) -> bool:
     return value.startswith(("http://", "https://", "data:image/", "file://")) or (
         len(value) < 4096 and "\n" not in value and os.path.isfile(value)
     )
-
-
-def _as_pairs(image_sizes) -> list[tuple[int, int]]:
-    sizes = image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes
-    return [(int(h), int(w)) for h, w in sizes]
 
 
 __all__ = ["LlavaNextProcessor", "AutoProcessor"]

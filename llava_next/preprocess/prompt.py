@@ -2,7 +2,7 @@
 
 One copy of each step and check for every front door: the processor, the engine (engine/prepare.py) and the
 transformers-shaped forward/generate (compat/input_checks.py, generation/args.py) use `expand_image_tokens`,
-`check_placeholders`, `encode_prompt`, `check_pixel_values`, `image_spans`, `check_room` (the one
+`check_placeholders`, `encode_prompt`, `image_sizes_as_ints`, `check_pixel_values`, `image_spans`, `check_room` (the one
 ContextLengthError) and `mm_hash`.
 Leaves out: tensors' devices and the value checks that need a host sync (the caller batches them), videos.
 """
@@ -40,6 +40,23 @@ def check_room(prompt_len: int, new_tokens: int, limit: int, new_name: str | Non
         raise ContextLengthError(
             f"the prompt has {prompt_len} tokens (image tokens included){asked}: {prompt_len + new_tokens} > "
             f"{limit_name} {limit} tokens; shorten the prompt, use fewer or smaller images{lower}")
+
+
+def image_sizes_as_ints(image_sizes) -> list[tuple[int, int]]:
+    """(images, 2) tensor/array/list of (H, W) -> python ints (one host sync, never through a float cast);
+    InvalidImageError for anything else."""
+    if image_sizes is None:
+        raise InvalidImageError("pixel_values were given without image_sizes")
+    if torch.is_tensor(image_sizes) and (image_sizes.is_floating_point() or image_sizes.dtype is torch.bool):
+        raise InvalidImageError(f"image_sizes must be integers, got {image_sizes.dtype}")
+    shape = tuple(image_sizes.shape) if hasattr(image_sizes, "shape") else None
+    try:
+        sizes = [(int(h), int(w)) for h, w in (image_sizes.tolist() if shape is not None else image_sizes)]
+    except (TypeError, ValueError):
+        sizes = None
+    if sizes is None or (shape is not None and (len(shape) != 2 or shape[1] != 2)) or not sizes:
+        raise InvalidImageError(f"image_sizes must be (images, 2) of (height, width), got {shape or image_sizes!r}")
+    return sizes
 
 
 def check_pixel_values(geometry, vision, pixel_values: torch.Tensor, sizes: list[tuple[int, int]]) -> list[int]:

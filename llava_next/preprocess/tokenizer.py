@@ -83,6 +83,15 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+def text_batch(text) -> tuple[list[str], bool]:
+    """(texts, batched) of one string or a list of strings; ValueError for anything else."""
+    if isinstance(text, str):
+        return [text], False
+    if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        return list(text), True
+    raise ValueError("text must be a string or a list of strings")
+
+
 class Tokenizer:
     """A checkpoint's tokenizer: `tokenizer(text)`, `decode(ids)` and the special-token attributes of transformers."""
 
@@ -308,12 +317,7 @@ class Tokenizer:
         **unused,
     ) -> BatchFeature:
         """Encode one text or a batch: `input_ids` and `attention_mask`, padded and tensorised on request."""
-        if isinstance(text, str):
-            batched, texts = False, [text]
-        elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-            batched, texts = True, list(text)
-        else:
-            raise ValueError("text must be a string or a list of strings")
+        texts, batched = text_batch(text)
         strategy, max_length, truncate = self._strategies(padding, truncation, max_length)
         ids = [self._encode_one(t, add_special_tokens, max_length if truncate else None) for t in texts]
         masks = [[1] * len(x) for x in ids]
@@ -440,11 +444,9 @@ class Tokenizer:
             config["extra_special_tokens"] = list(self._extra_special)
         config["padding_side"] = self.padding_side
         config["truncation_side"] = self.truncation_side
-        config["added_tokens_decoder"] = {
-            str(i): {"content": t.content, "single_word": t.single_word, "lstrip": t.lstrip, "rstrip": t.rstrip,
-                     "normalized": t.normalized, "special": t.special}
-            for i, t in sorted(self._backend.get_added_tokens_decoder().items())
-        }
+        # AddedToken's state is the {content, single_word, lstrip, rstrip, normalized, special} dict transformers writes
+        added = sorted(self._backend.get_added_tokens_decoder().items())
+        config["added_tokens_decoder"] = {str(i): token.__getstate__() for i, token in added}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return [str(folder / "tokenizer.json"), str(folder / "tokenizer_config.json")]
 
@@ -479,4 +481,4 @@ def pop_tokenizer_settings(kwargs: dict) -> dict:
     return {k: v for k, v in settings.items() if v is not None or k.endswith("_token")}
 
 
-__all__ = ["Tokenizer", "clean_up_tokenization", "pop_tokenizer_settings"]
+__all__ = ["Tokenizer", "clean_up_tokenization", "pop_tokenizer_settings", "text_batch"]

@@ -73,8 +73,8 @@ def _llguidance():
 class Grammar:
     """A compiled constraint: `matcher()` gives each sequence its own copy."""
 
-    def __init__(self, key: str, pristine):
-        self.key, self._pristine = key, pristine
+    def __init__(self, pristine):
+        self._pristine = pristine
 
     def matcher(self):
         return self._pristine.deep_copy()
@@ -119,7 +119,7 @@ class StructuredDecoding:
             if hit is not None:
                 self._cache.move_to_end(key)
         if hit is None:
-            hit = self._compile(params, key)
+            hit = self._compile(params)
             with self._lock:
                 self._cache[key] = hit
                 while len(self._cache) > CACHE_SIZE:
@@ -128,7 +128,7 @@ class StructuredDecoding:
             raise StructuredOutputError(hit)
         return hit
 
-    def _compile(self, params: StructuredOutputsParams, key: str) -> Grammar | str:
+    def _compile(self, params: StructuredOutputsParams) -> Grammar | str:
         ll = _llguidance()
         tokenizer = self._ll_tokenizer()
         kind = params.kind()
@@ -150,7 +150,7 @@ class StructuredDecoding:
         matcher = ll.LLMatcher(tokenizer, text, log_level=0, limits=limits)
         if matcher.is_error():
             return f"the {kind} constraint does not compile: {_short(matcher.get_error())}"
-        return Grammar(key, matcher)
+        return Grammar(matcher)
 
     # -- one step (engine thread) ----------------------------------------------------------------------------
     def _grown(self, buffer: torch.Tensor, rows: int, pin: bool = False) -> torch.Tensor:
