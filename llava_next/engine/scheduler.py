@@ -110,7 +110,6 @@ class Scheduler:
         self.running.remove(seq)
         self._drop_state(seq)
         seq.status = Status.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
