@@ -154,10 +154,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
-    @property
-    def stop_strings(self) -> list[str]:
-        return list(self.stop or [])
-
     def child(self, index: int) -> SamplingParams:
         """The params of completion `index` of an n > 1 request: n = 1, seed + index (vLLM's parallel sampling;
         it fits int64, checked on construction, so the copy is not validated again)."""
