@@ -61,7 +61,7 @@ class _Beams:
     def __init__(self, prompt: torch.Tensor, n: int, n_eos: int, max_new: int, fill: int, plan):
         B, P = prompt.shape
         device = prompt.device
-        self.B, self.n, self.P, self.max_new, self.max_length = B, n, P, max_new, P + max_new
+        self.B, self.n, self.P, self.max_length = B, n, P, P + max_new
         self.K = max(2, 1 + n_eos) * n  # candidates kept per step, so that n unfinished ones always remain
         self.plan = plan
         self.running_seqs = torch.full((B, n, self.max_length), fill, dtype=torch.long, device=device)

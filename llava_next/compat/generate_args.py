@@ -17,7 +17,6 @@ mapping.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from llava_next.errors import GenerationArgumentError
 from llava_next.preprocess.prompt import check_room
 from llava_next.sampling.params import GREEDY_BELOW, SamplingParams
+from llava_next.sampling.params import check_number as _check_number
 from llava_next.sampling.stopping import StopStrings, eos_token_tensor
 
 # transformers' `GenerationConfig._get_default_generation_params()` for the sampling fields.
@@ -73,12 +73,8 @@ GENERATION_ARGUMENTS = frozenset(_LOOP_ARGS) | set(HF_DEFAULTS) | set(UNSUPPORTE
 
 
 def check_number(name: str, value: Any, integer: bool = False) -> None:
-    """Type and finiteness check; bools are refused (True is an int in Python)."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise GenerationArgumentError(f"`{name}` must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
-        raise GenerationArgumentError(f"`{name}` must be finite, got {value!r}")
+    """Type and finiteness check of a generate() argument (params.check_number's, GenerationArgumentError)."""
+    _check_number(name, value, integer, error=GenerationArgumentError, label="`{}`")
 
 
 def validate_max_new_tokens(max_new_tokens: Any) -> int:
@@ -89,9 +85,10 @@ def validate_max_new_tokens(max_new_tokens: Any) -> int:
     return max_new_tokens
 
 
-def check_sampling_args(values: Mapping[str, Any]) -> None:
+def check_sampling_args(values: Mapping[str, Any]) -> dict[str, Any]:
     """transformers-style checks of the sampling arguments in `values` (missing or None: not applied); raises
-    GenerationArgumentError naming the first bad one. Only the temperature bound is for sampling alone."""
+    GenerationArgumentError naming the first bad one. Only the temperature bound is for sampling alone.
+    Returns every sampling argument, those not applied at their "off" value."""
     v = {**_OFF, **{k: x for k, x in values.items() if k in _OFF and x is not None}}
     if not isinstance(v["do_sample"], bool):
         raise GenerationArgumentError(f"`do_sample` must be a bool, got {v['do_sample']!r}")
@@ -109,6 +106,7 @@ def check_sampling_args(values: Mapping[str, Any]) -> None:
     for name, ok, rule in ranges:
         if not ok:
             raise GenerationArgumentError(f"`{name}` must be {rule}, got {v[name]}")
+    return v
 
 
 def sampling_params(kwargs: Mapping[str, Any], generation_config: Any = None, prompt_len: int = 0) -> SamplingParams:
@@ -126,8 +124,7 @@ def sampling_params(kwargs: Mapping[str, Any], generation_config: Any = None, pr
         value = merged.get(name)
         if value is not None and value not in noops:
             raise GenerationArgumentError(f"`{name}`={value!r} is not supported by llava_next")
-    v = {name: off if merged.get(name) is None else merged[name] for name, off in _OFF.items()}
-    check_sampling_args(v)
+    v = check_sampling_args(merged)
     set_min_new = merged.get("min_new_tokens") is not None
     min_tokens = v["min_new_tokens"] if set_min_new else max(v["min_length"] - prompt_len, 0)
     common = {"repetition_penalty": v["repetition_penalty"], "max_tokens": None, "min_tokens": min_tokens}
@@ -153,8 +150,6 @@ class GenerationPlan:
     def out_of_time(self) -> bool:
         """transformers' MaxTimeCriteria, on the host: True once max_time has passed since generate() began."""
         return self.deadline is not None and time.monotonic() > self.deadline
-
-
 
 
 def _merged_config(checkpoint, kwargs) -> dict:

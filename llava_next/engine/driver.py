@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 
@@ -31,6 +32,13 @@ from llava_next.errors import EngineDeadError
 logger = logging.getLogger(__name__)
 
 _END = object()
+
+
+def _ends(item) -> bool:
+    """An item a stream takes: True for the end marker; an exception (the request's or the engine's) raises."""
+    if isinstance(item, BaseException):
+        raise item
+    return item is _END
 
 
 class RequestStream:
@@ -61,10 +69,8 @@ class RequestStream:
                 self._items.append(item)
             self._ready.notify_all()
             if self._loop is not None and was_empty:
-                try:
+                with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody listens any more
                     self._loop.call_soon_threadsafe(self._event.set)
-                except RuntimeError:  # the consumer's loop is closed: nobody listens any more
-                    pass
 
     def _take(self) -> list:
         items = list(self._items)
@@ -79,10 +85,8 @@ class RequestStream:
                     self._ready.wait()
                 items = self._take()
             for item in items:
-                if item is _END:
+                if _ends(item):
                     return
-                if isinstance(item, BaseException):
-                    raise item
                 yield item
 
     def __aiter__(self):
@@ -101,10 +105,8 @@ class RequestStream:
                 await self._event.wait()
                 continue
             for item in items:
-                if item is _END:
+                if _ends(item):
                     return
-                if isinstance(item, BaseException):
-                    raise item
                 yield item
 
     def result(self) -> RequestOutput:

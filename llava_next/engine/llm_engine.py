@@ -27,6 +27,11 @@ import time
 
 import torch
 
+from llava_next.engine.attention_metadata import (
+    PagedKVCache,
+    StepAttention,
+    prefill_plan,
+)
 from llava_next.engine.block_pool import BlockPool
 from llava_next.engine.detokenizer import (
     IncrementalDetokenizer,
@@ -37,9 +42,9 @@ from llava_next.engine.detokenizer import (
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.model_runner import ModelRunner
 from llava_next.engine.outputs import CompletionOutput, RequestOutput
-from llava_next.engine.attention_metadata import PagedKVCache
 from llava_next.engine.prepare import RequestPreparer, image_limit
 from llava_next.engine.request import PreparedRequest, Sequence
+from llava_next.engine.scheduler import Scheduler
 from llava_next.sampling.params import SamplingParams
 from llava_next.sampling.structured import StructuredDecoding
 
@@ -96,12 +101,10 @@ class LLMEngine:
         self.tp_leader = tp_leader
         # KV heads this rank holds (per rank when the decoder is sharded)
         self.kv_heads = model.model.language_model.layers[0].self_attn.kv_heads
-        self.args = args
         self.model, self.processor = model, processor
         self.config = model.config
         text = self.config.text_config
         self.geometry = model.model.geometry
-        self.image_token_id = self.config.image_token_index
         self.vocab_size = model.model.language_model.embed_tokens.num_embeddings
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
@@ -119,8 +122,6 @@ class LLMEngine:
                                      text.head_dim, self.dtype, self.device)
         self.pool = BlockPool(num_blocks, args.block_size, args.enable_prefix_caching)
         self.encoder_cache = EncoderCache(args.encoder_cache_tokens or max(4 * self.max_num_batched_tokens, 16384))
-        from llava_next.engine.scheduler import Scheduler
-
         self.scheduler = Scheduler(self.pool, self.encoder_cache, self.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
         self.structured = StructuredDecoding(self._tokenizer_json, self.vocab_size, self.eos_token_ids, self.device,
@@ -145,10 +146,8 @@ class LLMEngine:
 
     def _eos_ids(self, given) -> tuple[int, ...]:
         if given is None:
-            gen = getattr(self.model, "generation_config", None)
-            given = getattr(gen, "eos_token_id", None) if gen is not None else None
-            if isinstance(gen, dict):
-                given = gen.get("eos_token_id")
+            gen = getattr(self.model, "generation_config", None)  # a dict, an object with the field, or None
+            given = gen.get("eos_token_id") if isinstance(gen, dict) else getattr(gen, "eos_token_id", None)
         if given is None:
             given = self.config.text_config.eos_token_id
         if given is None and self.tokenizer is not None:
@@ -188,8 +187,6 @@ class LLMEngine:
             probe = PagedKVCache(self.config.text_config.num_hidden_layers, 1 + -(-self.max_num_batched_tokens //
                                  args.block_size), args.block_size, self.kv_heads,
                                  self.config.text_config.head_dim, self.dtype, self.device)
-            from llava_next.engine.attention_metadata import StepAttention, prefill_plan
-
             T = self.max_num_batched_tokens
             decoder = self.model.model.language_model
             plan = prefill_plan(T, probe.num_blocks, args.block_size, decoder.windows)
@@ -221,9 +218,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         prepared = prompt if isinstance(prompt, PreparedRequest) else self.prepare(prompt, params)
         p = prepared.params
-        seqs = []
-        for i in range(p.n):
-            seqs.append(Sequence(request_id, i, prepared, p.child(i), self.eos_token_ids))
+        seqs = [Sequence(request_id, i, prepared, p.child(i), self.eos_token_ids) for i in range(p.n)]
         self.groups[request_id] = _Group(request_id, prepared, seqs)
         for seq in seqs:
             self.scheduler.add(seq)

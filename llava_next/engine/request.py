@@ -78,7 +78,6 @@ class Sequence:
         self.num_hashed_blocks = 0  # full blocks already registered in the prefix cache
         self.block_hashes: list[bytes] = []  # hash of each full block of token_ids, computed lazily
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first scheduling
-        self.num_preemptions = 0
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.matcher = None if prepared.grammar is None else prepared.grammar.matcher()  # its grammar's state
         self.finish_reason: str | None = None

@@ -106,12 +106,10 @@ class Sampler:
 
     def _new_slot(self, seq: Sequence, vocab: int) -> int:
         """A row of the count tables holding this sequence's prompt tokens and output counts (once)."""
-        if self._counts is None or self._counts.shape[1] != vocab + 1:
+        if self._counts is None:  # one vocabulary per sampler: the width of the model's logits
             self._counts = torch.zeros(8, vocab + 1, dtype=torch.int32, device=self.device)
             self._prompt = torch.zeros(8, vocab + 1, dtype=torch.bool, device=self.device)
             self._free = list(range(8))
-            for row in self._rows.values():
-                row.slot = None  # (only when the vocab changes: never in one engine)
         if not self._free:  # grow by doubling
             n = self._counts.shape[0]
             self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)])

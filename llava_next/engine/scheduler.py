@@ -110,7 +110,6 @@ class Scheduler:
         self.running.remove(seq)
         self._drop_state(seq)
         seq.status = Status.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -152,8 +151,7 @@ class Scheduler:
                 self.pool.touch(hits)
                 seq.block_ids = list(hits)
                 seq.num_hashed_blocks = len(hits)
-                need += self._lookahead(seq, computed + num_new, need, self.pool.num_free)
-                seq.block_ids.extend(self.pool.allocate(need))
+                self._grow(seq, computed + num_new)  # the `need` new blocks (checked above) and the lookahead
                 seq.num_computed_tokens = computed
                 if seq.num_cached_tokens is None:  # reported once, at first scheduling (as vLLM)
                     seq.num_cached_tokens = computed

@@ -28,6 +28,7 @@ chunk of a 72B on NVLink), restarting a dead worker.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
@@ -58,7 +59,7 @@ def _init_group(rank: int, world: int, store, backend: str, timeout_s: float):
             os.environ.pop("GLOO_SOCKET_IFNAME", None)
 
 
-def _rendezvous(leader: TPLeader, world: int, store):
+def _rendezvous(leader: TPLeader, world: int, store) -> None:
     """Wait until every worker has connected to rank 0's store, checking that none died meanwhile (a worker that
     fails to start is an error at once, not a TIMEOUT_S wait)."""
     keys = [f"ready{rank}" for rank in range(1, world)]
@@ -68,7 +69,6 @@ def _rendezvous(leader: TPLeader, world: int, store):
         if time.monotonic() > deadline:
             raise EngineDeadError(f"tensor-parallel workers did not connect within {TIMEOUT_S} s")
         time.sleep(0.05)
-    return store
 
 
 def _device(rank: int, device_type: str) -> torch.device:
@@ -120,6 +120,10 @@ def _worker(rank: int, world: int, port: int, path: str, dtype, device_type: str
     text = model.config.text_config
     kv_heads = decoder.layers[0].self_attn.kv_heads
     dtype = model.lm_head.weight.dtype
+
+    def pool(num_blocks: int, block_size: int) -> PagedKVCache:  # this rank's KV heads, rank 0's block count
+        return PagedKVCache(text.num_hidden_layers, num_blocks, block_size, kv_heads, text.head_dim, dtype, device)
+
     cache = None
     with torch.inference_mode():
         while True:
@@ -129,14 +133,11 @@ def _worker(rank: int, world: int, port: int, path: str, dtype, device_type: str
             if kind == "stop":
                 break
             if kind == "setup":  # the pool: the number of blocks rank 0 decided
-                num_blocks, block_size = args
-                cache = PagedKVCache(text.num_hidden_layers, num_blocks, block_size, kv_heads, text.head_dim,
-                                     dtype, device)
+                cache = pool(*args)
                 continue
             if kind == "profile":  # rank 0 profiles a worst-case forward: do the same one
                 T, num_blocks, block_size = args
-                probe = PagedKVCache(text.num_hidden_layers, num_blocks, block_size, kv_heads, text.head_dim,
-                                     dtype, device)
+                probe = pool(num_blocks, block_size)
                 plan, step_cache = prefill_plan(T, num_blocks, block_size, decoder.windows), probe
             else:  # "step"
                 plan, step_cache = args[0], cache
@@ -152,8 +153,8 @@ def _worker(rank: int, world: int, port: int, path: str, dtype, device_type: str
 class TPLeader:
     """Rank 0's side: the worker processes and the broadcasts of the plan."""
 
-    def __init__(self, world: int, procs: list, device: torch.device):
-        self.world, self.procs, self.device = world, procs, device
+    def __init__(self, world: int, procs: list):
+        self.world, self.procs = world, procs
         self.dead: str | None = None
         self.stopped = False
 
@@ -218,22 +219,16 @@ class TPLeader:
             return
         self.stopped = True
         if self.dead is None and not self._dead_workers():  # in step: the workers wait for a plan
-            try:
+            with contextlib.suppress(RuntimeError):
                 dist.broadcast_object_list([("stop",)], src=0)
-            except RuntimeError:
-                pass
             for p in self.procs:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(timeout=JOIN_S)
-                except subprocess.TimeoutExpired:
-                    pass
         for p in self.procs:  # out of step (or slow to stop): they may sit in a collective forever
             if p.poll() is None:
                 p.kill()  # by pid, our own child
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -253,12 +248,11 @@ def start(path, world: int, dtype=None, device: str | torch.device | None = None
                           wait_for_workers=False)
     port = store.port
     procs = [_launch(rank, world, port, str(path), dtype, device_type) for rank in range(1, world)]
-    leader = TPLeader(world, procs, torch.device("cpu"))
+    leader = TPLeader(world, procs)
     try:
         _rendezvous(leader, world, store)
         _init_group(0, world, store, "nccl" if device_type == "cuda" else "gloo", TIMEOUT_S)
-        leader.device = _device(0, device_type)
-        model, generation = _load(path, 0, world, leader.device, dtype)
+        model, generation = _load(path, 0, world, _device(0, device_type), dtype)
         leader.check_alive()
     except BaseException as exc:
         dead = leader._dead_workers()

@@ -68,16 +68,16 @@ class LogitsPipeline:
         if self._eos is not None and self._eos.numel() > 0 and p.min_tokens > 0:
             steps.append(self._min_tokens)
         if sample and p.temperature != 1.0:  # transformers' former "warpers" only act when sampling
-            steps.append(self._temperature)
+            steps.append(lambda scores, *_: temperature(scores, p.temperature))
         self.monotone_steps = tuple(steps)  # per entry, order-keeping
-        selection = []
+        selection, keep = [], self.keep
         if sample:
             if p.top_k > 0:  # 0 or -1: off
-                selection.append(self._top_k)
+                selection.append(lambda scores, *_: top_k(scores, min(max(p.top_k, keep), scores.shape[-1])))
             if p.top_p < 1.0:
-                selection.append(self._top_p)
+                selection.append(lambda scores, *_: top_p(scores, 1 - p.top_p, keep))
             if p.min_p > 0.0:  # min_p == 0 removes nothing
-                selection.append(self._min_p)
+                selection.append(lambda scores, *_: min_p(scores, p.min_p, keep))
         self.selection_steps = tuple(selection)
         self.steps = self.monotone_steps + self.selection_steps
         # How many best entries of the monotone scores decide the token: 1 for greedy, top_k when sampling
@@ -147,7 +147,8 @@ class LogitsPipeline:
         """Raw logits (B, V) -> next tokens (B,): every step, then argmax or a draw."""
         return self.sample(self(input_ids, logits, valid, seen=seen), generator)
 
-    # Each step: (scores (B, V), input_ids (B, T), valid (B, T) | None, cur_len, seen (B, V + 1) | None) -> (B, V)
+    # Each step: (scores (B, V), input_ids (B, T), valid (B, T) | None, cur_len, seen (B, V + 1) | None) -> (B, V);
+    # the sampling-only steps (temperature and the selection) read the scores alone.
 
     def _repetition_penalty(self, scores, input_ids, valid, cur_len, seen):
         V = scores.shape[-1]
@@ -166,18 +167,6 @@ class LogitsPipeline:
             return scores.index_fill(-1, self._eos_ids[key], -math.inf) if cur_len < self.eos_until else scores
         blocked = self._eos_mask[key] & (cur_len < self.eos_until)  # cur_len a 0-d device tensor: no sync
         return scores.masked_fill(blocked, -math.inf)
-
-    def _temperature(self, scores, input_ids, valid, cur_len, seen):
-        return temperature(scores, self.params.temperature)
-
-    def _top_k(self, scores, input_ids, valid, cur_len, seen):
-        return top_k(scores, min(max(self.params.top_k, self.keep), scores.shape[-1]))
-
-    def _top_p(self, scores, input_ids, valid, cur_len, seen):
-        return top_p(scores, 1 - self.params.top_p, self.keep)
-
-    def _min_p(self, scores, input_ids, valid, cur_len, seen):
-        return min_p(scores, self.params.min_p, self.keep)
 
 
 # The processors' math, shared by LogitsPipeline (one float per call) and the engine's batched sampler

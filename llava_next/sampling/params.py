@@ -44,17 +44,21 @@ MAX_LOGIT_BIAS = 1024
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it samples greedily (dividing by it would overflow)
 
 
-def _number(name: str, value: Any, integer: bool = False, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> None:
+def check_number(name: str, value: Any, integer: bool = False, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, error: type[ValueError] = SamplingParamsError,
+                 label: str = "SamplingParams.{}") -> None:
+    """Type, finiteness and bounds of one number; bools are refused (True is an int in Python). The error names
+    it as `label` formats `name` (generate()'s arguments: GenerationArgumentError, "`{}`")."""
     kinds = (int,) if integer else (int, float)
+    name = label.format(name)
     if isinstance(value, bool) or not isinstance(value, kinds):
-        raise SamplingParamsError(f"SamplingParams.{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+        raise error(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
     if not math.isfinite(value):
-        raise SamplingParamsError(f"SamplingParams.{name} must be finite, got {value!r}")
+        raise error(f"{name} must be finite, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
-        raise SamplingParamsError(f"SamplingParams.{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+        raise error(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and value > high:
-        raise SamplingParamsError(f"SamplingParams.{name} must be <= {high}, got {value!r}")
+        raise error(f"{name} must be <= {high}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -85,27 +89,27 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise SamplingParamsError naming the first bad field; normalises `stop` to a list."""
-        _number("n", self.n, integer=True, low=1, high=MAX_N)
-        _number("temperature", self.temperature, low=0.0)
-        _number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
-        _number("top_k", self.top_k, integer=True, low=-1)
-        _number("min_p", self.min_p, low=0.0, high=1.0)
+        check_number("n", self.n, integer=True, low=1, high=MAX_N)
+        check_number("temperature", self.temperature, low=0.0)
+        check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_number("top_k", self.top_k, integer=True, low=-1)
+        check_number("min_p", self.min_p, low=0.0, high=1.0)
         if self.seed is not None:
-            _number("seed", self.seed, integer=True, low=-MAX_SEED - 1, high=MAX_SEED)
+            check_number("seed", self.seed, integer=True, low=-MAX_SEED - 1, high=MAX_SEED)
             if self.seed + self.n - 1 > MAX_SEED:  # completion i is seeded with seed + i
                 raise SamplingParamsError(f"SamplingParams.seed + n - 1 (the seed of the last completion) must be "
                                           f"<= {MAX_SEED}, got seed={self.seed} with n={self.n}")
         if self.max_tokens is not None:
-            _number("max_tokens", self.max_tokens, integer=True, low=1)
-        _number("min_tokens", self.min_tokens, integer=True, low=0)
+            check_number("max_tokens", self.max_tokens, integer=True, low=1)
+        check_number("min_tokens", self.min_tokens, integer=True, low=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise SamplingParamsError(f"SamplingParams.min_tokens ({self.min_tokens}) must be <= max_tokens "
                                       f"({self.max_tokens})")
         if self.logprobs is not None:
-            _number("logprobs", self.logprobs, integer=True, low=0, high=MAX_LOGPROBS)
-        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
-        _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
-        _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+            check_number("logprobs", self.logprobs, integer=True, low=0, high=MAX_LOGPROBS)
+        check_number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        check_number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        check_number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
@@ -142,17 +146,13 @@ class SamplingParams:
                 token = int(key) if isinstance(key, str) and key.isdigit() else key
                 if isinstance(token, bool) or not isinstance(token, int) or token < 0:
                     raise SamplingParamsError(f"SamplingParams.logit_bias keys must be token ids, got {key!r}")
-                _number("logit_bias", value, low=-100.0, high=100.0)
+                check_number("logit_bias", value, low=-100.0, high=100.0)
                 clean[token] = float(value)
             self.logit_bias = clean or None
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
-
-    @property
-    def stop_strings(self) -> list[str]:
-        return list(self.stop or [])
 
     def child(self, index: int) -> SamplingParams:
         """The params of completion `index` of an n > 1 request: n = 1, seed + index (vLLM's parallel sampling;

@@ -43,16 +43,15 @@ def eos_reached(next_tokens: torch.Tensor, eos: torch.Tensor | None) -> torch.Te
 class StopStrings:
     """`stop_strings` (str or list) checked on the decoded tail of each row.
 
-    tokenizer: anything with `decode(ids: list[int], **decode_kwargs) -> str`.
+    tokenizer: anything with `decode(ids: list[int]) -> str`.
     """
 
-    def __init__(self, tokenizer: Any, stop_strings: str | Sequence[str], **decode_kwargs: Any):
+    def __init__(self, tokenizer: Any, stop_strings: str | Sequence[str]):
         strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
         if not strings or not all(isinstance(s, str) and s for s in strings):
             raise GenerationArgumentError(f"`stop_strings` must be non-empty strings, got {stop_strings!r}")
         self.tokenizer = tokenizer
         self.stop_strings = tuple(strings)
-        self.decode_kwargs = decode_kwargs
         # A character can take up to 4 byte-fallback tokens; one more token absorbs the leading-space
         # stripping that SentencePiece decoders apply to the first token of a decode.
         self.window = 4 * max(len(s) for s in strings) + 2
@@ -62,8 +61,8 @@ class StopStrings:
         tail = list(ids[-self.window :])
         if not tail:
             return False
-        before = self.tokenizer.decode(tail[:-1], **self.decode_kwargs)
-        text = self.tokenizer.decode(tail, **self.decode_kwargs)
+        before = self.tokenizer.decode(tail[:-1])
+        text = self.tokenizer.decode(tail)
         new_from = len(os.path.commonprefix([before, text]))  # where the newest token's text begins
         return any(text.find(s, max(0, new_from - len(s) + 1)) != -1 for s in self.stop_strings)
 
