@@ -16,6 +16,27 @@ from llava_next.engine.llm_engine import LLMEngine
 from llava_next.errors import ContextLengthError, EngineDeadError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4)
+LIMIT_S = 120  # no stream in these tests may take longer: a driver that never ends a stream fails, not hangs
+
+
+def bounded(fn, *args):
+    """fn(*args) on a daemon thread, failing the test if it has not returned within LIMIT_S (its exception is
+    re-raised here)."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(LIMIT_S)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} did not return within {LIMIT_S} s"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 @pytest.fixture
@@ -43,12 +64,13 @@ def test_threads_and_asyncio_get_their_own_exact_streams(driver):
         return [o async for o in d.submit(f"a{i}", prompts[i], GREEDY)]
 
     async def main():
-        return await asyncio.gather(consume(2), consume(3))
+        return await asyncio.wait_for(asyncio.gather(consume(2), consume(3)), LIMIT_S)
 
     for i, outs in zip((2, 3), asyncio.run(main())):
         results[i] = outs
     for t in threads:
-        t.join(30)
+        t.join(LIMIT_S)
+        assert not t.is_alive(), "a thread's stream did not end"
     for i, outs in results.items():
         assert outs[-1].finished and all(not o.finished for o in outs[:-1])
         assert outs[-1].outputs[0].token_ids == reference(model, prompts[i], 4)
@@ -64,7 +86,7 @@ def test_bad_request_raises_in_the_caller_and_others_continue(driver):
     stream = d.submit("ok", case([], 5), SamplingParams(temperature=0.0, max_tokens=6))
     with pytest.raises(ContextLengthError):
         d.submit("bad", {"prompt_token_ids": [5] * 5000}, GREEDY)
-    assert stream.result().outputs[0].finish_reason == "length" and d.healthy
+    assert bounded(stream.result).outputs[0].finish_reason == "length" and d.healthy
 
 
 def test_abort_ends_the_stream_and_frees_blocks(driver):
@@ -72,9 +94,9 @@ def test_abort_ends_the_stream_and_frees_blocks(driver):
     stream = d.submit("long", case([(500, 316)], 6), SamplingParams(temperature=0.0, max_tokens=3000 - 1500,
                                                                    ignore_eos=True))
     it = iter(stream)
-    next(it)
+    bounded(next, it)
     d.abort("long")
-    last = list(it)[-1]
+    last = bounded(list, it)[-1]
     assert last.finished and last.outputs[0].finish_reason == "abort"
     deadline = time.time() + 5
     while d.stats()["kv_blocks_used"] and time.time() < deadline:
@@ -96,7 +118,7 @@ def test_engine_fault_ends_every_stream_and_refuses_new_work(tiny_pair, monkeypa
     streams = [d.submit(f"r{i}", case([], i), GREEDY) for i in range(3)]
     for s in streams:
         with pytest.raises(EngineDeadError):
-            list(s)
+            bounded(list, s)
     assert not d.healthy
     with pytest.raises(EngineDeadError):
         d.submit("later", case([], 9), GREEDY)
