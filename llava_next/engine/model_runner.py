@@ -4,8 +4,10 @@ lm_head at the sampling positions, sampling.
 Input of a step (scheduler.SchedulerOutput): per sequence its first new position and its number of new
 tokens. The runner orders the rows (one-token rows, continuing chunks, chunks from position 0), builds the
 step's host plan once with numpy (attention_metadata.plan_step: positions, slots, block tables, sampling rows)
-and moves it to the device in one transfer. It runs the CLIP tower once over the tiles of every image the step
-needs that the encoder cache lacks, writes image features over placeholders only for the chunks that hold some (a pure
+and moves it to the device in one transfer; a lone sequence's one-token step (generate() at batch 1, a
+one-request engine; eager mode) needs no plan (attention_metadata.LoneDecode: constant host work, no index
+tensors). It runs the CLIP tower once over the tiles of every image the step needs that the encoder cache
+lacks, writes image features over placeholders only for the chunks that hold some (a pure
 decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)` and applies the
 lm_head only to the rows that sample. Grammar masks of constrained rows (sampling/structured.py) are computed
 on a worker thread during the forward where a core is free (a GPU engine; a CPU engine whose torch threads leave
@@ -34,7 +36,12 @@ import warnings
 import numpy as np
 import torch
 
-from llava_next.engine.attention_metadata import PagedKVCache, StepAttention, plan_step
+from llava_next.engine.attention_metadata import (
+    LoneDecode,
+    PagedKVCache,
+    StepAttention,
+    plan_step,
+)
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.request import Sequence
 from llava_next.engine.sampler import Sampler
@@ -202,6 +209,10 @@ class ModelRunner:
             pad = bucket[0] - B
             ids = (torch.cat([ids, ids.new_zeros(pad)]) if on_device
                    else np.concatenate([ids, np.zeros(pad, np.int64)]))
+        if B == 1 and num_decodes == 1 and bucket is None and self.tp_leader is None:
+            meta = LoneDecode.of(self.cache, self.decoder.windows, int(starts[0]), tables[0])
+            if meta is not None:  # no host plan, no index tensors: a cost that does not grow with the context
+                return self._lone_forward(meta, ids, write, head, position_offset, len(sample_rows))
         plan = plan_step(starts, num_new, tables, self.cache.block_size, self.cache.scratch_block,
                          self.decoder.windows, num_decodes, sample_rows, bucket)
         if position_offset is not None:
@@ -226,6 +237,19 @@ class ModelRunner:
             return None
         last = hidden[0] if len(sample_rows) == len(positions) else hidden[0, rows]  # (n, D): every row, or a gather
         return self.model.lm_head(last) if head else last  # (n, V): lm_head only where we sample
+
+    def _lone_forward(self, meta: LoneDecode, ids, write, head: bool, position_offset, samples: int):
+        """forward() of one sequence's one new token (ids (1,), numpy or on the device) -> (1, V) or (1, D)."""
+        position = meta.slot - meta.first + (0 if position_offset is None else int(position_offset[0]))
+        positions = torch.tensor([[position]]).to(self.device, non_blocking=True)  # (1, 1), no host sync
+        ids = ids if isinstance(ids, torch.Tensor) else torch.from_numpy(ids).to(self.device, non_blocking=True)
+        embeds = self.decoder.embed_tokens(ids)  # (1, D)
+        if write is not None:
+            write(embeds)
+        hidden = self.decoder(embeds[None], positions, meta, KERNELS)[0]  # (1, D)
+        if not samples:
+            return None
+        return self.model.lm_head(hidden) if head else hidden
 
     def _write_images(self, embeds, order, with_images, num_new) -> None:
         """Write image features over the placeholders of the chunks that hold some (embeds (T, D) in place)."""
