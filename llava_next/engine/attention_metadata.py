@@ -45,6 +45,8 @@ class PagedKVCache:
         shape = (num_layers, num_kv_heads, (num_blocks + 1) * block_size, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, Hkv, slots, Hd)
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, Hkv, slots, Hd)
+        # per layer its (Hkv, slots, Hd) key and value views, made once (not one select per layer per step)
+        self.layers = list(zip(self.keys.unbind(0), self.values.unbind(0)))
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block = num_blocks  # padding rows write and read here only
 
@@ -218,7 +220,7 @@ class StepAttention:
 
     def attend(self, layer, q, k, v, window, scale, backend):
         """q (1, H, T, Hd), new k/v (1, Hkv, T, Hd) -> (1, H, T, Hd)."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]  # (Hkv, slots, Hd)
+        keys, values = self.cache.layers[layer]  # (Hkv, slots, Hd) each
         keys.index_copy_(1, self.slot_mapping, k[0])
         values.index_copy_(1, self.slot_mapping, v[0])
         Hkv, H, Hd, bs = keys.shape[0], q.shape[1], q.shape[3], self.cache.block_size
@@ -267,7 +269,7 @@ class LoneDecode:
 
     def attend(self, layer, q, k, v, window, scale, backend):
         """q (1, H, 1, Hd), the new k/v (1, Hkv, 1, Hd) -> (1, H, 1, Hd)."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]  # (Hkv, slots, Hd)
+        keys, values = self.cache.layers[layer]  # (Hkv, slots, Hd) each
         keys.narrow(1, self.slot, 1).copy_(k[0])
         values.narrow(1, self.slot, 1).copy_(v[0])
         return attend(q, keys[None, :, self.first:self.end], values[None, :, self.first:self.end], None, scale,
