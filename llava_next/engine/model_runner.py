@@ -142,6 +142,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed)
         self.steps: dict[tuple[int, int], DecodeStep] = {}  # (batch bucket, key bucket) -> its static step
         self.graph_pool = None  # the CUDA graphs' shared memory pool, made at the first capture
+        self._lone_position = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # (1, 1) LoneDecode's RoPE
 
     def check_weights(self, pool) -> None:
         """Empty the encoder cache and the pool's prefix cache if the model's weights changed (model/stamp.py)
@@ -241,7 +242,7 @@ class ModelRunner:
     def _lone_forward(self, meta: LoneDecode, ids, write, head: bool, position_offset, samples: int):
         """forward() of one sequence's one new token (ids (1,), numpy or on the device) -> (1, V) or (1, D)."""
         position = meta.slot - meta.first + (0 if position_offset is None else int(position_offset[0]))
-        positions = torch.tensor([[position]]).to(self.device, non_blocking=True)  # (1, 1), no host sync
+        positions = self._lone_position.fill_(position)  # (1, 1): a device fill, no transfer
         ids = ids if isinstance(ids, torch.Tensor) else torch.from_numpy(ids).to(self.device, non_blocking=True)
         embeds = self.decoder.embed_tokens(ids)  # (1, D)
         if write is not None:
