@@ -16,10 +16,10 @@ T new keys/values, and per group one gather (whole blocks) of its (B_g, Hkv, S_g
 padding + causal (+ window) mask: at most three attention calls per layer (decodes, continuing chunks, chunks
 from position 0) whatever the batch.
 
-`LoneDecode` is the metadata of the commonest step of all, one sequence's one new token whose blocks are
-consecutive (generate() at batch 1, a one-request engine): no host plan and no index tensors, the new key and
-value written at their slot and the keys read in place as a slice of the pool, so its host cost does not grow
-with the context (the general plan converts the whole block table every step).
+`LoneSequence` is the metadata of the commonest steps of all, one sequence's one new token or its prompt
+from position 0, its blocks consecutive (generate() at batch 1, a one-request engine): no host plan and no index
+tensors, the new keys and values written at their slots and the keys read in place as a slice of the pool, so
+its host cost does not grow with the context (the general plan converts the whole block table every step).
 
 Exactness: the same dot products and softmax as generate() over the same keys (fp32 CPU logits within 1e-4);
 a lone decode runs the exact call generate() makes (no mask), and prefill chunks that all start at position 0
@@ -245,34 +245,37 @@ class StepAttention:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-class LoneDecode:
-    """The attention metadata of a step that is one sequence's one new token at slot index `start`, its keys
-    0..start in consecutive blocks starting at `first_block` (generate() at batch 1, an engine with one running
-    request): what plan_step + StepAttention.build give for that step (the new key/value written at its slot,
-    every key read in place as a slice of the pool, no mask), built at a host cost that does not grow with the
-    context and with no index tensors. `LoneDecode.of` says when it applies."""
+class LoneSequence:
+    """The attention metadata of a step that is one sequence's `n` new tokens at slot indices start..start+n-1,
+    its keys 0..start+n-1 in consecutive blocks from `first_block`, when no mask tensor is needed: one new token
+    (no mask: generate() at batch 1, a one-request engine) or a chunk from position 0 (causal: their prefill).
+    It is what plan_step + StepAttention.build give for that step (the new keys/values written at their slots,
+    every key read in place as a slice of the pool), built at a host cost that does not grow with the context
+    and with no index tensors. `LoneSequence.of` says when it applies."""
 
-    def __init__(self, cache: PagedKVCache, first_block: int, start: int):
-        self.cache = cache
+    def __init__(self, cache: PagedKVCache, first_block: int, start: int, n: int):
+        self.cache, self.n = cache, n
         self.first = first_block * cache.block_size  # slot of key 0
-        self.slot = self.first + start  # the new token's slot
-        self.end = self.slot + 1
+        self.slot = self.first + start  # the first new token's slot
+        self.end = self.slot + n
+        self.mask = None if n == 1 else "causal"  # (start == 0 when n > 1)
 
     @classmethod
-    def of(cls, cache: PagedKVCache, windows, start: int, blocks: list[int]) -> LoneDecode | None:
-        """None when the sequence's blocks are not consecutive or a sliding window cuts its keys."""
-        S, first = start + 1, blocks[0]
-        n = -(-S // cache.block_size)
-        if (n > 1 and blocks[:n] != list(range(first, first + n))) or _window_cuts(windows, S):
+    def of(cls, cache: PagedKVCache, windows, start: int, n: int, blocks: list[int]) -> LoneSequence | None:
+        """None when it does not apply: a chunk that continues (a mask with its offset), blocks that are not
+        consecutive, or a sliding window that cuts the keys."""
+        S, first = start + n, blocks[0]
+        k = -(-S // cache.block_size)
+        if (n > 1 and start) or (k > 1 and blocks[:k] != list(range(first, first + k))) or _window_cuts(windows, S):
             return None
-        return cls(cache, first, start)
+        return cls(cache, first, start, n)
 
     def attend(self, layer, q, k, v, window, scale, backend):
-        """q (1, H, 1, Hd), the new k/v (1, Hkv, 1, Hd) -> (1, H, 1, Hd)."""
+        """q (1, H, n, Hd), the new k/v (1, Hkv, n, Hd) -> (1, H, n, Hd)."""
         keys, values = self.cache.layers[layer]  # (Hkv, slots, Hd) each
-        keys.narrow(1, self.slot, 1).copy_(k[0])
-        values.narrow(1, self.slot, 1).copy_(v[0])
-        return attend(q, keys[None, :, self.first:self.end], values[None, :, self.first:self.end], None, scale,
+        keys.narrow(1, self.slot, self.n).copy_(k[0])
+        values.narrow(1, self.slot, self.n).copy_(v[0])
+        return attend(q, keys[None, :, self.first:self.end], values[None, :, self.first:self.end], self.mask, scale,
                       backend)  # the keys (1, Hkv, S, Hd) in place
 
 
