@@ -47,7 +47,8 @@ def test_lone_sequence_writes_and_reads_what_the_step_plan_does(blocks, start, n
     meta, positions, _, _ = StepAttention.build(plan_cache, [None], plan, "cpu")
     assert positions.tolist() == list(range(start, start + n))
     for layer in (0, 1):
-        assert torch.equal(lone.attend(layer, q, k, v, None, 0.3, "sdpa"), meta.attend(layer, q, k, v, None, 0.3, "sdpa"))
+        out = lone.attend(layer, q, k, v, None, 0.3, "sdpa")
+        assert torch.equal(out, meta.attend(layer, q, k, v, None, 0.3, "sdpa"))
     assert torch.equal(lone_cache.keys, plan_cache.keys) and torch.equal(lone_cache.values, plan_cache.values)
 
 

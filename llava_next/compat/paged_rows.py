@@ -106,7 +106,7 @@ class GenerateRunner:
         """Rows for `batch` sequences of up to `max_len` tokens each; forgets the remembered row. One call runs
         at a time per model (its generation_lock), so the pool starts empty again (blocks still held here were
         lost by a failed call), handing out blocks in order: a lone row's blocks are consecutive and its
-        attention reads them in place (attention_metadata.Group.view_start)."""
+        attention reads them in place (attention_metadata.LoneSequence, Group.view_start)."""
         self.forget()
         self._ensure(blocks_needed(batch, max_len), dtype, headroom)
         self.pool = BlockPool(self.cache.num_blocks, BLOCK_SIZE, enable_prefix_caching=False)

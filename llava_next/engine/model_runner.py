@@ -6,9 +6,9 @@ tokens. The runner orders the rows (one-token rows, continuing chunks, chunks fr
 step's host plan once with numpy (attention_metadata.plan_step: positions, slots, block tables, sampling rows)
 and moves it to the device in one transfer; a lone sequence's one-token step or prompt from position 0
 (generate() at batch 1, a one-request engine; eager mode) needs no plan (attention_metadata.LoneSequence:
-constant host work, no index tensors). It runs the CLIP tower once over the tiles of every image the step needs that the encoder cache
-lacks, writes image features over placeholders only for the chunks that hold some (a pure
-decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)` and applies the
+constant host work, one index tensor). It runs the CLIP tower once over the tiles of every image the step
+needs that the encoder cache lacks, writes image features over placeholders only for the chunks that hold some
+(a pure decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)` and applies the
 lm_head only to the rows that sample. Grammar masks of constrained rows (sampling/structured.py) are computed
 on a worker thread during the forward where a core is free (a GPU engine; a CPU engine whose torch threads leave
 one), else right after it, and applied with the rows' logit_bias right before the sampler.
@@ -142,7 +142,9 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed)
         self.steps: dict[tuple[int, int], DecodeStep] = {}  # (batch bucket, key bucket) -> its static step
         self.graph_pool = None  # the CUDA graphs' shared memory pool, made at the first capture
-        self._lone_position = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # (1, 1) a lone decode's RoPE
+        # a lone decode's RoPE position (1, 1) and slot (1,), filled each step (attention_metadata.LoneSequence)
+        self._lone_position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self._lone_slot = torch.zeros(1, dtype=torch.long, device=self.device)
 
     def check_weights(self, pool) -> None:
         """Empty the encoder cache and the pool's prefix cache if the model's weights changed (model/stamp.py)
@@ -211,7 +213,8 @@ class ModelRunner:
             ids = (torch.cat([ids, ids.new_zeros(pad)]) if on_device
                    else np.concatenate([ids, np.zeros(pad, np.int64)]))
         if B == 1 and bucket is None and self.tp_leader is None:
-            meta = LoneSequence.of(self.cache, self.decoder.windows, int(starts[0]), int(num_new[0]), tables[0])
+            meta = LoneSequence.of(self.cache, self.decoder.windows, int(starts[0]), int(num_new[0]), tables[0],
+                                   self._lone_slot)
             if meta is not None:  # no host plan, no index tensors: a cost that does not grow with the context
                 return self._lone_forward(meta, ids, write, head, position_offset, len(sample_rows))
         plan = plan_step(starts, num_new, tables, self.cache.block_size, self.cache.scratch_block,
