@@ -106,7 +106,7 @@ class GenerateRunner:
         """Rows for `batch` sequences of up to `max_len` tokens each; forgets the remembered row. One call runs
         at a time per model (its generation_lock), so the pool starts empty again (blocks still held here were
         lost by a failed call), handing out blocks in order: a lone row's blocks are consecutive and its
-        attention reads them in place (attention_metadata.Group.view_start)."""
+        attention reads them in place (attention_metadata.LoneSequence, Group.view_start)."""
         self.forget()
         self._ensure(blocks_needed(batch, max_len), dtype, headroom)
         self.pool = BlockPool(self.cache.num_blocks, BLOCK_SIZE, enable_prefix_caching=False)
@@ -160,6 +160,7 @@ class Rows:
         self.tables: list[list[int]] = [[] for _ in range(batch)]
         self.lengths = np.zeros(batch, np.int64)  # (B,)
         self.offsets: np.ndarray | None = None  # (B,) RoPE position minus slot of the next token, if not 0
+        self._room = 0  # decode steps every row's blocks still hold (0: grow first, or unknown since a change)
         self._ones, self._rows = np.ones(batch, np.int64), np.arange(batch)
 
     def _grow(self, need: np.ndarray) -> None:
@@ -174,7 +175,7 @@ class Rows:
         token's logits (B, V), or its hidden state (B, D) with head=False."""
         starts = self.lengths.copy()
         self._grow(starts + num_new)
-        self.lengths = starts + num_new
+        self.lengths, self._room = starts + num_new, 0
         sample_rows = np.cumsum(num_new) - 1  # (B,)
         ids = np.zeros(int(num_new.sum()), np.int64)  # every row is written over by `embeds`
 
@@ -186,8 +187,10 @@ class Rows:
     def decode(self, tokens: torch.Tensor, head: bool = True) -> torch.Tensor:
         """tokens (B,) on the device -> logits (B, V) for the next token (hidden (B, D) with head=False)."""
         starts = self.lengths
-        if (starts % BLOCK_SIZE == 0).any():
+        if not self._room:  # a row's next token needs a new block (or the tables changed): grow, count again
             self._grow(starts + 1)
+            self._room = min(len(table) * BLOCK_SIZE - int(n) for table, n in zip(self.tables, starts))
+        self._room -= 1
         self.lengths = starts + 1
         B = len(self.tables)
         if self._ones.shape[0] != B:
@@ -222,7 +225,7 @@ class Rows:
             for kv in (cache.keys, cache.values):  # (L, Hkv, slots, Hd)
                 kv.index_copy_(2, dst_t, kv.index_select(2, src_t))
         self.tables = tables
-        self.lengths = self.lengths[parents]
+        self.lengths, self._room = self.lengths[parents], 0
         self.offsets = None if self.offsets is None else self.offsets[parents]
 
     def truncate(self, length: int) -> None:
@@ -231,12 +234,12 @@ class Rows:
         for table in self.tables:
             self.owner.pool.release(table[keep:])
             del table[keep:]
-        self.lengths = np.minimum(self.lengths, length)
+        self.lengths, self._room = np.minimum(self.lengths, length), 0
 
     def release(self) -> None:
         for table in self.tables:
             self.owner.pool.release(table)
-        self.tables = [[] for _ in self.tables]
+        self.tables, self._room = [[] for _ in self.tables], 0
 
 
 def prompt_ids(input_ids, inputs_embeds) -> torch.Tensor:

@@ -16,6 +16,11 @@ T new keys/values, and per group one gather (whole blocks) of its (B_g, Hkv, S_g
 padding + causal (+ window) mask: at most three attention calls per layer (decodes, continuing chunks, chunks
 from position 0) whatever the batch.
 
+`LoneSequence` is the metadata of the commonest steps of all, one sequence's one new token or its prompt
+from position 0, its blocks consecutive (generate() at batch 1, a one-request engine): no host plan, one index
+tensor (the new slots), the keys read in place as a slice of the pool, so its host cost does not grow with the
+context (the general plan converts the whole block table every step).
+
 Exactness: the same dot products and softmax as generate() over the same keys (fp32 CPU logits within 1e-4);
 a lone decode runs the exact call generate() makes (no mask), and prefill chunks that all start at position 0
 run as generate()'s prefill does (is_causal, no mask tensor; padded query rows are dropped).
@@ -40,6 +45,8 @@ class PagedKVCache:
         shape = (num_layers, num_kv_heads, (num_blocks + 1) * block_size, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, Hkv, slots, Hd)
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, Hkv, slots, Hd)
+        # per layer its (Hkv, slots, Hd) key and value views, made once (not one select per layer per step)
+        self.layers = list(zip(self.keys.unbind(0), self.values.unbind(0)))
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block = num_blocks  # padding rows write and read here only
 
@@ -213,7 +220,7 @@ class StepAttention:
 
     def attend(self, layer, q, k, v, window, scale, backend):
         """q (1, H, T, Hd), new k/v (1, Hkv, T, Hd) -> (1, H, T, Hd)."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]  # (Hkv, slots, Hd)
+        keys, values = self.cache.layers[layer]  # (Hkv, slots, Hd) each
         keys.index_copy_(1, self.slot_mapping, k[0])
         values.index_copy_(1, self.slot_mapping, v[0])
         Hkv, H, Hd, bs = keys.shape[0], q.shape[1], q.shape[3], self.cache.block_size
@@ -236,6 +243,44 @@ class StepAttention:
                 out = attend(qg, kg, vg, masks[window], scale, backend)  # (B, H, Q, Hd)
                 outs.append(out.transpose(0, 1).reshape(1, H, B * Q, Hd).index_select(2, scatter))  # (1, H, Tp, Hd)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+class LoneSequence:
+    """The attention metadata of a step that is one sequence's `n` new tokens at slot indices start..start+n-1,
+    its keys 0..start+n-1 in consecutive blocks from `first_block`, when no mask tensor is needed: one new token
+    (no mask: generate() at batch 1, a one-request engine) or a chunk from position 0 (causal: their prefill).
+    It is what plan_step + StepAttention.build give for that step (the new keys/values written at their slots,
+    every key read in place as a slice of the pool), built at a host cost that does not grow with the context
+    and with one small index tensor (the new slots: a fill of the caller's (1,) `buffer` for one token, else an
+    arange on the device). `LoneSequence.of` says when it applies."""
+
+    def __init__(self, cache: PagedKVCache, first_block: int, start: int, n: int, buffer: torch.Tensor | None = None):
+        self.cache, self.n = cache, n
+        self.first = first_block * cache.block_size  # slot of key 0
+        self.slot = self.first + start  # the first new token's slot
+        self.end = self.slot + n
+        self.mask = None if n == 1 else "causal"  # (start == 0 when n > 1)
+        self.slots = buffer.fill_(self.slot) if n == 1 and buffer is not None \
+            else torch.arange(self.slot, self.end, device=cache.keys.device)  # (n,)
+
+    @classmethod
+    def of(cls, cache: PagedKVCache, windows, start: int, n: int, blocks: list[int],
+           buffer: torch.Tensor | None = None) -> LoneSequence | None:
+        """None when it does not apply: a chunk that continues (a mask with its offset), blocks that are not
+        consecutive, or a sliding window that cuts the keys."""
+        S, first = start + n, blocks[0]
+        k = -(-S // cache.block_size)
+        if (n > 1 and start) or (k > 1 and blocks[:k] != list(range(first, first + k))) or _window_cuts(windows, S):
+            return None
+        return cls(cache, first, start, n, buffer)
+
+    def attend(self, layer, q, k, v, window, scale, backend):
+        """q (1, H, n, Hd), the new k/v (1, Hkv, n, Hd) -> (1, H, n, Hd)."""
+        keys, values = self.cache.layers[layer]  # (Hkv, slots, Hd) each
+        keys.index_copy_(1, self.slots, k[0])
+        values.index_copy_(1, self.slots, v[0])
+        return attend(q, keys[None, :, self.first:self.end], values[None, :, self.first:self.end], self.mask, scale,
+                      backend)  # the keys (1, Hkv, S, Hd) in place
 
 
 def prefill_plan(T: int, num_blocks: int, block_size: int, windows) -> StepPlan:

@@ -4,9 +4,11 @@ lm_head at the sampling positions, sampling.
 Input of a step (scheduler.SchedulerOutput): per sequence its first new position and its number of new
 tokens. The runner orders the rows (one-token rows, continuing chunks, chunks from position 0), builds the
 step's host plan once with numpy (attention_metadata.plan_step: positions, slots, block tables, sampling rows)
-and moves it to the device in one transfer. It runs the CLIP tower once over the tiles of every image the step
-needs that the encoder cache lacks, writes image features over placeholders only for the chunks that hold some (a pure
-decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)` and applies the
+and moves it to the device in one transfer; a lone sequence's one-token step or prompt from position 0
+(generate() at batch 1, a one-request engine; eager mode) needs no plan (attention_metadata.LoneSequence:
+constant host work, one index tensor). It runs the CLIP tower once over the tiles of every image the step
+needs that the encoder cache lacks, writes image features over placeholders only for the chunks that hold some
+(a pure decode step has none), runs `Decoder.forward(embeds (1, T, D), positions (1, T), meta)` and applies the
 lm_head only to the rows that sample. Grammar masks of constrained rows (sampling/structured.py) are computed
 on a worker thread during the forward where a core is free (a GPU engine; a CPU engine whose torch threads leave
 one), else right after it, and applied with the rows' logit_bias right before the sampler.
@@ -34,7 +36,12 @@ import warnings
 import numpy as np
 import torch
 
-from llava_next.engine.attention_metadata import PagedKVCache, StepAttention, plan_step
+from llava_next.engine.attention_metadata import (
+    LoneSequence,
+    PagedKVCache,
+    StepAttention,
+    plan_step,
+)
 from llava_next.engine.encoder_cache import EncoderCache
 from llava_next.engine.request import Sequence
 from llava_next.engine.sampler import Sampler
@@ -135,6 +142,9 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed)
         self.steps: dict[tuple[int, int], DecodeStep] = {}  # (batch bucket, key bucket) -> its static step
         self.graph_pool = None  # the CUDA graphs' shared memory pool, made at the first capture
+        # a lone decode's RoPE position (1, 1) and slot (1,), filled each step (attention_metadata.LoneSequence)
+        self._lone_position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self._lone_slot = torch.zeros(1, dtype=torch.long, device=self.device)
 
     def check_weights(self, pool) -> None:
         """Empty the encoder cache and the pool's prefix cache if the model's weights changed (model/stamp.py)
@@ -202,6 +212,11 @@ class ModelRunner:
             pad = bucket[0] - B
             ids = (torch.cat([ids, ids.new_zeros(pad)]) if on_device
                    else np.concatenate([ids, np.zeros(pad, np.int64)]))
+        if B == 1 and bucket is None and self.tp_leader is None:
+            meta = LoneSequence.of(self.cache, self.decoder.windows, int(starts[0]), int(num_new[0]), tables[0],
+                                   self._lone_slot)
+            if meta is not None:  # no host plan, no index tensors: a cost that does not grow with the context
+                return self._lone_forward(meta, ids, write, head, position_offset, len(sample_rows))
         plan = plan_step(starts, num_new, tables, self.cache.block_size, self.cache.scratch_block,
                          self.decoder.windows, num_decodes, sample_rows, bucket)
         if position_offset is not None:
@@ -226,6 +241,24 @@ class ModelRunner:
             return None
         last = hidden[0] if len(sample_rows) == len(positions) else hidden[0, rows]  # (n, D): every row, or a gather
         return self.model.lm_head(last) if head else last  # (n, V): lm_head only where we sample
+
+    def _lone_forward(self, meta: LoneSequence, ids, write, head: bool, position_offset, samples: int):
+        """forward() of one sequence's n new tokens (ids (n,), numpy or on the device) -> the last one's logits
+        (1, V) or hidden state (1, D) (None if it does not sample: a prefill chunk short of the prompt's end)."""
+        position = meta.slot - meta.first + (0 if position_offset is None else int(position_offset[0]))
+        if meta.n == 1:
+            positions = self._lone_position.fill_(position)  # (1, 1): a device fill, no transfer
+        else:
+            positions = torch.arange(position, position + meta.n, device=self.device)[None]  # (1, n)
+        ids = ids if isinstance(ids, torch.Tensor) else torch.from_numpy(ids).to(self.device, non_blocking=True)
+        embeds = self.decoder.embed_tokens(ids)  # (n, D)
+        if write is not None:
+            write(embeds)
+        hidden = self.decoder(embeds[None], positions, meta, KERNELS)[0]  # (n, D)
+        if not samples:
+            return None
+        last = hidden[-1:]  # (1, D): a lone sequence samples at its last token only
+        return self.model.lm_head(last) if head else last
 
     def _write_images(self, embeds, order, with_images, num_new) -> None:
         """Write image features over the placeholders of the chunks that hold some (embeds (T, D) in place)."""
