@@ -19,7 +19,7 @@ from llava_next.engine.attention_metadata import (
     plan_step,
 )
 from llava_next.engine.llm_engine import LLMEngine
-from llava_next.engine.params import SamplingParams
+from llava_next.sampling.params import SamplingParams
 
 BS, NUM_BLOCKS, HKV, H, HD = 4, 12, 2, 4, 8
 
