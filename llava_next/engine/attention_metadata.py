@@ -160,9 +160,14 @@ def plan_step(starts: np.ndarray, num_new: np.ndarray, tables: list[list[int]], 
 
 def _view_start(blocks: np.ndarray, block_size: int) -> int | None:
     """blocks (B, n): the first key's slot if B == 1 and the blocks are consecutive, else None."""
-    if blocks.shape[0] != 1 or (blocks.shape[1] > 1 and not (np.diff(blocks[0]) == 1).all()):
-        return None
-    return int(blocks[0, 0]) * block_size
+    return consecutive_start(blocks[0].tolist(), block_size) if blocks.shape[0] == 1 else None
+
+
+def consecutive_start(blocks: list[int], block_size: int) -> int | None:
+    """One sequence's block ids: the slot of its first key if the blocks are consecutive (its keys are then one
+    slice of the pool), else None."""
+    first = blocks[0]
+    return first * block_size if blocks == list(range(first, first + len(blocks))) else None
 
 
 def _window_cuts(windows, S: int) -> bool:
@@ -268,11 +273,11 @@ class LoneSequence:
            buffer: torch.Tensor | None = None) -> LoneSequence | None:
         """None when it does not apply: a chunk that continues (a mask with its offset), blocks that are not
         consecutive, or a sliding window that cuts the keys."""
-        S, first = start + n, blocks[0]
-        k = -(-S // cache.block_size)
-        if (n > 1 and start) or (k > 1 and blocks[:k] != list(range(first, first + k))) or _window_cuts(windows, S):
+        S = start + n
+        first_slot = consecutive_start(blocks[: -(-S // cache.block_size)], cache.block_size)
+        if (n > 1 and start) or first_slot is None or _window_cuts(windows, S):
             return None
-        return cls(cache, first, start, n, buffer)
+        return cls(cache, first_slot // cache.block_size, start, n, buffer)
 
     def attend(self, layer, q, k, v, window, scale, backend):
         """q (1, H, n, Hd), the new k/v (1, Hkv, n, Hd) -> (1, H, n, Hd)."""

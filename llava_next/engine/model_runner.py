@@ -216,7 +216,10 @@ class ModelRunner:
             meta = LoneSequence.of(self.cache, self.decoder.windows, int(starts[0]), int(num_new[0]), tables[0],
                                    self._lone_slot)
             if meta is not None:  # no host plan, no index tensors: a cost that does not grow with the context
-                return self._lone_forward(meta, ids, write, head, position_offset, len(sample_rows))
+                ids = ids if on_device else torch.from_numpy(ids).to(self.device, non_blocking=True)
+                # a lone sequence samples at its last token only
+                return self._eager(meta, self._lone_positions(meta, position_offset), ids, write, None, sample_rows,
+                                   slice(-1, None), head)
         plan = plan_step(starts, num_new, tables, self.cache.block_size, self.cache.scratch_block,
                          self.decoder.windows, num_decodes, sample_rows, bucket)
         if position_offset is not None:
@@ -231,34 +234,29 @@ class ModelRunner:
                 step = self.steps[bucket] = DecodeStep(self, plan, graphs=self.mode == "graph")
             return step(ids_t, positions, slot_mapping, query_pos.view(-1, 1), kv_blocks)[rows]
         meta, positions, rows, moved = StepAttention.build(self.cache, self.decoder.windows, plan, self.device, extra)
-        embeds = self.decoder.embed_tokens(ids if on_device else moved[0])  # (T, D)
+        return self._eager(meta, positions[None], ids if on_device else moved[0], write, plan, sample_rows, rows, head)
+
+    def _eager(self, meta, positions: torch.Tensor, ids: torch.Tensor, write, plan, sample_rows: np.ndarray, rows,
+               head: bool) -> torch.Tensor | None:
+        """The eager decoder over a step's T rows: positions (1, T) and ids (T,) on the device, `rows` the sampling
+        rows' index (a device tensor, or a slice) -> logits (n, V) there (hidden (n, D) with head=False), or None."""
+        embeds = self.decoder.embed_tokens(ids)  # (T, D)
         if write is not None:
             write(embeds)
         if self.tp_leader is not None:
             self.tp_leader.step(plan, embeds[None])  # the followers run this forward on their shards
-        hidden = self.decoder(embeds[None], positions[None], meta, KERNELS)  # (1, T, D)
+        hidden = self.decoder(embeds[None], positions, meta, KERNELS)  # (1, T, D)
         if not len(sample_rows):
             return None
-        last = hidden[0] if len(sample_rows) == len(positions) else hidden[0, rows]  # (n, D): every row, or a gather
+        last = hidden[0] if len(sample_rows) == positions.shape[1] else hidden[0, rows]  # (n, D): every row, or some
         return self.model.lm_head(last) if head else last  # (n, V): lm_head only where we sample
 
-    def _lone_forward(self, meta: LoneSequence, ids, write, head: bool, position_offset, samples: int):
-        """forward() of one sequence's n new tokens (ids (n,), numpy or on the device) -> the last one's logits
-        (1, V) or hidden state (1, D) (None if it does not sample: a prefill chunk short of the prompt's end)."""
+    def _lone_positions(self, meta: LoneSequence, position_offset) -> torch.Tensor:
+        """(1, n) RoPE positions of a lone sequence's new tokens: one token's is a fill of a runner buffer."""
         position = meta.slot - meta.first + (0 if position_offset is None else int(position_offset[0]))
         if meta.n == 1:
-            positions = self._lone_position.fill_(position)  # (1, 1): a device fill, no transfer
-        else:
-            positions = torch.arange(position, position + meta.n, device=self.device)[None]  # (1, n)
-        ids = ids if isinstance(ids, torch.Tensor) else torch.from_numpy(ids).to(self.device, non_blocking=True)
-        embeds = self.decoder.embed_tokens(ids)  # (n, D)
-        if write is not None:
-            write(embeds)
-        hidden = self.decoder(embeds[None], positions, meta, KERNELS)[0]  # (n, D)
-        if not samples:
-            return None
-        last = hidden[-1:]  # (1, D): a lone sequence samples at its last token only
-        return self.model.lm_head(last) if head else last
+            return self._lone_position.fill_(position)  # (1, 1): a device fill, no transfer
+        return torch.arange(position, position + meta.n, device=self.device)[None]  # (1, n)
 
     def _write_images(self, embeds, order, with_images, num_new) -> None:
         """Write image features over the placeholders of the chunks that hold some (embeds (T, D) in place)."""
